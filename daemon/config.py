@@ -1,0 +1,83 @@
+"""Every setting of the daemon, in typed dataclasses, and the default socket location."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-VL-Embedding-2B"
+DEFAULT_RERANKER_MODEL = "Qwen/Qwen3-VL-Reranker-2B"
+ENDPOINT_ENV = "QWEN3VL_ENDPOINT"
+SOCKET_DIR_NAME = "qwen3vl"
+SOCKET_FILE_NAME = "daemon.sock"
+
+
+def default_socket_path(env: dict[str, str] | None = None) -> Path:
+    """`qwen3vl/daemon.sock` under $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir.
+
+    systemd may list several runtime directories separated by ':'; the first is ours.
+    """
+    env = os.environ if env is None else env
+    base = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or env.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / SOCKET_DIR_NAME / SOCKET_FILE_NAME
+
+
+def default_endpoint(env: dict[str, str] | None = None) -> str:
+    """The endpoint every command uses unless told otherwise: $QWEN3VL_ENDPOINT or the default socket."""
+    env = os.environ if env is None else env
+    return env.get(ENDPOINT_ENV) or f"ipc://{default_socket_path(env)}"
+
+
+def is_disabled(name: str | None) -> bool:
+    return name is None or name.strip().lower() in ("", "none", "off", "disabled")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to load one model. `name` is a Hugging Face id or a local directory."""
+
+    name: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | bfloat16 | float32 | float16
+    attn_implementation: str = "sdpa"
+    max_length: int = 8192
+    local_files_only: bool = False
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What a client may make the daemon read. Paths and URLs are refused unless the operator allows."""
+
+    allowed_roots: tuple[Path, ...] = ()
+    allow_urls: bool = False
+    allow_private_urls: bool = False  # loopback, link-local and private targets
+    url_max_bytes: int = 64 * 1024 * 1024
+    url_timeout_s: float = 10.0
+    max_image_pixels: int = 64 * 1024 * 1024  # decoded size, checked from the header before decoding
+    max_video_frames: int = 1024  # frames a client may send as a frame list
+    max_video_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; exceeding one is answered with `too_large` naming the limit."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_inputs: int = 1024
+    max_documents: int = 1024
+    max_text_chars: int = 1_000_000
+    max_batch_size: int = 32  # inputs per forward pass
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    endpoint: str = field(default_factory=default_endpoint)
+    embedding: ModelSettings | None = ModelSettings(DEFAULT_EMBEDDING_MODEL, max_length=8192)
+    reranker: ModelSettings | None = ModelSettings(DEFAULT_RERANKER_MODEL, max_length=10240)
+    embedding_dim: int | None = None  # default output dimension; None means the model's full size
+    media: MediaPolicy = MediaPolicy()
+    limits: Limits = Limits()
+    socket_mode: int = 0o600
+    warmup: bool = True

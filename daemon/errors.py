@@ -1,0 +1,40 @@
+"""The error codes of the wire protocol and the exception that carries one to the client."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    INVALID_REQUEST = "invalid_request"  # malformed payload, unknown field value, wrong type
+    UNSUPPORTED = "unsupported"  # a well-formed request the daemon does not do (unknown op, disabled feature)
+    NOT_LOADED = "not_loaded"  # the model the op needs is disabled or still loading
+    INPUT_ERROR = "input_error"  # an input could not be used (corrupt image, unreadable video, too long)
+    TOO_LARGE = "too_large"  # a configured limit was exceeded
+    OVERLOADED = "overloaded"  # the queue is full; retry later
+    SHUTTING_DOWN = "shutting_down"  # the daemon is draining and takes no new work
+    INTERNAL = "internal"  # a fault inside the daemon (forward failed, non-finite output)
+
+
+class RequestError(Exception):
+    """Fails one request with a protocol error code; the message names the field and input index."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_wire(self) -> dict:
+        return {"code": self.code.value, "message": self.message}
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(ErrorCode.INVALID_REQUEST, message)
+
+
+def input_error(message: str) -> RequestError:
+    return RequestError(ErrorCode.INPUT_ERROR, message)
+
+
+def too_large(message: str) -> RequestError:
+    return RequestError(ErrorCode.TOO_LARGE, message)

@@ -1,0 +1,261 @@
+"""Wire inputs: parse them into typed items (cheap, on the socket thread) and read their media
+(images, frames, video files) under the operator's policy (on the model side)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import math
+import os
+import socket
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urljoin, urlparse
+
+from .config import Limits, MediaPolicy
+from .errors import input_error, invalid, too_large
+
+INPUT_KEYS = frozenset({"text", "image", "video", "instruction", "fps", "max_frames"})
+
+
+@dataclass(frozen=True)
+class MediaSource:
+    """Encoded bytes, an operator-allowed path, or a URL; `where` names it in errors."""
+
+    kind: str  # "bytes" | "path" | "url"
+    value: Any
+    where: str
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """Either a list of frames (images) or one video file."""
+
+    where: str
+    frames: tuple[MediaSource, ...] = ()
+    file: MediaSource | None = None
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: texts, images and videos (all optional), with its own instruction and video settings."""
+
+    where: str
+    texts: tuple[str, ...] = ()
+    images: tuple[MediaSource, ...] = ()
+    videos: tuple[VideoSource, ...] = ()
+    instruction: str | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+
+    @property
+    def is_text_only(self) -> bool:
+        return not self.images and not self.videos
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _parse_media(value: Any, where: str) -> MediaSource:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            raise invalid(f"{where}: empty image bytes")
+        return MediaSource("bytes", bytes(value), where)
+    if isinstance(value, dict) and len(value) == 1:
+        (key, ref), = value.items()
+        if key in ("path", "url") and isinstance(ref, str) and ref:
+            return MediaSource(key, ref, where)
+    raise invalid(f"{where}: expected image bytes (msgpack bin), {{\"path\": str}} or {{\"url\": str}}")
+
+
+def _parse_video(value: Any, where: str, limits_frames: int) -> VideoSource:
+    if isinstance(value, dict):
+        return VideoSource(where, file=_parse_media(value, where))
+    if isinstance(value, list):
+        if not value:
+            raise invalid(f"{where}: a video needs at least one frame")
+        if len(value) > limits_frames:
+            raise too_large(f"{where}: {len(value)} frames exceed the limit of {limits_frames} (max_video_frames)")
+        return VideoSource(where, frames=tuple(_parse_media(f, f"{where}.frames[{i}]") for i, f in enumerate(value)))
+    raise invalid(f"{where}: expected a list of frames or {{\"path\"}}/{{\"url\"}}")
+
+
+def _parse_videos(value: Any, where: str, max_frames: int) -> tuple[VideoSource, ...]:
+    # A map is one video file. A list of bytes is one video given as frames. A list whose items are
+    # lists or maps is a list of videos (frame lists or files): see PROTOCOL.md.
+    if isinstance(value, list) and value and all(isinstance(v, (list, dict)) for v in value):
+        return tuple(_parse_video(v, f"{where}[{i}]", max_frames) for i, v in enumerate(value))
+    return (_parse_video(value, f"{where}[0]", max_frames),)
+
+
+def _number(value: Any, where: str, kind: type, low: float, high: float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise invalid(f"{where}: expected {'an integer' if kind is int else 'a number'}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise invalid(f"{where}: must be between {low:g} and {high:g}")
+    return kind(value)
+
+
+def parse_instruction(value: Any, where: str, limits: Limits) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{where}: expected a string or nil")
+    if len(value) > limits.max_text_chars:
+        raise too_large(f"{where}: {len(value)} characters exceed the limit of {limits.max_text_chars}")
+    return value
+
+
+def parse_input(value: Any, where: str, limits: Limits, media: MediaPolicy) -> InputItem:
+    """Validate one wire input; no media is read here."""
+    if isinstance(value, str):
+        value = {"text": value}
+    if not isinstance(value, dict):
+        raise invalid(f"{where}: expected a string or a map")
+    unknown = sorted(str(k) for k in value if k not in INPUT_KEYS)
+    if unknown:
+        raise invalid(f"{where}: unknown field(s) {', '.join(unknown)}")
+    texts = tuple(_as_list(value["text"])) if value.get("text") is not None else ()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise invalid(f"{where}.text[{i}]: expected a string")
+        if len(text) > limits.max_text_chars:
+            raise too_large(f"{where}.text[{i}]: {len(text)} characters exceed the limit of {limits.max_text_chars}")
+    images = ()
+    if value.get("image") is not None:
+        images = tuple(_parse_media(v, f"{where}.image[{i}]") for i, v in enumerate(_as_list(value["image"])))
+    videos = ()
+    if value.get("video") is not None:
+        videos = _parse_videos(value["video"], f"{where}.video", media.max_video_frames)
+    fps = value.get("fps")
+    max_frames = value.get("max_frames")
+    return InputItem(
+        where=where,
+        texts=texts,
+        images=images,
+        videos=videos,
+        instruction=parse_instruction(value.get("instruction"), f"{where}.instruction", limits),
+        fps=None if fps is None else _number(fps, f"{where}.fps", float, 0.01, 60.0),
+        max_frames=None if max_frames is None else _number(max_frames, f"{where}.max_frames", int, 2, 768),
+    )
+
+
+@dataclass
+class MediaReader:
+    """Reads media under a MediaPolicy. Every refusal names the field it came from."""
+
+    policy: MediaPolicy
+    _roots: tuple[Path, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._roots = tuple(Path(os.path.realpath(r)) for r in self.policy.allowed_roots)
+
+    # -- paths ---------------------------------------------------------------------------------
+    def check_path(self, src: MediaSource) -> Path:
+        if not self._roots:
+            raise invalid(f"{src.where}.path: reading files is disabled (the operator allows directories with --allow-path)")
+        real = Path(os.path.realpath(src.value))
+        if not any(real == root or root in real.parents for root in self._roots):
+            raise invalid(f"{src.where}.path: not under an allowed directory")
+        try:
+            info = real.stat()
+        except OSError:
+            raise input_error(f"{src.where}.path: no such file") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise invalid(f"{src.where}.path: not a regular file")
+        return real
+
+    # -- URLs ----------------------------------------------------------------------------------
+    def _check_url(self, url: str, where: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise invalid(f"{where}.url: only http(s) URLs are allowed")
+        if self.policy.allow_private_urls:
+            return
+        try:
+            infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+        except OSError:
+            raise input_error(f"{where}.url: cannot resolve host") from None
+        for info in infos:
+            addr = ipaddress.ip_address(info[4][0])
+            if not addr.is_global:
+                raise invalid(f"{where}.url: the host resolves to a non-public address")
+
+    def fetch_url(self, src: MediaSource, max_bytes: int) -> bytes:
+        if not self.policy.allow_urls:
+            raise invalid(f"{src.where}.url: URL fetching is disabled (the operator enables it with --allow-urls)")
+        import requests
+
+        url = src.value
+        for _ in range(5):  # follow redirects by hand so that every hop is checked
+            self._check_url(url, src.where)
+            try:
+                with requests.get(url, stream=True, timeout=self.policy.url_timeout_s, allow_redirects=False) as resp:
+                    if resp.is_redirect:
+                        url = urljoin(url, resp.headers.get("location", ""))
+                        continue
+                    if resp.status_code != 200:
+                        raise input_error(f"{src.where}.url: HTTP status {resp.status_code}")
+                    return self._read_capped(resp, src.where, max_bytes)
+            except requests.RequestException as exc:
+                raise input_error(f"{src.where}.url: download failed ({type(exc).__name__})") from None
+        raise input_error(f"{src.where}.url: too many redirects")
+
+    @staticmethod
+    def _read_capped(resp: Any, where: str, max_bytes: int) -> bytes:
+        buf = bytearray()
+        for chunk in resp.iter_content(65536):
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise too_large(f"{where}.url: download exceeds {max_bytes} bytes")
+        return bytes(buf)
+
+    # -- images --------------------------------------------------------------------------------
+    def image_bytes(self, src: MediaSource) -> bytes:
+        if src.kind == "bytes":
+            return src.value
+        if src.kind == "path":
+            path = self.check_path(src)
+            if path.stat().st_size > self.policy.url_max_bytes:
+                raise too_large(f"{src.where}.path: file exceeds {self.policy.url_max_bytes} bytes")
+            return path.read_bytes()
+        return self.fetch_url(src, self.policy.url_max_bytes)
+
+    def load_image(self, src: MediaSource):
+        """Decode an image, refusing decompression bombs from the header before decoding pixels."""
+        from PIL import Image
+
+        data = self.image_bytes(src)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Exception:
+            raise input_error(f"{src.where}: not a decodable image") from None
+        width, height = img.size
+        if width * height > self.policy.max_image_pixels:
+            raise too_large(f"{src.where}: {width}x{height} pixels exceed the limit of {self.policy.max_image_pixels}")
+        try:
+            img.load()
+        except Exception:
+            raise input_error(f"{src.where}: corrupt or truncated image") from None
+        return img
+
+    # -- videos --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def video_file(self, src: MediaSource) -> Iterator[str]:
+        """A local file path for a video source, downloaded to a private temp file for URLs."""
+        if src.kind == "path":
+            yield str(self.check_path(src))
+            return
+        data = src.value if src.kind == "bytes" else self.fetch_url(src, self.policy.max_video_bytes)
+        fd, name = tempfile.mkstemp(prefix="qwen3vl-video-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            yield name
+        finally:
+            os.unlink(name)

@@ -1,0 +1,179 @@
+"""The command line: `serve`, `tiny-checkpoint`, and the client commands `embed`, `rerank`, `health`.
+
+Every `serve` option can also come from the environment (`QWEN3VL_*`); the old sidecar's
+`EMBEDDING_MODEL`, `RERANKER_MODEL`, `EMBEDDING_DIM` and `DEVICE` are honoured too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, DaemonConfig, Limits, MediaPolicy,
+                     ModelSettings, default_endpoint, is_disabled)
+
+
+def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool) -> ModelSettings | None:
+    if is_disabled(name):
+        return None
+    return ModelSettings(name=name, device=device, dtype=dtype, attn_implementation=attn,
+                         max_length=max_length, local_files_only=offline)
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@click.group()
+@click.version_option(__version__)
+def cli() -> None:
+    """Qwen3-VL embedding and reranking daemon."""
+
+
+@cli.command()
+@click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint, show_default="$RUNTIME_DIRECTORY, "
+              "$XDG_RUNTIME_DIR or the temp dir, then qwen3vl/daemon.sock", help="ZeroMQ endpoint to bind.")
+@click.option("--embedding-model", envvar=["QWEN3VL_EMBEDDING_MODEL", "EMBEDDING_MODEL"],
+              default=DEFAULT_EMBEDDING_MODEL, show_default=True, help="Hub id or directory; 'none' disables.")
+@click.option("--reranker-model", envvar=["QWEN3VL_RERANKER_MODEL", "RERANKER_MODEL"],
+              default=DEFAULT_RERANKER_MODEL, show_default=True, help="Hub id or directory; 'none' disables.")
+@click.option("--embedding-dim", envvar=["QWEN3VL_EMBEDDING_DIM", "EMBEDDING_DIM"], type=click.IntRange(min=1),
+              default=None, help="Default output dimension (Matryoshka); the model's size if unset.")
+@click.option("--device", envvar=["QWEN3VL_DEVICE", "DEVICE"], default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", envvar="QWEN3VL_DTYPE", default="auto", show_default=True,
+              help="auto (bfloat16 where supported, else float32), bfloat16, float32 or float16.")
+@click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default="sdpa", show_default=True)
+@click.option("--embedding-max-length", envvar="QWEN3VL_EMBEDDING_MAX_LENGTH", type=click.IntRange(min=16),
+              default=8192, show_default=True)
+@click.option("--reranker-max-length", envvar="QWEN3VL_RERANKER_MAX_LENGTH", type=click.IntRange(min=16),
+              default=10240, show_default=True)
+@click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1), default=32,
+              show_default=True, help="Inputs per forward pass.")
+@click.option("--max-message-bytes", envvar="QWEN3VL_MAX_MESSAGE_BYTES", type=click.IntRange(min=1024),
+              default=64 * 1024 * 1024, show_default=True)
+@click.option("--max-inputs", envvar="QWEN3VL_MAX_INPUTS", type=click.IntRange(min=1), default=1024,
+              show_default=True)
+@click.option("--max-documents", envvar="QWEN3VL_MAX_DOCUMENTS", type=click.IntRange(min=1), default=1024,
+              show_default=True)
+@click.option("--allow-path", "allow_paths", envvar="QWEN3VL_ALLOW_PATHS", multiple=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Directory clients may read media from (repeatable; ':'-separated in the env). None by default.")
+@click.option("--allow-urls/--no-allow-urls", envvar="QWEN3VL_ALLOW_URLS", default=False, show_default=True,
+              help="Let clients name http(s) media URLs (public addresses only).")
+@click.option("--offline", envvar=["QWEN3VL_OFFLINE", "HF_HUB_OFFLINE"], is_flag=True, default=False,
+              help="Never download; load only local files.")
+@click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True)
+@click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
+def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtype, attn_implementation,
+          embedding_max_length, reranker_max_length, max_batch_size, max_message_bytes, max_inputs,
+          max_documents, allow_paths, allow_urls, offline, warmup, log_level) -> None:
+    """Load the models and serve requests on ENDPOINT until SIGTERM."""
+    from .server import Server, StartupError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    roots = tuple(Path(p) for entry in allow_paths for p in str(entry).split(":") if p)
+    config = DaemonConfig(
+        endpoint=endpoint,
+        embedding=_model(embedding_model, device, dtype, attn_implementation, embedding_max_length, offline),
+        reranker=_model(reranker_model, device, dtype, attn_implementation, reranker_max_length, offline),
+        embedding_dim=embedding_dim,
+        media=MediaPolicy(allowed_roots=roots, allow_urls=allow_urls),
+        limits=Limits(max_message_bytes=max_message_bytes, max_inputs=max_inputs, max_documents=max_documents,
+                      max_batch_size=max_batch_size),
+        warmup=warmup,
+    )
+    server = Server(config)
+    server.install_signal_handlers()
+    try:
+        code = server.serve()
+    except StartupError as exc:
+        click.echo(f"qwen3vl-daemon: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@cli.command("tiny-checkpoint")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def tiny_checkpoint(directory: Path) -> None:
+    """Write a tiny random-weight Qwen3-VL checkpoint to DIRECTORY (offline; for tests, not for use)."""
+    from .tiny import build_tiny_checkpoint
+
+    _quiet_libraries()
+    click.echo(str(build_tiny_checkpoint(directory)))
+
+
+# -- client commands -------------------------------------------------------------------------------
+def _client_options(fn):
+    fn = click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint,
+                      help="Daemon endpoint.")(fn)
+    return click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(fn)
+
+
+def _run_client(call):
+    from .client import Client, DaemonError, DaemonTimeout
+
+    def runner(endpoint: str, timeout: float):
+        with Client(endpoint, timeout=timeout) as client:
+            try:
+                return call(client)
+            except (DaemonError, DaemonTimeout) as exc:
+                click.echo(f"qwen3vl-daemon: {exc}", err=True)
+                sys.exit(1)
+    return runner
+
+
+def _inputs(texts: tuple[str, ...], images: tuple[Path, ...]) -> list:
+    items: list = list(texts)
+    items += [{"image": path.read_bytes()} for path in images]
+    return items
+
+
+@cli.command()
+@click.argument("texts", nargs=-1)
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image file to embed (sent as bytes; repeatable).")
+@click.option("--instruction", default=None)
+@click.option("--dimension", type=click.IntRange(min=1), default=None)
+@_client_options
+def embed(texts, images, instruction, dimension, endpoint, timeout) -> None:
+    """Embed TEXTS (and --image files); prints JSON."""
+    result = _run_client(lambda c: c.embed(_inputs(texts, images), instruction, dimension))(endpoint, timeout)
+    click.echo(json.dumps({"model": result.model, "dimension": result.dimension, "tokens": result.tokens,
+                           "embeddings": [[round(float(x), 6) for x in row] for row in result.embeddings]}))
+
+
+@cli.command()
+@click.argument("query")
+@click.argument("documents", nargs=-1, required=True)
+@click.option("--instruction", default=None)
+@_client_options
+def rerank(query, documents, instruction, endpoint, timeout) -> None:
+    """Score DOCUMENTS against QUERY; prints JSON."""
+    result = _run_client(lambda c: c.rerank(query, list(documents), instruction))(endpoint, timeout)
+    click.echo(json.dumps({"model": result.model, "tokens": result.tokens, "scores": result.scores}))
+
+
+@cli.command()
+@_client_options
+def health(endpoint, timeout) -> None:
+    """Print the daemon's health as JSON."""
+    click.echo(json.dumps(_run_client(lambda c: c.health())(endpoint, timeout)))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

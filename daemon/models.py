@@ -1,0 +1,429 @@
+"""The two Qwen3-VL models, faithful to the official Qwen3-VL-Embedding and Qwen3-VL-Reranker code.
+
+Work is split in two halves so that a batcher can overlap them: `prepare` turns one input into token
+ids and pixel tensors on the CPU (chat template, media, processor, truncation), and `embed`/`score`
+run one forward over a list of prepared inputs. Preparing inputs one at a time and concatenating them
+gives exactly what the official code gets from one processor call over the whole batch: the
+processors treat each image and video on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import ModelSettings
+from .errors import ErrorCode, RequestError, input_error, too_large
+from .inputs import InputItem, MediaReader, VideoSource
+
+log = logging.getLogger(__name__)
+
+# Official constants (Qwen3-VL-Embedding / Qwen3-VL-Reranker).
+IMAGE_PATCH_SIZE = 16
+IMAGE_FACTOR = IMAGE_PATCH_SIZE * 2
+MIN_PIXELS = 4 * IMAGE_FACTOR * IMAGE_FACTOR
+MAX_PIXELS = 1800 * IMAGE_FACTOR * IMAGE_FACTOR
+FRAME_MAX_PIXELS = 768 * IMAGE_FACTOR * IMAGE_FACTOR
+MAX_TOTAL_PIXELS = 10 * FRAME_MAX_PIXELS
+DEFAULT_FPS = 1.0
+MAX_FRAMES = 64
+EMBED_DEFAULT_INSTRUCTION = "Represent the user's input."
+RERANK_DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+RERANK_SYSTEM_PROMPT = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message is one line an operator can act on."""
+
+
+# -- device and dtype ------------------------------------------------------------------------------
+def resolve_device(spec: str):
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu" or spec == "mps" or spec == "cuda" or spec.startswith("cuda:"):
+        device = torch.device(spec)
+    else:
+        raise ModelLoadError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {spec!r} requested but CUDA is not available; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' requested but MPS is not available; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(spec: str, device):
+    """bfloat16 where the device supports it, else float32; never float16 unless asked for by name
+    (Qwen3 models are known to overflow to NaN in float16)."""
+    import torch
+
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    spec = spec.strip().lower()
+    if spec != "auto":
+        if spec not in names:
+            raise ModelLoadError(f"unknown dtype {spec!r}: use auto, bfloat16, float32 or float16")
+        return names[spec]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "mps":
+        try:
+            torch.zeros(1, dtype=torch.bfloat16, device=device)
+            return torch.bfloat16
+        except (RuntimeError, TypeError):
+            return torch.float32
+    return torch.float32  # CPU: bfloat16 is slower here and loses precision
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def _embedding_class():
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
+
+    class Qwen3VLForEmbedding(Qwen3VLPreTrainedModel):
+        """The base model under the `model.` prefix, as the official embedding checkpoints store it."""
+
+        _checkpoint_conversion_mapping: dict = {}
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = Qwen3VLModel(config)
+            self.post_init()
+
+    return Qwen3VLForEmbedding
+
+
+def _load(cls, settings: ModelSettings, device, dtype):
+    """from_pretrained, turning every failure into one line and refusing missing base weights."""
+    try:
+        model, info = cls.from_pretrained(
+            settings.name,
+            dtype=dtype,
+            attn_implementation=settings.attn_implementation,
+            local_files_only=settings.local_files_only,
+            output_loading_info=True,
+        )
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load model {settings.name!r}: it is not a local checkpoint and could not be downloaded "
+            f"({str(exc).splitlines()[0][:160]}); pass a local directory, or build a test checkpoint with "
+            "`qwen3vl-daemon tiny-checkpoint DIR` and pass DIR"
+        ) from None
+    except (ValueError, KeyError, TypeError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {str(exc).splitlines()[0][:200]}") from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
+    if missing:
+        raise ModelLoadError(
+            f"checkpoint {settings.name!r} lacks {len(missing)} base-model weight(s) (e.g. {missing[0]}); "
+            "refusing to run with randomly initialised layers"
+        )
+    return model, info
+
+
+def _load_processor(settings: ModelSettings, padding_side: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            settings.name, padding_side=padding_side, local_files_only=settings.local_files_only
+        )
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load the processor of {settings.name!r} ({str(exc).splitlines()[0][:160]}); "
+            "pass a local checkpoint directory"
+        ) from None
+
+
+# -- prepared inputs ------------------------------------------------------------------------------
+@dataclass
+class Features:
+    """One input ready for a forward: token ids plus its pixel tensors (None without media)."""
+
+    input_ids: list[int]
+    pixel_values: Any = None
+    image_grid_thw: Any = None
+    pixel_values_videos: Any = None
+    video_grid_thw: Any = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def sample_frames(frames: tuple, max_segments: int) -> list:
+    """Official frame sampling: at most `max_segments` frames, evenly spaced, indices as ints."""
+    if len(frames) <= max_segments:
+        return list(frames)
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, max_segments, dtype=int).tolist()]
+
+
+def normalize_embedding_instruction(instruction: str | None) -> str:
+    """Stripped, with '.' appended unless it already ends in Unicode punctuation; default if empty."""
+    if instruction:
+        instruction = instruction.strip()
+        if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
+            instruction += "."
+    return instruction or EMBED_DEFAULT_INSTRUCTION
+
+
+class _QwenVL:
+    """What the embedding model and the reranker share: loading, media, processor, collation."""
+
+    padding_side = "right"
+
+    def __init__(self, settings: ModelSettings, media: MediaReader, model_cls):
+        import torch
+
+        self.settings = settings
+        self.name = settings.name
+        self.media = media
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.processor = _load_processor(settings, self.padding_side)
+        self.tokenizer = self.processor.tokenizer
+        self.full_model, self.load_info = _load(model_cls, settings, self.device, self.dtype)
+        self.full_model.to(self.device).eval()
+        self.model = self.full_model.model
+        self.config = self.full_model.config
+        self.max_length = settings.max_length
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.suffix_len = self._template_suffix_len()
+        self._torch = torch
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.text_config.hidden_size)
+
+    def _template_suffix_len(self) -> int:
+        """Tokens the template puts after the last content item (`<|im_end|>\\n<|im_start|>assistant\\n`)."""
+        marker = "\u2063qwen3vl-marker\u2063"
+        rendered = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": marker}]}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        return len(self.tokenizer(rendered.split(marker)[-1], add_special_tokens=False)["input_ids"])
+
+    # -- conversation content --------------------------------------------------------------------
+    def _video_item(self, video: VideoSource, item: InputItem, stack: contextlib.ExitStack) -> dict:
+        if video.file is not None:
+            path = stack.enter_context(self.media.video_file(video.file))
+            return {"type": "video", "video": path, "fps": item.fps or DEFAULT_FPS,
+                    "max_frames": item.max_frames or MAX_FRAMES}
+        frames = [self.media.load_image(f) for f in sample_frames(video.frames, MAX_FRAMES)]
+        return {"type": "video", "video": frames, "total_pixels": MAX_TOTAL_PIXELS}
+
+    def _media_content(self, item: InputItem, stack: contextlib.ExitStack) -> list[dict]:
+        """Videos first, then images, then texts; the single text NULL when the input is empty."""
+        if not item.texts and not item.images and not item.videos:
+            return [{"type": "text", "text": "NULL"}]
+        content = [self._video_item(v, item, stack) for v in item.videos]
+        content += [{"type": "image", "image": self.media.load_image(img), "min_pixels": MIN_PIXELS,
+                     "max_pixels": MAX_PIXELS} for img in item.images]
+        content += [{"type": "text", "text": t} for t in item.texts]
+        return content
+
+    # -- processor ------------------------------------------------------------------------------
+    def _process(self, conversation: list[dict], where: str) -> Features:
+        from qwen_vl_utils import process_vision_info
+
+        text = self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
+        try:
+            images, videos, video_kwargs = process_vision_info(
+                [conversation], image_patch_size=IMAGE_PATCH_SIZE,
+                return_video_kwargs=True, return_video_metadata=True,
+            )
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise input_error(f"{where}: cannot read media ({type(exc).__name__}: {str(exc)[:160]})") from None
+        metadata = None
+        if videos is not None:
+            videos, metadata = (list(x) for x in zip(*videos))
+        out = self.processor(
+            text=text, images=images, videos=videos, video_metadata=metadata,
+            truncation=False, padding=False, do_resize=False, return_tensors="pt", **video_kwargs,
+        )
+        return Features(
+            input_ids=out["input_ids"][0].tolist(),
+            pixel_values=out.get("pixel_values"),
+            image_grid_thw=out.get("image_grid_thw"),
+            pixel_values_videos=out.get("pixel_values_videos"),
+            video_grid_thw=out.get("video_grid_thw"),
+        )
+
+    def _keep_special_and_first(self, ids: list[int], budget: int, where: str) -> list[int]:
+        """Official truncation: keep every special token and the first non-special ones that fit."""
+        if len(ids) <= budget:
+            return ids
+        specials = sum(1 for t in ids if t in self.special_ids)
+        if specials > budget:
+            raise too_large(f"{where}: the input's vision and special tokens alone ({specials}) exceed the "
+                            f"model's limit of {self.max_length} tokens; send fewer or smaller images/frames")
+        keep = budget - specials
+        out = []
+        for t in ids:
+            if t in self.special_ids:
+                out.append(t)
+            elif keep > 0:
+                out.append(t)
+                keep -= 1
+        return out
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _collate(self, batch: list[Features]) -> dict:
+        torch = self._torch
+        width = max(f.tokens for f in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, f in enumerate(batch):
+            span = slice(0, f.tokens) if self.padding_side == "right" else slice(width - f.tokens, width)
+            ids[row, span] = torch.tensor(f.input_ids, dtype=torch.long)
+            mask[row, span] = 1
+        tensors = {"input_ids": ids, "attention_mask": mask}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            parts = [getattr(f, key) for f in batch if getattr(f, key) is not None]
+            if parts:
+                tensors[key] = torch.cat(parts, dim=0)
+        if "image_grid_thw" in tensors or "video_grid_thw" in tensors:
+            tensors["mm_token_type_ids"] = torch.tensor(
+                self.processor.create_mm_token_type_ids(ids.tolist()), dtype=torch.long
+            )
+        out = {}
+        for key, value in tensors.items():
+            value = value.to(self.device)
+            out[key] = value.to(self.dtype) if value.is_floating_point() else value
+        return out
+
+    def _last_hidden(self, batch: list[Features]):
+        torch = self._torch
+        inputs = self._collate(batch)
+        with torch.inference_mode():
+            hidden = self.model(**inputs).last_hidden_state
+        return hidden, inputs["attention_mask"]
+
+    def warmup(self) -> None:
+        """One small forward, so that the first client does not pay for lazy initialisation."""
+        self._last_hidden([self._process(self._warmup_conversation(), "warmup")])
+
+
+class EmbeddingModel(_QwenVL):
+    padding_side = "right"
+
+    def __init__(self, settings: ModelSettings, media: MediaReader):
+        super().__init__(settings, media, _embedding_class())
+
+    def conversation(self, item: InputItem, instruction: str | None, stack: contextlib.ExitStack) -> list[dict]:
+        return [
+            {"role": "system", "content": [{"type": "text", "text": normalize_embedding_instruction(instruction)}]},
+            {"role": "user", "content": self._media_content(item, stack)},
+        ]
+
+    def _warmup_conversation(self) -> list[dict]:
+        with contextlib.ExitStack() as stack:
+            return self.conversation(InputItem("warmup", texts=("warm up",)), None, stack)
+
+    def prepare(self, item: InputItem, instruction: str | None = None) -> Features:
+        """Tokens and pixels for one input. The input's own instruction wins over the request's."""
+        with contextlib.ExitStack() as stack:
+            features = self._process(self.conversation(item, item.instruction or instruction, stack), item.where)
+        ids = features.input_ids
+        if len(ids) > self.max_length:
+            # Cut text only: keep every special and vision token and the template's ending, so that
+            # the pooled position is always the template's last token.
+            head, tail = ids[: -self.suffix_len], ids[-self.suffix_len:]
+            features.input_ids = self._keep_special_and_first(head, self.max_length - self.suffix_len, item.where) + tail
+        return features
+
+    def embed(self, batch: list[Features]):
+        """Raw (not normalised) float32 embeddings, one row per input: the last hidden state at the
+        last position whose attention mask is 1."""
+        torch = self._torch
+        hidden, mask = self._last_hidden(batch)
+        last = mask.shape[1] - mask.flip(dims=[1]).argmax(dim=1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return pooled.float().cpu()
+
+
+class RerankerModel(_QwenVL):
+    padding_side = "left"
+
+    def __init__(self, settings: ModelSettings, media: MediaReader):
+        from transformers import Qwen3VLForConditionalGeneration
+
+        super().__init__(settings, media, Qwen3VLForConditionalGeneration)
+        vocab = self.tokenizer.get_vocab()
+        if "yes" not in vocab or "no" not in vocab:
+            raise ModelLoadError(f"the tokenizer of {settings.name!r} has no single 'yes'/'no' tokens")
+        weight = self.full_model.lm_head.weight.data
+        # Computed in the model's dtype, as the official score head is.
+        self.score_vector = (weight[vocab["yes"]] - weight[vocab["no"]]).detach().clone()
+        # Only the base model runs from here on; drop the LM head (and its memory) unless tied.
+        if self.full_model.lm_head.weight.data_ptr() != self.model.get_input_embeddings().weight.data_ptr():
+            del self.full_model.lm_head
+
+    def conversation(self, query: InputItem, document: InputItem, instruction: str | None,
+                     stack: contextlib.ExitStack) -> list[dict]:
+        content = [{"type": "text", "text": "<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION)},
+                   {"type": "text", "text": "<Query>:"}]
+        content += self._media_content(query, stack)
+        content.append({"type": "text", "text": "\n<Document>:"})
+        content += self._media_content(document, stack)
+        return [{"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM_PROMPT}]},
+                {"role": "user", "content": content}]
+
+    def _warmup_conversation(self) -> list[dict]:
+        with contextlib.ExitStack() as stack:
+            return self.conversation(InputItem("q", texts=("q",)), InputItem("d", texts=("d",)), None, stack)
+
+    def prepare(self, query: InputItem, document: InputItem, instruction: str | None = None) -> Features:
+        with contextlib.ExitStack() as stack:
+            conversation = self.conversation(query, document, query.instruction or instruction, stack)
+            features = self._process(conversation, document.where)
+        ids = features.input_ids
+        # Official truncation: everything before the last `suffix_len` tokens is cut to max_length
+        # (keeping special tokens), then the template's ending is appended.
+        head, tail = ids[: -self.suffix_len], ids[-self.suffix_len:]
+        features.input_ids = self._keep_special_and_first(head, self.max_length, document.where) + tail
+        return features
+
+    def score(self, batch: list[Features]) -> list[float]:
+        """sigmoid(h · (W[yes] − W[no])) with h the last hidden state at the final position."""
+        torch = self._torch
+        hidden, _ = self._last_hidden(batch)
+        logits = hidden[:, -1] @ self.score_vector.to(hidden.device)
+        return torch.sigmoid(logits.float()).cpu().tolist()
+
+
+def check_finite(values, where: list[str]) -> None:
+    """Refuse NaN or infinite outputs, naming the first input that produced one."""
+    arr = np.asarray(values, dtype=np.float32)
+    rows = arr.reshape(len(where), -1) if arr.size else arr
+    for i, row in enumerate(rows):
+        if not np.all(np.isfinite(row)):
+            raise RequestError(ErrorCode.INTERNAL, f"{where[i]}: the model produced a non-finite output "
+                                                   "(try --dtype float32)")
+
+
+def cut_and_normalize(raw, dimension: int, normalize: bool):
+    """Matryoshka: keep the first `dimension` components, then L2-normalise (if asked)."""
+    import torch.nn.functional as F
+
+    out = raw[:, :dimension]
+    return F.normalize(out, p=2, dim=-1) if normalize else out
+
+
+__all__ = ["EmbeddingModel", "RerankerModel", "Features", "ModelLoadError", "check_finite", "cut_and_normalize"]

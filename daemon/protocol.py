@@ -1,0 +1,145 @@
+"""Wire protocol version 1 (see PROTOCOL.md): msgpack payloads, typed requests, replies.
+
+Parsing here is pure validation: it reads no media and touches no model, so the socket loop can run
+it on every request at once and answer bad requests without queueing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .config import Limits, MediaPolicy
+from .errors import ErrorCode, RequestError, invalid, too_large
+from .inputs import InputItem, parse_input, parse_instruction
+
+PROTOCOL_VERSION = 1
+OPS = ("embed", "rerank", "health")
+ENCODINGS = ("float32", "list")
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    id: Any
+    inputs: tuple[InputItem, ...]
+    instruction: str | None
+    dimension: int | None
+    normalize: bool
+    encoding: str
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    id: Any
+    query: InputItem
+    documents: tuple[InputItem, ...]
+    instruction: str | None
+
+
+@dataclass(frozen=True)
+class HealthRequest:
+    id: Any
+
+
+Request = EmbedRequest | RerankRequest | HealthRequest
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
+
+
+def ok_reply(request_id: Any, **fields: Any) -> bytes:
+    return pack({"id": request_id, "ok": True, **fields})
+
+
+def error_reply(request_id: Any, error: RequestError) -> bytes:
+    return pack({"id": request_id, "ok": False, "error": error.to_wire()})
+
+
+def decode_payload(data: bytes, limits: Limits) -> dict:
+    """The payload as a map, or a RequestError (`too_large` / `invalid_request`)."""
+    if len(data) > limits.max_message_bytes:
+        raise too_large(f"payload: {len(data)} bytes exceed the limit of {limits.max_message_bytes} (max_message_bytes)")
+    try:
+        payload = unpack(data)
+    except Exception:
+        raise invalid("payload: not a valid msgpack document") from None
+    if not isinstance(payload, dict):
+        raise invalid("payload: expected a msgpack map with an 'op' field")
+    return payload
+
+
+def _known_fields(payload: dict, allowed: set[str], op: str) -> None:
+    unknown = sorted(str(k) for k in payload if k not in allowed)
+    if unknown:
+        raise invalid(f"{op}: unknown field(s) {', '.join(unknown)}")
+
+
+def _input_list(value: Any, field: str, limit: int, limit_name: str, limits: Limits, media: MediaPolicy):
+    if not isinstance(value, list):
+        raise invalid(f"{field}: expected a list of inputs")
+    if not value:
+        raise invalid(f"{field}: must not be empty")
+    if len(value) > limit:
+        raise too_large(f"{field}: {len(value)} items exceed the limit of {limit} ({limit_name})")
+    return tuple(parse_input(v, f"{field}[{i}]", limits, media) for i, v in enumerate(value))
+
+
+def _parse_embed(payload: dict, limits: Limits, media: MediaPolicy) -> EmbedRequest:
+    _known_fields(payload, {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding"}, "embed")
+    if "inputs" not in payload:
+        raise invalid("inputs: required")
+    inputs = _input_list(payload["inputs"], "inputs", limits.max_inputs, "max_inputs", limits, media)
+    dimension = payload.get("dimension")
+    if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1):
+        raise invalid("dimension: expected a positive integer or nil")
+    normalize = payload.get("normalize", True)
+    if normalize is None:
+        normalize = True
+    if not isinstance(normalize, bool):
+        raise invalid("normalize: expected a boolean")
+    encoding = payload.get("encoding") or "float32"
+    if encoding not in ENCODINGS:
+        raise invalid(f"encoding: expected one of {', '.join(ENCODINGS)}")
+    return EmbedRequest(
+        id=payload.get("id"),
+        inputs=inputs,
+        instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
+        dimension=dimension,
+        normalize=normalize,
+        encoding=encoding,
+    )
+
+
+def _parse_rerank(payload: dict, limits: Limits, media: MediaPolicy) -> RerankRequest:
+    _known_fields(payload, {"op", "id", "query", "documents", "instruction"}, "rerank")
+    if "query" not in payload:
+        raise invalid("query: required")
+    if "documents" not in payload:
+        raise invalid("documents: required")
+    return RerankRequest(
+        id=payload.get("id"),
+        query=parse_input(payload["query"], "query", limits, media),
+        documents=_input_list(payload["documents"], "documents", limits.max_documents, "max_documents",
+                              limits, media),
+        instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
+    )
+
+
+def parse_request(payload: dict, limits: Limits, media: MediaPolicy) -> Request:
+    op = payload.get("op")
+    if not isinstance(op, str):
+        raise invalid("op: required, a string (embed, rerank or health)")
+    if op == "embed":
+        return _parse_embed(payload, limits, media)
+    if op == "rerank":
+        return _parse_rerank(payload, limits, media)
+    if op == "health":
+        return HealthRequest(id=payload.get("id"))
+    raise RequestError(ErrorCode.UNSUPPORTED, f"op: unknown operation {op[:64]!r} (supported: {', '.join(OPS)})")

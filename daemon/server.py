@@ -1,0 +1,190 @@
+"""The socket loop: one ROUTER socket, validation, dispatch, and replies from the model thread.
+
+Replies produced on the model thread travel back over an inproc PUSH/PULL pair, because a ZeroMQ
+socket must only be used by the thread that owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from .config import DaemonConfig
+from .engine import Engine
+from .errors import RequestError
+from .protocol import HealthRequest, decode_payload, error_reply, ok_reply, parse_request
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+
+
+class StartupError(Exception):
+    """The daemon cannot start (socket in use, unsafe directory, model not loadable): one line."""
+
+
+def _ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the socket's directory owner-only, and refuse one that another user controls."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        raise StartupError(f"socket directory {directory} belongs to another user; choose another endpoint")
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise StartupError(f"socket directory {directory} is world-writable; choose another endpoint")
+
+
+def socket_is_alive(ctx: zmq.Context, endpoint: str, timeout_ms: int = 500) -> bool:
+    """Whether a daemon answers `health` on endpoint: a live daemon's socket is never replaced."""
+    from .protocol import pack
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart([b"", pack({"op": "health", "id": "probe"})])
+        return bool(sock.poll(timeout_ms))
+    finally:
+        sock.close()
+
+
+class Server:
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.ctx = zmq.Context()
+        self._reply_endpoint = f"inproc://replies-{id(self)}"
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self.engine = Engine(config, self._send_from_worker)
+        self.bound = threading.Event()
+        self.drain_timeout_s = 30.0
+
+    # -- replies from other threads -------------------------------------------------------------
+    def _send_from_worker(self, envelope: list, payload: bytes) -> None:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.connect(self._reply_endpoint)
+            self._local.push = sock
+        sock.send_multipart([*envelope, payload])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        """Begin draining: answered requests finish, new ones get `shutting_down`."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _bind(self) -> zmq.Socket:
+        endpoint = self.config.endpoint
+        path = _ipc_path(endpoint)
+        if path is not None:
+            prepare_socket_dir(path)
+            if path.exists():
+                if socket_is_alive(self.ctx, endpoint):
+                    raise StartupError(f"another daemon is serving on {endpoint}")
+                path.unlink()  # stale socket left by a crash
+        router = self.ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped silently
+        # The transport refuses anything far past the payload limit; within it we answer too_large.
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
+        old_umask = os.umask(0o177)
+        try:
+            router.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"cannot bind {endpoint}: {exc}") from None
+        finally:
+            os.umask(old_umask)
+        if path is not None:
+            os.chmod(path, self.config.socket_mode)
+        return router
+
+    def serve(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        router = self._bind()
+        pull = self.ctx.socket(zmq.PULL)
+        pull.bind(self._reply_endpoint)
+        self.engine.start()
+        self.bound.set()
+        log.info("listening on %s", self.config.endpoint)
+        try:
+            return self._loop(router, pull)
+        finally:
+            self.engine.stop()
+            router.close(linger=0)
+            path = _ipc_path(self.config.endpoint)
+            if path is not None and path.exists():
+                path.unlink()
+            self.engine.join(timeout=5.0)
+            self.ctx.destroy(linger=0)
+
+    def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> int:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        deadline = None
+        while True:
+            events = dict(poller.poll(POLL_MS))
+            if pull in events:
+                self._forward_replies(pull, router)
+            if router in events:
+                self._receive_requests(router)
+            if self.engine.state == "failed":
+                raise StartupError(self.engine.load_error or "model loading failed")
+            if self._stop.is_set():
+                if deadline is None:
+                    log.info("draining")
+                    self.engine.drain()
+                    deadline = time.monotonic() + self.drain_timeout_s
+                if self.engine.idle() and not events or time.monotonic() > deadline:
+                    self._forward_replies(pull, router)
+                    return 0
+
+    def _forward_replies(self, pull: zmq.Socket, router: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            router.send_multipart(frames)
+
+    def _receive_requests(self, router: zmq.Socket) -> None:
+        for _ in range(1000):  # bounded, so replies and signals are never starved
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            reply = self._handle(frames)
+            if reply is not None:
+                router.send_multipart(reply)
+
+    def _handle(self, frames: list[bytes]) -> list[bytes] | None:
+        """Validate and dispatch one message; returns an immediate reply or None (queued)."""
+        if len(frames) < 2:
+            return None  # no payload after the routing id: nothing to answer
+        envelope, data = frames[:-1], frames[-1]
+        request_id = None
+        try:
+            payload = decode_payload(data, self.config.limits)
+            request_id = payload.get("id")
+            request = parse_request(payload, self.config.limits, self.config.media)
+            if isinstance(request, HealthRequest):
+                return [*envelope, ok_reply(request.id, **self.engine.health())]
+            self.engine.submit(envelope, request)
+            return None
+        except RequestError as exc:
+            return [*envelope, error_reply(request_id, exc)]
