@@ -69,6 +69,7 @@ class Limits:
     max_documents: int = 1024
     max_text_chars: int = 1_000_000
     max_batch_size: int = 32  # inputs per forward pass
+    max_queued_inputs: int = 8192  # inputs (embed) and documents (rerank) waiting; beyond: overloaded
 
 
 @dataclass(frozen=True)

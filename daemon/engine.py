@@ -38,7 +38,7 @@ class Job:
 
 
 class Engine:
-    def __init__(self, config: DaemonConfig, reply: Reply, max_queued_inputs: int = 65536):
+    def __init__(self, config: DaemonConfig, reply: Reply):
         self.config = config
         self.reply = reply
         self.embedding = None
@@ -46,7 +46,7 @@ class Engine:
         self.state = "loading"  # loading -> ready -> draining; or failed
         self.load_error: str | None = None
         self.started_at = time.monotonic()
-        self.max_queued_inputs = max_queued_inputs
+        self.max_queued_inputs = config.limits.max_queued_inputs
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._queued_inputs = 0
         self._busy = 0
@@ -129,6 +129,9 @@ class Engine:
             if self.reranker is None:
                 raise RequestError(ErrorCode.NOT_LOADED, "the reranker model is disabled on this daemon")
             size = len(request.documents)
+        if size > self.max_queued_inputs:
+            raise RequestError(ErrorCode.TOO_LARGE, f"{size} inputs exceed the queue's capacity of "
+                                                    f"{self.max_queued_inputs} (max_queued_inputs)")
         with self._lock:
             if self._queued_inputs + size > self.max_queued_inputs:
                 raise RequestError(ErrorCode.OVERLOADED, f"queue full ({self._queued_inputs} inputs waiting)")

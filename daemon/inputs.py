@@ -74,7 +74,7 @@ def _parse_media(value: Any, where: str) -> MediaSource:
 
 
 def _parse_video(value: Any, where: str, limits_frames: int) -> VideoSource:
-    if isinstance(value, dict):
+    if isinstance(value, (dict, bytes, bytearray, memoryview)):  # one encoded video file
         return VideoSource(where, file=_parse_media(value, where))
     if isinstance(value, list):
         if not value:
@@ -82,7 +82,7 @@ def _parse_video(value: Any, where: str, limits_frames: int) -> VideoSource:
         if len(value) > limits_frames:
             raise too_large(f"{where}: {len(value)} frames exceed the limit of {limits_frames} (max_video_frames)")
         return VideoSource(where, frames=tuple(_parse_media(f, f"{where}.frames[{i}]") for i, f in enumerate(value)))
-    raise invalid(f"{where}: expected a list of frames or {{\"path\"}}/{{\"url\"}}")
+    raise invalid(f"{where}: expected a list of frames, video file bytes, or {{\"path\"}}/{{\"url\"}}")
 
 
 def _parse_videos(value: Any, where: str, max_frames: int) -> tuple[VideoSource, ...]:

@@ -65,6 +65,8 @@ def cli() -> None:
               show_default=True)
 @click.option("--max-documents", envvar="QWEN3VL_MAX_DOCUMENTS", type=click.IntRange(min=1), default=1024,
               show_default=True)
+@click.option("--max-queued-inputs", envvar="QWEN3VL_MAX_QUEUED_INPUTS", type=click.IntRange(min=1), default=8192,
+              show_default=True, help="Queued inputs/documents beyond which requests get `overloaded`.")
 @click.option("--allow-path", "allow_paths", envvar="QWEN3VL_ALLOW_PATHS", multiple=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory clients may read media from (repeatable; ':'-separated in the env). None by default.")
@@ -76,7 +78,7 @@ def cli() -> None:
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
 def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtype, attn_implementation,
           embedding_max_length, reranker_max_length, max_batch_size, max_message_bytes, max_inputs,
-          max_documents, allow_paths, allow_urls, offline, warmup, log_level) -> None:
+          max_documents, max_queued_inputs, allow_paths, allow_urls, offline, warmup, log_level) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     from .server import Server, StartupError
 
@@ -90,7 +92,7 @@ def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtyp
         embedding_dim=embedding_dim,
         media=MediaPolicy(allowed_roots=roots, allow_urls=allow_urls),
         limits=Limits(max_message_bytes=max_message_bytes, max_inputs=max_inputs, max_documents=max_documents,
-                      max_batch_size=max_batch_size),
+                      max_batch_size=max_batch_size, max_queued_inputs=max_queued_inputs),
         warmup=warmup,
     )
     server = Server(config)

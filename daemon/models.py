@@ -117,11 +117,7 @@ def _load(cls, settings: ModelSettings, device, dtype):
             output_loading_info=True,
         )
     except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load model {settings.name!r}: it is not a local checkpoint and could not be downloaded "
-            f"({str(exc).splitlines()[0][:160]}); pass a local directory, or build a test checkpoint with "
-            "`qwen3vl-daemon tiny-checkpoint DIR` and pass DIR"
-        ) from None
+        raise _unfetchable(settings, exc) from None
     except (ValueError, KeyError, TypeError, ImportError) as exc:
         raise ModelLoadError(f"cannot load model {settings.name!r}: {str(exc).splitlines()[0][:200]}") from None
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
@@ -141,10 +137,16 @@ def _load_processor(settings: ModelSettings, padding_side: str):
             settings.name, padding_side=padding_side, local_files_only=settings.local_files_only
         )
     except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load the processor of {settings.name!r} ({str(exc).splitlines()[0][:160]}); "
-            "pass a local checkpoint directory"
-        ) from None
+        raise _unfetchable(settings, exc) from None
+
+
+def _unfetchable(settings: ModelSettings, exc: Exception) -> ModelLoadError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return ModelLoadError(
+        f"cannot load model {settings.name!r}: it is not a local checkpoint and could not be downloaded "
+        f"({reason}); pass a local checkpoint directory, or build a test checkpoint with "
+        "`qwen3vl-daemon tiny-checkpoint DIR` and pass DIR"
+    )
 
 
 # -- prepared inputs ------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Shared fixtures: one tiny checkpoint per run, real daemon processes on real IPC sockets, media."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from daemon.client import Client, DaemonError, DaemonTimeout
+from daemon.tiny import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@dataclass
+class DaemonProcess:
+    endpoint: str
+    process: subprocess.Popen
+    log: Path
+
+    def client(self, timeout: float = 60.0) -> Client:
+        return Client(self.endpoint, timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def start_daemon(tmp: Path, *args: str, env: dict | None = None, wait: bool = True) -> DaemonProcess:
+    """Start `qwen3vl-daemon serve` on a fresh IPC endpoint and wait until health says ready."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    endpoint = f"ipc://{tmp}/sock/daemon.sock"
+    log = tmp / "daemon.log"
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--log-level", "warning", *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env,
+    )
+    daemon = DaemonProcess(endpoint, process, log)
+    if wait:
+        wait_ready(daemon)
+    return daemon
+
+
+def wait_ready(daemon: DaemonProcess, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    with daemon.client(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if daemon.process.poll() is not None:
+                raise RuntimeError(f"daemon exited early: {daemon.log.read_text()}")
+            try:
+                health = client.health()
+                if health["status"] == "ready":
+                    return health
+            except (DaemonTimeout, DaemonError):
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"daemon not ready in {timeout}s: {daemon.log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """Operator-allowed media directory with a video file (made by ffmpeg) and an image."""
+    root = tmp_path_factory.mktemp("media")
+    ffmpeg = shutil.which("ffmpeg")
+    assert ffmpeg, "ffmpeg is required for the video tests (.ci/run installs it)"
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=128x96:rate=4",
+                    "-t", "3", "-pix_fmt", "yuv420p", str(root / "clip.mp4")], check=True)
+    (root / "red.png").write_bytes(png_bytes((200, 30, 30), (80, 60)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory, tiny_dir, media_dir) -> DaemonProcess:
+    """The main daemon: both models on the tiny checkpoint, media allowed under media_dir."""
+    proc = start_daemon(tmp_path_factory.mktemp("daemon"), "--embedding-model", str(tiny_dir),
+                        "--reranker-model", str(tiny_dir), "--allow-path", str(media_dir),
+                        "--max-batch-size", "8")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(daemon) -> Client:
+    with daemon.client() as c:
+        yield c
+
+
+def png_bytes(color=(255, 0, 0), size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def gradient_png(seed: int, size=(72, 56)) -> bytes:
+    """An image with structure (not one flat color), different per seed."""
+    img = Image.new("RGB", size)
+    img.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x * y + seed) % 256)
+                 for y in range(size[1]) for x in range(size[0])])
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pil(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img

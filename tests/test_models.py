@@ -1,0 +1,99 @@
+"""The model layer on its own (real tiny checkpoint, no socket): truncation, loading, devices."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import gradient_png
+from daemon.config import MediaPolicy, ModelSettings
+from daemon.errors import ErrorCode, RequestError
+from daemon.inputs import InputItem, MediaReader, MediaSource
+from daemon.models import EmbeddingModel, ModelLoadError, RerankerModel, resolve_device, resolve_dtype
+from reference import ReferenceReranker
+
+LONG_TEXT = "many words in a very long input that must be cut " * 60
+
+
+@pytest.fixture(scope="module")
+def small_embedder(tiny_dir) -> EmbeddingModel:
+    return EmbeddingModel(ModelSettings(str(tiny_dir), max_length=64), MediaReader(MediaPolicy()))
+
+
+@pytest.fixture(scope="module")
+def small_reranker(tiny_dir) -> RerankerModel:
+    return RerankerModel(ModelSettings(str(tiny_dir), max_length=64), MediaReader(MediaPolicy()))
+
+
+def test_overlong_embedding_input_is_cut_to_max_length_keeping_the_template_ending(small_embedder):
+    full_model = EmbeddingModel(ModelSettings(small_embedder.name, max_length=100000), small_embedder.media)
+    item = InputItem("inputs[0]", texts=(LONG_TEXT,))
+    full, cut = full_model.prepare(item).input_ids, small_embedder.prepare(item).input_ids
+    assert len(full) > 64 and len(cut) == 64
+    assert cut[-5:] == full[-5:]  # <|im_end|> \n <|im_start|> assistant \n: the pooled token is the last
+    assert cut[:-5] == full[:59]  # the system turn and the start of the text survive, in order
+
+
+def test_truncation_keeps_every_vision_token(small_embedder):
+    item = InputItem("inputs[0]", texts=(LONG_TEXT,), images=(MediaSource("bytes", gradient_png(1), "i"),))
+    ids = small_embedder.prepare(item).input_ids
+    image_pad = small_embedder.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert len(ids) == 64 and ids.count(image_pad) > 0
+    features = small_embedder.prepare(item)
+    vectors = small_embedder.embed([features])  # the forward accepts the cut input with all its image tokens
+    assert torch.isfinite(vectors).all()
+
+
+def test_vision_tokens_beyond_the_limit_fail_that_input_clearly(small_embedder):
+    big = InputItem("inputs[3]", images=(MediaSource("bytes", gradient_png(2, size=(320, 320)), "inputs[3].image[0]"),))
+    with pytest.raises(RequestError) as err:
+        small_embedder.prepare(big)
+    assert err.value.code == ErrorCode.TOO_LARGE and err.value.message.startswith("inputs[3]")
+
+
+def test_overlong_rerank_pair_is_cut_like_the_official_code(small_reranker, tiny_dir):
+    query, doc = InputItem("query", texts=("a question",)), InputItem("documents[0]", texts=(LONG_TEXT,))
+    features = small_reranker.prepare(query, doc)
+    assert len(features.input_ids) == 64 + 5
+    want = ReferenceReranker(str(tiny_dir)).scores({"texts": ["a question"]}, [{"texts": [LONG_TEXT]}], max_length=64)
+    np.testing.assert_allclose(small_reranker.score([features]), want, atol=2e-5)
+
+
+def test_checkpoint_missing_base_weights_is_refused_at_start(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights[next(k for k in weights if "language_model.layers.0.mlp" in k)]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks 1 base-model weight"):
+        EmbeddingModel(ModelSettings(str(broken)), MediaReader(MediaPolicy()))
+
+
+def test_unfetchable_model_fails_with_one_line_saying_what_to_pass():
+    with pytest.raises(ModelLoadError) as err:  # local_files_only: what a machine without network sees
+        EmbeddingModel(ModelSettings("Qwen/Qwen3-VL-Embedding-8B", local_files_only=True), MediaReader(MediaPolicy()))
+    message = str(err.value)
+    assert "\n" not in message and "Qwen/Qwen3-VL-Embedding-8B" in message and "tiny-checkpoint" in message
+
+
+def test_auto_device_and_dtype_on_a_cpu_machine_are_cpu_float32():
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_unknown_device_and_dtype_are_refused():
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_reranker_drops_the_untied_lm_head_after_taking_the_score_vector(small_reranker):
+    assert not hasattr(small_reranker.full_model, "lm_head")
+    assert small_reranker.score_vector.shape == (small_reranker.hidden_size,)
