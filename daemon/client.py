@@ -55,6 +55,12 @@ def rerank_payload(query: Any, documents: list, instruction: str | None = None) 
     return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction}
 
 
+def _tag(request_id: int) -> bytes:
+    """A routing frame before the delimiter: the daemon echoes it, so a reply is matched to its
+    request even when the daemon could not read the payload's id (an oversized or corrupt payload)."""
+    return request_id.to_bytes(8, "big")
+
+
 def _checked(reply: dict) -> dict:
     if not reply.get("ok"):
         error = reply.get("error") or {}
@@ -103,12 +109,11 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
             request_id = next(self._ids)
-            self._sock.send_multipart([b"", pack({**payload, "id": request_id})])
+            self._sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
             while self._sock.poll(int(timeout * 1000)):
                 frames = self._sock.recv_multipart()
-                reply = unpack(frames[-1])
-                if isinstance(reply, dict) and reply.get("id") == request_id:
-                    return reply
+                if frames[0] == _tag(request_id):
+                    return unpack(frames[-1])
             self._sock.close(linger=0)
             self._sock = self._connect()
             raise DaemonTimeout(f"no reply from {self.endpoint} within {timeout:g}s")
@@ -157,13 +162,12 @@ class AsyncClient:
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart()
-            try:
-                reply = unpack(frames[-1])
-            except Exception:
-                continue
-            future = self._pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+            future = self._pending.pop(int.from_bytes(frames[0], "big"), None) if len(frames) == 3 else None
             if future is not None and not future.done():
-                future.set_result(reply)
+                try:
+                    future.set_result(unpack(frames[-1]))
+                except Exception as exc:  # a reply we cannot read fails only its own request
+                    future.set_exception(exc)
 
     async def request(self, payload: dict, timeout: float | None = None) -> dict:
         sock = self._ensure_open()
@@ -171,7 +175,7 @@ class AsyncClient:
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await sock.send_multipart([b"", pack({**payload, "id": request_id})])
+            await sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
             return await asyncio.wait_for(future, self.timeout if timeout is None else timeout)
         except asyncio.TimeoutError:
             raise DaemonTimeout(f"no reply from {self.endpoint} within {timeout or self.timeout:g}s") from None

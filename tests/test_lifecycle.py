@@ -1,0 +1,171 @@
+"""Daemon processes with other settings: limits, disabled models, faults, shutdown, the socket, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+from safetensors.torch import load_file, save_file
+
+from conftest import start_daemon
+from daemon.config import default_endpoint
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, tiny_dir):
+    proc = start_daemon(tmp_path_factory.mktemp("limited"), "--embedding-model", str(tiny_dir),
+                        "--reranker-model", "none", "--max-inputs", "16", "--max-queued-inputs", "8",
+                        "--max-message-bytes", "65536")
+    yield proc
+    proc.stop()
+
+
+def test_disabled_model_answers_not_loaded(limited):
+    with limited.client() as c:
+        reply = c.request({"op": "rerank", "query": "q", "documents": ["d"]})
+        health = c.health()
+    assert reply["error"]["code"] == "not_loaded" and "reranker" in reply["error"]["message"]
+    assert health["reranker"] == {"name": None, "enabled": False, "loaded": False}
+
+
+def test_too_many_inputs_is_too_large_naming_the_limit(limited):
+    with limited.client() as c:
+        reply = c.request({"op": "embed", "inputs": ["x"] * 17})
+    assert reply["error"]["code"] == "too_large" and "max_inputs" in reply["error"]["message"]
+
+
+def test_oversized_payload_is_too_large(limited):
+    with limited.client() as c:
+        reply = c.request({"op": "embed", "inputs": ["x" * 70000]})
+    assert reply["error"]["code"] == "too_large" and "max_message_bytes" in reply["error"]["message"]
+
+
+def test_request_beyond_queue_capacity_is_too_large(limited):
+    with limited.client() as c:
+        reply = c.request({"op": "embed", "inputs": ["x"] * 9})
+    assert reply["error"]["code"] == "too_large" and "max_queued_inputs" in reply["error"]["message"]
+
+
+def test_full_queue_answers_overloaded_at_once(limited):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, 60000
+    sock.connect(limited.endpoint)
+    try:
+        pack = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
+        sock.send_multipart([b"", pack({"op": "embed", "id": "fill", "inputs": ["word " * 1000] * 8})])
+        sock.send_multipart([b"", pack({"op": "embed", "id": "late", "inputs": ["x"]})])
+        replies = [msgpack.unpackb(sock.recv_multipart()[1]) for _ in range(2)]
+    finally:
+        sock.close()
+    assert [r["id"] for r in replies] == ["late", "fill"]
+    assert replies[0]["error"]["code"] == "overloaded" and replies[1]["ok"]
+
+
+def test_non_finite_output_is_an_internal_error_naming_the_input(tmp_path, tiny_dir):
+    nan_dir = tmp_path / "nan"
+    shutil.copytree(tiny_dir, nan_dir)
+    weights = load_file(nan_dir / "model.safetensors")
+    key = next(k for k in weights if k.endswith("language_model.norm.weight"))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    proc = start_daemon(tmp_path / "d", "--embedding-model", str(nan_dir), "--reranker-model", "none")
+    try:
+        with proc.client() as c:
+            reply = c.request({"op": "embed", "inputs": ["a", "b"]})
+            assert reply["error"]["code"] == "internal" and reply["error"]["message"].startswith("inputs[0]")
+            assert c.health()["status"] == "ready"  # and it keeps serving
+    finally:
+        proc.stop()
+
+
+def test_sigterm_drains_accepted_requests_refuses_new_ones_and_exits_0(tmp_path, tiny_dir):
+    proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, 60000
+    sock.connect(proc.endpoint)
+    try:
+        pack = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
+        sock.send_multipart([b"", pack({"op": "embed", "id": "accepted", "inputs": ["word " * 1500] * 48})])
+        time.sleep(0.3)
+        proc.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        sock.send_multipart([b"", pack({"op": "embed", "id": "late", "inputs": ["x"]})])
+        replies = {r["id"]: r for r in (msgpack.unpackb(sock.recv_multipart()[1]) for _ in range(2))}
+    finally:
+        sock.close()
+    assert replies["late"]["error"]["code"] == "shutting_down"
+    assert replies["accepted"]["ok"] and replies["accepted"]["count"] == 48
+    assert proc.process.wait(30) == 0
+
+
+def test_socket_directory_and_socket_are_owner_only(daemon):
+    path = Path(daemon.endpoint[len("ipc://"):])
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_second_daemon_on_a_live_socket_refuses_to_start(daemon, tiny_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve", "--endpoint", daemon.endpoint, "--embedding-model",
+         str(tiny_dir), "--reranker-model", "none"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "another daemon is serving" in result.stderr
+
+
+def test_stale_socket_file_is_replaced_at_start(tmp_path, tiny_dir):
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir(mode=0o700)
+    leftover = socket.socket(socket.AF_UNIX)  # a bound-then-abandoned socket file, as a crash leaves it
+    leftover.bind(str(sock_dir / "daemon.sock"))
+    leftover.close()
+    assert (sock_dir / "daemon.sock").exists()
+    proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    try:
+        with proc.client() as c:
+            assert c.health()["status"] == "ready"
+    finally:
+        assert proc.stop() == 0
+
+
+def test_unloadable_model_exits_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve", "--endpoint", f"ipc://{tmp_path}/s/d.sock",
+         "--embedding-model", str(tmp_path / "no-such-model"), "--reranker-model", "none", "--offline"],
+        capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1
+    assert lines[-1].startswith("qwen3vl-daemon: cannot load model") and "Traceback" not in result.stderr
+
+
+def test_cli_client_commands_print_json(daemon):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "daemon", *a, "--endpoint", daemon.endpoint],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120, check=True).stdout
+    assert json.loads(run("health"))["status"] == "ready"
+    embedded = json.loads(run("embed", "hello", "world", "--dimension", "8"))
+    assert embedded["dimension"] == 8 and len(embedded["embeddings"]) == 2
+    reranked = json.loads(run("rerank", "query", "doc one", "doc two"))
+    assert len(reranked["scores"]) == 2
+
+
+def test_cli_builds_a_tiny_checkpoint_usable_as_either_model(tmp_path):
+    subprocess.run([sys.executable, "-m", "daemon", "tiny-checkpoint", str(tmp_path / "t")], check=True,
+                   capture_output=True, timeout=120)
+    names = {p.name for p in (tmp_path / "t").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= names
+
+
+def test_default_endpoint_prefers_runtime_directory_then_xdg_then_tmp():
+    assert default_endpoint({"RUNTIME_DIRECTORY": "/run/q:/run/other"}) == "ipc:///run/q/qwen3vl/daemon.sock"
+    assert default_endpoint({"XDG_RUNTIME_DIR": "/run/user/7"}) == "ipc:///run/user/7/qwen3vl/daemon.sock"
+    assert default_endpoint({"QWEN3VL_ENDPOINT": "tcp://127.0.0.1:5555"}) == "tcp://127.0.0.1:5555"
+    assert default_endpoint({}).endswith("/qwen3vl/daemon.sock")
