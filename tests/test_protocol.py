@@ -205,5 +205,5 @@ def test_oversized_payload_error_reaches_the_right_request(daemon):
     from daemon.client import Client
 
     with Client(daemon.endpoint, timeout=30) as c:
-        reply = c.request({"op": "embed", "inputs": [{"image": b"\x00" * (65 * 1024 * 1024)}]})
+        reply = c.request({"op": "embed", "inputs": [{"image": b"\x00" * (64 * 1024 * 1024 + 4096)}]})
     assert reply["error"]["code"] == "too_large" and reply["id"] is None
