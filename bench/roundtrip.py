@@ -1,0 +1,81 @@
+"""Per-request latency over IPC: `health` and a one-text `embed` against a daemon on the tiny model.
+
+    .venv/bin/python bench/roundtrip.py [--requests 500]
+
+Starts its own daemon on a fresh tiny checkpoint, measures sequential round trips with the bundled
+blocking client, prints p50/p90/p99 in milliseconds. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from daemon.client import Client, DaemonError, DaemonTimeout  # noqa: E402
+from daemon.tiny import build_tiny_checkpoint  # noqa: E402
+
+
+def start(work: Path, ckpt: Path) -> tuple[subprocess.Popen, str]:
+    endpoint = f"ipc://{work}/sock/daemon.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--embedding-model",
+                             str(ckpt), "--reranker-model", str(ckpt), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with Client(endpoint, timeout=1.0) as c:
+        for _ in range(600):
+            try:
+                if c.health()["status"] == "ready":
+                    return proc, endpoint
+            except (DaemonError, DaemonTimeout):
+                pass
+            time.sleep(0.1)
+    raise RuntimeError("daemon did not become ready")
+
+
+def measure(call, n: int) -> np.ndarray:
+    for _ in range(min(50, n)):
+        call()
+    times = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        call()
+        times[i] = time.perf_counter() - t0
+    return times * 1000.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=500)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = build_tiny_checkpoint(work / "tiny")
+        proc, endpoint = start(work, ckpt)
+        try:
+            with Client(endpoint) as c:
+                rows = {
+                    "health": measure(lambda: c.health(), args.requests),
+                    "embed, one text": measure(lambda: c.embed(["the quick brown fox"]), args.requests),
+                }
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}; "
+          f"{args.requests} sequential requests each, tiny model, IPC")
+    print(f"{'request':<18}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
+    for name, t in rows.items():
+        print(f"{name:<18}{np.percentile(t, 50):9.3f}{np.percentile(t, 90):9.3f}{np.percentile(t, 99):9.3f}")
+
+
+if __name__ == "__main__":
+    main()
