@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import ModelSettings
 from .errors import ErrorCode, RequestError, input_error, too_large
+from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, VideoSource
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,17 @@ class _QwenVL:
         )
         return len(self.tokenizer(rendered.split(marker)[-1], add_special_tokens=False)["input_ids"])
 
+    def check_texts(self, item: InputItem, instruction: str | None) -> None:
+        """Refuse texts that carry the vision placeholder tokens: the processor would find image
+        tokens without images (the official code raises), and the forward would misalign."""
+        fields = [(f"{item.where}.text[{i}]", text) for i, text in enumerate(item.texts)]
+        if instruction is not None:
+            fields.append((f"{item.where}.instruction" if item.instruction else "instruction", instruction))
+        for field, text in fields:
+            for token in (self.processor.image_token, self.processor.video_token):
+                if token in text:
+                    raise input_error(f"{field}: contains the reserved token {token}")
+
     # -- conversation content --------------------------------------------------------------------
     def _video_item(self, video: VideoSource, item: InputItem, stack: contextlib.ExitStack) -> dict:
         if video.file is not None:
@@ -255,10 +267,13 @@ class _QwenVL:
         metadata = None
         if videos is not None:
             videos, metadata = (list(x) for x in zip(*videos))
-        out = self.processor(
-            text=text, images=images, videos=videos, video_metadata=metadata,
-            truncation=False, padding=False, do_resize=False, return_tensors="pt", **video_kwargs,
-        )
+        try:
+            out = self.processor(
+                text=text, images=images, videos=videos, video_metadata=metadata,
+                truncation=False, padding=False, do_resize=False, return_tensors="pt", **video_kwargs,
+            )
+        except ValueError as exc:
+            raise input_error(f"{where}: the processor refused the input ({str(exc)[:160]})") from None
         return Features(
             input_ids=out["input_ids"][0].tolist(),
             pixel_values=out.get("pixel_values"),
@@ -327,6 +342,9 @@ class EmbeddingModel(_QwenVL):
 
     def __init__(self, settings: ModelSettings, media: MediaReader):
         super().__init__(settings, media, _embedding_class())
+        self.fast = build_fast_path(self.processor, None, lambda system, user: self._process(
+            [{"role": "system", "content": [{"type": "text", "text": system}]},
+             {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
 
     def conversation(self, item: InputItem, instruction: str | None, stack: contextlib.ExitStack) -> list[dict]:
         return [
@@ -338,10 +356,17 @@ class EmbeddingModel(_QwenVL):
         with contextlib.ExitStack() as stack:
             return self.conversation(InputItem("warmup", texts=("warm up",)), None, stack)
 
-    def prepare(self, item: InputItem, instruction: str | None = None) -> Features:
-        """Tokens and pixels for one input. The input's own instruction wins over the request's."""
-        with contextlib.ExitStack() as stack:
-            features = self._process(self.conversation(item, item.instruction or instruction, stack), item.where)
+    def prepare(self, item: InputItem, instruction: str | None = None, fast: bool = True) -> Features:
+        """Tokens and pixels for one input. The input's own instruction wins over the request's.
+        Text-only inputs take the fast path (bit-identical ids) unless fast=False."""
+        instruction = item.instruction or instruction
+        self.check_texts(item, instruction)
+        if fast and self.fast is not None and item.is_text_only:
+            text = "".join(item.texts) if item.texts else "NULL"
+            features = Features(self.fast.ids(text, normalize_embedding_instruction(instruction)))
+        else:
+            with contextlib.ExitStack() as stack:
+                features = self._process(self.conversation(item, instruction, stack), item.where)
         ids = features.input_ids
         if len(ids) > self.max_length:
             # Cut text only: keep every special and vision token and the template's ending, so that
@@ -376,6 +401,9 @@ class RerankerModel(_QwenVL):
         # Only the base model runs from here on; drop the LM head (and its memory) unless tied.
         if self.full_model.lm_head.weight.data_ptr() != self.model.get_input_embeddings().weight.data_ptr():
             del self.full_model.lm_head
+        self.fast = build_fast_path(self.processor, RERANK_SYSTEM_PROMPT, lambda system, user: self._process(
+            [{"role": "system", "content": [{"type": "text", "text": system}]},
+             {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
 
     def conversation(self, query: InputItem, document: InputItem, instruction: str | None,
                      stack: contextlib.ExitStack) -> list[dict]:
@@ -391,10 +419,21 @@ class RerankerModel(_QwenVL):
         with contextlib.ExitStack() as stack:
             return self.conversation(InputItem("q", texts=("q",)), InputItem("d", texts=("d",)), None, stack)
 
-    def prepare(self, query: InputItem, document: InputItem, instruction: str | None = None) -> Features:
-        with contextlib.ExitStack() as stack:
-            conversation = self.conversation(query, document, query.instruction or instruction, stack)
-            features = self._process(conversation, document.where)
+    def prepare(self, query: InputItem, document: InputItem, instruction: str | None = None,
+                fast: bool = True) -> Features:
+        instruction = query.instruction or instruction
+        self.check_texts(query, instruction)
+        self.check_texts(document, None)
+        if fast and self.fast is not None and query.is_text_only and document.is_text_only:
+            # The user turn's text items render as one concatenated string.
+            user = ("<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION) + "<Query>:"
+                    + ("".join(query.texts) if query.texts else "NULL") + "\n<Document>:"
+                    + ("".join(document.texts) if document.texts else "NULL"))
+            features = Features(self.fast.ids(user))
+        else:
+            with contextlib.ExitStack() as stack:
+                conversation = self.conversation(query, document, instruction, stack)
+                features = self._process(conversation, document.where)
         ids = features.input_ids
         # Official truncation: everything before the last `suffix_len` tokens is cut to max_length
         # (keeping special tokens), then the template's ending is appended.

@@ -134,6 +134,7 @@ def test_unknown_op_is_unsupported(dealer):
     ({"inputs": ["a", {"image": b"\x89PNG garbage"}]}, "input_error", "inputs[1].image[0]: not a decodable image"),
     ({"inputs": [{"video": [b"junk", b"junk"]}]}, "input_error", "inputs[0].video[0].frames[0]"),
     ({"inputs": [{"fps": -1, "video": {"path": "/x"}}]}, "invalid_request", "inputs[0].fps"),
+    ({"inputs": ["a", "x<|image_pad|>y"]}, "input_error", "inputs[1].text[0]: contains the reserved token"),
     ({"inputs": ["a", {"image": {"path": "/etc/passwd"}}]}, "invalid_request", "inputs[1].image[0].path: not under"),
 ])
 def test_bad_embed_requests_name_the_field_and_index(client, request_fields, code, fragment):
