@@ -68,8 +68,19 @@ class Limits:
     max_inputs: int = 1024
     max_documents: int = 1024
     max_text_chars: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching, preprocessing and backpressure (see README, "Tuning the batching")."""
+
     max_batch_size: int = 32  # inputs per forward pass
-    max_queued_inputs: int = 8192  # inputs (embed) and documents (rerank) waiting; beyond: overloaded
+    max_batch_tokens: int = 32768  # padded tokens per forward pass (batch size x longest input)
+    max_wait_ms: float = 0.5  # longest a ready input waits for others still being preprocessed
+    prep_workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    max_queued_inputs: int = 8192  # inputs and documents accepted, not yet answered; beyond: overloaded
+    max_queued_tokens: int = 4_000_000  # their estimated tokens (an upper bound); beyond: overloaded
+    cache_bytes: int = 0  # embedding cache size; 0 disables it
 
 
 @dataclass(frozen=True)
@@ -80,5 +91,6 @@ class DaemonConfig:
     embedding_dim: int | None = None  # default output dimension; None means the model's full size
     media: MediaPolicy = MediaPolicy()
     limits: Limits = Limits()
+    batching: Batching = Batching()
     socket_mode: int = 0o600
     warmup: bool = True

@@ -1,40 +1,89 @@
-"""The model thread: it loads the models, owns them, and runs queued requests one batch at a time.
+"""The engine: admission, preprocessing threads, the model thread, and request tickets.
 
-The socket loop only validates and enqueues (and answers `health` itself), so a long forward never
-delays it. Results leave through a `reply` callback that is safe to call from this thread.
+The socket loop only validates and calls `submit` (and answers `health` itself), so a long forward
+never delays it. Each request becomes a Ticket and one Unit per input (or per query-document pair).
+Units are preprocessed on a thread pool, batched across requests by the Scheduler, and run by the
+one model thread; each result lands in its ticket, and the ticket that completes sends its reply
+through the `reply` callback (safe to call from any thread).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
 
 from . import __version__
+from .batching import BatchPolicy, Scheduler, Unit
+from .cache import EmbeddingCache, cache_key
 from .config import DaemonConfig
 from .errors import ErrorCode, RequestError
+from .inputs import InputItem
 from .protocol import EmbedRequest, RerankRequest, error_reply, ok_reply
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list, bytes], None]  # (envelope frames, payload)
+EMBED, RERANK = "embed", "rerank"
 
 
-class LoadFailed(Exception):
-    """Raised by `wait_loaded` when a model could not be loaded; the message is one line."""
+class Ticket:
+    """One accepted request: collects its units' results and replies exactly once."""
+
+    def __init__(self, engine: "Engine", envelope: list, request: EmbedRequest | RerankRequest,
+                 size: int, est_tokens: int):
+        self.engine = engine
+        self.envelope = envelope
+        self.request = request
+        self.size = size
+        self.est_tokens = est_tokens
+        self.results: list[Any] = [None] * size
+        self.tokens = 0
+        self._remaining = size
+        self._done = False
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._done
+
+    def fail(self, error: RequestError) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._finish(error_reply(self.request.id, error))
+
+    def set(self, index: int, value: Any, tokens: int) -> None:
+        with self._lock:
+            if self._done or self.results[index] is not None:
+                return
+            self.results[index] = value
+            self.tokens += tokens
+            self._remaining -= 1
+            if self._remaining:
+                return
+            self._done = True
+        try:
+            payload = self.engine.build_reply(self)
+        except RequestError as exc:
+            payload = error_reply(self.request.id, exc)
+        self._finish(payload)
+
+    def _finish(self, payload: bytes) -> None:
+        self.engine.release(self)
+        self.engine.reply(self.envelope, payload)
 
 
-@dataclass
-class Job:
-    envelope: list
-    request: EmbedRequest | RerankRequest
-    size: int  # inputs (embed) or documents (rerank): the unit of queue accounting
-    queued_at: float = field(default_factory=time.monotonic)
+def estimate_tokens(item: InputItem, cap: int) -> int:
+    """An upper bound on an input's tokens, known before any media is read (for admission)."""
+    text = sum(len(t.encode("utf-8", "surrogatepass")) for t in item.texts) + len(item.instruction or "")
+    return min(cap, 128 + text + 1800 * len(item.images) + 7680 * len(item.videos))
 
 
 class Engine:
@@ -46,13 +95,16 @@ class Engine:
         self.state = "loading"  # loading -> ready -> draining; or failed
         self.load_error: str | None = None
         self.started_at = time.monotonic()
-        self.max_queued_inputs = config.limits.max_queued_inputs
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        b = config.batching
+        self.scheduler = Scheduler(BatchPolicy(b.max_batch_size, b.max_batch_tokens, b.max_wait_ms / 1000.0))
+        self.cache = EmbeddingCache(b.cache_bytes) if b.cache_bytes > 0 else None
+        self._pool = ThreadPoolExecutor(max_workers=b.prep_workers, thread_name_prefix="qwen3vl-prep")
         self._queued_inputs = 0
-        self._busy = 0
+        self._queued_tokens = 0
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen3vl-model", daemon=True)
+        self.stats = {"batches": 0, "batched_units": 0, "queue_wait_s": 0.0, "forward_s": 0.0}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,48 +147,48 @@ class Engine:
         return self._loaded.wait(timeout)
 
     def drain(self) -> None:
-        """Take no new work; queued work is still answered."""
-        if self.state == "ready" or self.state == "loading":
+        """Take no new work; accepted work is still answered."""
+        if self.state in ("ready", "loading"):
             self.state = "draining"
 
     def idle(self) -> bool:
         with self._lock:
-            return self._queued_inputs == 0 and self._busy == 0
+            return self._queued_inputs == 0
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        self.scheduler.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    # -- the socket thread's side ---------------------------------------------------------------
+    # -- admission (the socket thread) ---------------------------------------------------------
     @property
     def queue_depth(self) -> int:
         with self._lock:
             return self._queued_inputs
 
     def submit(self, envelope: list, request: EmbedRequest | RerankRequest) -> None:
-        """Queue a request or raise RequestError (not loaded, bad dimension, overloaded, draining)."""
+        """Accept a request or raise RequestError (not loaded, bad dimension, overloaded, draining)."""
         if self.state == "draining":
             raise RequestError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; retry on another instance")
         if self.state != "ready":
             raise RequestError(ErrorCode.NOT_LOADED, f"models are {self.state}; retry when health says ready")
         if isinstance(request, EmbedRequest):
             self._check_embed(request)
-            size = len(request.inputs)
+            items, cap = request.inputs, self.embedding.max_length + 8
         else:
             if self.reranker is None:
                 raise RequestError(ErrorCode.NOT_LOADED, "the reranker model is disabled on this daemon")
-            size = len(request.documents)
-        if size > self.max_queued_inputs:
-            raise RequestError(ErrorCode.TOO_LARGE, f"{size} inputs exceed the queue's capacity of "
-                                                    f"{self.max_queued_inputs} (max_queued_inputs)")
-        with self._lock:
-            if self._queued_inputs + size > self.max_queued_inputs:
-                raise RequestError(ErrorCode.OVERLOADED, f"queue full ({self._queued_inputs} inputs waiting)")
-            self._queued_inputs += size
-        self._jobs.put(Job(envelope, request, size))
+            items, cap = request.documents, self.reranker.max_length + 8
+        est = sum(estimate_tokens(item, cap) for item in items)
+        ticket = Ticket(self, envelope, request, len(items), est)
+        self._admit(ticket)
+        if isinstance(request, EmbedRequest):
+            self._start_embed(ticket, request)
+        else:
+            self._start_units(ticket, RERANK, range(len(items)))
 
     def _check_embed(self, request: EmbedRequest) -> None:
         if self.embedding is None:
@@ -145,16 +197,136 @@ class Engine:
         if request.dimension is not None and request.dimension > top:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"dimension: {request.dimension} exceeds the model's {top}")
 
+    def _admit(self, ticket: Ticket) -> None:
+        b = self.config.batching
+        if ticket.size > b.max_queued_inputs:
+            raise RequestError(ErrorCode.TOO_LARGE, f"{ticket.size} inputs exceed the queue's capacity of "
+                                                    f"{b.max_queued_inputs} (max_queued_inputs)")
+        with self._lock:
+            if (self._queued_inputs + ticket.size > b.max_queued_inputs
+                    or (self._queued_tokens and self._queued_tokens + ticket.est_tokens > b.max_queued_tokens)):
+                raise RequestError(ErrorCode.OVERLOADED, f"queue full ({self._queued_inputs} inputs, "
+                                                         f"~{self._queued_tokens} tokens waiting); retry later")
+            self._queued_inputs += ticket.size
+            self._queued_tokens += ticket.est_tokens
+
+    def release(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._queued_inputs -= ticket.size
+            self._queued_tokens -= ticket.est_tokens
+
+    def _start_embed(self, ticket: Ticket, request: EmbedRequest) -> None:
+        pending = []
+        for i, item in enumerate(request.inputs):
+            key = cache_key(self.embedding.name, item, request.instruction) if self.cache else None
+            hit = self.cache.get(key) if self.cache else None
+            if hit is not None:
+                ticket.set(i, hit, 0)
+            else:
+                pending.append(i)
+        self._start_units(ticket, EMBED, pending)
+
+    def _start_units(self, ticket: Ticket, kind: str, indices) -> None:
+        units = [Unit(kind, ticket, i) for i in indices]
+        self.scheduler.expect(len(units))
+        for unit in units:
+            self._pool.submit(self._prepare, unit)
+
+    # -- preprocessing (the pool's threads) ------------------------------------------------------
+    def _prepare(self, unit: Unit) -> None:
+        ticket = unit.owner
+        try:
+            if ticket.cancelled:
+                raise _Skip
+            request = ticket.request
+            if unit.kind == EMBED:
+                unit.payload = self.embedding.prepare(request.inputs[unit.index], request.instruction)
+            else:
+                unit.payload = self.reranker.prepare(request.query, request.documents[unit.index], request.instruction)
+            unit.tokens = unit.payload.tokens
+        except _Skip:
+            self.scheduler.expect(-1)
+        except RequestError as exc:
+            self.scheduler.expect(-1)
+            ticket.fail(exc)
+        except Exception as exc:  # a fault in preprocessing fails this request only
+            log.exception("preprocessing failed")
+            self.scheduler.expect(-1)
+            ticket.fail(RequestError(ErrorCode.INTERNAL, f"{_where(unit)}: {type(exc).__name__}: {str(exc)[:160]}"))
+        else:
+            unit.ready_at = time.monotonic()
+            self.scheduler.put(unit)
+
+    # -- the model thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        self._load()
+        while True:
+            batch = self.scheduler.next_batch()
+            if batch is None:
+                return
+            self._forward(batch)
+
+    def _forward(self, batch: list[Unit]) -> None:
+        kind = batch[0].kind
+        start = time.monotonic()
+        try:
+            if kind == EMBED:
+                values = list(self.embedding.embed([u.payload for u in batch]).numpy())
+            else:
+                values = self.reranker.score([u.payload for u in batch])
+        except Exception as exc:  # a failed forward fails the requests in this batch only
+            log.exception("forward failed")
+            error = RequestError(ErrorCode.INTERNAL, f"forward failed: {type(exc).__name__}: {str(exc)[:160]}")
+            for unit in batch:
+                unit.owner.fail(error)
+            return
+        self.stats["batches"] += 1
+        self.stats["batched_units"] += len(batch)
+        self.stats["forward_s"] += time.monotonic() - start
+        self.stats["queue_wait_s"] += sum(start - getattr(u, "ready_at", start) for u in batch)
+        for unit, value in zip(batch, values):
+            self._deliver(unit, value)
+
+    def _deliver(self, unit: Unit, value: Any) -> None:
+        if not np.all(np.isfinite(value)):
+            unit.owner.fail(RequestError(ErrorCode.INTERNAL, f"{_where(unit)}: the model produced a non-finite "
+                                                             "output (try --dtype float32)"))
+            return
+        if unit.kind == EMBED and self.cache is not None:
+            request = unit.owner.request
+            self.cache.put(cache_key(self.embedding.name, request.inputs[unit.index], request.instruction), value)
+        unit.owner.set(unit.index, value, unit.tokens)
+
+    # -- replies ---------------------------------------------------------------------------------
+    def build_reply(self, ticket: Ticket) -> bytes:
+        request = ticket.request
+        if isinstance(request, RerankRequest):
+            return ok_reply(request.id, scores=[float(s) for s in ticket.results], model=self.reranker.name,
+                            tokens=ticket.tokens)
+        import torch
+
+        from .models import cut_and_normalize
+
+        raw = torch.from_numpy(np.stack(ticket.results).astype(np.float32, copy=False))
+        dimension = request.dimension or self.config.embedding_dim or self.embedding.hidden_size
+        vectors = cut_and_normalize(raw, dimension, request.normalize).numpy().astype("<f4", copy=False)
+        encoded = vectors.tobytes() if request.encoding == "float32" else vectors.tolist()
+        return ok_reply(request.id, embeddings=encoded, dimension=dimension, count=ticket.size,
+                        encoding=request.encoding, model=self.embedding.name, tokens=ticket.tokens)
+
     def health(self) -> dict[str, Any]:
         emb, rr = self.config.embedding, self.config.reranker
         model = self.embedding or self.reranker
         max_dim = self.embedding.hidden_size if self.embedding is not None else None
+        with self._lock:
+            queued, queued_tokens = self._queued_inputs, self._queued_tokens
         return {
             "status": self.state,
             "version": __version__,
             "protocol": 1,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "queue_depth": self.queue_depth,
+            "queue_depth": queued,
+            "queued_tokens": queued_tokens,
             "device": str(model.device) if model is not None else None,
             "dtype": str(model.dtype).replace("torch.", "") if model is not None else None,
             "embedding": {"name": emb.name if emb else None, "enabled": emb is not None,
@@ -162,67 +334,19 @@ class Engine:
                           "dimension": self.config.embedding_dim or max_dim, "max_dimension": max_dim},
             "reranker": {"name": rr.name if rr else None, "enabled": rr is not None,
                          "loaded": self.reranker is not None},
+            "stats": {"batches": self.stats["batches"], "batched_inputs": self.stats["batched_units"],
+                      "forward_s": round(self.stats["forward_s"], 6),
+                      "queue_wait_s": round(self.stats["queue_wait_s"], 6),
+                      "cache_hits": self.cache.hits if self.cache else 0,
+                      "cache_misses": self.cache.misses if self.cache else 0,
+                      "cache_bytes": self.cache.size_bytes if self.cache else 0},
         }
 
-    # -- the model thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        self._load()
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                self._busy += 1
-            try:
-                self.reply(job.envelope, self._execute(job))
-            finally:
-                with self._lock:
-                    self._queued_inputs -= job.size
-                    self._busy -= 1
 
-    def _execute(self, job: Job) -> bytes:
-        request = job.request
-        try:
-            if isinstance(request, EmbedRequest):
-                return self._embed(request)
-            return self._rerank(request)
-        except RequestError as exc:
-            return error_reply(request.id, exc)
-        except Exception as exc:  # a fault in the forward fails this request only
-            log.exception("request failed")
-            return error_reply(request.id, RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:200]}"))
+class _Skip(Exception):
+    """The unit's request already failed; nothing to prepare."""
 
-    def _batches(self, features: list) -> list[list[int]]:
-        """Indices grouped into forwards of at most max_batch_size, similar lengths together."""
-        order = sorted(range(len(features)), key=lambda i: features[i].tokens)
-        size = self.config.limits.max_batch_size
-        return [order[i:i + size] for i in range(0, len(order), size)]
 
-    def _embed(self, request: EmbedRequest) -> bytes:
-        import torch
-
-        from .models import check_finite, cut_and_normalize
-
-        model = self.embedding
-        features = [model.prepare(item, request.instruction) for item in request.inputs]
-        raw = torch.empty((len(features), model.hidden_size), dtype=torch.float32)
-        for idx in self._batches(features):
-            raw[idx] = model.embed([features[i] for i in idx])
-        check_finite(raw.numpy(), [item.where for item in request.inputs])
-        dimension = request.dimension or self.config.embedding_dim or model.hidden_size
-        vectors = cut_and_normalize(raw, dimension, request.normalize).numpy().astype("<f4", copy=False)
-        encoded = vectors.tobytes() if request.encoding == "float32" else vectors.tolist()
-        return ok_reply(request.id, embeddings=encoded, dimension=dimension, count=len(features),
-                        encoding=request.encoding, model=model.name, tokens=sum(f.tokens for f in features))
-
-    def _rerank(self, request: RerankRequest) -> bytes:
-        from .models import check_finite
-
-        model = self.reranker
-        features = [model.prepare(request.query, doc, request.instruction) for doc in request.documents]
-        scores = np.empty(len(features), dtype=np.float64)
-        for idx in self._batches(features):
-            scores[idx] = model.score([features[i] for i in idx])
-        check_finite(scores, [doc.where for doc in request.documents])
-        return ok_reply(request.id, scores=scores.tolist(), model=model.name,
-                        tokens=sum(f.tokens for f in features))
+def _where(unit: Unit) -> str:
+    request = unit.owner.request
+    return (request.inputs if unit.kind == EMBED else request.documents)[unit.index].where

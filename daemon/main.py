@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, DaemonConfig, Limits, MediaPolicy,
-                     ModelSettings, default_endpoint, is_disabled)
+from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, Batching, DaemonConfig, Limits,
+                     MediaPolicy, ModelSettings, default_endpoint, is_disabled)
 
 
 def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool) -> ModelSettings | None:
@@ -59,6 +59,16 @@ def cli() -> None:
               default=10240, show_default=True)
 @click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1), default=32,
               show_default=True, help="Inputs per forward pass.")
+@click.option("--max-batch-tokens", envvar="QWEN3VL_MAX_BATCH_TOKENS", type=click.IntRange(min=64), default=32768,
+              show_default=True, help="Padded tokens per forward pass (batch size x longest input).")
+@click.option("--max-wait-ms", envvar="QWEN3VL_MAX_WAIT_MS", type=click.FloatRange(min=0), default=0.5,
+              show_default=True, help="Longest a ready input waits for others still being preprocessed.")
+@click.option("--prep-workers", envvar="QWEN3VL_PREP_WORKERS", type=click.IntRange(min=1), default=None,
+              help="Preprocessing threads (default: CPUs, at most 4).")
+@click.option("--max-queued-tokens", envvar="QWEN3VL_MAX_QUEUED_TOKENS", type=click.IntRange(min=1),
+              default=4_000_000, show_default=True, help="Estimated queued tokens beyond which: overloaded.")
+@click.option("--cache-bytes", envvar="QWEN3VL_CACHE_BYTES", type=click.IntRange(min=0), default=0,
+              show_default=True, help="Embedding cache size in bytes; 0 disables it.")
 @click.option("--max-message-bytes", envvar="QWEN3VL_MAX_MESSAGE_BYTES", type=click.IntRange(min=1024),
               default=64 * 1024 * 1024, show_default=True)
 @click.option("--max-inputs", envvar="QWEN3VL_MAX_INPUTS", type=click.IntRange(min=1), default=1024,
@@ -77,8 +87,8 @@ def cli() -> None:
 @click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True)
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
 def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtype, attn_implementation,
-          embedding_max_length, reranker_max_length, max_batch_size, max_message_bytes, max_inputs,
-          max_documents, max_queued_inputs, allow_paths, allow_urls, offline, warmup, log_level) -> None:
+          embedding_max_length, reranker_max_length, max_batch_size, max_batch_tokens, max_wait_ms, prep_workers,
+          max_queued_tokens, cache_bytes, max_message_bytes, max_inputs, max_documents, max_queued_inputs, allow_paths, allow_urls, offline, warmup, log_level) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     from .server import Server, StartupError
 
@@ -91,8 +101,10 @@ def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtyp
         reranker=_model(reranker_model, device, dtype, attn_implementation, reranker_max_length, offline),
         embedding_dim=embedding_dim,
         media=MediaPolicy(allowed_roots=roots, allow_urls=allow_urls),
-        limits=Limits(max_message_bytes=max_message_bytes, max_inputs=max_inputs, max_documents=max_documents,
-                      max_batch_size=max_batch_size, max_queued_inputs=max_queued_inputs),
+        limits=Limits(max_message_bytes=max_message_bytes, max_inputs=max_inputs, max_documents=max_documents),
+        batching=Batching(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                          max_queued_inputs=max_queued_inputs, max_queued_tokens=max_queued_tokens,
+                          cache_bytes=cache_bytes, **({"prep_workers": prep_workers} if prep_workers else {})),
         warmup=warmup,
     )
     server = Server(config)

@@ -26,7 +26,8 @@ from daemon.config import default_endpoint
 def limited(tmp_path_factory, tiny_dir):
     proc = start_daemon(tmp_path_factory.mktemp("limited"), "--embedding-model", str(tiny_dir),
                         "--reranker-model", "none", "--max-inputs", "16", "--max-queued-inputs", "8",
-                        "--max-message-bytes", "65536")
+                        "--max-message-bytes", "65536",
+                        "--max-queued-tokens", "20000")
     yield proc
     proc.stop()
 
@@ -70,6 +71,21 @@ def test_full_queue_answers_overloaded_at_once(limited):
         sock.close()
     assert [r["id"] for r in replies] == ["late", "fill"]
     assert replies[0]["error"]["code"] == "overloaded" and replies[1]["ok"]
+
+
+def test_queued_tokens_bound_answers_overloaded(limited):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, 60000
+    sock.connect(limited.endpoint)
+    try:
+        pack = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
+        sock.send_multipart([b"", pack({"op": "embed", "id": "fill", "inputs": ["word " * 1100] * 4})])
+        sock.send_multipart([b"", pack({"op": "embed", "id": "late", "inputs": ["x"]})])
+        replies = {r["id"]: r for r in (msgpack.unpackb(sock.recv_multipart()[1]) for _ in range(2))}
+    finally:
+        sock.close()
+    assert replies["late"]["error"]["code"] == "overloaded" and "tokens" in replies["late"]["error"]["message"]
+    assert replies["fill"]["ok"]
 
 
 def test_non_finite_output_is_an_internal_error_naming_the_input(tmp_path, tiny_dir):

@@ -1,0 +1,135 @@
+"""Cross-request dynamic batching, apart from transport and model.
+
+Work arrives as *units* (one embedding input, or one query-document pair) from any number of
+requests. Preprocessing threads `put` units once their token ids are known; the model thread asks
+`next_batch` for the next forward. A batch:
+
+- holds units of one kind (embed or rerank), starting with the oldest ready unit, so nothing starves;
+- is filled with the ready units whose lengths are closest to that one, so padding stays small;
+- respects `max_batch_size` and `max_batch_tokens` (padded tokens: size × longest);
+- waits at most `max_wait_s` for units still being preprocessed, and only while the batch is not full.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 32768
+    max_wait_s: float = 0.0005
+    window: int = 512  # ready units considered when grouping by length
+
+
+_seq = itertools.count()
+
+
+@dataclass(eq=False)
+class Unit:
+    """One input's worth of model work. `payload` is the model-ready data; `owner` decides whether it
+    still matters (`owner.cancelled`)."""
+
+    kind: str
+    owner: Any
+    index: int
+    payload: Any = None
+    tokens: int = 0
+    seq: int = field(default_factory=lambda: next(_seq))
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(getattr(self.owner, "cancelled", False))
+
+
+class Scheduler:
+    def __init__(self, policy: BatchPolicy):
+        self.policy = policy
+        self._ready: dict[str, list[Unit]] = {}
+        self._preparing = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    # -- producers -------------------------------------------------------------------------------
+    def expect(self, count: int) -> None:
+        """`count` units entered preprocessing (negative: left it without being put)."""
+        with self._cond:
+            self._preparing += count
+
+    def put(self, unit: Unit) -> None:
+        with self._cond:
+            self._preparing -= 1
+            self._ready.setdefault(unit.kind, []).append(unit)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def ready_count(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._ready.values())
+
+    # -- the model thread ------------------------------------------------------------------------
+    def next_batch(self, timeout: float | None = None) -> list[Unit] | None:
+        """The next batch, or None when closed (or after `timeout` with nothing ready)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._drop_cancelled()
+                if any(self._ready.values()):
+                    self._linger()
+                    self._drop_cancelled()  # lingering may have let a request fail meanwhile
+                    if any(self._ready.values()):
+                        return self._take()
+                    continue
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def _linger(self) -> None:
+        """Wait briefly for units still in preprocessing, while the next batch would not be full."""
+        end = time.monotonic() + self.policy.max_wait_s
+        while self._preparing > 0 and not self._closed:
+            kind = self._oldest_kind()
+            if len(self._ready[kind]) >= self.policy.max_batch_size:
+                return
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _drop_cancelled(self) -> None:
+        for kind, queue in self._ready.items():
+            if any(u.cancelled for u in queue):
+                self._ready[kind] = [u for u in queue if not u.cancelled]
+
+    def _oldest_kind(self) -> str:
+        return min((q[0].seq, kind) for kind, q in self._ready.items() if q)[1]
+
+    def _take(self) -> list[Unit]:
+        queue = self._ready[self._oldest_kind()]
+        queue.sort(key=lambda u: u.seq)
+        first = queue[0]
+        candidates = sorted(queue[1:self.policy.window], key=lambda u: (abs(u.tokens - first.tokens), u.seq))
+        batch, longest = [first], first.tokens
+        for unit in candidates:
+            if len(batch) >= self.policy.max_batch_size:
+                break
+            widest = max(longest, unit.tokens)
+            if widest * (len(batch) + 1) <= self.policy.max_batch_tokens:
+                batch.append(unit)
+                longest = widest
+        chosen = set(map(id, batch))
+        queue[:] = [u for u in queue if id(u) not in chosen]
+        return batch

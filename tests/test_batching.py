@@ -1,0 +1,164 @@
+"""Dynamic batching: the scheduler on its own, then cross-request batching on a live daemon."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import gradient_png, start_daemon
+from daemon.batching import BatchPolicy, Scheduler, Unit
+
+
+def _unit(tokens: int, kind: str = "embed", owner=None) -> Unit:
+    return Unit(kind, owner or SimpleNamespace(cancelled=False), 0, tokens=tokens)
+
+
+def _scheduler(**policy) -> Scheduler:
+    return Scheduler(BatchPolicy(**{"max_wait_s": 0.0, **policy}))
+
+
+def _put_all(s: Scheduler, units) -> None:
+    s.expect(len(units))
+    for u in units:
+        s.put(u)
+
+
+def test_batch_starts_with_the_oldest_unit_and_groups_similar_lengths():
+    s = _scheduler(max_batch_size=3)
+    units = [_unit(t) for t in (100, 10, 95, 12, 105, 11)]
+    _put_all(s, units)
+    first = s.next_batch(0.1)
+    assert first[0] is units[0] and {u.tokens for u in first} == {100, 95, 105}
+    assert {u.tokens for u in s.next_batch(0.1)} == {10, 12, 11}
+
+
+def test_batch_respects_the_padded_token_budget():
+    s = _scheduler(max_batch_size=32, max_batch_tokens=300)
+    _put_all(s, [_unit(100) for _ in range(5)])
+    assert [len(s.next_batch(0.1)) for _ in range(2)] == [3, 2]
+
+
+def test_a_unit_larger_than_the_budget_runs_alone():
+    s = _scheduler(max_batch_tokens=50)
+    _put_all(s, [_unit(80), _unit(10)])
+    assert [u.tokens for u in s.next_batch(0.1)] == [80]
+
+
+def test_kinds_are_never_mixed_and_the_oldest_kind_goes_first():
+    s = _scheduler()
+    _put_all(s, [_unit(5, "rerank"), _unit(5, "embed"), _unit(5, "rerank")])
+    assert [u.kind for u in s.next_batch(0.1)] == ["rerank", "rerank"]
+    assert [u.kind for u in s.next_batch(0.1)] == ["embed"]
+
+
+def test_cancelled_units_are_dropped():
+    s = _scheduler()
+    dead = SimpleNamespace(cancelled=True)
+    _put_all(s, [_unit(5, owner=dead), _unit(6)])
+    assert [u.tokens for u in s.next_batch(0.1)] == [6]
+    assert s.next_batch(0.05) is None
+
+
+def test_waits_at_most_max_wait_for_units_still_preprocessing():
+    s = Scheduler(BatchPolicy(max_batch_size=8, max_wait_s=0.05))
+    s.expect(2)  # two units in preprocessing; only one will arrive
+    s.put(_unit(5))
+    start = time.monotonic()
+    batch = s.next_batch(1.0)
+    assert len(batch) == 1 and 0.04 <= time.monotonic() - start < 0.5
+
+
+def test_a_unit_arriving_during_the_wait_joins_the_batch():
+    s = Scheduler(BatchPolicy(max_batch_size=2, max_wait_s=1.0))
+    s.expect(2)
+    s.put(_unit(5))
+    threading.Timer(0.05, lambda: s.put(_unit(6))).start()
+    start = time.monotonic()
+    assert len(s.next_batch(2.0)) == 2 and time.monotonic() - start < 0.5  # full: no need to wait longer
+
+
+def test_does_not_wait_when_nothing_else_is_coming():
+    s = Scheduler(BatchPolicy(max_wait_s=5.0))
+    _put_all(s, [_unit(5)])
+    start = time.monotonic()
+    assert len(s.next_batch(1.0)) == 1 and time.monotonic() - start < 0.5
+
+
+@pytest.fixture(scope="module")
+def batching_daemon(tmp_path_factory, tiny_dir):
+    proc = start_daemon(tmp_path_factory.mktemp("batching"), "--embedding-model", str(tiny_dir),
+                        "--reranker-model", str(tiny_dir), "--max-batch-size", "6", "--max-wait-ms", "2",
+                        "--cache-bytes", "1000000")
+    yield proc
+    proc.stop()
+
+
+def test_concurrent_requests_are_batched_together_without_changing_or_misrouting_results(batching_daemon):
+    rng = random.Random(7)
+    pool = [f"text {i} " + "word " * rng.randint(0, 40) for i in range(60)] + [{"image": gradient_png(i)} for i in range(4)]
+    requests = [[rng.choice(pool) for _ in range(rng.randint(1, 9))] for _ in range(48)]
+    with batching_daemon.client() as c:
+        expected = {i: c.embed([item]).embeddings[0] for i, item in enumerate(pool)}
+        before = c.health()["stats"]
+    index = {id(item): i for i, item in enumerate(pool)}
+    errors: list[str] = []
+
+    def worker(chunk):
+        with batching_daemon.client() as own:
+            for request in chunk:
+                got = own.embed(request).embeddings
+                want = np.stack([expected[index[id(item)]] for item in request])
+                if got.shape != want.shape or not np.allclose(got, want, atol=2e-5):
+                    errors.append(str(request)[:80])
+
+    threads = [threading.Thread(target=worker, args=(requests[k::8],)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    with batching_daemon.client() as c:
+        after = c.health()["stats"]
+    assert not errors
+    inputs = sum(len(r) for r in requests)
+    batches = after["batches"] - before["batches"]
+    misses = after["cache_misses"] - before["cache_misses"]
+    assert batches < misses or misses == 0  # units from different requests shared forwards
+    assert after["cache_hits"] - before["cache_hits"] + misses == inputs
+
+
+def test_concurrent_reranks_keep_document_order(batching_daemon):
+    documents = [f"doc {i} " + "x " * (i % 7) for i in range(30)]
+    with batching_daemon.client() as c:
+        alone = [c.rerank("q", [d]).scores[0] for d in documents]
+    results: dict[int, list[float]] = {}
+
+    def worker(k: int):
+        with batching_daemon.client() as own:
+            results[k] = own.rerank("q", documents[k::3]).scores
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for k in range(3):
+        np.testing.assert_allclose(results[k], alone[k::3], atol=2e-5)
+
+
+def test_cache_serves_identical_inputs_for_any_dimension(batching_daemon):
+    with batching_daemon.client() as c:
+        first = c.embed(["cache me please"], dimension=8).embeddings
+        hits = c.health()["stats"]["cache_hits"]
+        again = c.embed(["cache me please"], dimension=8).embeddings
+        wider = c.embed(["cache me please"]).embeddings
+        other_instruction = c.embed(["cache me please"], instruction="Other task").embeddings
+        stats = c.health()["stats"]
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(wider[0, :8] / np.linalg.norm(wider[0, :8]), first[0], atol=1e-6)
+    assert stats["cache_hits"] == hits + 2 and not np.allclose(other_instruction, wider, atol=1e-4)
+    assert 0 < stats["cache_bytes"] <= 1000000
