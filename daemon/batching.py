@@ -62,15 +62,26 @@ class Scheduler:
             self._preparing += count
 
     def put(self, unit: Unit) -> None:
+        self.put_many([unit])
+
+    def put_many(self, units: list[Unit]) -> None:
+        """Several prepared units at once: a request's units arrive together and share a batch."""
+        if not units:
+            return
         with self._cond:
-            self._preparing -= 1
-            self._ready.setdefault(unit.kind, []).append(unit)
+            self._preparing -= len(units)
+            for unit in units:
+                self._ready.setdefault(unit.kind, []).append(unit)
             self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def ready_count(self) -> int:

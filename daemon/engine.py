@@ -1,9 +1,9 @@
 """The engine: admission, preprocessing threads, the model thread, and request tickets.
 
-The socket loop only validates and calls `submit` (and answers `health` itself), so a long forward
-never delays it. Each request becomes a Ticket and one Unit per input (or per query-document pair).
+The socket loop (its own thread) only validates and calls `submit` (and answers `health` itself), so
+a long forward never delays it. Each request becomes a Ticket and one Unit per input (or per query-document pair).
 Units are preprocessed on a thread pool, batched across requests by the Scheduler, and run by the
-one model thread; each result lands in its ticket, and the ticket that completes sends its reply
+model thread (the main thread, `run`); each result lands in its ticket, and the ticket that completes sends its reply
 through the `reply` callback (safe to call from any thread).
 """
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Reply = Callable[[list, bytes], None]  # (envelope frames, payload)
 EMBED, RERANK = "embed", "rerank"
+INLINE_MAX_UNITS = 4  # text-only requests this small are tokenized on the socket thread
 
 
 class Ticket:
@@ -103,12 +104,9 @@ class Engine:
         self._queued_tokens = 0
         self._lock = threading.Lock()
         self._loaded = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qwen3vl-model", daemon=True)
         self.stats = {"batches": 0, "batched_units": 0, "queue_wait_s": 0.0, "forward_s": 0.0}
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
 
     def _load(self) -> None:
         from .inputs import MediaReader
@@ -156,12 +154,9 @@ class Engine:
             return self._queued_inputs == 0
 
     def stop(self) -> None:
+        """Make `run` return once the batch in progress is done."""
         self.scheduler.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     # -- admission (the socket thread) ---------------------------------------------------------
     @property
@@ -227,44 +222,75 @@ class Engine:
         self._start_units(ticket, EMBED, pending)
 
     def _start_units(self, ticket: Ticket, kind: str, indices) -> None:
+        """Queue a request's units for preprocessing in a few chunks, one per worker, so that they
+        reach the scheduler in groups and share forwards instead of trickling in one by one.
+        A small text-only request is tokenized right here instead: that costs less than a thread
+        handoff and keeps the round trip short."""
         units = [Unit(kind, ticket, i) for i in indices]
+        if not units:
+            return
         self.scheduler.expect(len(units))
-        for unit in units:
-            self._pool.submit(self._prepare, unit)
+        if len(units) <= INLINE_MAX_UNITS and self._text_only(ticket.request):
+            self._prepare_chunk(units)
+            return
+        size = min(self.config.batching.max_batch_size, -(-len(units) // self.config.batching.prep_workers))
+        for start in range(0, len(units), size):
+            self._pool.submit(self._prepare_chunk, units[start:start + size])
+
+    @staticmethod
+    def _text_only(request: EmbedRequest | RerankRequest) -> bool:
+        if isinstance(request, EmbedRequest):
+            return all(item.is_text_only for item in request.inputs)
+        return request.query.is_text_only and all(doc.is_text_only for doc in request.documents)
 
     # -- preprocessing (the pool's threads) ------------------------------------------------------
-    def _prepare(self, unit: Unit) -> None:
+    def _prepare_chunk(self, units: list[Unit]) -> None:
+        ready = []
+        for unit in units:
+            if self._prepare(unit):
+                ready.append(unit)
+            else:
+                self.scheduler.expect(-1)
+        now = time.monotonic()
+        for unit in ready:
+            unit.ready_at = now
+        self.scheduler.put_many(ready)
+
+    def _prepare(self, unit: Unit) -> bool:
+        """Fill in the unit's model input; on failure fail its request and return False."""
         ticket = unit.owner
+        if ticket.cancelled:
+            return False
+        request = ticket.request
         try:
-            if ticket.cancelled:
-                raise _Skip
-            request = ticket.request
             if unit.kind == EMBED:
                 unit.payload = self.embedding.prepare(request.inputs[unit.index], request.instruction)
             else:
                 unit.payload = self.reranker.prepare(request.query, request.documents[unit.index], request.instruction)
-            unit.tokens = unit.payload.tokens
-        except _Skip:
-            self.scheduler.expect(-1)
         except RequestError as exc:
-            self.scheduler.expect(-1)
             ticket.fail(exc)
+            return False
         except Exception as exc:  # a fault in preprocessing fails this request only
             log.exception("preprocessing failed")
-            self.scheduler.expect(-1)
             ticket.fail(RequestError(ErrorCode.INTERNAL, f"{_where(unit)}: {type(exc).__name__}: {str(exc)[:160]}"))
-        else:
-            unit.ready_at = time.monotonic()
-            self.scheduler.put(unit)
+            return False
+        unit.tokens = unit.payload.tokens
+        return True
 
     # -- the model thread ------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Load the models, then run batches until `stop`. Call it on the process's main thread:
+        CPU forwards from other threads were measured 2-3x slower here (torch's OpenMP teams)."""
         self._load()
+        if self.state == "failed":
+            return
         while True:
-            batch = self.scheduler.next_batch()
-            if batch is None:
+            # A bounded wait, so the main thread regularly runs Python's signal handlers.
+            batch = self.scheduler.next_batch(timeout=0.2)
+            if batch is not None:
+                self._forward(batch)
+            elif self.scheduler.closed:
                 return
-            self._forward(batch)
 
     def _forward(self, batch: list[Unit]) -> None:
         kind = batch[0].kind
@@ -303,13 +329,11 @@ class Engine:
         if isinstance(request, RerankRequest):
             return ok_reply(request.id, scores=[float(s) for s in ticket.results], model=self.reranker.name,
                             tokens=ticket.tokens)
-        import torch
-
         from .models import cut_and_normalize
 
-        raw = torch.from_numpy(np.stack(ticket.results).astype(np.float32, copy=False))
+        raw = np.stack(ticket.results).astype(np.float32, copy=False)
         dimension = request.dimension or self.config.embedding_dim or self.embedding.hidden_size
-        vectors = cut_and_normalize(raw, dimension, request.normalize).numpy().astype("<f4", copy=False)
+        vectors = cut_and_normalize(raw, dimension, request.normalize).astype("<f4", copy=False)
         encoded = vectors.tobytes() if request.encoding == "float32" else vectors.tolist()
         return ok_reply(request.id, embeddings=encoded, dimension=dimension, count=ticket.size,
                         encoding=request.encoding, model=self.embedding.name, tokens=ticket.tokens)
@@ -341,10 +365,6 @@ class Engine:
                       "cache_misses": self.cache.misses if self.cache else 0,
                       "cache_bytes": self.cache.size_bytes if self.cache else 0},
         }
-
-
-class _Skip(Exception):
-    """The unit's request already failed; nothing to prepare."""
 
 
 def _where(unit: Unit) -> str:

@@ -449,22 +449,11 @@ class RerankerModel(_QwenVL):
         return torch.sigmoid(logits.float()).cpu().tolist()
 
 
-def check_finite(values, where: list[str]) -> None:
-    """Refuse NaN or infinite outputs, naming the first input that produced one."""
-    arr = np.asarray(values, dtype=np.float32)
-    rows = arr.reshape(len(where), -1) if arr.size else arr
-    for i, row in enumerate(rows):
-        if not np.all(np.isfinite(row)):
-            raise RequestError(ErrorCode.INTERNAL, f"{where[i]}: the model produced a non-finite output "
-                                                   "(try --dtype float32)")
-
-
-def cut_and_normalize(raw, dimension: int, normalize: bool):
-    """Matryoshka: keep the first `dimension` components, then L2-normalise (if asked)."""
-    import torch.nn.functional as F
-
-    out = raw[:, :dimension]
-    return F.normalize(out, p=2, dim=-1) if normalize else out
-
-
-__all__ = ["EmbeddingModel", "RerankerModel", "Features", "ModelLoadError", "check_finite", "cut_and_normalize"]
+def cut_and_normalize(raw: np.ndarray, dimension: int, normalize: bool) -> np.ndarray:
+    """Matryoshka: keep the first `dimension` components, then L2-normalise (if asked), as
+    torch.nn.functional.normalize does: x / max(||x||, 1e-12)."""
+    out = np.asarray(raw, dtype=np.float32)[:, :dimension]
+    if not normalize:
+        return np.ascontiguousarray(out)
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float32))[:, None]
+    return out / np.maximum(norms, np.float32(1e-12))

@@ -1,7 +1,8 @@
 """The socket loop: one ROUTER socket, validation, dispatch, and replies from the model thread.
 
-Replies produced on the model thread travel back over an inproc PUSH/PULL pair, because a ZeroMQ
-socket must only be used by the thread that owns it.
+The socket loop runs on its own thread; the models run on the main thread. Replies produced there (or
+on preprocessing threads) travel back over an inproc PUSH/PULL pair, because a ZeroMQ socket must only
+be used by the thread that owns it.
 """
 
 from __future__ import annotations
@@ -114,23 +115,41 @@ class Server:
         return router
 
     def serve(self) -> int:
-        """Run until stopped; returns the process exit code."""
+        """Run until stopped; returns the process exit code. The socket loop runs on its own thread
+        and the models on the calling (main) thread."""
         router = self._bind()
-        pull = self.ctx.socket(zmq.PULL)
-        pull.bind(self._reply_endpoint)
-        self.engine.start()
         self.bound.set()
         log.info("listening on %s", self.config.endpoint)
+        outcome: dict = {}
+        socket_thread = threading.Thread(target=self._socket_main, args=(router, outcome), name="qwen3vl-socket")
+        socket_thread.start()
         try:
-            return self._loop(router, pull)
+            self.engine.run()
+        finally:
+            self._stop.set()
+            socket_thread.join()
+            self.ctx.destroy(linger=0)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("code", 0)
+
+    def _socket_main(self, router: zmq.Socket, outcome: dict) -> None:
+        pull = self.ctx.socket(zmq.PULL)
+        pull.bind(self._reply_endpoint)
+        try:
+            outcome["code"] = self._loop(router, pull)
+        except StartupError as exc:
+            outcome["error"] = exc
+        except Exception as exc:  # never leave the model thread waiting on a dead socket loop
+            log.exception("socket loop failed")
+            outcome["error"] = StartupError(f"socket loop failed: {exc}")
         finally:
             self.engine.stop()
             router.close(linger=0)
+            pull.close(linger=0)
             path = _ipc_path(self.config.endpoint)
             if path is not None and path.exists():
                 path.unlink()
-            self.engine.join(timeout=5.0)
-            self.ctx.destroy(linger=0)
 
     def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> int:
         poller = zmq.Poller()

@@ -97,7 +97,17 @@ class TinySpec:
     vision_heads: int = 2
     vision_intermediate_size: int = 64
     vocab_target: int = 600
+    deepstack_layers: tuple[int, ...] | None = None  # vision layers feeding deepstack; None: all
     seed: int = 0
+
+
+# A wider random model for benchmarks where compute dominates (a few minutes on 2 CPU cores), and one of
+# the real Qwen3-VL-2B shape for timing on a GPU (no weights needed for timing).
+BENCH_SPEC = TinySpec(hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1536,
+                      vision_depth=2, vision_hidden_size=128, vision_heads=4, vision_intermediate_size=256)
+QWEN3VL_2B_SPEC = TinySpec(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144,
+                           vision_depth=24, vision_hidden_size=1024, vision_heads=16, vision_intermediate_size=4096,
+                           deepstack_layers=(5, 11, 17))
 
 
 def _train_tokenizer(spec: TinySpec):
@@ -146,7 +156,7 @@ def _build_tokenizer(spec: TinySpec):
 def _build_config(spec: TinySpec, tokenizer):
     from transformers import Qwen3VLConfig
 
-    head_dim = spec.hidden_size // spec.num_heads
+    head_dim = 128 if spec.hidden_size >= 2048 else spec.hidden_size // spec.num_heads
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     return Qwen3VLConfig(
         text_config={
@@ -178,8 +188,8 @@ def _build_config(spec: TinySpec, tokenizer):
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "out_hidden_size": spec.hidden_size,
-            "num_position_embeddings": 256,
-            "deepstack_visual_indexes": list(range(spec.vision_depth)),
+            "num_position_embeddings": 2304 if spec.vision_depth > 8 else 256,
+            "deepstack_visual_indexes": list(spec.deepstack_layers or range(spec.vision_depth)),
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
