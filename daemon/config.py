@@ -75,9 +75,10 @@ class Batching:
     """Dynamic batching, preprocessing and backpressure (see README, "Tuning the batching")."""
 
     max_batch_size: int = 32  # inputs per forward pass
-    max_batch_tokens: int = 32768  # padded tokens per forward pass (batch size x longest input)
+    max_batch_tokens: int | None = None  # padded tokens per forward (size x longest); None: by device
     max_wait_ms: float = 0.5  # longest a ready input waits for others still being preprocessed
-    prep_workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    # Preprocessing threads: half the CPUs (at most 4), leaving the rest to a CPU forward's own threads.
+    prep_workers: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)))
     max_queued_inputs: int = 8192  # inputs and documents accepted, not yet answered; beyond: overloaded
     max_queued_tokens: int = 4_000_000  # their estimated tokens (an upper bound); beyond: overloaded
     cache_bytes: int = 0  # embedding cache size; 0 disables it

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 Reply = Callable[[list, bytes], None]  # (envelope frames, payload)
 EMBED, RERANK = "embed", "rerank"
 INLINE_MAX_UNITS = 4  # text-only requests this small are tokenized on the socket thread
+PREP_CHUNK = 16  # units per preprocessing task: small enough that the first forward starts early
+# Default padded-token budget per forward. On a CPU, attention over padded batches grows with
+# size x length^2 and batches of ~4k tokens measured fastest; accelerators want large batches.
+CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 4096, 32768
 
 
 class Ticket:
@@ -97,7 +102,8 @@ class Engine:
         self.load_error: str | None = None
         self.started_at = time.monotonic()
         b = config.batching
-        self.scheduler = Scheduler(BatchPolicy(b.max_batch_size, b.max_batch_tokens, b.max_wait_ms / 1000.0))
+        self.scheduler = Scheduler(BatchPolicy(b.max_batch_size, b.max_batch_tokens or CPU_BATCH_TOKENS,
+                                               b.max_wait_ms / 1000.0))
         self.cache = EmbeddingCache(b.cache_bytes) if b.cache_bytes > 0 else None
         self._pool = ThreadPoolExecutor(max_workers=b.prep_workers, thread_name_prefix="qwen3vl-prep")
         self._queued_inputs = 0
@@ -129,9 +135,15 @@ class Engine:
             self.load_error = str(exc)
             self.state = "failed"
         else:
+            self._size_batches()
             self.state = "ready"
         finally:
             self._loaded.set()
+
+    def _size_batches(self) -> None:
+        model = self.embedding or self.reranker
+        if self.config.batching.max_batch_tokens is None and model.device.type != "cpu":
+            self.scheduler.policy = replace(self.scheduler.policy, max_batch_tokens=ACCELERATOR_BATCH_TOKENS)
 
     def _check_dimension_setting(self) -> None:
         from .models import ModelLoadError
@@ -233,7 +245,7 @@ class Engine:
         if len(units) <= INLINE_MAX_UNITS and self._text_only(ticket.request):
             self._prepare_chunk(units)
             return
-        size = min(self.config.batching.max_batch_size, -(-len(units) // self.config.batching.prep_workers))
+        size = min(PREP_CHUNK, -(-len(units) // self.config.batching.prep_workers))
         for start in range(0, len(units), size):
             self._pool.submit(self._prepare_chunk, units[start:start + size])
 

@@ -59,12 +59,12 @@ def cli() -> None:
               default=10240, show_default=True)
 @click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1), default=32,
               show_default=True, help="Inputs per forward pass.")
-@click.option("--max-batch-tokens", envvar="QWEN3VL_MAX_BATCH_TOKENS", type=click.IntRange(min=64), default=32768,
-              show_default=True, help="Padded tokens per forward pass (batch size x longest input).")
+@click.option("--max-batch-tokens", envvar="QWEN3VL_MAX_BATCH_TOKENS", type=click.IntRange(min=64), default=None,
+              help="Padded tokens per forward pass (batch size x longest input); default 4096 on CPU, 32768 on GPU.")
 @click.option("--max-wait-ms", envvar="QWEN3VL_MAX_WAIT_MS", type=click.FloatRange(min=0), default=0.5,
               show_default=True, help="Longest a ready input waits for others still being preprocessed.")
 @click.option("--prep-workers", envvar="QWEN3VL_PREP_WORKERS", type=click.IntRange(min=1), default=None,
-              help="Preprocessing threads (default: CPUs, at most 4).")
+              help="Preprocessing threads (default: half the CPUs, at most 4).")
 @click.option("--max-queued-tokens", envvar="QWEN3VL_MAX_QUEUED_TOKENS", type=click.IntRange(min=1),
               default=4_000_000, show_default=True, help="Estimated queued tokens beyond which: overloaded.")
 @click.option("--cache-bytes", envvar="QWEN3VL_CACHE_BYTES", type=click.IntRange(min=0), default=0,

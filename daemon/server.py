@@ -174,20 +174,15 @@ class Server:
                     return 0
 
     def _forward_replies(self, pull: zmq.Socket, router: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            router.send_multipart(frames)
+        # Checking EVENTS first avoids raising zmq.Again on every pass (measurable at this scale).
+        while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            router.send_multipart(pull.recv_multipart(zmq.NOBLOCK))
 
     def _receive_requests(self, router: zmq.Socket) -> None:
         for _ in range(1000):  # bounded, so replies and signals are never starved
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
-            reply = self._handle(frames)
+            reply = self._handle(router.recv_multipart(zmq.NOBLOCK))
             if reply is not None:
                 router.send_multipart(reply)
 
