@@ -24,6 +24,7 @@ from .cache import EmbeddingCache, cache_key
 from .config import DaemonConfig
 from .errors import ErrorCode, RequestError
 from .inputs import InputItem
+from .metrics import Metrics
 from .protocol import EmbedRequest, RerankRequest, error_reply, ok_reply
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Ticket:
             if self._done:
                 return
             self._done = True
+        self.engine.metrics.error(error.code.value)
         self._finish(error_reply(self.request.id, error))
 
     def set(self, index: int, value: Any, tokens: int) -> None:
@@ -78,7 +80,11 @@ class Ticket:
         try:
             payload = self.engine.build_reply(self)
         except RequestError as exc:
+            self.engine.metrics.error(exc.code.value)
             payload = error_reply(self.request.id, exc)
+        else:
+            op = EMBED if isinstance(self.request, EmbedRequest) else RERANK
+            self.engine.metrics.done(op, time.monotonic() - self.started, self.size, self.tokens)
         self._finish(payload)
 
     def _finish(self, payload: bytes) -> None:
@@ -111,6 +117,7 @@ class Engine:
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self.stats = {"batches": 0, "batched_units": 0, "queue_wait_s": 0.0, "forward_s": 0.0}
+        self.metrics = Metrics()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -320,6 +327,7 @@ class Engine:
             return
         self.stats["batches"] += 1
         self.stats["batched_units"] += len(batch)
+        self.metrics.batch(len(batch))
         self.stats["forward_s"] += time.monotonic() - start
         self.stats["queue_wait_s"] += sum(start - getattr(u, "ready_at", start) for u in batch)
         for unit, value in zip(batch, values):
@@ -349,6 +357,13 @@ class Engine:
         encoded = vectors.tobytes() if request.encoding == "float32" else vectors.tolist()
         return ok_reply(request.id, embeddings=encoded, dimension=dimension, count=ticket.size,
                         encoding=request.encoding, model=self.embedding.name, tokens=ticket.tokens)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            queued, queued_tokens = self._queued_inputs, self._queued_tokens
+        return {**self.metrics.to_wire(), "queue_depth": queued, "queued_tokens": queued_tokens,
+                "forward_s": self.stats["forward_s"], "queue_wait_s": self.stats["queue_wait_s"],
+                "uptime_s": time.monotonic() - self.started_at}
 
     def health(self) -> dict[str, Any]:
         emb, rr = self.config.embedding, self.config.reranker

@@ -16,7 +16,7 @@ from .errors import ErrorCode, RequestError, invalid, too_large
 from .inputs import InputItem, parse_input, parse_instruction
 
 PROTOCOL_VERSION = 1
-OPS = ("embed", "rerank", "health")
+OPS = ("embed", "rerank", "health", "metrics")
 ENCODINGS = ("float32", "list")
 
 
@@ -43,7 +43,12 @@ class HealthRequest:
     id: Any
 
 
-Request = EmbedRequest | RerankRequest | HealthRequest
+@dataclass(frozen=True)
+class MetricsRequest:
+    id: Any
+
+
+Request = EmbedRequest | RerankRequest | HealthRequest | MetricsRequest
 
 
 def pack(obj: Any) -> bytes:
@@ -135,11 +140,13 @@ def _parse_rerank(payload: dict, limits: Limits, media: MediaPolicy) -> RerankRe
 def parse_request(payload: dict, limits: Limits, media: MediaPolicy) -> Request:
     op = payload.get("op")
     if not isinstance(op, str):
-        raise invalid("op: required, a string (embed, rerank or health)")
+        raise invalid("op: required, a string (embed, rerank, health or metrics)")
     if op == "embed":
         return _parse_embed(payload, limits, media)
     if op == "rerank":
         return _parse_rerank(payload, limits, media)
     if op == "health":
         return HealthRequest(id=payload.get("id"))
+    if op == "metrics":
+        return MetricsRequest(id=payload.get("id"))
     raise RequestError(ErrorCode.UNSUPPORTED, f"op: unknown operation {op[:64]!r} (supported: {', '.join(OPS)})")

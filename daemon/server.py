@@ -20,7 +20,7 @@ import zmq
 from .config import DaemonConfig
 from .engine import Engine
 from .errors import RequestError
-from .protocol import HealthRequest, decode_payload, error_reply, ok_reply, parse_request
+from .protocol import OPS, HealthRequest, MetricsRequest, decode_payload, error_reply, ok_reply, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +192,18 @@ class Server:
             return None  # no payload after the routing id: nothing to answer
         envelope, data = frames[:-1], frames[-1]
         request_id = None
+        metrics = self.engine.metrics
         try:
             payload = decode_payload(data, self.config.limits)
             request_id = payload.get("id")
+            metrics.request(payload["op"] if payload.get("op") in OPS else "other")
             request = parse_request(payload, self.config.limits, self.config.media)
             if isinstance(request, HealthRequest):
                 return [*envelope, ok_reply(request.id, **self.engine.health())]
+            if isinstance(request, MetricsRequest):
+                return [*envelope, ok_reply(request.id, **self.engine.metrics_snapshot())]
             self.engine.submit(envelope, request)
             return None
         except RequestError as exc:
+            metrics.error(exc.code.value)
             return [*envelope, error_reply(request_id, exc)]

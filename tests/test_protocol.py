@@ -208,3 +208,16 @@ def test_oversized_payload_error_reaches_the_right_request(daemon):
     with Client(daemon.endpoint, timeout=30) as c:
         reply = c.request({"op": "embed", "inputs": [{"image": b"\x00" * (64 * 1024 * 1024 + 4096)}]})
     assert reply["error"]["code"] == "too_large" and reply["id"] is None
+
+
+def test_metrics_op_reports_counters(client):
+    before = client.request({"op": "metrics"})
+    client.embed(["counted"])
+    client.request({"op": "embed", "inputs": []})
+    after = client.request({"op": "metrics"})
+    assert after["ok"] and after["requests"]["embed"] == before["requests"].get("embed", 0) + 2
+    assert after["errors"]["invalid_request"] == before["errors"].get("invalid_request", 0) + 1
+    assert after["tokens"]["embed"] > before["tokens"].get("embed", 0)
+    hist = after["latency_s"]["embed"]
+    assert hist["counts"][-1] == before["latency_s"]["embed"]["counts"][-1] + 1 and len(hist["counts"]) == len(hist["buckets"]) + 1
+    assert after["batch_size"]["counts"][-1] >= 1 and after["queue_depth"] == 0
