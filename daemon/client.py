@@ -30,6 +30,10 @@ class DaemonTimeout(TimeoutError):
     """No reply in time. The client has reset its socket and is usable again."""
 
 
+class DaemonUnavailable(ConnectionError):
+    """No daemon is connected on the endpoint (not started, or restarting)."""
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     embeddings: np.ndarray  # float32, shape (count, dimension)
@@ -140,11 +144,17 @@ class Client:
 
 
 class AsyncClient:
-    """An asyncio client: any number of requests in flight on one DEALER socket, matched by id."""
+    """An asyncio client: any number of requests in flight on one DEALER socket, matched by id.
 
-    def __init__(self, endpoint: str | None = None, timeout: float = 60.0):
+    Requests are only queued to a connected daemon (ZMQ_IMMEDIATE): while none is connected, a
+    request waits up to `connect_timeout` and then fails with DaemonUnavailable instead of being
+    delivered long after its caller gave up. ZeroMQ reconnects by itself when the daemon is back.
+    """
+
+    def __init__(self, endpoint: str | None = None, timeout: float = 60.0, connect_timeout: float = 1.0):
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._ctx = zmq.asyncio.Context.instance()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -155,6 +165,9 @@ class AsyncClient:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.linger = 0
+            self._sock.immediate = 1
+            self._sock.reconnect_ivl = 100
+            self._sock.reconnect_ivl_max = 1000
             self._sock.connect(self.endpoint)
             self._reader = asyncio.get_running_loop().create_task(self._read(self._sock))
         return self._sock
@@ -175,6 +188,8 @@ class AsyncClient:
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
+            if not await sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
+                raise DaemonUnavailable(f"no daemon is connected on {self.endpoint}")
             await sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
             return await asyncio.wait_for(future, self.timeout if timeout is None else timeout)
         except asyncio.TimeoutError:

@@ -70,7 +70,10 @@ def _parse_media(value: Any, where: str) -> MediaSource:
         (key, ref), = value.items()
         if key in ("path", "url") and isinstance(ref, str) and ref:
             return MediaSource(key, ref, where)
-    raise invalid(f"{where}: expected image bytes (msgpack bin), {{\"path\": str}} or {{\"url\": str}}")
+        if key == "data" and isinstance(ref, (bytes, bytearray, memoryview)) and len(ref):
+            return MediaSource("bytes", bytes(ref), where)
+    raise invalid(f"{where}: expected encoded bytes (msgpack bin), {{\"data\": bin}}, {{\"path\": str}} "
+                  "or {\"url\": str}")
 
 
 def _parse_video(value: Any, where: str, limits_frames: int) -> VideoSource:

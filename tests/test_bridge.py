@@ -1,0 +1,261 @@
+"""The HTTP bridge with a real daemon (tiny model) and a real HTTP client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import gradient_png, start_daemon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Bridge:
+    def __init__(self, endpoint: str, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "http_bridge.bridge", "--endpoint", endpoint, "--log-level", "warning", *args],
+            env={**os.environ, "PORT": str(self.port), **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/openapi.json", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(self.process.stderr.read().decode())
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def bridge(daemon):
+    b = Bridge(daemon.endpoint)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def http(bridge):
+    with bridge.http() as c:
+        yield c
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def test_health_speaks_the_sidecar_contract(http, tiny_dir):
+    r = http.get("/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "embedding_model": str(tiny_dir), "reranker_model": str(tiny_dir),
+                        "embedding_loaded": True, "reranker_loaded": True, "device": "cpu", "embedding_dim": 64}
+
+
+def test_embed_with_the_exact_body_the_rust_client_sends(http, client):
+    raw = b'{"texts":["first text","second text"],"instruction":null,"dimension":null}'
+    r = http.post("/embed", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"embeddings", "dimension", "model"} and body["dimension"] == 64
+    np.testing.assert_allclose(body["embeddings"], client.embed(["first text", "second text"]).embeddings, atol=1e-6)
+
+
+def test_embed_dimension_and_instruction_pass_through(http, client):
+    r = http.post("/embed", json={"texts": ["x"], "instruction": "Find it", "dimension": 16})
+    assert r.status_code == 200 and r.json()["dimension"] == 16
+    np.testing.assert_allclose(r.json()["embeddings"], client.embed(["x"], "Find it", 16).embeddings, atol=1e-6)
+
+
+def test_rerank_with_the_exact_body_the_rust_client_sends(http, client):
+    raw = b'{"query":"what is it","documents":["doc a","doc b","doc c"],"instruction":null}'
+    r = http.post("/rerank", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    assert set(r.json()) == {"scores", "model"}
+    np.testing.assert_allclose(r.json()["scores"], client.rerank("what is it", ["doc a", "doc b", "doc c"]).scores,
+                               atol=1e-6)
+
+
+def test_multimodal_inputs_as_data_urls(http, client):
+    image, frames = gradient_png(1), [gradient_png(2), gradient_png(3)]
+    body = {"inputs": [{"text": "caption", "image": data_url(image)},
+                       {"video": {"frames": [data_url(f) for f in frames]}}, "plain"], "normalize": False}
+    r = http.post("/embed", json=body)
+    assert r.status_code == 200, r.text
+    want = client.embed([{"text": "caption", "image": image}, {"video": frames}, "plain"], normalize=False)
+    np.testing.assert_allclose(r.json()["embeddings"], want.embeddings, atol=1e-5)
+    r = http.post("/rerank", json={"query": {"image": data_url(image)}, "documents": ["a", {"text": "b"}]})
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json()["scores"], client.rerank({"image": image}, ["a", "b"]).scores, atol=1e-6)
+
+
+def test_openai_embeddings_float_and_base64(http, client):
+    r = http.post("/v1/embeddings", json={"input": ["a", "b"], "model": "anything", "dimensions": 8})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["total_tokens"] > 0
+    want = client.embed(["a", "b"], dimension=8).embeddings
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], want, atol=1e-6)
+    r = http.post("/v1/embeddings", json={"input": "a", "encoding_format": "base64", "dimensions": 8})
+    decoded = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, want[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 422, "invalid_request"),
+    (json.dumps({"texts": "not a list"}).encode(), 422, "invalid_request"),
+    (json.dumps({"texts": ["a"], "dimension": 0}).encode(), 422, "invalid_request"),
+    (json.dumps({"texts": ["a"], "dimension": 65}).encode(), 400, "invalid_request"),
+    (json.dumps({}).encode(), 422, "invalid_request"),
+    (json.dumps({"inputs": [{"image": "!!not base64!!"}]}).encode(), 400, "invalid_request"),
+    (json.dumps({"inputs": [{"image": base64.b64encode(b"garbage").decode()}]}).encode(), 422, "input_error"),
+    (json.dumps({"texts": ["a"] * 1025}).encode(), 413, "too_large"),
+])
+def test_bad_embed_bodies_get_the_right_status_and_a_readable_message(http, body, status, code):
+    r = http.post("/embed", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_metrics_exposes_bridge_and_daemon_counters(http):
+    http.post("/embed", json={"texts": ["m"]})
+    text = http.get("/metrics").text
+    assert 'qwen3vl_bridge_requests_total{route="/embed",status="200"}' in text
+    assert "qwen3vl_daemon_requests_total" in text and "qwen3vl_daemon_batch_size_bucket" in text
+    assert 'qwen3vl_daemon_request_seconds_bucket{le="+Inf",op="embed"}' in text
+
+
+def test_openapi_document_describes_every_route(http):
+    spec = http.get("/openapi.json").json()
+    assert {"/embed", "/rerank", "/health", "/v1/embeddings", "/metrics"} <= set(spec["paths"])
+    assert "413" in spec["paths"]["/embed"]["post"]["responses"]
+
+
+def test_unreachable_daemon_is_503_and_health_says_so(tmp_path):
+    b = Bridge(f"ipc://{tmp_path}/nobody.sock")
+    try:
+        with b.http() as http:
+            assert http.get("/health").status_code == 503
+            r = http.post("/embed", json={"texts": ["x"]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    finally:
+        b.stop()
+
+
+def test_bearer_token_is_required_when_configured(daemon, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    b = Bridge(daemon.endpoint, "--token-file", str(token))
+    try:
+        with b.http() as http:
+            assert http.post("/embed", json={"texts": ["x"]}).status_code == 401
+            assert "s3cret" not in http.post("/embed", json={"texts": ["x"]}, headers={"authorization": "Bearer no"}).text
+            ok = http.post("/embed", json={"texts": ["x"]}, headers={"authorization": "Bearer s3cret"})
+            assert ok.status_code == 200 and http.get("/health").status_code == 200
+    finally:
+        b.stop()
+
+
+def test_body_over_the_limit_is_413(daemon):
+    b = Bridge(daemon.endpoint, "--max-body-bytes", "2000")
+    try:
+        with b.http() as http:
+            r = http.post("/embed", json={"texts": ["x" * 3000]})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+            assert http.post("/embed", json={"texts": ["x" * 100]}).status_code == 200
+    finally:
+        b.stop()
+
+
+def test_daemon_slower_than_the_timeout_is_504(daemon):
+    b = Bridge(daemon.endpoint, "--timeout", "0.02")
+    try:
+        with b.http() as http:
+            r = http.post("/rerank", json={"query": "q", "documents": ["word " * 300] * 16})
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    finally:
+        b.stop()
+
+
+def test_overloaded_daemon_is_429(tmp_path, tiny_dir):
+    import asyncio
+
+    d = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                     "--max-queued-inputs", "4")
+    b = Bridge(d.endpoint)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=b.url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/embed", json={"texts": ["word " * 800] * 4}) for _ in range(6)))
+
+    try:
+        statuses = [r.status_code for r in asyncio.run(burst())]
+        assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}
+    finally:
+        b.stop()
+        d.stop()
+
+
+def test_bridge_recovers_by_itself_when_the_daemon_restarts(tmp_path, tiny_dir):
+    args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    d = start_daemon(tmp_path / "d", *args)
+    b = Bridge(d.endpoint)
+    try:
+        with b.http() as http:
+            assert http.post("/embed", json={"texts": ["before"]}).status_code == 200
+            assert d.stop() == 0
+            assert http.get("/health").status_code == 503
+            assert http.post("/embed", json={"texts": ["down"]}).status_code == 503
+            d = start_daemon(tmp_path / "d", *args)
+            deadline = time.monotonic() + 30
+            while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert http.post("/embed", json={"texts": ["after"]}).status_code == 200
+    finally:
+        b.stop()
+        d.stop()
+
+
+def test_property_based_run_of_the_openapi_document_finds_no_server_error(bridge):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(bridge.url + "/openapi.json")
+    failures, calls = [], []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def run(case):
+            response = case.call(base_url=bridge.url, timeout=60)
+            calls.append((case.path, response.status_code))
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
+
+        run()
+    assert not failures, failures[:3]
+    paths = {path for path, _ in calls}
+    assert {"/embed", "/rerank", "/health", "/v1/embeddings", "/metrics"} <= paths and len(calls) >= 5 * len(paths)
