@@ -7,7 +7,9 @@ requests. Preprocessing threads `put` units once their token ids are known; the 
 - holds units of one kind (embed or rerank), starting with the oldest ready unit, so nothing starves;
 - is filled with the ready units whose lengths are closest to that one, so padding stays small;
 - respects `max_batch_size` and `max_batch_tokens` (padded tokens: size × longest);
-- waits at most `max_wait_s` for units still being preprocessed, and only while the batch is not full.
+- waits at most `max_wait_s` for more units, only while the batch is not full, and only when more are
+  likely: some are still being preprocessed, or units have been arriving less than `max_wait_s` apart
+  (traffic is flowing). A lone request on an idle daemon is never held.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Scheduler:
         self._ready: dict[str, list[Unit]] = {}
         self._preparing = 0
         self._closed = False
+        self._last_put = float("-inf")
+        self._flowing = False  # the last two arrivals were less than max_wait_s apart
         self._cond = threading.Condition()
 
     # -- producers -------------------------------------------------------------------------------
@@ -69,6 +73,9 @@ class Scheduler:
         if not units:
             return
         with self._cond:
+            now = time.monotonic()
+            self._flowing = now - self._last_put < self.policy.max_wait_s
+            self._last_put = now
             self._preparing -= len(units)
             for unit in units:
                 self._ready.setdefault(unit.kind, []).append(unit)
@@ -109,9 +116,9 @@ class Scheduler:
                 self._cond.wait(remaining)
 
     def _linger(self) -> None:
-        """Wait briefly for units still in preprocessing, while the next batch would not be full."""
+        """Wait briefly for more units, while the next batch would not be full and more are likely."""
         end = time.monotonic() + self.policy.max_wait_s
-        while self._preparing > 0 and not self._closed:
+        while (self._preparing > 0 or self._flowing) and not self._closed:
             kind = self._oldest_kind()
             if len(self._ready[kind]) >= self.policy.max_batch_size:
                 return

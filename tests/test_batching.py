@@ -89,6 +89,16 @@ def test_does_not_wait_when_nothing_else_is_coming():
     assert len(s.next_batch(1.0)) == 1 and time.monotonic() - start < 0.5
 
 
+def test_flowing_traffic_lingers_for_a_fuller_batch_but_at_most_max_wait():
+    s = Scheduler(BatchPolicy(max_batch_size=8, max_wait_s=0.05))
+    _put_all(s, [_unit(5)])
+    _put_all(s, [_unit(5)])  # a second arrival right after the first: traffic is flowing
+    threading.Timer(0.02, lambda: _put_all(s, [_unit(5)])).start()
+    start = time.monotonic()
+    batch = s.next_batch(1.0)
+    assert len(batch) == 3 and 0.04 <= time.monotonic() - start < 0.5
+
+
 @pytest.fixture(scope="module")
 def batching_daemon(tmp_path_factory, tiny_dir):
     proc = start_daemon(tmp_path_factory.mktemp("batching"), "--embedding-model", str(tiny_dir),
