@@ -93,5 +93,6 @@ class DaemonConfig:
     media: MediaPolicy = MediaPolicy()
     limits: Limits = Limits()
     batching: Batching = Batching()
-    socket_mode: int = 0o600
+    socket_mode: int = 0o600  # 0660 shares the socket with the daemon's group
     warmup: bool = True
+    drain_timeout_s: float = 30.0  # after SIGTERM, longest wait for accepted requests

@@ -106,6 +106,7 @@ class Engine:
         self.reranker = None
         self.state = "loading"  # loading -> ready -> draining; or failed
         self.load_error: str | None = None
+        self.loading = "starting"  # what load() is doing now, for status reports
         self.started_at = time.monotonic()
         b = config.batching
         self.scheduler = Scheduler(BatchPolicy(b.max_batch_size, b.max_batch_tokens or CPU_BATCH_TOKENS,
@@ -121,19 +122,22 @@ class Engine:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def load(self) -> None:
         from .inputs import MediaReader
         from .models import EmbeddingModel, ModelLoadError, RerankerModel
 
         media = MediaReader(self.config.media)
         try:
             if self.config.embedding is not None:
-                log.info("loading embedding model %s", self.config.embedding.name)
+                self.loading = f"loading embedding model {self.config.embedding.name}"
+                log.info(self.loading)
                 self.embedding = EmbeddingModel(self.config.embedding, media)
                 self._check_dimension_setting()
             if self.config.reranker is not None:
-                log.info("loading reranker model %s", self.config.reranker.name)
+                self.loading = f"loading reranker model {self.config.reranker.name}"
+                log.info(self.loading)
                 self.reranker = RerankerModel(self.config.reranker, media)
+            self.loading = "warming up"
             if self.config.warmup:
                 for model in (self.embedding, self.reranker):
                     if model is not None:
@@ -298,9 +302,11 @@ class Engine:
 
     # -- the model thread ------------------------------------------------------------------------
     def run(self) -> None:
-        """Load the models, then run batches until `stop`. Call it on the process's main thread:
-        CPU forwards from other threads were measured 2-3x slower here (torch's OpenMP teams)."""
-        self._load()
+        """Load the models (unless `load` did), then run batches until `stop`. Call it on the
+        process's main thread: CPU forwards from other threads were measured 2-3x slower here
+        (torch's OpenMP teams)."""
+        if not self._loaded.is_set():
+            self.load()
         if self.state == "failed":
             return
         while True:

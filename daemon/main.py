@@ -84,11 +84,15 @@ def cli() -> None:
               help="Let clients name http(s) media URLs (public addresses only).")
 @click.option("--offline", envvar=["QWEN3VL_OFFLINE", "HF_HUB_OFFLINE"], is_flag=True, default=False,
               help="Never download; load only local files.")
+@click.option("--socket-mode", envvar="QWEN3VL_SOCKET_MODE", default="0600", show_default=True,
+              help="Permissions of an ipc socket file, octal; 0660 lets the daemon's group connect.")
+@click.option("--drain-timeout", envvar="QWEN3VL_DRAIN_TIMEOUT", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, help="Seconds to finish accepted requests after SIGTERM.")
 @click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True)
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
 def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtype, attn_implementation,
           embedding_max_length, reranker_max_length, max_batch_size, max_batch_tokens, max_wait_ms, prep_workers,
-          max_queued_tokens, cache_bytes, max_message_bytes, max_inputs, max_documents, max_queued_inputs, allow_paths, allow_urls, offline, warmup, log_level) -> None:
+          max_queued_tokens, cache_bytes, max_message_bytes, max_inputs, max_documents, max_queued_inputs, allow_paths, allow_urls, offline, socket_mode, drain_timeout, warmup, log_level) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     from .server import Server, StartupError
 
@@ -106,6 +110,8 @@ def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtyp
                           max_queued_inputs=max_queued_inputs, max_queued_tokens=max_queued_tokens,
                           cache_bytes=cache_bytes, **({"prep_workers": prep_workers} if prep_workers else {})),
         warmup=warmup,
+        socket_mode=_octal(socket_mode),
+        drain_timeout_s=drain_timeout,
     )
     server = Server(config)
     server.install_signal_handlers()
@@ -115,6 +121,16 @@ def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtyp
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an octal mode", param_hint="--socket-mode") from None
+    if mode & 0o007:
+        raise click.BadParameter("the socket must not be reachable by other users", param_hint="--socket-mode")
+    return mode
 
 
 @cli.command("tiny-checkpoint")

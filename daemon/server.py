@@ -19,6 +19,7 @@ import zmq
 
 from .config import DaemonConfig
 from .engine import Engine
+from .notify import LoadProgress, Notifier
 from .errors import RequestError
 from .protocol import OPS, HealthRequest, MetricsRequest, decode_payload, error_reply, ok_reply, parse_request
 
@@ -35,10 +36,11 @@ def _ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
-def prepare_socket_dir(path: Path) -> None:
+def prepare_socket_dir(path: Path, group_shared: bool = False) -> None:
     """Create the socket's directory owner-only, and refuse one that another user controls."""
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Owner-only, or also group-traversable when the socket itself is shared with a group.
+    directory.mkdir(mode=0o750 if group_shared else 0o700, parents=True, exist_ok=True)
     info = directory.stat()
     if info.st_uid != os.getuid():
         raise StartupError(f"socket directory {directory} belongs to another user; choose another endpoint")
@@ -68,8 +70,9 @@ class Server:
         self._local = threading.local()
         self._stop = threading.Event()
         self.engine = Engine(config, self._send_from_worker)
+        self.notifier = Notifier()
         self.bound = threading.Event()
-        self.drain_timeout_s = 30.0
+        self.drain_timeout_s = config.drain_timeout_s
 
     # -- replies from other threads -------------------------------------------------------------
     def _send_from_worker(self, envelope: list, payload: bytes) -> None:
@@ -93,7 +96,7 @@ class Server:
         endpoint = self.config.endpoint
         path = _ipc_path(endpoint)
         if path is not None:
-            prepare_socket_dir(path)
+            prepare_socket_dir(path, group_shared=bool(self.config.socket_mode & 0o060))
             if path.exists():
                 if socket_is_alive(self.ctx, endpoint):
                     raise StartupError(f"another daemon is serving on {endpoint}")
@@ -124,6 +127,7 @@ class Server:
         socket_thread = threading.Thread(target=self._socket_main, args=(router, outcome), name="qwen3vl-socket")
         socket_thread.start()
         try:
+            self._load()
             self.engine.run()
         finally:
             self._stop.set()
@@ -132,6 +136,22 @@ class Server:
         if "error" in outcome:
             raise outcome["error"]
         return outcome.get("code", 0)
+
+    def _load(self) -> None:
+        """Load the models, telling systemd how it goes; READY=1 only once they are warm."""
+        from huggingface_hub import constants
+
+        self.notifier.status("loading models")
+        progress = LoadProgress(self.notifier, Path(constants.HF_HUB_CACHE), lambda: self.engine.loading).start()
+        try:
+            self.engine.load()
+        finally:
+            progress.stop()
+        if self.engine.state == "ready":
+            names = [m.name for m in (self.engine.embedding, self.engine.reranker) if m is not None]
+            self.notifier.ready(f"ready on {self.config.endpoint}: {', '.join(names) or 'no models'}")
+        else:
+            self.notifier.status(f"failed: {self.engine.load_error}")
 
     def _socket_main(self, router: zmq.Socket, outcome: dict) -> None:
         pull = self.ctx.socket(zmq.PULL)
@@ -156,8 +176,15 @@ class Server:
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
         deadline = None
+        # Watchdog pings come from this loop, so a hung loop stops them and systemd restarts us.
+        ping_every = self.notifier.watchdog_interval_s
+        next_ping = time.monotonic()
+        poll_ms = POLL_MS if ping_every is None else max(1, min(POLL_MS, int(ping_every * 500)))
         while True:
-            events = dict(poller.poll(POLL_MS))
+            events = dict(poller.poll(poll_ms))
+            if ping_every is not None and time.monotonic() >= next_ping:
+                self.notifier.watchdog()
+                next_ping = time.monotonic() + ping_every
             if pull in events:
                 self._forward_replies(pull, router)
             if router in events:
@@ -167,6 +194,7 @@ class Server:
             if self._stop.is_set():
                 if deadline is None:
                     log.info("draining")
+                    self.notifier.stopping()
                     self.engine.drain()
                     deadline = time.monotonic() + self.drain_timeout_s
                 if self.engine.idle() and not events or time.monotonic() > deadline:

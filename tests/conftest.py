@@ -39,15 +39,16 @@ class DaemonProcess:
         return self.process.wait(timeout)
 
 
-def start_daemon(tmp: Path, *args: str, env: dict | None = None, wait: bool = True) -> DaemonProcess:
+def start_daemon(tmp: Path, *args: str, env: dict | None = None, wait: bool = True, endpoint: str | None = None,
+                 preexec=None) -> DaemonProcess:
     """Start `qwen3vl-daemon serve` on a fresh IPC endpoint and wait until health says ready."""
     tmp.mkdir(parents=True, exist_ok=True)
-    endpoint = f"ipc://{tmp}/sock/daemon.sock"
+    endpoint = endpoint or f"ipc://{tmp}/sock/daemon.sock"
     log = tmp / "daemon.log"
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--log-level", "warning", *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec,
     )
     daemon = DaemonProcess(endpoint, process, log)
     if wait:
