@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.client import Client, DaemonError, DaemonTimeout  # noqa: E402
+from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
 from daemon.tiny import build_tiny_checkpoint  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def start(work: Path, ckpt: Path) -> tuple[subprocess.Popen, str]:
             try:
                 if c.health()["status"] == "ready":
                     return proc, endpoint
-            except (DaemonError, DaemonTimeout):
+            except (DaemonError, DaemonTimeout, DaemonUnavailable):
                 pass
             time.sleep(0.1)
     raise RuntimeError("daemon did not become ready")

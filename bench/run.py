@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import AsyncClient, Client, DaemonError, DaemonTimeout  # noqa: E402
+from daemon.client import AsyncClient, Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
 from daemon.config import MediaPolicy, ModelSettings  # noqa: E402
 from daemon.inputs import InputItem, MediaReader  # noqa: E402
 from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint  # noqa: E402
@@ -85,7 +85,7 @@ class Servers:
                 try:
                     if c.health()["status"] == "ready":
                         return endpoint
-                except (DaemonError, DaemonTimeout):
+                except (DaemonError, DaemonTimeout, DaemonUnavailable):
                     pass
                 time.sleep(0.1)
         raise RuntimeError(f"daemon {name} did not start")

@@ -1,11 +1,18 @@
 """Python clients for the daemon: `Client` (blocking, thread-safe) and `AsyncClient` (asyncio, many
-requests in flight on one socket). Both speak PROTOCOL.md over a DEALER socket."""
+requests in flight on one socket per daemon). Both speak PROTOCOL.md over DEALER sockets.
+
+Both take one endpoint or several (a list, or one string with commas): requests go round-robin over
+the daemons, and a request whose daemon is not connected, times out, or is draining is retried on the
+next one (every op is idempotent), within the request's own timeout. tcp:// endpoints may use
+ZeroMQ's CURVE encryption and authentication (`CurveKeys`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +21,51 @@ import zmq
 import zmq.asyncio
 
 from .config import default_endpoint
+
+RETRY_ELSEWHERE = ("shutting_down",)  # error codes that another daemon may not give
+
+
+def split_endpoints(endpoint: str | list[str] | None) -> list[str]:
+    if endpoint is None:
+        endpoint = default_endpoint()
+    parts = endpoint.split(",") if isinstance(endpoint, str) else list(endpoint)
+    endpoints = [p.strip() for p in parts if p.strip()]
+    if not endpoints:
+        raise ValueError("no endpoint given")
+    return endpoints
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A client's CURVE keys and the server's public key (z85, as zmq.auth writes them)."""
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_public_file: str, client_secret_file: str) -> "CurveKeys":
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(server_public_file)
+        client_public, client_secret = zmq.auth.load_certificate(client_secret_file)
+        if client_secret is None:
+            raise ValueError(f"{client_secret_file} holds no secret key")
+        return cls(server_public, client_public, client_secret)
+
+
+def _configure(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None) -> zmq.Socket:
+    sock.linger = 0
+    # Queue only to a connected daemon, so that a request never waits on one that is down.
+    sock.immediate = 1
+    sock.reconnect_ivl = 100
+    sock.reconnect_ivl_max = 1000
+    if curve is not None:
+        sock.curve_serverkey = curve.server_public
+        sock.curve_publickey = curve.client_public
+        sock.curve_secretkey = curve.client_secret
+    sock.connect(endpoint)
+    return sock
 from .protocol import pack, unpack
 
 
@@ -31,7 +83,7 @@ class DaemonTimeout(TimeoutError):
 
 
 class DaemonUnavailable(ConnectionError):
-    """No daemon is connected on the endpoint (not started, or restarting)."""
+    """No daemon is connected on any endpoint (not started, or restarting)."""
 
 
 @dataclass(frozen=True)
@@ -88,39 +140,65 @@ def rerank_result(reply: dict) -> RerankResult:
 
 
 class Client:
-    """A blocking client, safe to share between threads (one request on the socket at a time).
+    """A blocking client, safe to share between threads (one request on the wire at a time).
 
     On a timeout the socket is closed and reopened (the ZeroMQ guide's lazy pirate pattern), so a
     late reply can never be mistaken for the answer to the next request.
     """
 
-    def __init__(self, endpoint: str | None = None, timeout: float = 60.0, context: zmq.Context | None = None):
-        self.endpoint = endpoint or default_endpoint()
+    def __init__(self, endpoint: str | list[str] | None = None, timeout: float = 60.0,
+                 context: zmq.Context | None = None, connect_timeout: float = 1.0, curve: CurveKeys | None = None):
+        self.endpoints = split_endpoints(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.curve = curve
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._sock = self._connect()
+        self._socks = [self._open(ep) for ep in self.endpoints]
+        self._next = 0
 
-    def _connect(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(self.endpoint)
-        return sock
+    def _open(self, endpoint: str) -> zmq.Socket:
+        return _configure(self._ctx.socket(zmq.DEALER), endpoint, self.curve)
 
     def request(self, payload: dict, timeout: float | None = None) -> dict:
         """Send one payload and return the reply map (errors are in it, not raised)."""
-        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            request_id = next(self._ids)
-            self._sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
-            while self._sock.poll(int(timeout * 1000)):
-                frames = self._sock.recv_multipart()
-                if frames[0] == _tag(request_id):
-                    return unpack(frames[-1])
-            self._sock.close(linger=0)
-            self._sock = self._connect()
-            raise DaemonTimeout(f"no reply from {self.endpoint} within {timeout:g}s")
+            error: Exception | None = None
+            for _ in range(len(self._socks)):
+                index, self._next = self._next, (self._next + 1) % len(self._socks)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    reply = self._request_on(index, payload, remaining)
+                except (DaemonUnavailable, DaemonTimeout) as exc:
+                    error = exc
+                    continue
+                if (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE and len(self._socks) > 1:
+                    error = DaemonError(reply["error"]["code"], reply["error"].get("message", ""))
+                    continue
+                return reply
+            if isinstance(error, DaemonError):
+                return {"id": payload.get("id"), "ok": False, "error": {"code": error.code, "message": error.message}}
+            raise error or DaemonTimeout(f"no reply from {self.endpoint} in time")
+
+    def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
+        sock, endpoint = self._socks[index], self.endpoints[index]
+        if not sock.poll(int(min(self.connect_timeout, timeout) * 1000), zmq.POLLOUT):
+            raise DaemonUnavailable(f"no daemon is connected on {endpoint}")
+        request_id = next(self._ids)
+        sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
+        end = time.monotonic() + timeout
+        while sock.poll(max(0, int((end - time.monotonic()) * 1000))):
+            frames = sock.recv_multipart()
+            if frames[0] == _tag(request_id):
+                return unpack(frames[-1])
+        sock.close(linger=0)
+        self._socks[index] = self._open(endpoint)
+        raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s")
 
     def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
               normalize: bool = True, timeout: float | None = None) -> EmbedResult:
@@ -134,7 +212,8 @@ class Client:
         return _checked(self.request({"op": "health"}, timeout))
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        for sock in self._socks:
+            sock.close(linger=0)
 
     def __enter__(self) -> "Client":
         return self
@@ -144,33 +223,35 @@ class Client:
 
 
 class AsyncClient:
-    """An asyncio client: any number of requests in flight on one DEALER socket, matched by id.
+    """An asyncio client: any number of requests in flight, one DEALER socket per daemon, replies
+    matched by an echoed tag frame.
 
     Requests are only queued to a connected daemon (ZMQ_IMMEDIATE): while none is connected, a
-    request waits up to `connect_timeout` and then fails with DaemonUnavailable instead of being
-    delivered long after its caller gave up. ZeroMQ reconnects by itself when the daemon is back.
+    request waits up to `connect_timeout` per daemon and then fails with DaemonUnavailable instead of
+    being delivered long after its caller gave up. ZeroMQ reconnects by itself when a daemon is back.
     """
 
-    def __init__(self, endpoint: str | None = None, timeout: float = 60.0, connect_timeout: float = 1.0):
-        self.endpoint = endpoint or default_endpoint()
+    def __init__(self, endpoint: str | list[str] | None = None, timeout: float = 60.0,
+                 connect_timeout: float = 1.0, curve: CurveKeys | None = None):
+        self.endpoints = split_endpoints(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.curve = curve
         self._ctx = zmq.asyncio.Context.instance()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        self._socks: list[zmq.asyncio.Socket] = []
+        self._readers: list[asyncio.Task] = []
+        self._next = 0
 
-    def _ensure_open(self) -> zmq.asyncio.Socket:
-        if self._sock is None:
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._sock.linger = 0
-            self._sock.immediate = 1
-            self._sock.reconnect_ivl = 100
-            self._sock.reconnect_ivl_max = 1000
-            self._sock.connect(self.endpoint)
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._sock))
-        return self._sock
+    def _ensure_open(self) -> None:
+        if not self._socks:
+            loop = asyncio.get_running_loop()
+            for endpoint in self.endpoints:
+                sock = _configure(self._ctx.socket(zmq.DEALER), endpoint, self.curve)
+                self._socks.append(sock)
+                self._readers.append(loop.create_task(self._read(sock)))
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -183,17 +264,40 @@ class AsyncClient:
                     future.set_exception(exc)
 
     async def request(self, payload: dict, timeout: float | None = None) -> dict:
-        sock = self._ensure_open()
+        self._ensure_open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        error: Exception | None = None
+        for _ in range(len(self._socks)):
+            index, self._next = self._next, (self._next + 1) % len(self._socks)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                reply = await self._request_on(index, payload, remaining)
+            except (DaemonUnavailable, DaemonTimeout) as exc:
+                error = exc
+                continue
+            if (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE and len(self._socks) > 1:
+                error = reply
+                continue
+            return reply
+        if isinstance(error, dict):
+            return error
+        raise error or DaemonTimeout(f"no reply from {self.endpoint} in time")
+
+    async def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
+        sock, endpoint = self._socks[index], self.endpoints[index]
+        if not await sock.poll(int(min(self.connect_timeout, timeout) * 1000), zmq.POLLOUT):
+            raise DaemonUnavailable(f"no daemon is connected on {endpoint}")
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            if not await sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
-                raise DaemonUnavailable(f"no daemon is connected on {self.endpoint}")
             await sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
-            return await asyncio.wait_for(future, self.timeout if timeout is None else timeout)
+            return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise DaemonTimeout(f"no reply from {self.endpoint} within {timeout or self.timeout:g}s") from None
+            raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s") from None
         finally:
             self._pending.pop(request_id, None)
 
@@ -209,8 +313,8 @@ class AsyncClient:
         return _checked(await self.request({"op": "health"}, timeout))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock, self._reader = None, None
+        for task in self._readers:
+            task.cancel()
+        for sock in self._socks:
+            sock.close(linger=0)
+        self._socks, self._readers = [], []

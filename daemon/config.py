@@ -96,3 +96,7 @@ class DaemonConfig:
     socket_mode: int = 0o600  # 0660 shares the socket with the daemon's group
     warmup: bool = True
     drain_timeout_s: float = 30.0  # after SIGTERM, longest wait for accepted requests
+    # CURVE for tcp:// endpoints: the server's secret key file and a directory of authorized client
+    # public keys (both as `qwen3vl-daemon keygen` writes them).
+    curve_secret_key: Path | None = None
+    curve_authorized_keys: Path | None = None

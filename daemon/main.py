@@ -84,6 +84,11 @@ def cli() -> None:
               help="Let clients name http(s) media URLs (public addresses only).")
 @click.option("--offline", envvar=["QWEN3VL_OFFLINE", "HF_HUB_OFFLINE"], is_flag=True, default=False,
               help="Never download; load only local files.")
+@click.option("--curve-secret-key", envvar="QWEN3VL_CURVE_SECRET_KEY", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Server secret key file: CURVE-encrypt and authenticate a tcp:// endpoint.")
+@click.option("--curve-authorized-keys", envvar="QWEN3VL_CURVE_AUTHORIZED_KEYS",
+              type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of client public keys allowed to connect (with --curve-secret-key).")
 @click.option("--socket-mode", envvar="QWEN3VL_SOCKET_MODE", default="0600", show_default=True,
               help="Permissions of an ipc socket file, octal; 0660 lets the daemon's group connect.")
 @click.option("--drain-timeout", envvar="QWEN3VL_DRAIN_TIMEOUT", type=click.FloatRange(min=0), default=30.0,
@@ -92,7 +97,8 @@ def cli() -> None:
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
 def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtype, attn_implementation,
           embedding_max_length, reranker_max_length, max_batch_size, max_batch_tokens, max_wait_ms, prep_workers,
-          max_queued_tokens, cache_bytes, max_message_bytes, max_inputs, max_documents, max_queued_inputs, allow_paths, allow_urls, offline, socket_mode, drain_timeout, warmup, log_level) -> None:
+          max_queued_tokens, cache_bytes, max_message_bytes, max_inputs, max_documents, max_queued_inputs, allow_paths, allow_urls, offline, curve_secret_key, curve_authorized_keys, socket_mode, drain_timeout, warmup,
+          log_level) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     from .server import Server, StartupError
 
@@ -111,6 +117,8 @@ def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtyp
                           cache_bytes=cache_bytes, **({"prep_workers": prep_workers} if prep_workers else {})),
         warmup=warmup,
         socket_mode=_octal(socket_mode),
+        curve_secret_key=curve_secret_key,
+        curve_authorized_keys=curve_authorized_keys,
         drain_timeout_s=drain_timeout,
     )
     server = Server(config)
@@ -143,21 +151,44 @@ def tiny_checkpoint(directory: Path) -> None:
     click.echo(str(build_tiny_checkpoint(directory)))
 
 
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="server", show_default=True, help="Key name: NAME.key (public), NAME.key_secret.")
+def keygen(directory: Path, name: str) -> None:
+    """Write a CURVE key pair to DIRECTORY (for tcp:// endpoints across hosts).
+
+    The daemon takes the server's NAME.key_secret (--curve-secret-key) and a directory holding each
+    client's public NAME.key (--curve-authorized-keys); a client takes the server's public key and its
+    own secret key (--curve-server-key, --curve-client-key).
+    """
+    import zmq.auth
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    os.chmod(secret, 0o600)
+    click.echo(f"{public}\n{secret}")
+
+
 # -- client commands -------------------------------------------------------------------------------
 def _client_options(fn):
     fn = click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint,
-                      help="Daemon endpoint.")(fn)
+                      help="Daemon endpoint; several, comma-separated, spread the requests.")(fn)
+    fn = click.option("--curve-server-key", envvar="QWEN3VL_CURVE_SERVER_KEY", default=None,
+                      type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")(fn)
+    fn = click.option("--curve-client-key", envvar="QWEN3VL_CURVE_CLIENT_KEY", default=None,
+                      type=click.Path(exists=True, dir_okay=False), help="This client's secret key file (CURVE).")(fn)
     return click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(fn)
 
 
 def _run_client(call):
-    from .client import Client, DaemonError, DaemonTimeout
+    from .client import Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
 
-    def runner(endpoint: str, timeout: float):
-        with Client(endpoint, timeout=timeout) as client:
+    def runner(endpoint: str, timeout: float, curve_server_key: str | None, curve_client_key: str | None):
+        curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
+        with Client(endpoint, timeout=timeout, curve=curve) as client:
             try:
                 return call(client)
-            except (DaemonError, DaemonTimeout) as exc:
+            except (DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
                 click.echo(f"qwen3vl-daemon: {exc}", err=True)
                 sys.exit(1)
     return runner
@@ -176,9 +207,10 @@ def _inputs(texts: tuple[str, ...], images: tuple[Path, ...]) -> list:
 @click.option("--instruction", default=None)
 @click.option("--dimension", type=click.IntRange(min=1), default=None)
 @_client_options
-def embed(texts, images, instruction, dimension, endpoint, timeout) -> None:
+def embed(texts, images, instruction, dimension, endpoint, timeout, curve_server_key, curve_client_key) -> None:
     """Embed TEXTS (and --image files); prints JSON."""
-    result = _run_client(lambda c: c.embed(_inputs(texts, images), instruction, dimension))(endpoint, timeout)
+    result = _run_client(lambda c: c.embed(_inputs(texts, images), instruction, dimension))(
+        endpoint, timeout, curve_server_key, curve_client_key)
     click.echo(json.dumps({"model": result.model, "dimension": result.dimension, "tokens": result.tokens,
                            "embeddings": [[round(float(x), 6) for x in row] for row in result.embeddings]}))
 
@@ -188,17 +220,18 @@ def embed(texts, images, instruction, dimension, endpoint, timeout) -> None:
 @click.argument("documents", nargs=-1, required=True)
 @click.option("--instruction", default=None)
 @_client_options
-def rerank(query, documents, instruction, endpoint, timeout) -> None:
+def rerank(query, documents, instruction, endpoint, timeout, curve_server_key, curve_client_key) -> None:
     """Score DOCUMENTS against QUERY; prints JSON."""
-    result = _run_client(lambda c: c.rerank(query, list(documents), instruction))(endpoint, timeout)
+    result = _run_client(lambda c: c.rerank(query, list(documents), instruction))(
+        endpoint, timeout, curve_server_key, curve_client_key)
     click.echo(json.dumps({"model": result.model, "tokens": result.tokens, "scores": result.scores}))
 
 
 @cli.command()
 @_client_options
-def health(endpoint, timeout) -> None:
-    """Print the daemon's health as JSON."""
-    click.echo(json.dumps(_run_client(lambda c: c.health())(endpoint, timeout)))
+def health(endpoint, timeout, curve_server_key, curve_client_key) -> None:
+    """Print the daemon's health as JSON (with several endpoints: the one that answered)."""
+    click.echo(json.dumps(_run_client(lambda c: c.health())(endpoint, timeout, curve_server_key, curve_client_key)))
 
 
 def main() -> None:

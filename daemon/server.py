@@ -32,6 +32,11 @@ class StartupError(Exception):
     """The daemon cannot start (socket in use, unsafe directory, model not loadable): one line."""
 
 
+def _loopback(endpoint: str) -> bool:
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
 def _ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
@@ -103,6 +108,7 @@ class Server:
                 path.unlink()  # stale socket left by a crash
         router = self.ctx.socket(zmq.ROUTER)
         router.linger = 0
+        self._secure(router, endpoint)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped silently
         # The transport refuses anything far past the payload limit; within it we answer too_large.
         router.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
@@ -116,6 +122,32 @@ class Server:
         if path is not None:
             os.chmod(path, self.config.socket_mode)
         return router
+
+    def _secure(self, router: zmq.Socket, endpoint: str) -> None:
+        """CURVE on the ROUTER when configured; plain tcp:// only on loopback."""
+        cfg = self.config
+        if cfg.curve_secret_key is None:
+            if endpoint.startswith("tcp://") and not _loopback(endpoint):
+                raise StartupError(f"{endpoint} is reachable from other hosts: give --curve-secret-key and "
+                                   "--curve-authorized-keys (see `qwen3vl-daemon keygen`)")
+            return
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if cfg.curve_authorized_keys is None or not cfg.curve_authorized_keys.is_dir():
+            raise StartupError("--curve-authorized-keys must name a directory of client public keys")
+        try:
+            public, secret = zmq.auth.load_certificate(str(cfg.curve_secret_key))
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot read the CURVE key {cfg.curve_secret_key}: {exc}") from None
+        if secret is None:
+            raise StartupError(f"{cfg.curve_secret_key} holds no secret key")
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        # Only clients whose public key is in the directory may connect (checked at the handshake).
+        self._auth.configure_curve(domain="*", location=str(cfg.curve_authorized_keys))
+        router.curve_server = True
+        router.curve_publickey, router.curve_secretkey = public, secret
 
     def serve(self) -> int:
         """Run until stopped; returns the process exit code. The socket loop runs on its own thread
@@ -132,6 +164,8 @@ class Server:
         finally:
             self._stop.set()
             socket_thread.join()
+            if getattr(self, "_auth", None) is not None:
+                self._auth.stop()
             self.ctx.destroy(linger=0)
         if "error" in outcome:
             raise outcome["error"]

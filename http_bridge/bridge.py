@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import __version__
-from daemon.client import AsyncClient, DaemonError, DaemonTimeout, DaemonUnavailable, embed_result, rerank_result
+from daemon.client import AsyncClient, CurveKeys, DaemonTimeout, DaemonUnavailable, embed_result, rerank_result
 from daemon.config import default_endpoint
 
 # Daemon error codes as HTTP statuses.
@@ -42,6 +42,7 @@ class BridgeConfig:
     token: str | None = None  # bearer token required on every route but /health when set
     max_body_bytes: int = 64 * 1024 * 1024
     timeout_s: float = 120.0  # a daemon reply slower than this is a 504
+    curve: CurveKeys | None = None  # for a tcp:// daemon endpoint with CURVE
 
 
 # -- request and response bodies -------------------------------------------------------------------
@@ -305,7 +306,7 @@ class Measure:
 def create_app(config: BridgeConfig) -> FastAPI:
     app = FastAPI(title="qwen3vl-daemon HTTP bridge", version=__version__,
                   description="Qwen3-VL embeddings and reranking over HTTP, through the qwen3vl daemon.")
-    client = AsyncClient(config.endpoint, timeout=config.timeout_s)
+    client = AsyncClient(config.endpoint, timeout=config.timeout_s, curve=config.curve)
     metrics = BridgeMetrics()
     bearer = HTTPBearer(auto_error=False)
 
@@ -433,7 +434,12 @@ class _Unauthorized(Exception):
 
 
 @click.command()
-@click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint, help="The daemon's endpoint.")
+@click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint,
+              help="The daemon's endpoint; several, comma-separated, spread the requests and fail over.")
+@click.option("--curve-server-key", envvar="QWEN3VL_CURVE_SERVER_KEY", default=None,
+              type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")
+@click.option("--curve-client-key", envvar="QWEN3VL_CURVE_CLIENT_KEY", default=None,
+              type=click.Path(exists=True, dir_okay=False), help="The bridge's secret key file (CURVE).")
 @click.option("--host", envvar="QWEN3VL_BRIDGE_HOST", default="127.0.0.1", show_default=True)
 @click.option("--port", envvar=["PORT", "QWEN3VL_BRIDGE_PORT"], type=int, default=8421, show_default=True)
 @click.option("--token-file", envvar="QWEN3VL_BRIDGE_TOKEN_FILE", type=click.Path(exists=True, dir_okay=False),
@@ -443,13 +449,15 @@ class _Unauthorized(Exception):
 @click.option("--timeout", envvar="QWEN3VL_BRIDGE_TIMEOUT", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the daemon before answering 504.")
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
-def main(endpoint, host, port, token_file, max_body_bytes, timeout, log_level) -> None:
+def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, max_body_bytes, timeout,
+         log_level) -> None:
     """Serve the HTTP bridge in front of a running qwen3vl daemon."""
     import uvicorn
 
     token = open(token_file).read().strip() if token_file else os.environ.get("QWEN3VL_BRIDGE_TOKEN") or None
+    curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
     config = BridgeConfig(endpoint=endpoint, host=host, port=port, token=token, max_body_bytes=max_body_bytes,
-                          timeout_s=timeout)
+                          timeout_s=timeout, curve=curve)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower())
 
 

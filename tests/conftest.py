@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon.client import Client, DaemonError, DaemonTimeout
+from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 from daemon.tiny import build_tiny_checkpoint
 
 
@@ -66,7 +66,7 @@ def wait_ready(daemon: DaemonProcess, timeout: float = 120.0) -> dict:
                 health = client.health()
                 if health["status"] == "ready":
                     return health
-            except (DaemonTimeout, DaemonError):
+            except (DaemonTimeout, DaemonError, DaemonUnavailable):
                 pass
             time.sleep(0.1)
     raise RuntimeError(f"daemon not ready in {timeout}s: {daemon.log.read_text()}")
