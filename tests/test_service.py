@@ -168,3 +168,26 @@ def test_units_pass_systemd_analyze_verify(unit, tmp_path):
 
 def test_there_are_the_three_units():
     assert [u.name for u in UNITS] == ["qwen3vl-bridge.service", "qwen3vl-daemon.service", "qwen3vl-daemon@.service"]
+
+
+def test_load_progress_extends_the_start_timeout_only_while_the_download_moves(tmp_path):
+    from daemon.notify import LoadProgress, Notifier
+
+    notify = NotifySocket(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    progress = LoadProgress(Notifier({"NOTIFY_SOCKET": str(notify.path)}), cache, lambda: "loading model X",
+                            interval_s=0.1).start()
+    try:
+        for i in range(5):  # a download that moves
+            (cache / f"part{i}").write_bytes(b"x" * 100_000)
+            time.sleep(0.1)
+        moving = len(notify.times("EXTEND_TIMEOUT_USEC"))
+        time.sleep(0.6)  # a download that stalls
+        stalled = len(notify.times("EXTEND_TIMEOUT_USEC")) - moving
+    finally:
+        progress.stop()
+        notify.close()
+    statuses = [f["STATUS"] for _, f in notify.messages if "STATUS" in f]
+    assert moving >= 2 and stalled <= 1
+    assert any("loading model X" in s and "GB in the model cache" in s for s in statuses)
