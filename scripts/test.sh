@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Set up the environment and run the whole test suite (what CI runs).
+# Set up the environment and run every test suite (what CI runs): the Rust client's tests against
+# live daemons, then the Python suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+bash scripts/setup-rust.sh
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+.venv/bin/qwen3vl-daemon tiny-checkpoint "$WORK/tiny" >/dev/null 2>&1
+( cd clients/rust && QWEN3VL_TEST_PYTHON="$PWD/../../.venv/bin/python" QWEN3VL_TEST_CHECKPOINT="$WORK/tiny" \
+    cargo test --lib --tests )
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,269 @@
+//! Against live daemons on a tiny checkpoint. Needs QWEN3VL_TEST_PYTHON (the project's Python, with
+//! the daemon installed) and QWEN3VL_TEST_CHECKPOINT (a `qwen3vl-daemon tiny-checkpoint` directory);
+//! scripts/test.sh sets both.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use qwen3vl_client::adapter::{DaemonPipeline, EmbeddingPipeline, RerankerPipeline};
+use qwen3vl_client::{Client, Error, Input};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} must be set (scripts/test.sh sets it)"))
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qwen3vl-rs-{}-{}", std::process::id(),
+                                                COUNTER.fetch_add(1, Ordering::SeqCst)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Daemon {
+    child: Option<Child>,
+    endpoint: String,
+    args: Vec<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let endpoint = format!("ipc://{}/sock/daemon.sock", scratch().display());
+        Daemon::start_on(endpoint, args.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn start_on(endpoint: String, args: Vec<String>) -> Daemon {
+        let ckpt = env("QWEN3VL_TEST_CHECKPOINT");
+        let mut cmd = Command::new(env("QWEN3VL_TEST_PYTHON"));
+        cmd.args(["-m", "daemon", "serve", "--endpoint", &endpoint, "--embedding-model", &ckpt,
+                  "--reranker-model", &ckpt, "--log-level", "warning"])
+            .args(&args).env("HF_HUB_OFFLINE", "1").stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().expect("start the daemon");
+        let daemon = Daemon { child: Some(child), endpoint, args };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&self) {
+        let client = Client::new(self.endpoint.clone(), Duration::from_millis(500));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if matches!(client.health(), Ok(h) if h.status == "ready") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("daemon on {} not ready", self.endpoint);
+    }
+
+    fn client(&self, timeout_s: u64) -> Client {
+        Client::new(self.endpoint.clone(), Duration::from_secs(timeout_s))
+    }
+
+    fn terminate(&mut self) -> i32 {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        child.wait().unwrap().code().unwrap_or(-1)
+    }
+
+    fn restart(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        let again = Daemon::start_on(self.endpoint.clone(), self.args.clone());
+        *self = again;
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the Python client (through the CLI) says, parsed from its JSON output.
+fn python_cli(daemon: &Daemon, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env("QWEN3VL_TEST_PYTHON"))
+        .args(["-m", "daemon"]).args(args).args(["--endpoint", &daemon.endpoint]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= tol, "{x} vs {y}");
+    }
+}
+
+fn png(seed: u8) -> Vec<u8> {
+    let dir = scratch();
+    let path = dir.join("img.png");
+    let code = format!("from PIL import Image; Image.new('RGB', (64, 48), ({seed}, 90, 200)).save({:?})",
+                       path.to_str().unwrap());
+    assert!(Command::new(env("QWEN3VL_TEST_PYTHON")).args(["-c", &code]).status().unwrap().success());
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn embeddings_and_dimensions_match_the_python_client() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client(60);
+    let got = client.embed_batch(&["hello world", "second text"], Some(16), None).unwrap();
+    let want = python_cli(&daemon, &["embed", "hello world", "second text", "--dimension", "16"]);
+    assert_eq!(got.len(), 2);
+    for (row, expected) in got.iter().zip(want["embeddings"].as_array().unwrap()) {
+        assert_eq!(row.len(), 16);
+        assert_close(row, &floats(expected), 2e-6);
+        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    let full = client.embed_batch(&["hello world"], None, Some("Find it")).unwrap();
+    let want = python_cli(&daemon, &["embed", "hello world", "--instruction", "Find it"]);
+    assert_close(&full[0], &floats(&want["embeddings"][0]), 2e-6);
+}
+
+#[test]
+fn multimodal_inputs_match_the_python_client() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client(60);
+    let image = png(10);
+    let dir = scratch();
+    std::fs::write(dir.join("a.png"), &image).unwrap();
+    let got = client.embed(&[Input::image(image.clone())], None, None).unwrap();
+    let want = python_cli(&daemon, &["embed", "--image", dir.join("a.png").to_str().unwrap()]);
+    assert_close(&got.vectors[0], &floats(&want["embeddings"][0]), 2e-6);
+    let video = client.embed(&[Input::frames(vec![png(1), png(2), png(3)])], Some(8), None).unwrap();
+    assert_eq!(video.vectors[0].len(), 8);
+}
+
+#[test]
+fn rerank_scores_match_the_python_client_in_document_order() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client(60);
+    let got = client.rerank("what is it", &["doc a", "doc b", "a longer doc c"], None).unwrap();
+    let want = python_cli(&daemon, &["rerank", "what is it", "doc a", "doc b", "a longer doc c"]);
+    assert_close(&got, &floats(&want["scores"]), 1e-6);
+}
+
+#[test]
+fn health_reports_the_models() {
+    let daemon = Daemon::start(&[]);
+    let health = daemon.client(10).health().unwrap();
+    assert_eq!(health.status, "ready");
+    assert_eq!(health.protocol, 1);
+    assert!(health.embedding.loaded && health.reranker.loaded);
+    assert_eq!(health.embedding.dimension, Some(64));
+    assert_eq!(health.device.as_deref(), Some("cpu"));
+}
+
+#[test]
+fn error_codes_arrive_as_typed_errors() {
+    let daemon = Daemon::start(&["--reranker-model", "none", "--max-inputs", "2"]);
+    let client = daemon.client(30);
+    assert!(matches!(client.embed_batch(&["x"], Some(0), None), Err(Error::InvalidRequest(_))));
+    #[derive(serde::Serialize)]
+    struct Op { op: &'static str }
+    assert!(matches!(client.request::<serde_json::Value>(&Op { op: "generate" }), Err(Error::Unsupported(_))));
+    assert!(matches!(client.rerank("q", &["d"], None), Err(Error::NotLoaded(_))));
+    match client.embed(&[Input::image(b"not an image".to_vec())], None, None) {
+        Err(Error::InputError(message)) => assert!(message.contains("inputs[0].image[0]"), "{message}"),
+        other => panic!("expected InputError, got {other:?}"),
+    }
+    assert!(matches!(client.embed_batch(&["a", "b", "c"], None, None), Err(Error::TooLarge(_))));
+    // The client stays usable after every error.
+    assert_eq!(client.embed_batch(&["fine"], None, None).unwrap().len(), 1);
+}
+
+#[test]
+fn overloaded_and_shutting_down_arrive_as_typed_errors() {
+    let mut daemon = Daemon::start(&["--reranker-model", "none", "--max-queued-inputs", "8"]);
+    let client = Arc::new(daemon.client(60));
+    let long = "word ".repeat(1500);
+    let busy = {
+        let client = client.clone();
+        let long = long.clone();
+        thread::spawn(move || client.embed_batch(&[long.as_str(); 8], None, None))
+    };
+    thread::sleep(Duration::from_millis(150));
+    assert!(matches!(client.embed_batch(&["late"], None, None), Err(Error::Overloaded(_))));
+    assert!(busy.join().unwrap().is_ok());
+
+    let draining = {
+        let client = client.clone();
+        thread::spawn(move || client.embed_batch(&[long.as_str(); 8], None, None))
+    };
+    thread::sleep(Duration::from_millis(150));
+    let pid = daemon.child.as_ref().unwrap().id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert!(matches!(client.embed_batch(&["late"], None, None), Err(Error::ShuttingDown(_))));
+    assert!(draining.join().unwrap().is_ok(), "accepted requests are answered while draining");
+    assert_eq!(daemon.child.take().unwrap().wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_timeout_does_not_leave_the_client_stuck_and_it_recovers_after_a_restart() {
+    let mut daemon = Daemon::start(&["--reranker-model", "none"]);
+    let client = Client::new(daemon.endpoint.clone(), Duration::from_millis(800));
+    assert!(client.embed_batch(&["before"], None, None).is_ok());
+    assert_eq!(daemon.terminate(), 0);
+    let start = Instant::now();
+    assert!(matches!(client.embed_batch(&["while down"], None, None), Err(Error::Timeout { .. })));
+    assert!(start.elapsed() < Duration::from_secs(3));
+    daemon.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = client.embed_batch(&["after"], None, None);
+    while last.is_err() && Instant::now() < deadline {
+        last = client.embed_batch(&["after"], None, None);
+    }
+    assert_eq!(last.unwrap().len(), 1);
+}
+
+#[test]
+fn many_threads_share_one_client() {
+    let daemon = Daemon::start(&["--reranker-model", "none"]);
+    let client = Arc::new(daemon.client(60));
+    let expected = client.embed_batch(&["thread 0"], Some(8), None).unwrap();
+    let handles: Vec<_> = (0..8).map(|t| {
+        let client = client.clone();
+        thread::spawn(move || {
+            (0..10).map(|_| client.embed_batch(&[format!("thread {t}").as_str()], Some(8), None).unwrap())
+                .collect::<Vec<_>>()
+        })
+    }).collect();
+    for (t, handle) in handles.into_iter().enumerate() {
+        for rows in handle.join().unwrap() {
+            assert_eq!(rows.len(), 1);
+            if t == 0 {
+                assert_close(&rows[0], &expected[0], 2e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_adapter_replaces_the_sidecar_pipeline() {
+    let daemon = Daemon::start(&[]);
+    let pipeline = DaemonPipeline::new(daemon.endpoint.clone(), Duration::from_secs(60));
+    let one = pipeline.embed_text("adapter text").unwrap();
+    let batch = pipeline.embed_batch(&["adapter text", "other"]).unwrap();
+    assert_eq!(one.len(), 64);
+    assert_close(&one, &batch[0], 2e-5);
+    assert!(pipeline.embed_batch(&[]).unwrap().is_empty());
+    let scores = pipeline.rerank("query", &["a", "b"]).unwrap();
+    assert_eq!(scores.len(), 2);
+    assert_close(&scores, &pipeline.client().rerank("query", &["a", "b"], None).unwrap(), 1e-6);
+}
