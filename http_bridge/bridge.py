@@ -336,6 +336,9 @@ def create_app(config: BridgeConfig) -> FastAPI:
         """One daemon request; a JSONResponse with the right status when it fails."""
         try:
             reply = await client.request(payload)
+        except (ValueError, OverflowError, TypeError) as exc:
+            # JSON can carry what msgpack cannot: lone surrogates, integers beyond 64 bits.
+            return error_response(400, "invalid_request", f"the request cannot be encoded: {str(exc)[:120]}")
         except DaemonUnavailable as exc:
             return error_response(503, "unavailable", str(exc))
         except DaemonTimeout as exc:
