@@ -267,3 +267,32 @@ fn the_adapter_replaces_the_sidecar_pipeline() {
     assert_eq!(scores.len(), 2);
     assert_close(&scores, &pipeline.client().rerank("query", &["a", "b"], None).unwrap(), 1e-6);
 }
+
+#[test]
+fn a_non_finite_output_is_a_typed_internal_error() {
+    // A copy of the checkpoint whose final norm is NaN: every embedding comes out NaN.
+    let dir = scratch().join("nan");
+    let code = format!(
+        "import shutil, torch; from safetensors.torch import load_file, save_file\n\
+         shutil.copytree({src:?}, {dst:?})\n\
+         w = load_file({dst:?} + '/model.safetensors')\n\
+         k = next(k for k in w if k.endswith('language_model.norm.weight'))\n\
+         w[k] = torch.full_like(w[k], float('nan'))\n\
+         save_file(w, {dst:?} + '/model.safetensors', metadata={{'format': 'pt'}})",
+        src = env("QWEN3VL_TEST_CHECKPOINT"), dst = dir.to_str().unwrap());
+    assert!(Command::new(env("QWEN3VL_TEST_PYTHON")).args(["-c", &code]).status().unwrap().success());
+    let endpoint = format!("ipc://{}/sock/daemon.sock", scratch().display());
+    let mut child = Command::new(env("QWEN3VL_TEST_PYTHON"))
+        .args(["-m", "daemon", "serve", "--endpoint", &endpoint, "--embedding-model", dir.to_str().unwrap(),
+               "--reranker-model", "none", "--log-level", "warning"])
+        .env("HF_HUB_OFFLINE", "1").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let daemon = Daemon { child: None, endpoint: endpoint.clone(), args: vec![] };
+    daemon.wait_ready();
+    let result = daemon.client(30).embed_batch(&["x"], None, None);
+    let _ = child.kill();
+    let _ = child.wait();
+    match result {
+        Err(Error::Internal(message)) => assert!(message.starts_with("inputs[0]"), "{message}"),
+        other => panic!("expected Internal, got {other:?}"),
+    }
+}
