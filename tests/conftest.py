@@ -100,6 +100,22 @@ def client(daemon) -> Client:
         yield c
 
 
+def exchange(endpoint: str, payloads: list[dict], timeout_s: float = 60.0) -> list[dict]:
+    """Send payloads back to back on one DEALER socket; the replies in the order they arrive."""
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, int(timeout_s * 1000)
+    sock.connect(endpoint)
+    try:
+        for payload in payloads:
+            sock.send_multipart([b"", msgpack.packb(payload, use_bin_type=True)])
+        return [msgpack.unpackb(sock.recv_multipart()[-1]) for _ in payloads]
+    finally:
+        sock.close()
+
+
 def png_bytes(color=(255, 0, 0), size=(64, 48)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import gradient_png, start_daemon
+from conftest import exchange, gradient_png, start_daemon
 from daemon.batching import BatchPolicy, Scheduler, Unit
 
 
@@ -175,19 +175,8 @@ def test_cache_serves_identical_inputs_for_any_dimension(batching_daemon):
 
 
 def test_a_corrupt_input_fails_only_its_own_request_when_batched_with_others(batching_daemon):
-    import msgpack
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger, sock.rcvtimeo = 0, 60000
-    sock.connect(batching_daemon.endpoint)
-    pack = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
-    try:
-        for i in range(6):
-            inputs = [f"good {i} {j}" for j in range(5)] + ([{"image": b"corrupt"}] if i == 3 else [])
-            sock.send_multipart([b"", pack({"op": "embed", "id": i, "inputs": inputs})])
-        replies = {r["id"]: r for r in (msgpack.unpackb(sock.recv_multipart()[1]) for _ in range(6))}
-    finally:
-        sock.close()
+    payloads = [{"op": "embed", "id": i, "inputs": [f"good {i} {j}" for j in range(5)]
+                 + ([{"image": b"corrupt"}] if i == 3 else [])} for i in range(6)]
+    replies = {r["id"]: r for r in exchange(batching_daemon.endpoint, payloads)}
     assert replies[3]["error"]["code"] == "input_error" and "inputs[5].image[0]" in replies[3]["error"]["message"]
     assert all(replies[i]["ok"] and replies[i]["count"] == 5 for i in (0, 1, 2, 4, 5))

@@ -18,7 +18,7 @@ import torch
 import zmq
 from safetensors.torch import load_file, save_file
 
-from conftest import start_daemon
+from conftest import exchange, start_daemon
 from daemon.config import default_endpoint
 
 
@@ -59,31 +59,15 @@ def test_request_beyond_queue_capacity_is_too_large(limited):
 
 
 def test_full_queue_answers_overloaded_at_once(limited):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger, sock.rcvtimeo = 0, 60000
-    sock.connect(limited.endpoint)
-    try:
-        pack = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
-        sock.send_multipart([b"", pack({"op": "embed", "id": "fill", "inputs": ["word " * 1000] * 8})])
-        sock.send_multipart([b"", pack({"op": "embed", "id": "late", "inputs": ["x"]})])
-        replies = [msgpack.unpackb(sock.recv_multipart()[1]) for _ in range(2)]
-    finally:
-        sock.close()
+    replies = exchange(limited.endpoint, [{"op": "embed", "id": "fill", "inputs": ["word " * 1000] * 8},
+                                          {"op": "embed", "id": "late", "inputs": ["x"]}])
     assert [r["id"] for r in replies] == ["late", "fill"]
     assert replies[0]["error"]["code"] == "overloaded" and replies[1]["ok"]
 
 
 def test_queued_tokens_bound_answers_overloaded(limited):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger, sock.rcvtimeo = 0, 60000
-    sock.connect(limited.endpoint)
-    try:
-        pack = lambda o: msgpack.packb(o, use_bin_type=True)  # noqa: E731
-        sock.send_multipart([b"", pack({"op": "embed", "id": "fill", "inputs": ["word " * 1100] * 4})])
-        sock.send_multipart([b"", pack({"op": "embed", "id": "late", "inputs": ["x"]})])
-        replies = {r["id"]: r for r in (msgpack.unpackb(sock.recv_multipart()[1]) for _ in range(2))}
-    finally:
-        sock.close()
+    replies = {r["id"]: r for r in exchange(limited.endpoint, [
+        {"op": "embed", "id": "fill", "inputs": ["word " * 1100] * 4}, {"op": "embed", "id": "late", "inputs": ["x"]}])}
     assert replies["late"]["error"]["code"] == "overloaded" and "tokens" in replies["late"]["error"]["message"]
     assert replies["fill"]["ok"]
 
