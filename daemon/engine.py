@@ -318,13 +318,9 @@ class Engine:
                 return
 
     def _forward(self, batch: list[Unit]) -> None:
-        kind = batch[0].kind
         start = time.monotonic()
         try:
-            if kind == EMBED:
-                values = list(self.embedding.embed([u.payload for u in batch]).numpy())
-            else:
-                values = self.reranker.score([u.payload for u in batch])
+            values = self._run_split_on_oom(batch)
         except Exception as exc:  # a failed forward fails the requests in this batch only
             log.exception("forward failed")
             error = RequestError(ErrorCode.INTERNAL, f"forward failed: {type(exc).__name__}: {str(exc)[:160]}")
@@ -338,6 +334,24 @@ class Engine:
         self.stats["queue_wait_s"] += sum(start - getattr(u, "ready_at", start) for u in batch)
         for unit, value in zip(batch, values):
             self._deliver(unit, value)
+
+    def _forward_once(self, batch: list[Unit]) -> list:
+        if batch[0].kind == EMBED:
+            return list(self.embedding.embed([u.payload for u in batch]).numpy())
+        return list(self.reranker.score([u.payload for u in batch]))
+
+    def _run_split_on_oom(self, batch: list[Unit]) -> list:
+        """One forward; on out-of-memory, free what can be freed and retry in halves, down to single
+        inputs, before giving up (then the error fails only this batch's requests)."""
+        try:
+            return self._forward_once(batch)
+        except Exception as exc:
+            if not _is_oom(exc) or len(batch) == 1:
+                raise
+            log.warning("out of memory on a batch of %d; retrying in halves", len(batch))
+            _free_accelerator_memory()
+            half = len(batch) // 2
+            return self._run_split_on_oom(batch[:half]) + self._run_split_on_oom(batch[half:])
 
     def _deliver(self, unit: Unit, value: Any) -> None:
         if not np.all(np.isfinite(value)):
@@ -398,6 +412,19 @@ class Engine:
                       "cache_misses": self.cache.misses if self.cache else 0,
                       "cache_bytes": self.cache.size_bytes if self.cache else 0},
         }
+
+
+def _is_oom(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _where(unit: Unit) -> str:
