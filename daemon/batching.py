@@ -90,11 +90,6 @@ class Scheduler:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def ready_count(self) -> int:
-        with self._cond:
-            return sum(len(q) for q in self._ready.values())
-
     # -- the model thread ------------------------------------------------------------------------
     def next_batch(self, timeout: float | None = None) -> list[Unit] | None:
         """The next batch, or None when closed (or after `timeout` with nothing ready)."""

@@ -76,7 +76,6 @@ class Server:
         self._stop = threading.Event()
         self.engine = Engine(config, self._send_from_worker)
         self.notifier = Notifier()
-        self.bound = threading.Event()
         self.drain_timeout_s = config.drain_timeout_s
 
     # -- replies from other threads -------------------------------------------------------------
@@ -153,7 +152,6 @@ class Server:
         """Run until stopped; returns the process exit code. The socket loop runs on its own thread
         and the models on the calling (main) thread."""
         router = self._bind()
-        self.bound.set()
         log.info("listening on %s", self.config.endpoint)
         outcome: dict = {}
         socket_thread = threading.Thread(target=self._socket_main, args=(router, outcome), name="qwen3vl-socket")
