@@ -42,6 +42,8 @@ class Unit:
     index: int
     payload: Any = None
     tokens: int = 0
+    key: Any = None  # the owner's handle for this unit's result (the engine: its cache key)
+    ready_at: float = 0.0  # when preprocessing finished
     seq: int = field(default_factory=lambda: next(_seq))
 
     @property

@@ -117,7 +117,6 @@ class Engine:
         self._queued_tokens = 0
         self._lock = threading.Lock()
         self._loaded = threading.Event()
-        self.stats = {"batches": 0, "batched_units": 0, "queue_wait_s": 0.0, "forward_s": 0.0}
         self.metrics = Metrics()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -206,7 +205,7 @@ class Engine:
         if isinstance(request, EmbedRequest):
             self._start_embed(ticket, request)
         else:
-            self._start_units(ticket, RERANK, range(len(items)))
+            self._start_units(ticket, [Unit(RERANK, ticket, i) for i in range(len(items))])
 
     def _check_embed(self, request: EmbedRequest) -> None:
         if self.embedding is None:
@@ -234,22 +233,21 @@ class Engine:
             self._queued_tokens -= ticket.est_tokens
 
     def _start_embed(self, ticket: Ticket, request: EmbedRequest) -> None:
-        pending = []
+        units = []
         for i, item in enumerate(request.inputs):
             key = cache_key(self.embedding.name, item, request.instruction) if self.cache else None
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
                 ticket.set(i, hit, 0)
             else:
-                pending.append(i)
-        self._start_units(ticket, EMBED, pending)
+                units.append(Unit(EMBED, ticket, i, key=key))
+        self._start_units(ticket, units)
 
-    def _start_units(self, ticket: Ticket, kind: str, indices) -> None:
+    def _start_units(self, ticket: Ticket, units: list[Unit]) -> None:
         """Queue a request's units for preprocessing in a few chunks, one per worker, so that they
         reach the scheduler in groups and share forwards instead of trickling in one by one.
         A small text-only request is tokenized right here instead: that costs less than a thread
         handoff and keeps the round trip short."""
-        units = [Unit(kind, ticket, i) for i in indices]
         if not units:
             return
         self.scheduler.expect(len(units))
@@ -327,11 +325,7 @@ class Engine:
             for unit in batch:
                 unit.owner.fail(error)
             return
-        self.stats["batches"] += 1
-        self.stats["batched_units"] += len(batch)
-        self.metrics.batch(len(batch))
-        self.stats["forward_s"] += time.monotonic() - start
-        self.stats["queue_wait_s"] += sum(start - getattr(u, "ready_at", start) for u in batch)
+        self.metrics.batch(len(batch), time.monotonic() - start, sum(start - u.ready_at for u in batch))
         for unit, value in zip(batch, values):
             self._deliver(unit, value)
 
@@ -359,8 +353,7 @@ class Engine:
                                                              "output (try --dtype float32)"))
             return
         if unit.kind == EMBED and self.cache is not None:
-            request = unit.owner.request
-            self.cache.put(cache_key(self.embedding.name, request.inputs[unit.index], request.instruction), value)
+            self.cache.put(unit.key, value)
         unit.owner.set(unit.index, value, unit.tokens)
 
     # -- replies ---------------------------------------------------------------------------------
@@ -382,7 +375,6 @@ class Engine:
         with self._lock:
             queued, queued_tokens = self._queued_inputs, self._queued_tokens
         return {**self.metrics.to_wire(), "queue_depth": queued, "queued_tokens": queued_tokens,
-                "forward_s": self.stats["forward_s"], "queue_wait_s": self.stats["queue_wait_s"],
                 "uptime_s": time.monotonic() - self.started_at}
 
     def health(self) -> dict[str, Any]:
@@ -405,9 +397,7 @@ class Engine:
                           "dimension": self.config.embedding_dim or max_dim, "max_dimension": max_dim},
             "reranker": {"name": rr.name if rr else None, "enabled": rr is not None,
                          "loaded": self.reranker is not None},
-            "stats": {"batches": self.stats["batches"], "batched_inputs": self.stats["batched_units"],
-                      "forward_s": round(self.stats["forward_s"], 6),
-                      "queue_wait_s": round(self.stats["queue_wait_s"], 6),
+            "stats": {**{k: round(v, 6) for k, v in self.metrics.batching().items()},
                       "cache_hits": self.cache.hits if self.cache else 0,
                       "cache_misses": self.cache.misses if self.cache else 0,
                       "cache_bytes": self.cache.size_bytes if self.cache else 0},

@@ -41,6 +41,8 @@ class Metrics:
         self.inputs: Counter[str] = Counter()  # by op
         self.latency = {op: Histogram(LATENCY_BUCKETS_S) for op in ("embed", "rerank")}
         self.batch_size = Histogram(BATCH_SIZE_BUCKETS)
+        self.forward_s = 0.0  # time in forwards
+        self.queue_wait_s = 0.0  # summed waits of ready inputs before their forward began
 
     def request(self, op: str) -> None:
         with self._lock:
@@ -56,9 +58,17 @@ class Metrics:
             self.inputs[op] += inputs
             self.tokens[op] += tokens
 
-    def batch(self, size: int) -> None:
+    def batch(self, size: int, forward_s: float, waited_s: float) -> None:
         with self._lock:
             self.batch_size.observe(size)
+            self.forward_s += forward_s
+            self.queue_wait_s += waited_s
+
+    def batching(self) -> dict:
+        """Batch counters: forwards run, inputs they held, time in them, time inputs waited."""
+        with self._lock:
+            return {"batches": sum(self.batch_size.counts), "batched_inputs": int(self.batch_size.sum),
+                    "forward_s": self.forward_s, "queue_wait_s": self.queue_wait_s}
 
     def to_wire(self) -> dict:
         with self._lock:
@@ -69,4 +79,6 @@ class Metrics:
                 "tokens": dict(self.tokens),
                 "latency_s": {op: h.to_wire() for op, h in self.latency.items()},
                 "batch_size": self.batch_size.to_wire(),
+                "forward_s": self.forward_s,
+                "queue_wait_s": self.queue_wait_s,
             }
