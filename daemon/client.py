@@ -25,6 +25,11 @@ from .config import default_endpoint
 RETRY_ELSEWHERE = ("shutting_down",)  # error codes that another daemon may not give
 
 
+def _retry_elsewhere(reply: dict, daemons: int) -> bool:
+    """Whether a reply says to try the request on another daemon (there being one)."""
+    return daemons > 1 and (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE
+
+
 def split_endpoints(endpoint: str | list[str] | None) -> list[str]:
     if endpoint is None:
         endpoint = default_endpoint()
@@ -166,7 +171,7 @@ class Client:
         """Send one payload and return the reply map (errors are in it, not raised)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            error: Exception | None = None
+            error: Exception | dict | None = None  # the last failure: an exception, or a draining reply
             for _ in range(len(self._socks)):
                 index, self._next = self._next, (self._next + 1) % len(self._socks)
                 remaining = deadline - time.monotonic()
@@ -177,12 +182,12 @@ class Client:
                 except (DaemonUnavailable, DaemonTimeout) as exc:
                     error = exc
                     continue
-                if (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE and len(self._socks) > 1:
-                    error = DaemonError(reply["error"]["code"], reply["error"].get("message", ""))
+                if _retry_elsewhere(reply, len(self._socks)):
+                    error = reply
                     continue
                 return reply
-            if isinstance(error, DaemonError):
-                return {"id": payload.get("id"), "ok": False, "error": {"code": error.code, "message": error.message}}
+            if isinstance(error, dict):
+                return error
             raise error or DaemonTimeout(f"no reply from {self.endpoint} in time")
 
     def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
@@ -267,7 +272,7 @@ class AsyncClient:
         self._ensure_open()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        error: Exception | None = None
+        error: Exception | dict | None = None  # the last failure: an exception, or a draining reply
         for _ in range(len(self._socks)):
             index, self._next = self._next, (self._next + 1) % len(self._socks)
             remaining = deadline - loop.time()
@@ -278,7 +283,7 @@ class AsyncClient:
             except (DaemonUnavailable, DaemonTimeout) as exc:
                 error = exc
                 continue
-            if (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE and len(self._socks) > 1:
+            if _retry_elsewhere(reply, len(self._socks)):
                 error = reply
                 continue
             return reply
