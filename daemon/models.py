@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelSettings
-from .errors import ErrorCode, RequestError, input_error, too_large
+from .errors import input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, VideoSource
 
@@ -260,9 +260,7 @@ class _QwenVL:
                 [conversation], image_patch_size=IMAGE_PATCH_SIZE,
                 return_video_kwargs=True, return_video_metadata=True,
             )
-        except RequestError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # media were read and checked before; this is a decoding failure
             raise input_error(f"{where}: cannot read media ({type(exc).__name__}: {str(exc)[:160]})") from None
         metadata = None
         if videos is not None:
