@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +31,12 @@ class Bridge:
     def __init__(self, endpoint: str, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a pipe nobody reads would block a bridge that logs enough.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "http_bridge.bridge", "--endpoint", endpoint, "--log-level", "warning", *args],
             env={**os.environ, "PORT": str(self.port), **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -40,7 +44,8 @@ class Bridge:
                 return
             except httpx.HTTPError:
                 time.sleep(0.1)
-        raise RuntimeError(self.process.stderr.read().decode())
+        self.log.seek(0)
+        raise RuntimeError(self.log.read().decode())
 
     def http(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
@@ -48,6 +53,19 @@ class Bridge:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(30)
+
+    def __enter__(self) -> "Bridge":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def bridge_client(endpoint: str, *args: str):
+    """A bridge on `endpoint` with extra arguments, and an HTTP client for it; both end with the block."""
+    with Bridge(endpoint, *args) as b, b.http() as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
@@ -154,49 +172,33 @@ def test_openapi_document_describes_every_route(http):
 
 
 def test_unreachable_daemon_is_503_and_health_says_so(tmp_path):
-    b = Bridge(f"ipc://{tmp_path}/nobody.sock")
-    try:
-        with b.http() as http:
-            assert http.get("/health").status_code == 503
-            r = http.post("/embed", json={"texts": ["x"]})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
-    finally:
-        b.stop()
+    with bridge_client(f"ipc://{tmp_path}/nobody.sock") as http:
+        assert http.get("/health").status_code == 503
+        r = http.post("/embed", json={"texts": ["x"]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
 
 
 def test_bearer_token_is_required_when_configured(daemon, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    b = Bridge(daemon.endpoint, "--token-file", str(token))
-    try:
-        with b.http() as http:
-            assert http.post("/embed", json={"texts": ["x"]}).status_code == 401
-            assert "s3cret" not in http.post("/embed", json={"texts": ["x"]}, headers={"authorization": "Bearer no"}).text
-            ok = http.post("/embed", json={"texts": ["x"]}, headers={"authorization": "Bearer s3cret"})
-            assert ok.status_code == 200 and http.get("/health").status_code == 200
-    finally:
-        b.stop()
+    with bridge_client(daemon.endpoint, "--token-file", str(token)) as http:
+        assert http.post("/embed", json={"texts": ["x"]}).status_code == 401
+        assert "s3cret" not in http.post("/embed", json={"texts": ["x"]}, headers={"authorization": "Bearer no"}).text
+        ok = http.post("/embed", json={"texts": ["x"]}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and http.get("/health").status_code == 200
 
 
 def test_body_over_the_limit_is_413(daemon):
-    b = Bridge(daemon.endpoint, "--max-body-bytes", "2000")
-    try:
-        with b.http() as http:
-            r = http.post("/embed", json={"texts": ["x" * 3000]})
-            assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
-            assert http.post("/embed", json={"texts": ["x" * 100]}).status_code == 200
-    finally:
-        b.stop()
+    with bridge_client(daemon.endpoint, "--max-body-bytes", "2000") as http:
+        r = http.post("/embed", json={"texts": ["x" * 3000]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        assert http.post("/embed", json={"texts": ["x" * 100]}).status_code == 200
 
 
 def test_daemon_slower_than_the_timeout_is_504(daemon):
-    b = Bridge(daemon.endpoint, "--timeout", "0.02")
-    try:
-        with b.http() as http:
-            r = http.post("/rerank", json={"query": "q", "documents": ["word " * 300] * 16})
-            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-    finally:
-        b.stop()
+    with bridge_client(daemon.endpoint, "--timeout", "0.02") as http:
+        r = http.post("/rerank", json={"query": "q", "documents": ["word " * 300] * 16})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
 
 
 def test_overloaded_daemon_is_429(tmp_path, tiny_dir):
