@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,27 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
+from harness import Servers  # noqa: E402
+
+from daemon.client import Client  # noqa: E402
 from daemon.tiny import build_tiny_checkpoint  # noqa: E402
-
-
-def start(work: Path, ckpt: Path) -> tuple[subprocess.Popen, str]:
-    endpoint = f"ipc://{work}/sock/daemon.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--embedding-model",
-                             str(ckpt), "--reranker-model", str(ckpt), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    with Client(endpoint, timeout=1.0) as c:
-        for _ in range(600):
-            try:
-                if c.health()["status"] == "ready":
-                    return proc, endpoint
-            except (DaemonError, DaemonTimeout, DaemonUnavailable):
-                pass
-            time.sleep(0.1)
-    raise RuntimeError("daemon did not become ready")
 
 
 def measure(call, n: int) -> np.ndarray:
@@ -59,17 +43,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ckpt = build_tiny_checkpoint(work / "tiny")
-        proc, endpoint = start(work, ckpt)
-        try:
+        with Servers() as servers:
+            endpoint = servers.daemon(work, "daemon", build_tiny_checkpoint(work / "tiny"))
             with Client(endpoint) as c:
                 rows = {
                     "health": measure(lambda: c.health(), args.requests),
                     "embed, one text": measure(lambda: c.embed(["the quick brown fox"]), args.requests),
                 }
-        finally:
-            proc.terminate()
-            proc.wait(30)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}; "
           f"{args.requests} sequential requests each, tiny model, IPC")
     print(f"{'request':<18}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")

@@ -20,20 +20,19 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon.client import AsyncClient, Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
+from harness import ROOT, Servers, free_port, wait_http  # noqa: E402
+
+from daemon.client import AsyncClient, Client  # noqa: E402
 from daemon.config import MediaPolicy, ModelSettings  # noqa: E402
 from daemon.inputs import InputItem, MediaReader  # noqa: E402
 from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint  # noqa: E402
@@ -64,46 +63,6 @@ def health():
     return {"status": "ok"}
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
-
-
-@dataclass
-class Servers:
-    procs: list = field(default_factory=list)
-
-    def spawn(self, args: list[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def daemon(self, work: Path, name: str, ckpt: Path, *extra: str) -> str:
-        endpoint = f"ipc://{work}/{name}/daemon.sock"
-        self.spawn([sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--embedding-model", str(ckpt),
-                    "--reranker-model", str(ckpt), "--log-level", "error", *extra],
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
-        with Client(endpoint, timeout=1.0) as c:
-            for _ in range(1200):
-                try:
-                    if c.health()["status"] == "ready":
-                        return endpoint
-                except (DaemonError, DaemonTimeout, DaemonUnavailable):
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"daemon {name} did not start")
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- timing helpers ---------------------------------------------------------------------------------
@@ -225,20 +184,12 @@ def run(args, work: Path, servers: Servers) -> list:
     echo_ep = f"ipc://{work}/echo.sock"
     echo = servers.spawn([sys.executable, "-c", ECHO_SERVER, echo_ep])
     echo.stdout.readline()
-    port, bridge_port = free_port(), free_port()
+    port = free_port()
     servers.spawn([sys.executable, "-c", FASTAPI_SERVER, str(port)])
-    servers.spawn([sys.executable, "-m", "http_bridge.bridge", "--endpoint", tiny_ep, "--port", str(bridge_port),
-                   "--log-level", "warning"], cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/health")
     import httpx
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}")
-    bridge = httpx.Client(base_url=f"http://127.0.0.1:{bridge_port}")
-    for c in (http, bridge):
-        for _ in range(200):
-            try:
-                c.get("/health")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    bridge = httpx.Client(base_url=servers.bridge(work, "bridge", tiny_ep))
 
     # 1. round trips. Daemon rows first: in-process torch work leaves this process's OpenMP threads
     # spinning for a while, which would steal the CPU from the servers.

@@ -48,26 +48,30 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    """What a client may make the daemon read. Paths and URLs are refused unless the operator allows."""
+    """What a client may make the daemon read, and how much. Paths and URLs are refused unless the
+    operator allows them; every size is checked before the media is decoded."""
 
     allowed_roots: tuple[Path, ...] = ()
     allow_urls: bool = False
     allow_private_urls: bool = False  # loopback, link-local and private targets
-    url_max_bytes: int = 64 * 1024 * 1024
-    url_timeout_s: float = 10.0
-    max_image_pixels: int = 64 * 1024 * 1024  # decoded size, checked from the header before decoding
+    url_timeout_s: float = 30.0  # one download, from connecting to its last byte
+    max_image_bytes: int = 64 * 1024 * 1024  # an image file read by path or downloaded
+    max_video_bytes: int = 512 * 1024 * 1024  # a video file read by path or downloaded
+    max_image_pixels: int = 64 * 1024 * 1024  # an image's or a video frame's size, read from its header
     max_video_frames: int = 1024  # frames a client may send as a frame list
-    max_video_bytes: int = 512 * 1024 * 1024
+    max_video_seconds: float = 3600.0  # a video file's duration, read from its header
 
 
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits; exceeding one is answered with `too_large` naming the limit."""
 
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024  # also set on the socket (ZMQ_MAXMSGSIZE)
     max_inputs: int = 1024
     max_documents: int = 1024
-    max_text_chars: int = 1_000_000
+    max_text_chars: int = 1_000_000  # each text and instruction
+    max_msgpack_depth: int = 32  # nesting of arrays and maps (a valid request needs 6)
+    max_msgpack_items: int = 65536  # items in one array or map
 
 
 @dataclass(frozen=True)

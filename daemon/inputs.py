@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,7 +111,8 @@ def parse_instruction(value: Any, where: str, limits: Limits) -> str | None:
     if not isinstance(value, str):
         raise invalid(f"{where}: expected a string or nil")
     if len(value) > limits.max_text_chars:
-        raise too_large(f"{where}: {len(value)} characters exceed the limit of {limits.max_text_chars}")
+        raise too_large(f"{where}: {len(value)} characters exceed the limit of {limits.max_text_chars} "
+                        "(max_text_chars)")
     return value
 
 
@@ -128,7 +130,8 @@ def parse_input(value: Any, where: str, limits: Limits, media: MediaPolicy) -> I
         if not isinstance(text, str):
             raise invalid(f"{where}.text[{i}]: expected a string")
         if len(text) > limits.max_text_chars:
-            raise too_large(f"{where}.text[{i}]: {len(text)} characters exceed the limit of {limits.max_text_chars}")
+            raise too_large(f"{where}.text[{i}]: {len(text)} characters exceed the limit of "
+                            f"{limits.max_text_chars} (max_text_chars)")
     images = ()
     if value.get("image") is not None:
         images = tuple(_parse_media(v, f"{where}.image[{i}]") for i, v in enumerate(_as_list(value["image"])))
@@ -189,45 +192,68 @@ class MediaReader:
             if not addr.is_global:
                 raise invalid(f"{where}.url: the host resolves to a non-public address")
 
-    def fetch_url(self, src: MediaSource, max_bytes: int) -> bytes:
+    def fetch_url(self, src: MediaSource, max_bytes: int, limit_name: str) -> bytes:
         if not self.policy.allow_urls:
             raise invalid(f"{src.where}.url: URL fetching is disabled (the operator enables it with --allow-urls)")
         import requests
 
         url = src.value
+        deadline = time.monotonic() + self.policy.url_timeout_s
         for _ in range(5):  # follow redirects by hand so that every hop is checked
             self._check_url(url, src.where)
             try:
-                with requests.get(url, stream=True, timeout=self.policy.url_timeout_s, allow_redirects=False) as resp:
+                with requests.get(url, stream=True, timeout=self._time_left(deadline, src.where),
+                                  allow_redirects=False) as resp:
                     if resp.is_redirect:
                         url = urljoin(url, resp.headers.get("location", ""))
                         continue
                     if resp.status_code != 200:
                         raise input_error(f"{src.where}.url: HTTP status {resp.status_code}")
-                    return self._read_capped(resp, src.where, max_bytes)
+                    return self._read_capped(resp, src.where, max_bytes, limit_name, deadline)
+            except requests.Timeout:
+                self._time_left(deadline, src.where)  # names url_timeout_s when the whole download ran out
+                raise input_error(f"{src.where}.url: the server did not answer in time") from None
             except requests.RequestException as exc:
                 raise input_error(f"{src.where}.url: download failed ({type(exc).__name__})") from None
         raise input_error(f"{src.where}.url: too many redirects")
 
-    @staticmethod
-    def _read_capped(resp: Any, where: str, max_bytes: int) -> bytes:
+    def _time_left(self, deadline: float, where: str) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise too_large(f"{where}.url: the download took longer than {self.policy.url_timeout_s:g} s "
+                            "(url_timeout_s)")
+        return left
+
+    def _read_capped(self, resp: Any, where: str, max_bytes: int, limit_name: str, deadline: float) -> bytes:
+        # The per-read timeout alone would let a server that drips one byte at a time hold a
+        # preprocessing thread for ever; the deadline bounds the whole download.
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise too_large(f"{where}.url: {declared} bytes exceed the limit of {max_bytes} ({limit_name})")
         buf = bytearray()
-        for chunk in resp.iter_content(65536):
+        # read1 returns what has arrived instead of waiting for a full chunk, so the deadline is
+        # checked at least once per network read; it also inflates gzip, so the cap is on decoded bytes.
+        while chunk := resp.raw.read1(65536, decode_content=True):
             buf += chunk
             if len(buf) > max_bytes:
-                raise too_large(f"{where}.url: download exceeds {max_bytes} bytes")
+                raise too_large(f"{where}.url: the download exceeds {max_bytes} bytes ({limit_name})")
+            self._time_left(deadline, where)
         return bytes(buf)
+
+    def _checked_file(self, src: MediaSource, max_bytes: int, limit_name: str) -> Path:
+        path = self.check_path(src)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise too_large(f"{src.where}.path: {size} bytes exceed the limit of {max_bytes} ({limit_name})")
+        return path
 
     # -- images --------------------------------------------------------------------------------
     def image_bytes(self, src: MediaSource) -> bytes:
         if src.kind == "bytes":
             return src.value
         if src.kind == "path":
-            path = self.check_path(src)
-            if path.stat().st_size > self.policy.url_max_bytes:
-                raise too_large(f"{src.where}.path: file exceeds {self.policy.url_max_bytes} bytes")
-            return path.read_bytes()
-        return self.fetch_url(src, self.policy.url_max_bytes)
+            return self._checked_file(src, self.policy.max_image_bytes, "max_image_bytes").read_bytes()
+        return self.fetch_url(src, self.policy.max_image_bytes, "max_image_bytes")
 
     def load_image(self, src: MediaSource):
         """Decode an image, refusing decompression bombs from the header before decoding pixels."""
@@ -236,11 +262,15 @@ class MediaReader:
         data = self.image_bytes(src)
         try:
             img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:  # Pillow's own bound (twice its MAX_IMAGE_PIXELS), from the header
+            raise too_large(f"{src.where}: the image's header declares more pixels than the limit of "
+                            f"{self.policy.max_image_pixels} (max_image_pixels)") from None
         except Exception:
             raise input_error(f"{src.where}: not a decodable image") from None
         width, height = img.size
         if width * height > self.policy.max_image_pixels:
-            raise too_large(f"{src.where}: {width}x{height} pixels exceed the limit of {self.policy.max_image_pixels}")
+            raise too_large(f"{src.where}: {width}x{height} pixels exceed the limit of {self.policy.max_image_pixels} "
+                            "(max_image_pixels)")
         try:
             img.load()
         except Exception:
@@ -250,15 +280,37 @@ class MediaReader:
     # -- videos --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def video_file(self, src: MediaSource) -> Iterator[str]:
-        """A local file path for a video source, downloaded to a private temp file for URLs."""
+        """A local path to a checked video file (duration and frame size within the policy);
+        downloads and inline bytes go to a private temp file, removed on exit."""
         if src.kind == "path":
-            yield str(self.check_path(src))
+            path = str(self._checked_file(src, self.policy.max_video_bytes, "max_video_bytes"))
+            self.check_video(path, src.where)
+            yield path
             return
-        data = src.value if src.kind == "bytes" else self.fetch_url(src, self.policy.max_video_bytes)
+        data = src.value if src.kind == "bytes" else self.fetch_url(src, self.policy.max_video_bytes, "max_video_bytes")
         fd, name = tempfile.mkstemp(prefix="qwen3vl-video-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            self.check_video(name, src.where)
             yield name
         finally:
             os.unlink(name)
+
+    def check_video(self, path: str, where: str) -> None:
+        """Read the container's header only: refuse what cannot be decoded, a duration over
+        max_video_seconds and frames over max_image_pixels before a single frame is decoded."""
+        from torchcodec.decoders import VideoDecoder
+
+        try:
+            meta = VideoDecoder(path, seek_mode="approximate").metadata
+        except Exception:
+            raise input_error(f"{where}: not a decodable video") from None
+        seconds = meta.duration_seconds or 0.0
+        if seconds > self.policy.max_video_seconds:
+            raise too_large(f"{where}: {seconds:.1f} s of video exceed the limit of "
+                            f"{self.policy.max_video_seconds:g} s (max_video_seconds)")
+        width, height = meta.width or 0, meta.height or 0
+        if width * height > self.policy.max_image_pixels:
+            raise too_large(f"{where}: {width}x{height} frames exceed the limit of {self.policy.max_image_pixels} "
+                            "pixels (max_image_pixels)")

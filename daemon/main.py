@@ -39,6 +39,47 @@ def cli() -> None:
     """Qwen3-VL embedding and reranking daemon."""
 
 
+def _limit(flag: str, kind, default, help: str):
+    """A `serve` option for one limit, with its QWEN3VL_* environment variable."""
+    env = "QWEN3VL_" + flag.lstrip("-").replace("-", "_").upper()
+    return click.option(flag, envvar=env, type=kind, default=default, show_default=True, help=help)
+
+
+# Defaults come from the dataclasses, so the CLI and the library cannot disagree.
+LIMIT_OPTIONS = [
+    _limit("--max-message-bytes", click.IntRange(min=1024), Limits.max_message_bytes,
+           "Largest request message (set on the socket)."),
+    _limit("--max-inputs", click.IntRange(min=1), Limits.max_inputs,
+           "Inputs per embed request."),
+    _limit("--max-documents", click.IntRange(min=1), Limits.max_documents,
+           "Documents per rerank request."),
+    _limit("--max-text-chars", click.IntRange(min=1), Limits.max_text_chars,
+           "Characters per text or instruction."),
+    _limit("--max-msgpack-depth", click.IntRange(min=6), Limits.max_msgpack_depth,
+           "Nesting of msgpack arrays and maps in a request."),
+    _limit("--max-msgpack-items", click.IntRange(min=16), Limits.max_msgpack_items,
+           "Items in one msgpack array or map."),
+    _limit("--max-image-pixels", click.IntRange(min=1), MediaPolicy.max_image_pixels,
+           "Pixels of an image or video frame (from its header)."),
+    _limit("--max-image-bytes", click.IntRange(min=1), MediaPolicy.max_image_bytes,
+           "Bytes of an image read by path or URL."),
+    _limit("--max-video-bytes", click.IntRange(min=1), MediaPolicy.max_video_bytes,
+           "Bytes of a video file read by path or URL."),
+    _limit("--max-video-frames", click.IntRange(min=1), MediaPolicy.max_video_frames,
+           "Frames of a video sent as a frame list."),
+    _limit("--max-video-seconds", click.FloatRange(min=0), MediaPolicy.max_video_seconds,
+           "Duration of a video file (from its header)."),
+    _limit("--url-timeout", click.FloatRange(min=0.1), MediaPolicy.url_timeout_s,
+           "Seconds for one whole URL download."),
+]
+
+
+def _limit_options(fn):
+    for option in reversed(LIMIT_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @cli.command()
 @click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint, show_default="$RUNTIME_DIRECTORY, "
               "$XDG_RUNTIME_DIR or the temp dir, then qwen3vl/daemon.sock", help="ZeroMQ endpoint to bind.")
@@ -54,9 +95,9 @@ def cli() -> None:
               help="auto (bfloat16 where supported, else float32), bfloat16, float32 or float16.")
 @click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default="sdpa", show_default=True)
 @click.option("--embedding-max-length", envvar="QWEN3VL_EMBEDDING_MAX_LENGTH", type=click.IntRange(min=16),
-              default=8192, show_default=True)
+              default=8192, show_default=True, help="Tokens per input; longer text is truncated (official).")
 @click.option("--reranker-max-length", envvar="QWEN3VL_RERANKER_MAX_LENGTH", type=click.IntRange(min=16),
-              default=10240, show_default=True)
+              default=10240, show_default=True, help="Tokens per query-document pair; longer is truncated.")
 @click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1), default=32,
               show_default=True, help="Inputs per forward pass.")
 @click.option("--max-batch-tokens", envvar="QWEN3VL_MAX_BATCH_TOKENS", type=click.IntRange(min=64), default=None,
@@ -65,23 +106,20 @@ def cli() -> None:
               show_default=True, help="Longest a ready input waits for others still being preprocessed.")
 @click.option("--prep-workers", envvar="QWEN3VL_PREP_WORKERS", type=click.IntRange(min=1), default=None,
               help="Preprocessing threads (default: half the CPUs, at most 4).")
+@click.option("--max-queued-inputs", envvar="QWEN3VL_MAX_QUEUED_INPUTS", type=click.IntRange(min=1), default=8192,
+              show_default=True, help="Queued inputs/documents beyond which requests get `overloaded`.")
 @click.option("--max-queued-tokens", envvar="QWEN3VL_MAX_QUEUED_TOKENS", type=click.IntRange(min=1),
               default=4_000_000, show_default=True, help="Estimated queued tokens beyond which: overloaded.")
 @click.option("--cache-bytes", envvar="QWEN3VL_CACHE_BYTES", type=click.IntRange(min=0), default=0,
               show_default=True, help="Embedding cache size in bytes; 0 disables it.")
-@click.option("--max-message-bytes", envvar="QWEN3VL_MAX_MESSAGE_BYTES", type=click.IntRange(min=1024),
-              default=64 * 1024 * 1024, show_default=True)
-@click.option("--max-inputs", envvar="QWEN3VL_MAX_INPUTS", type=click.IntRange(min=1), default=1024,
-              show_default=True)
-@click.option("--max-documents", envvar="QWEN3VL_MAX_DOCUMENTS", type=click.IntRange(min=1), default=1024,
-              show_default=True)
-@click.option("--max-queued-inputs", envvar="QWEN3VL_MAX_QUEUED_INPUTS", type=click.IntRange(min=1), default=8192,
-              show_default=True, help="Queued inputs/documents beyond which requests get `overloaded`.")
+@_limit_options
 @click.option("--allow-path", "allow_paths", envvar="QWEN3VL_ALLOW_PATHS", multiple=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory clients may read media from (repeatable; ':'-separated in the env). None by default.")
 @click.option("--allow-urls/--no-allow-urls", envvar="QWEN3VL_ALLOW_URLS", default=False, show_default=True,
               help="Let clients name http(s) media URLs (public addresses only).")
+@click.option("--allow-private-urls/--no-allow-private-urls", envvar="QWEN3VL_ALLOW_PRIVATE_URLS", default=False,
+              show_default=True, help="With --allow-urls: also loopback, link-local and private addresses.")
 @click.option("--offline", envvar=["QWEN3VL_OFFLINE", "HF_HUB_OFFLINE"], is_flag=True, default=False,
               help="Never download; load only local files.")
 @click.option("--curve-secret-key", envvar="QWEN3VL_CURVE_SECRET_KEY", type=click.Path(dir_okay=False, path_type=Path),
@@ -95,33 +133,13 @@ def cli() -> None:
               show_default=True, help="Seconds to finish accepted requests after SIGTERM.")
 @click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True)
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
-def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtype, attn_implementation,
-          embedding_max_length, reranker_max_length, max_batch_size, max_batch_tokens, max_wait_ms, prep_workers,
-          max_queued_tokens, cache_bytes, max_message_bytes, max_inputs, max_documents, max_queued_inputs, allow_paths, allow_urls, offline, curve_secret_key, curve_authorized_keys, socket_mode, drain_timeout, warmup,
-          log_level) -> None:
+def serve(log_level: str, **opts) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     from .server import Server, StartupError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    roots = tuple(Path(p) for entry in allow_paths for p in str(entry).split(":") if p)
-    config = DaemonConfig(
-        endpoint=endpoint,
-        embedding=_model(embedding_model, device, dtype, attn_implementation, embedding_max_length, offline),
-        reranker=_model(reranker_model, device, dtype, attn_implementation, reranker_max_length, offline),
-        embedding_dim=embedding_dim,
-        media=MediaPolicy(allowed_roots=roots, allow_urls=allow_urls),
-        limits=Limits(max_message_bytes=max_message_bytes, max_inputs=max_inputs, max_documents=max_documents),
-        batching=Batching(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
-                          max_queued_inputs=max_queued_inputs, max_queued_tokens=max_queued_tokens,
-                          cache_bytes=cache_bytes, **({"prep_workers": prep_workers} if prep_workers else {})),
-        warmup=warmup,
-        socket_mode=_octal(socket_mode),
-        curve_secret_key=curve_secret_key,
-        curve_authorized_keys=curve_authorized_keys,
-        drain_timeout_s=drain_timeout,
-    )
-    server = Server(config)
+    server = Server(config_from_options(opts))
     server.install_signal_handlers()
     try:
         code = server.serve()
@@ -129,6 +147,34 @@ def serve(endpoint, embedding_model, reranker_model, embedding_dim, device, dtyp
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+def config_from_options(o: dict) -> DaemonConfig:
+    """The typed configuration from `serve`'s options (named as click passes them)."""
+    def model(name: str, max_length: int) -> ModelSettings | None:
+        return _model(name, o["device"], o["dtype"], o["attn_implementation"], max_length, o["offline"])
+
+    roots = tuple(Path(p) for entry in o["allow_paths"] for p in str(entry).split(":") if p)
+    media = MediaPolicy(
+        allowed_roots=roots, allow_urls=o["allow_urls"], allow_private_urls=o["allow_private_urls"],
+        url_timeout_s=o["url_timeout"], max_image_bytes=o["max_image_bytes"], max_video_bytes=o["max_video_bytes"],
+        max_image_pixels=o["max_image_pixels"], max_video_frames=o["max_video_frames"],
+        max_video_seconds=o["max_video_seconds"])
+    limits = Limits(max_message_bytes=o["max_message_bytes"], max_inputs=o["max_inputs"],
+                    max_documents=o["max_documents"], max_text_chars=o["max_text_chars"],
+                    max_msgpack_depth=o["max_msgpack_depth"], max_msgpack_items=o["max_msgpack_items"])
+    batching = Batching(max_batch_size=o["max_batch_size"], max_batch_tokens=o["max_batch_tokens"],
+                        max_wait_ms=o["max_wait_ms"], max_queued_inputs=o["max_queued_inputs"],
+                        max_queued_tokens=o["max_queued_tokens"], cache_bytes=o["cache_bytes"],
+                        **({"prep_workers": o["prep_workers"]} if o["prep_workers"] else {}))
+    return DaemonConfig(
+        endpoint=o["endpoint"],
+        embedding=model(o["embedding_model"], o["embedding_max_length"]),
+        reranker=model(o["reranker_model"], o["reranker_max_length"]),
+        embedding_dim=o["embedding_dim"], media=media, limits=limits, batching=batching, warmup=o["warmup"],
+        socket_mode=_octal(o["socket_mode"]), curve_secret_key=o["curve_secret_key"],
+        curve_authorized_keys=o["curve_authorized_keys"], drain_timeout_s=o["drain_timeout"],
+    )
 
 
 def _octal(text: str) -> int:

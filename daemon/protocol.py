@@ -55,8 +55,26 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True)
+def unpack(data: bytes, max_items: int = 2**31 - 1) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=max_items, max_map_len=max_items)
+
+
+def nesting_depth(obj: Any, stop_at: int) -> int:
+    """How deeply arrays and maps nest in `obj` (a scalar is 0), counting no further than `stop_at`."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_at:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def ok_reply(request_id: Any, **fields: Any) -> bytes:
@@ -72,9 +90,17 @@ def decode_payload(data: bytes, limits: Limits) -> dict:
     if len(data) > limits.max_message_bytes:
         raise too_large(f"payload: {len(data)} bytes exceed the limit of {limits.max_message_bytes} (max_message_bytes)")
     try:
-        payload = unpack(data)
+        payload = unpack(data, limits.max_msgpack_items)
+    except ValueError as exc:  # msgpack names a container over its length limit in a ValueError
+        if "exceeds max_" in str(exc):
+            raise too_large(f"payload: an array or map exceeds {limits.max_msgpack_items} items "
+                            "(max_msgpack_items)") from None
+        raise invalid("payload: not a valid msgpack document") from None
     except Exception:
         raise invalid("payload: not a valid msgpack document") from None
+    if nesting_depth(payload, limits.max_msgpack_depth) > limits.max_msgpack_depth:
+        raise too_large(f"payload: arrays and maps nest deeper than {limits.max_msgpack_depth} levels "
+                        "(max_msgpack_depth)")
     if not isinstance(payload, dict):
         raise invalid("payload: expected a msgpack map with an 'op' field")
     return payload

@@ -1,0 +1,112 @@
+"""Processes the benchmark and reliability scripts run against: daemons, bridges, a tiny checkpoint.
+
+Every process is a real `qwen3vl-daemon serve` or `qwen3vl-bridge` started with this interpreter;
+`Servers` owns them and stops them on exit (SIGTERM, then SIGKILL after 30 s).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_daemon_ready(endpoint: str, proc: subprocess.Popen | None = None, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Client(endpoint, timeout=1.0) as c:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"daemon on {endpoint} exited with {proc.returncode}")
+            try:
+                if c.health()["status"] == "ready":
+                    return
+            except (DaemonError, DaemonTimeout, DaemonUnavailable):
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"daemon on {endpoint} not ready in {timeout_s:g} s")
+
+
+def wait_http(url: str, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on {url}")
+
+
+@dataclass
+class Servers:
+    procs: list = field(default_factory=list)
+    by_name: dict = field(default_factory=dict)  # the latest process started under each name
+
+    def spawn(self, args: list[str], name: str | None = None, log: Path | None = None, **kw) -> subprocess.Popen:
+        out = log.open("ab") if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                                text=log is None, **kw)
+        self.procs.append(proc)
+        if name is not None:
+            self.by_name[name] = proc
+        return proc
+
+    def daemon(self, work: Path, name: str, ckpt: Path, *extra: str, log_level: str = "error") -> str:
+        """Start (or restart, on the same socket) daemon `name` with both models; its endpoint once ready."""
+        endpoint = f"ipc://{work}/{name}/daemon.sock"
+        proc = self.spawn([sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--embedding-model",
+                           str(ckpt), "--reranker-model", str(ckpt), "--log-level", log_level, *extra],
+                          name=name, log=work / f"{name}.log", env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+        wait_daemon_ready(endpoint, proc)
+        return endpoint
+
+    def bridge(self, work: Path, name: str, endpoint: str, *extra: str) -> str:
+        """Start a bridge to `endpoint`; its base URL once it answers."""
+        port = free_port()
+        self.spawn([sys.executable, "-m", "http_bridge.bridge", "--endpoint", endpoint, "--port", str(port),
+                    "--log-level", "warning", *extra], name=name, log=work / f"{name}.log", cwd=ROOT)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health")
+        return url
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def __enter__(self) -> "Servers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
