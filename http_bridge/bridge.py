@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,9 @@ from daemon import __version__
 from daemon.client import AsyncClient, CurveKeys, DaemonTimeout, DaemonUnavailable, embed_result, rerank_result
 from daemon.config import default_endpoint
 
+from .guard import BodyGuard, header_timeout_protocol
+
+HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 # Daemon error codes as HTTP statuses.
 STATUS_BY_CODE = {"invalid_request": 400, "unsupported": 400, "input_error": 422, "too_large": 413,
                   "overloaded": 429, "not_loaded": 503, "shutting_down": 503, "internal": 500}
@@ -42,6 +46,9 @@ class BridgeConfig:
     token: str | None = None  # bearer token required on every route but /health when set
     max_body_bytes: int = 64 * 1024 * 1024
     timeout_s: float = 120.0  # a daemon reply slower than this is a 504
+    body_timeout_s: float | None = 60.0  # a request body slower than this to arrive is a 408
+    header_timeout_s: float = 10.0  # a connection whose request headers take longer is closed
+    limit_concurrency: int = 1024  # connections; beyond: 503 at once
     curve: CurveKeys | None = None  # for a tcp:// daemon endpoint with CURVE
 
 
@@ -133,7 +140,7 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 429, 500, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 422, 429, 500, 503, 504)}
 
 
 # -- conversions -----------------------------------------------------------------------------------
@@ -239,44 +246,6 @@ def _buckets(hist: dict) -> list[tuple[str, float]]:
 
 
 # -- the app ---------------------------------------------------------------------------------------
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with 413, declared or streamed."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send):
-        body = b'{"error":{"code":"too_large","message":"request body exceeds the bridge\'s limit"}}'
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
 class Measure:
     """ASGI middleware: count requests by route and status, and time them (a plain ASGI wrapper:
     Starlette's BaseHTTPMiddleware costs far more per request)."""
@@ -326,6 +295,12 @@ def create_app(config: BridgeConfig) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(422, "invalid_request", f"{where or 'body'}: {first.get('msg')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        # FastAPI's own refusals (a body it cannot parse, an unknown route) in the bridge's error shape.
+        code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(BadInput)
     async def _bad_input(_request: Request, exc: BadInput):
@@ -429,7 +404,7 @@ def create_app(config: BridgeConfig) -> FastAPI:
     app.state.config = config
     app.state.metrics = metrics
     measured = Measure(app, metrics)
-    return BodyLimit(measured, config.max_body_bytes) if config.max_body_bytes else measured
+    return BodyGuard(measured, config.max_body_bytes or None, config.body_timeout_s)
 
 
 class _Unauthorized(Exception):
@@ -451,17 +426,26 @@ class _Unauthorized(Exception):
               show_default=True)
 @click.option("--timeout", envvar="QWEN3VL_BRIDGE_TIMEOUT", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the daemon before answering 504.")
+@click.option("--body-timeout", envvar="QWEN3VL_BRIDGE_BODY_TIMEOUT", type=click.FloatRange(min=0.1), default=60.0,
+              show_default=True, help="Seconds for a request body to arrive, else 408.")
+@click.option("--header-timeout", envvar="QWEN3VL_BRIDGE_HEADER_TIMEOUT", type=click.FloatRange(min=0.1),
+              default=10.0, show_default=True, help="Seconds for a request's headers to arrive, else the "
+              "connection is closed.")
+@click.option("--limit-concurrency", envvar="QWEN3VL_BRIDGE_LIMIT_CONCURRENCY", type=click.IntRange(min=1),
+              default=1024, show_default=True, help="Open connections beyond which requests get 503 at once.")
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
-def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, max_body_bytes, timeout,
-         log_level) -> None:
+def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, max_body_bytes, timeout, body_timeout,
+         header_timeout, limit_concurrency, log_level) -> None:
     """Serve the HTTP bridge in front of a running qwen3vl daemon."""
     import uvicorn
 
     token = open(token_file).read().strip() if token_file else os.environ.get("QWEN3VL_BRIDGE_TOKEN") or None
     curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
     config = BridgeConfig(endpoint=endpoint, host=host, port=port, token=token, max_body_bytes=max_body_bytes,
-                          timeout_s=timeout, curve=curve)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower())
+                          timeout_s=timeout, body_timeout_s=body_timeout, header_timeout_s=header_timeout,
+                          limit_concurrency=limit_concurrency, curve=curve)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
+                http=header_timeout_protocol(config.header_timeout_s), limit_concurrency=config.limit_concurrency)
 
 
 if __name__ == "__main__":

@@ -273,3 +273,78 @@ def test_json_that_msgpack_cannot_carry_is_a_400_not_a_server_error(http, body):
     r = http.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code in (400, 422), r.text
     assert r.json()["error"]["code"] == "invalid_request"
+
+
+# -- hostile and broken HTTP clients -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def guarded(daemon):
+    b = Bridge(daemon.endpoint, "--header-timeout", "1", "--body-timeout", "1", "--max-body-bytes", "100000")
+    yield b
+    b.stop()
+
+
+def _raw_http(bridge: Bridge, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", bridge.port))
+    sock.settimeout(10)
+    sock.sendall(data)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_half_sent_headers_are_dropped_after_the_header_timeout_while_others_are_served(guarded):
+    slow = [_raw_http(guarded, b"POST /embed HTTP/1.1\r\nHost: x\r\n") for _ in range(8)]
+    started = time.monotonic()
+    with guarded.http() as http:  # served at once, not after the stalled connections
+        assert http.post("/embed", json={"texts": ["not held up"]}).status_code == 200
+        assert time.monotonic() - started < 1.0
+    assert all(_read_all(s) == b"" for s in slow)  # closed by the bridge, without an answer
+    assert time.monotonic() - started < 5.0
+
+
+def test_body_that_stops_arriving_is_408_while_others_are_served(guarded):
+    slow = _raw_http(guarded, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{\"texts\": [")
+    with guarded.http() as http:
+        assert http.post("/embed", json={"texts": ["not held up"]}).status_code == 200
+    head, _, body = _read_all(slow).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "timeout"
+
+
+def test_streamed_body_over_the_limit_is_413_without_a_declared_length(guarded):
+    with guarded.http() as http:
+        r = http.post("/embed", content=iter([b'{"texts": ["', b"x" * 60000, b"y" * 60000, b'"]}']),
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+@pytest.mark.parametrize("body", [b"[" * 50000, b'{"texts": ' + b"[" * 50000, b"\xff\xfe not utf-8", b"",
+                                  b'{"texts": ["a"]} trailing', b"null"])
+def test_body_that_is_not_json_gets_a_4xx_in_the_bridge_error_shape(guarded, body):
+    with guarded.http() as http:
+        r = http.post("/embed", content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_request", r.text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"texts": [1, 2]}, "texts.0"), ({"texts": [["nested"]]}, "texts.0"), ({"texts": ["a"], "dimension": "eight"},
+    "dimension"), ({"texts": ["a"], "normalize": "maybe"}, "normalize"), ({"query": 5, "documents": ["d"]}, "query"),
+    ({"inputs": [{"image": 7}]}, "inputs.0"), ({"inputs": [{"video": "x"}]}, "inputs.0"),
+])
+def test_wrong_types_name_the_field(guarded, body, field):
+    path = "/rerank" if "query" in body else "/embed"
+    with guarded.http() as http:
+        r = http.post(path, json=body)
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_request", r.text
+    assert r.json()["error"]["message"].startswith(field), r.text
+
+
+def test_unknown_route_is_404_in_the_bridge_error_shape(guarded):
+    with guarded.http() as http:
+        r = http.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
