@@ -116,6 +116,8 @@ def _load(cls, settings: ModelSettings, device, dtype):
             attn_implementation=settings.attn_implementation,
             local_files_only=settings.local_files_only,
             output_loading_info=True,
+            use_safetensors=True,  # never unpickle a .bin checkpoint: pickle can run code
+            trust_remote_code=False,  # the Qwen3-VL classes are built into transformers
         )
     except OSError as exc:
         raise _unfetchable(settings, exc) from None
@@ -135,7 +137,8 @@ def _load_processor(settings: ModelSettings, padding_side: str):
 
     try:
         return AutoProcessor.from_pretrained(
-            settings.name, padding_side=padding_side, local_files_only=settings.local_files_only
+            settings.name, padding_side=padding_side, local_files_only=settings.local_files_only,
+            trust_remote_code=False,
         )
     except OSError as exc:
         raise _unfetchable(settings, exc) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -93,8 +94,24 @@ class Server:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT start the drain. Python runs signal handlers on the main thread, which
+        may be inside a forward for a while; meanwhile the socket loop would keep accepting work.
+        So the signal also wakes the socket loop through a wakeup fd, and it stops taking work at once."""
+        self._wakeup, writer = socket.socketpair()
+        self._wakeup.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup_writer = writer  # kept open for the process's life
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+
+    def _check_wakeup(self) -> None:
+        try:
+            received = self._wakeup.recv(64)
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in received or signal.SIGINT in received:
+            self._stop.set()
 
     def _bind(self) -> zmq.Socket:
         endpoint = self.config.endpoint
@@ -207,6 +224,10 @@ class Server:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
+        wakeup = getattr(self, "_wakeup", None)
+        wakeup_fd = None if wakeup is None else wakeup.fileno()  # the poller reports plain fds by number
+        if wakeup_fd is not None:
+            poller.register(wakeup_fd, zmq.POLLIN)
         deadline = None
         # Watchdog pings come from this loop, so a hung loop stops them and systemd restarts us.
         ping_every = self.notifier.watchdog_interval_s
@@ -217,21 +238,22 @@ class Server:
             if ping_every is not None and time.monotonic() >= next_ping:
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + ping_every
+            if wakeup_fd is not None and wakeup_fd in events:
+                self._check_wakeup()
+            if self._stop.is_set() and deadline is None:  # before reading requests: they get shutting_down
+                log.info("draining")
+                self.notifier.stopping()
+                self.engine.drain()
+                deadline = time.monotonic() + self.drain_timeout_s
             if pull in events:
                 self._forward_replies(pull, router)
             if router in events:
                 self._receive_requests(router)
             if self.engine.state == "failed":
                 raise StartupError(self.engine.load_error or "model loading failed")
-            if self._stop.is_set():
-                if deadline is None:
-                    log.info("draining")
-                    self.notifier.stopping()
-                    self.engine.drain()
-                    deadline = time.monotonic() + self.drain_timeout_s
-                if self.engine.idle() and not events or time.monotonic() > deadline:
-                    self._forward_replies(pull, router)
-                    return 0
+            if deadline is not None and (self.engine.idle() and not events or time.monotonic() > deadline):
+                self._forward_replies(pull, router)
+                return 0
 
     def _forward_replies(self, pull: zmq.Socket, router: zmq.Socket) -> None:
         # Checking EVENTS first avoids raising zmq.Again on every pass (measurable at this scale).

@@ -6,12 +6,15 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -136,3 +139,45 @@ def pil(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     return img
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Bridge:
+    """A real `http_bridge.bridge` process on a free port, in front of `endpoint`."""
+
+    def __init__(self, endpoint: str, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a pipe nobody reads would block a bridge that logs enough.
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "http_bridge.bridge", "--endpoint", endpoint, "--log-level", "warning", *args],
+            env={**os.environ, "PORT": str(self.port), **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/openapi.json", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.log.seek(0)
+        raise RuntimeError(self.log.read().decode())
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+    def __enter__(self) -> "Bridge":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,15 +1,25 @@
-"""Faults inside the daemon fail only what they touch, and the daemon keeps serving."""
+"""Faults fail only what they touch and the daemon keeps serving: out of memory, hostile messages,
+kill -9 and SIGTERM under load."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
+from pathlib import Path
 
+import httpx
+import msgpack
 import numpy as np
 import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
 
+from conftest import Bridge, start_daemon
 from daemon.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.server import Server
+from fuzzing import envelopes, judge, payloads
 
 
 def _serve_in_thread(config: DaemonConfig) -> tuple[Server, threading.Thread]:
@@ -53,10 +63,7 @@ def test_out_of_memory_is_retried_in_smaller_batches_then_fails_only_its_batch(t
 
 
 # -- fuzzing the socket: random frame structures, payloads of every shape, mutated valid requests -----
-import zmq  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from fuzzing import envelopes, judge, payloads  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -73,3 +80,117 @@ def test_every_well_enveloped_message_gets_exactly_one_reply(daemon, envelope, p
     finally:
         sock.close()
     assert daemon.process.poll() is None
+
+
+# -- faults under load: kill -9, SIGTERM ------------------------------------------------------------
+
+
+
+IPC_TIMEOUT_S = 3.0
+
+
+def _load(stop: threading.Event, call, outcomes: list) -> None:
+    """Call `call` until stopped, recording (when it started, how long it took, its outcome)."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            outcome = call()
+        except Exception as exc:  # recorded, judged by the test
+            outcome = f"{type(exc).__name__}:{getattr(exc, 'code', '')}"
+        outcomes.append((started, time.monotonic() - started, outcome))
+
+
+def test_kill_9_under_load_fails_requests_cleanly_and_everything_recovers_by_itself(tmp_path, tiny_dir):
+    args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    d = start_daemon(tmp_path / "d", *args)
+    bridge = Bridge(d.endpoint, "--timeout", "5")
+    with d.client() as c:
+        want = c.embed(["steady load"]).embeddings
+
+    def ipc_call(client: Client):
+        got = client.embed(["steady load"]).embeddings
+        return "ok" if np.abs(got - want).max() < 1e-5 else "wrong result"
+
+    def http_call(http: httpx.Client):
+        r = http.post("/embed", json={"texts": ["steady load"]})
+        if r.status_code != 200:
+            return r.status_code
+        return "ok" if np.abs(np.asarray(r.json()["embeddings"]) - want).max() < 1e-5 else "wrong result"
+
+    stop, ipc, http = threading.Event(), [[] for _ in range(4)], [[] for _ in range(2)]
+    clients = [Client(d.endpoint, timeout=IPC_TIMEOUT_S, connect_timeout=0.5) for _ in ipc]
+    https = [httpx.Client(base_url=bridge.url, timeout=30) for _ in http]
+    threads = [threading.Thread(target=_load, args=(stop, lambda c=c: ipc_call(c), out)) for c, out in zip(clients, ipc)]
+    threads += [threading.Thread(target=_load, args=(stop, lambda h=h: http_call(h), out)) for h, out in zip(https, http)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        d.process.kill()
+        killed = time.monotonic()
+        d.process.wait(10)
+        time.sleep(2.0)
+        assert Path(d.endpoint[len("ipc://"):]).exists()  # the stale socket file a crash leaves behind
+        d = start_daemon(tmp_path / "d", *args)
+        restarted = time.monotonic()
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for c in clients:
+            c.close()
+        for h in https:
+            h.close()
+        bridge.stop()
+        d.stop()
+    everything = [o for out in ipc + http for o in out]
+    assert not any(t.is_alive() for t in threads)
+    assert max(took for _, took, _ in everything) < 10.0  # never a hang: bounded by the client timeouts
+    # Down: no daemon (or its reply lost with it); restarting: it binds before loading, answers not_loaded.
+    clear_errors = {"DaemonTimeout:", "DaemonUnavailable:", "DaemonError:not_loaded", 503, 504}
+    assert {o for _, _, o in everything if o != "ok"} <= clear_errors
+    assert any(o == 503 for out in http for _, _, o in out)  # the bridge said the daemon was gone
+    for out in ipc + http:  # every client worked before the kill and again after the restart
+        assert any(o == "ok" and s + took < killed for s, took, o in out)
+        assert any(o == "ok" and s > restarted for s, took, o in out)
+        assert all(o == "ok" for s, _, o in out if s > restarted + 1.0)
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_refuses_later_ones(tmp_path, tiny_dir):
+    d = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    socks = []
+    for k in range(8):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger, sock.rcvtimeo = 0, 60000
+        sock.connect(d.endpoint)
+        for i in range(6):
+            texts = [f"client {k} request {i} text {j} " + "word " * 150 for j in range(8)]
+            sock.send_multipart([b"", msgpack.packb({"op": "embed", "id": i, "inputs": texts})])
+        sock.send_multipart([b"", msgpack.packb({"op": "health", "id": "barrier"})])
+        socks.append(sock)
+    try:
+        accepted: list[list[dict]] = [[] for _ in socks]
+        for sock, got in zip(socks, accepted):  # health is answered at once, after the 6 embeds were read
+            while (reply := msgpack.unpackb(sock.recv_multipart()[-1]))["id"] != "barrier":
+                got.append(reply)
+        d.process.send_signal(signal.SIGTERM)
+        time.sleep(0.02)  # the main thread is inside a forward: the socket loop must notice anyway
+        for sock in socks:
+            sock.send_multipart([b"", msgpack.packb({"op": "embed", "id": "late", "inputs": ["late"]})])
+        late: dict[int, dict] = {}
+        for k, (sock, got) in enumerate(zip(socks, accepted)):
+            while len(got) < 6 or k not in late:
+                reply = msgpack.unpackb(sock.recv_multipart()[-1])
+                if reply["id"] == "late":
+                    late[k] = reply
+                else:
+                    got.append(reply)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert d.process.wait(60) == 0
+    for got in accepted:
+        assert sorted(r["id"] for r in got) == list(range(6))
+        assert all(r["ok"] and r["count"] == 8 for r in got), [r.get("error") for r in got if not r["ok"]]
+    assert [r["error"]["code"] for r in late.values()] == ["shutting_down"] * 8

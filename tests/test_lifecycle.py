@@ -147,6 +147,20 @@ def test_unloadable_model_exits_with_one_line(tmp_path):
     assert lines[-1].startswith("qwen3vl-daemon: cannot load model") and "Traceback" not in result.stderr
 
 
+def test_pickled_checkpoint_is_refused_unread(tmp_path, tiny_dir):
+    """A .bin checkpoint is a pickle, which can run code when loaded: only safetensors are read."""
+    ckpt = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, ckpt)
+    torch.save(load_file(ckpt / "model.safetensors"), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve", "--endpoint", f"ipc://{tmp_path}/s/d.sock",
+         "--embedding-model", str(ckpt), "--reranker-model", "none", "--offline"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "cannot load model" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_client_commands_print_json(daemon):
     run = lambda *a: subprocess.run([sys.executable, "-m", "daemon", *a, "--endpoint", daemon.endpoint],  # noqa: E731
                                     capture_output=True, text=True, timeout=120, check=True).stdout

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import start_daemon
+from conftest import free_port, start_daemon
 from daemon.client import Client, CurveKeys, DaemonTimeout, DaemonUnavailable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_daemons_share_the_load_and_survive_a_kill_and_restart(tmp_path, tiny_dir):
