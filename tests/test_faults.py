@@ -194,3 +194,22 @@ def test_sigterm_under_load_answers_every_accepted_request_and_refuses_later_one
         assert sorted(r["id"] for r in got) == list(range(6))
         assert all(r["ok"] and r["count"] == 8 for r in got), [r.get("error") for r in got if not r["ok"]]
     assert [r["error"]["code"] for r in late.values()] == ["shutting_down"] * 8
+
+
+def test_clients_that_vanish_mid_request_cost_only_their_own_work(daemon):
+    with daemon.client() as c:
+        before = c.request({"op": "metrics"})
+        for i in range(20):  # each sends a request and is gone before the answer
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.connect(daemon.endpoint)
+            sock.send_multipart([b"", msgpack.packb({"op": "embed", "inputs": [f"gone {i} " + "word " * 200] * 4})])
+            sock.close(linger=2000)  # linger: the request is delivered, then the socket is gone
+        assert c.embed(["others are served"]).embeddings.shape == (1, 64)
+        deadline = time.monotonic() + 60
+        while c.health()["queue_depth"] and time.monotonic() < deadline:  # their work finishes, capacity returns
+            time.sleep(0.05)
+        metrics = c.request({"op": "metrics"})
+    assert metrics["requests"]["embed"] == before["requests"].get("embed", 0) + 21  # the 20 arrived, and ours
+    assert metrics["queue_depth"] == 0
+    assert metrics["errors"].get("internal", 0) == before["errors"].get("internal", 0)
+    assert daemon.process.poll() is None
