@@ -96,6 +96,7 @@ def kill_cycle(servers: Servers, work: Path, ckpt: Path, endpoint: str, url: str
         "in flight at the kill": sum(1 for _, s, took, _ in calls if s < killed < s + took),
         "longest call s": max(took for _, _, took, _ in calls),
         "stale socket left": stale,
+        "kill to ready again s": restarted - killed,  # 2 s down on purpose, then start and load
         "first ok after restart s": first_ok,
         "hung threads": sum(t.is_alive() for t in threads),
     }

@@ -133,11 +133,10 @@ def report(run: Run, args, elapsed: float, rss_start: int, crashed: bool) -> Non
     print(f"unanswered: {run.unanswered}; rules broken: {len(run.problems)}; daemon crashed: {crashed}")
     for problem in run.problems[:20]:
         print(f"  {problem}")
-    after_warmup = run.rss[min(1, len(run.rss) - 1)][1]
-    print(f"daemon RSS: {rss_start / 1024:.0f} MiB at start, {after_warmup / 1024:.0f} MiB after "
-          f"{run.rss[min(1, len(run.rss) - 1)][0]} cases, {run.rss[-1][1] / 1024:.0f} MiB at the end "
-          f"({(run.rss[-1][1] - after_warmup) / 1024:+.1f} MiB after warm-up)")
-
+    warm = [kib / 1024 for count, kib in run.rss if count >= 2000] or [run.rss[-1][1] / 1024]
+    print(f"daemon RSS: {rss_start / 1024:.0f} MiB at start; from 2000 cases on between {min(warm):.0f} and "
+          f"{max(warm):.0f} MiB ({len(warm)} samples), {warm[-1]:.0f} MiB at the end "
+          f"({warm[-1] - warm[0]:+.1f} MiB since 2000 cases)")
 
 if __name__ == "__main__":
     sys.exit(main())

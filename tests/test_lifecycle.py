@@ -65,6 +65,14 @@ def test_full_queue_answers_overloaded_at_once(limited):
     assert replies[0]["error"]["code"] == "overloaded" and replies[1]["ok"]
 
 
+def test_full_queue_refuses_media_before_decoding_it(limited):
+    # The image is corrupt: a decode would answer input_error. overloaded proves it was never read.
+    replies = {r["id"]: r for r in exchange(limited.endpoint, [
+        {"op": "embed", "id": "fill", "inputs": ["word " * 1000] * 8},
+        {"op": "embed", "id": "media", "inputs": [{"image": b"\x89PNG corrupt" * 1000}]}])}
+    assert replies["media"]["error"]["code"] == "overloaded" and replies["fill"]["ok"]
+
+
 def test_queued_tokens_bound_answers_overloaded(limited):
     replies = {r["id"]: r for r in exchange(limited.endpoint, [
         {"op": "embed", "id": "fill", "inputs": ["word " * 1100] * 4}, {"op": "embed", "id": "late", "inputs": ["x"]}])}

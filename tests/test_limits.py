@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -154,6 +155,14 @@ def test_image_file_over_the_byte_limit_is_too_large(strict, clips):
     big = clips / "bytes.png"
     big.write_bytes(gradient_png(2) + b"\0" * 200_001)
     _refused(_ask(strict, {"op": "embed", "inputs": [{"image": {"path": str(big)}}]}), "max_image_bytes")
+
+
+def test_special_files_under_an_allowed_directory_are_refused_unread(strict, clips):
+    fifo = clips / "pipe.png"  # reading a FIFO would block a preprocessing thread for ever
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    reply = _ask(strict, {"op": "embed", "inputs": [{"image": {"path": str(fifo)}}]})
+    assert reply["error"]["code"] == "invalid_request" and "not a regular file" in reply["error"]["message"]
 
 
 def test_video_frame_list_over_the_limit_is_too_large(strict):
