@@ -60,21 +60,20 @@ def unpack(data: bytes, max_items: int = 2**31 - 1) -> Any:
 
 
 def nesting_depth(obj: Any, stop_at: int) -> int:
-    """How deeply arrays and maps nest in `obj` (a scalar is 0), counting no further than `stop_at`."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children = [*value.keys(), *value.values()]
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > stop_at:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+    """How deeply arrays and maps nest in `obj` (a scalar is 0), counting no further than `stop_at`.
+
+    Level by level, so the cost is one pass over the containers' items; map keys are strings or bytes
+    (`strict_map_key`), so only values can nest."""
+    level, current = 0, [obj]
+    while level <= stop_at:
+        containers = [v for v in current if type(v) is list or type(v) is dict]
+        if not containers:
+            return level
+        level += 1
+        current = []
+        for c in containers:
+            current.extend(c.values() if type(c) is dict else c)
+    return level
 
 
 def ok_reply(request_id: Any, **fields: Any) -> bytes:

@@ -14,11 +14,15 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import gradient_png, start_daemon
 from daemon.config import MediaPolicy
 from daemon.errors import RequestError
 from daemon.inputs import MediaReader, MediaSource
+from daemon.protocol import nesting_depth
+from fuzzing import values
 
 
 def _clip(path: Path, size: str, seconds: int) -> Path:
@@ -220,3 +224,14 @@ def test_private_url_targets_are_refused_unless_allowed(media_server):
     with pytest.raises(RequestError) as refused:
         reader.image_bytes(MediaSource("url", f"{media_server}/ok.png", "inputs[0].image[0]"))
     assert refused.value.code.value == "invalid_request" and "non-public address" in refused.value.message
+
+
+def _depth(value) -> int:
+    children = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(_depth, children), default=0)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(values, st.integers(1, 6))
+def test_nesting_depth_is_the_recursive_depth_counted_up_to_the_limit(value, limit):
+    assert nesting_depth(value, limit) == min(_depth(value), limit + 1)
