@@ -78,6 +78,7 @@ class Server:
         self.engine = Engine(config, self._send_from_worker)
         self.notifier = Notifier()
         self.drain_timeout_s = config.drain_timeout_s
+        self._wakeup: socket.socket | None = None  # readable when SIGTERM/SIGINT arrived (install_signal_handlers)
 
     # -- replies from other threads -------------------------------------------------------------
     def _send_from_worker(self, envelope: list, payload: bytes) -> None:
@@ -224,8 +225,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
-        wakeup = getattr(self, "_wakeup", None)
-        wakeup_fd = None if wakeup is None else wakeup.fileno()  # the poller reports plain fds by number
+        wakeup_fd = None if self._wakeup is None else self._wakeup.fileno()  # the poller reports plain fds by number
         if wakeup_fd is not None:
             poller.register(wakeup_fd, zmq.POLLIN)
         deadline = None

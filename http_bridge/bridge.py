@@ -32,6 +32,7 @@ from daemon.config import default_endpoint
 
 from .guard import BodyGuard, header_timeout_protocol
 
+# FastAPI's own refusals (unparseable body, unknown route, wrong method) as error codes.
 HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 # Daemon error codes as HTTP statuses.
 STATUS_BY_CODE = {"invalid_request": 400, "unsupported": 400, "input_error": 422, "too_large": 413,

@@ -9,13 +9,14 @@ such connections would use up the bridge's file descriptors.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 def _error_body(code: str, message: str) -> bytes:
-    return ('{"error":{"code":"%s","message":"%s"}}' % (code, message)).encode()
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
 class BodyGuard:
