@@ -11,26 +11,20 @@ Each is sent behind a random envelope (0-3 extra frames of 0-16 bytes, empty fra
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import msgpack
 from hypothesis import strategies as st
-from PIL import Image
+
+from conftest import png_bytes
 
 # Codes a fuzzed request may get. `internal` (a fault inside the daemon) and `shutting_down` may not.
 EXPECTED_ERRORS = frozenset({"invalid_request", "unsupported", "input_error", "too_large", "not_loaded", "overloaded"})
 
 
-def _png(color: tuple[int, int, int], size=(40, 32)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def seed_requests() -> list[dict]:
     """Valid requests of every op and input kind: what the mutations start from."""
-    red, blue = _png((200, 20, 20)), _png((20, 20, 200))
+    red, blue = png_bytes((200, 20, 20), (40, 32)), png_bytes((20, 20, 200), (40, 32))
     return [
         {"op": "health", "id": 1},
         {"op": "metrics", "id": "m"},

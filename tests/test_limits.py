@@ -12,12 +12,11 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import gradient_png, start_daemon
+from conftest import exchange, gradient_png, start_daemon
 from daemon.config import MediaPolicy
 from daemon.errors import RequestError
 from daemon.inputs import MediaReader, MediaSource
@@ -100,19 +99,6 @@ def _ask(daemon, payload: dict) -> dict:
         return c.request(payload)
 
 
-def _raw(endpoint: str, payload: bytes) -> dict:
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger, sock.rcvtimeo = 0, 30000
-    sock.connect(endpoint)
-    try:
-        sock.send_multipart([b"", payload])
-        return msgpack.unpackb(sock.recv_multipart()[-1])
-    finally:
-        sock.close()
-
-
 def _refused(reply: dict, limit: str, where: str = "") -> None:
     assert reply["ok"] is False and reply["error"]["code"] == "too_large", reply
     assert f"({limit})" in reply["error"]["message"] and where in reply["error"]["message"], reply
@@ -122,23 +108,23 @@ def test_msgpack_nesting_deeper_than_the_limit_is_too_large(strict):
     nested: object = "x"
     for _ in range(9):
         nested = [nested]
-    _refused(_raw(strict.endpoint, msgpack.packb({"op": "health", "id": nested})), "max_msgpack_depth")
+    _refused(exchange(strict.endpoint, [{"op": "health", "id": nested}])[0], "max_msgpack_depth")
 
 
 def test_msgpack_nesting_within_the_limit_is_served(strict):
     nested: object = "x"
     for _ in range(6):
         nested = [nested]
-    reply = _raw(strict.endpoint, msgpack.packb({"op": "health", "id": nested}))
+    reply = exchange(strict.endpoint, [{"op": "health", "id": nested}])[0]
     assert reply["ok"] and reply["id"] == nested
 
 
 def test_msgpack_array_longer_than_the_limit_is_too_large(strict):
-    _refused(_raw(strict.endpoint, msgpack.packb({"op": "embed", "inputs": ["x"] * 65})), "max_msgpack_items")
+    _refused(exchange(strict.endpoint, [{"op": "embed", "inputs": ["x"] * 65}])[0], "max_msgpack_items")
 
 
 def test_msgpack_map_larger_than_the_limit_is_too_large(strict):
-    _refused(_raw(strict.endpoint, msgpack.packb({"op": "health", "id": {str(i): i for i in range(65)}})),
+    _refused(exchange(strict.endpoint, [{"op": "health", "id": {str(i): i for i in range(65)}}])[0],
              "max_msgpack_items")
 
 
