@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import math
 import os
-import socket
-import stat
 import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urljoin, urlparse
 
 from .config import Limits, MediaPolicy
 from .errors import input_error, invalid, too_large
+from .files import AllowedFiles
+from .urls import UrlFetcher
 
 INPUT_KEYS = frozenset({"text", "image", "video", "instruction", "fps", "max_frames"})
 
@@ -156,103 +152,22 @@ class MediaReader:
     """Reads media under a MediaPolicy. Every refusal names the field it came from."""
 
     policy: MediaPolicy
-    _roots: tuple[Path, ...] = field(init=False)
+    files: AllowedFiles = field(init=False)
+    urls: UrlFetcher = field(init=False)
 
     def __post_init__(self) -> None:
-        self._roots = tuple(Path(os.path.realpath(r)) for r in self.policy.allowed_roots)
-
-    # -- paths ---------------------------------------------------------------------------------
-    def check_path(self, src: MediaSource) -> Path:
-        if not self._roots:
-            raise invalid(f"{src.where}.path: reading files is disabled (the operator allows directories with --allow-path)")
-        real = Path(os.path.realpath(src.value))
-        if not any(real == root or root in real.parents for root in self._roots):
-            raise invalid(f"{src.where}.path: not under an allowed directory")
-        try:
-            info = real.stat()
-        except OSError:
-            raise input_error(f"{src.where}.path: no such file") from None
-        if not stat.S_ISREG(info.st_mode):
-            raise invalid(f"{src.where}.path: not a regular file")
-        return real
-
-    # -- URLs ----------------------------------------------------------------------------------
-    def _check_url(self, url: str, where: str) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise invalid(f"{where}.url: only http(s) URLs are allowed")
-        if self.policy.allow_private_urls:
-            return
-        try:
-            infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
-        except OSError:
-            raise input_error(f"{where}.url: cannot resolve host") from None
-        for info in infos:
-            addr = ipaddress.ip_address(info[4][0])
-            if not addr.is_global:
-                raise invalid(f"{where}.url: the host resolves to a non-public address")
+        self.files = AllowedFiles(self.policy.allowed_roots)
+        self.urls = UrlFetcher(self.policy)
 
     def fetch_url(self, src: MediaSource, max_bytes: int, limit_name: str) -> bytes:
-        if not self.policy.allow_urls:
-            raise invalid(f"{src.where}.url: URL fetching is disabled (the operator enables it with --allow-urls)")
-        import requests
-
-        url = src.value
-        deadline = time.monotonic() + self.policy.url_timeout_s
-        for _ in range(5):  # follow redirects by hand so that every hop is checked
-            self._check_url(url, src.where)
-            try:
-                with requests.get(url, stream=True, timeout=self._time_left(deadline, src.where),
-                                  allow_redirects=False) as resp:
-                    if resp.is_redirect:
-                        url = urljoin(url, resp.headers.get("location", ""))
-                        continue
-                    if resp.status_code != 200:
-                        raise input_error(f"{src.where}.url: HTTP status {resp.status_code}")
-                    return self._read_capped(resp, src.where, max_bytes, limit_name, deadline)
-            except requests.Timeout:
-                self._time_left(deadline, src.where)  # names url_timeout_s when the whole download ran out
-                raise input_error(f"{src.where}.url: the server did not answer in time") from None
-            except requests.RequestException as exc:
-                raise input_error(f"{src.where}.url: download failed ({type(exc).__name__})") from None
-        raise input_error(f"{src.where}.url: too many redirects")
-
-    def _time_left(self, deadline: float, where: str) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise too_large(f"{where}.url: the download took longer than {self.policy.url_timeout_s:g} s "
-                            "(url_timeout_s)")
-        return left
-
-    def _read_capped(self, resp: Any, where: str, max_bytes: int, limit_name: str, deadline: float) -> bytes:
-        # The per-read timeout alone would let a server that drips one byte at a time hold a
-        # preprocessing thread for ever; the deadline bounds the whole download.
-        declared = resp.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise too_large(f"{where}.url: {declared} bytes exceed the limit of {max_bytes} ({limit_name})")
-        buf = bytearray()
-        # read1 returns what has arrived instead of waiting for a full chunk, so the deadline is
-        # checked at least once per network read; it also inflates gzip, so the cap is on decoded bytes.
-        while chunk := resp.raw.read1(65536, decode_content=True):
-            buf += chunk
-            if len(buf) > max_bytes:
-                raise too_large(f"{where}.url: the download exceeds {max_bytes} bytes ({limit_name})")
-            self._time_left(deadline, where)
-        return bytes(buf)
-
-    def _checked_file(self, src: MediaSource, max_bytes: int, limit_name: str) -> Path:
-        path = self.check_path(src)
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise too_large(f"{src.where}.path: {size} bytes exceed the limit of {max_bytes} ({limit_name})")
-        return path
+        return self.urls.fetch(src.value, src.where, max_bytes, limit_name)
 
     # -- images --------------------------------------------------------------------------------
     def image_bytes(self, src: MediaSource) -> bytes:
         if src.kind == "bytes":
             return src.value
         if src.kind == "path":
-            return self._checked_file(src, self.policy.max_image_bytes, "max_image_bytes").read_bytes()
+            return self.files.read(src.value, f"{src.where}.path", self.policy.max_image_bytes, "max_image_bytes")
         return self.fetch_url(src, self.policy.max_image_bytes, "max_image_bytes")
 
     def load_image(self, src: MediaSource):
@@ -280,12 +195,14 @@ class MediaReader:
     # -- videos --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def video_file(self, src: MediaSource) -> Iterator[str]:
-        """A local path to a checked video file (duration and frame size within the policy);
-        downloads and inline bytes go to a private temp file, removed on exit."""
+        """A name a decoder can open for a checked video file (duration and frame size within the
+        policy): a client's path is opened once and named by its descriptor; downloads and inline
+        bytes go to a private temp file, removed on exit."""
         if src.kind == "path":
-            path = str(self._checked_file(src, self.policy.max_video_bytes, "max_video_bytes"))
-            self.check_video(path, src.where)
-            yield path
+            with self.files.opened(src.value, f"{src.where}.path", self.policy.max_video_bytes,
+                                   "max_video_bytes") as path:
+                self.check_video(path, src.where)
+                yield path
             return
         data = src.value if src.kind == "bytes" else self.fetch_url(src, self.policy.max_video_bytes, "max_video_bytes")
         fd, name = tempfile.mkstemp(prefix="qwen3vl-video-")
