@@ -4,8 +4,11 @@ Work arrives as *units* (one embedding input, or one query-document pair) from a
 requests. Preprocessing threads `put` units once their token ids are known; the model thread asks
 `next_batch` for the next forward. A batch:
 
-- holds units of one kind (embed or rerank), starting with the oldest ready unit, so nothing starves;
-- is filled with the ready units whose lengths are closest to that one, so padding stays small;
+- holds units of one kind (embed or rerank), starting with the oldest ready unit of the request served
+  least recently, so no request starves, however many units another one has queued;
+- gives every waiting request a fair share of its places first (size / requests waiting), then fills
+  the rest; within that, it takes the ready units whose lengths are closest to the first one, so
+  padding stays small;
 - respects `max_batch_size` and `max_batch_tokens` (padded tokens: size × longest);
 - waits at most `max_wait_s` for more units, only while the batch is not full, and only when more are
   likely: some are still being preprocessed, or units have been arriving less than `max_wait_s` apart
@@ -59,6 +62,8 @@ class Scheduler:
         self._closed = False
         self._last_put = float("-inf")
         self._flowing = False  # the last two arrivals were less than max_wait_s apart
+        self._batches = 0  # batches taken so far
+        self._served: dict[int, int] = {}  # id(owner) -> the batch that last served it
         self._cond = threading.Condition()
 
     # -- producers -------------------------------------------------------------------------------
@@ -84,8 +89,10 @@ class Scheduler:
             self._cond.notify()
 
     def close(self) -> None:
+        """No more batches: units still queued are dropped (their owners are answered elsewhere)."""
         with self._cond:
             self._closed = True
+            self._ready.clear()
             self._cond.notify_all()
 
     @property
@@ -129,22 +136,42 @@ class Scheduler:
             if any(u.cancelled for u in queue):
                 self._ready[kind] = [u for u in queue if not u.cancelled]
 
+    def _priority(self, unit: Unit) -> tuple[int, int]:
+        """Requests served least recently first (a new one: never), then the oldest unit."""
+        return self._served.get(id(unit.owner), -1), unit.seq
+
     def _oldest_kind(self) -> str:
         return min((q[0].seq, kind) for kind, q in self._ready.items() if q)[1]
 
     def _take(self) -> list[Unit]:
-        queue = self._ready[self._oldest_kind()]
+        first = min((u for q in self._ready.values() for u in q), key=self._priority)
+        queue = self._ready[first.kind]
         queue.sort(key=lambda u: u.seq)
-        first = queue[0]
-        candidates = sorted(queue[1:self.policy.window], key=lambda u: (abs(u.tokens - first.tokens), u.seq))
-        batch, longest = [first], first.tokens
-        for unit in candidates:
-            if len(batch) >= self.policy.max_batch_size:
-                break
-            widest = max(longest, unit.tokens)
-            if widest * (len(batch) + 1) <= self.policy.max_batch_tokens:
-                batch.append(unit)
-                longest = widest
-        chosen = set(map(id, batch))
+        window = [u for u in queue[:self.policy.window] if u is not first]
+        candidates = sorted(window, key=lambda u: (abs(u.tokens - first.tokens), u.seq))
+        share = -(-self.policy.max_batch_size // len({id(u.owner) for u in window} | {id(first.owner)}))
+        batch, longest, chosen, taken = [first], first.tokens, {id(first)}, {id(first.owner): 1}
+        for fair_pass in (True, False):  # first each request's share of the places, then any unit
+            for unit in candidates:
+                if len(batch) >= self.policy.max_batch_size:
+                    break
+                owner = id(unit.owner)
+                if id(unit) in chosen or (fair_pass and taken.get(owner, 0) >= share):
+                    continue
+                widest = max(longest, unit.tokens)
+                if widest * (len(batch) + 1) <= self.policy.max_batch_tokens:
+                    batch.append(unit)
+                    chosen.add(id(unit))
+                    longest = widest
+                    taken[owner] = taken.get(owner, 0) + 1
         queue[:] = [u for u in queue if id(u) not in chosen]
+        self._remember(batch)
         return batch
+
+    def _remember(self, batch: list[Unit]) -> None:
+        self._batches += 1
+        for unit in batch:
+            self._served[id(unit.owner)] = self._batches
+        if len(self._served) > 4 * self.policy.window:  # forget requests with nothing left queued
+            waiting = {id(u.owner) for q in self._ready.values() for u in q}
+            self._served = {k: v for k, v in self._served.items() if k in waiting}

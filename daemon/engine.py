@@ -1,7 +1,7 @@
 """The engine: admission, preprocessing threads, the model thread, and request tickets.
 
 The socket loop (its own thread) only validates and calls `submit` (and answers `health` itself), so
-a long forward never delays it. Each request becomes a Ticket and one Unit per input (or per query-document pair).
+a long forward never delays it; `submit` does no work that grows with the size of a client's input. Each request becomes a Ticket and one Unit per input (or per query-document pair).
 Units are preprocessed on a thread pool, batched across requests by the Scheduler, and run by the
 model thread (the main thread, `run`); each result lands in its ticket, and the ticket that completes sends its reply
 through the `reply` callback (safe to call from any thread).
@@ -9,9 +9,12 @@ through the `reply` callback (safe to call from any thread).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable
@@ -24,6 +27,7 @@ from .cache import EmbeddingCache, cache_key
 from .config import DaemonConfig
 from .errors import ErrorCode, RequestError
 from .inputs import InputItem
+from .logs import TracebackLimiter
 from .metrics import Metrics
 from .protocol import EmbedRequest, RerankRequest, error_reply, ok_reply
 
@@ -31,7 +35,9 @@ log = logging.getLogger(__name__)
 
 Reply = Callable[[list, bytes], None]  # (envelope frames, payload)
 EMBED, RERANK = "embed", "rerank"
-INLINE_MAX_UNITS = 4  # text-only requests this small are tokenized on the socket thread
+# Text-only requests this small are tokenized on the socket thread: it costs less than a thread
+# handoff. Bounded in characters too, so the socket thread's work never grows with a client's input.
+INLINE_MAX_UNITS, INLINE_MAX_CHARS = 4, 2048
 PREP_CHUNK = 16  # units per preprocessing task: small enough that the first forward starts early
 # Default padded-token budget per forward. On a CPU, attention over padded batches grows with
 # size x length^2 and batches of ~4k tokens measured fastest; accelerators want large batches.
@@ -42,8 +48,9 @@ class Ticket:
     """One accepted request: collects its units' results and replies exactly once."""
 
     def __init__(self, engine: "Engine", envelope: list, request: EmbedRequest | RerankRequest,
-                 size: int, est_tokens: int):
+                 size: int, est_tokens: int, deadline: float | None = None):
         self.engine = engine
+        self.deadline = deadline  # monotonic time after which work not started is dropped
         self.envelope = envelope
         self.request = request
         self.size = size
@@ -88,8 +95,40 @@ class Ticket:
         self._finish(payload)
 
     def _finish(self, payload: bytes) -> None:
-        self.engine.release(self)
-        self.engine.reply(self.envelope, payload)
+        # Reply, then release: once the engine is idle, every reply has been handed to the socket loop.
+        try:
+            self.engine.reply(self.envelope, payload)
+        finally:
+            self.engine.release(self)
+
+
+def _chars(item: InputItem) -> int:
+    return sum(map(len, item.texts)) + len(item.instruction or "")
+
+
+class FairQueue:
+    """Preprocessing chunks, handed out round robin across requests: a request with a thousand
+    inputs queued cannot hold back the first chunk of a request that arrives after it."""
+
+    def __init__(self) -> None:
+        self._chunks: OrderedDict[Ticket, deque] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, ticket: Ticket, chunk: list[Unit]) -> None:
+        with self._lock:
+            self._chunks.setdefault(ticket, deque()).append(chunk)
+
+    def take(self) -> list[Unit] | None:
+        with self._lock:
+            if not self._chunks:
+                return None
+            ticket, chunks = next(iter(self._chunks.items()))
+            chunk = chunks.popleft()
+            if chunks:
+                self._chunks.move_to_end(ticket)  # its next chunk waits for every other request's
+            else:
+                del self._chunks[ticket]
+            return chunk
 
 
 def estimate_tokens(item: InputItem, cap: int) -> int:
@@ -113,11 +152,16 @@ class Engine:
                                                b.max_wait_ms / 1000.0))
         self.cache = EmbeddingCache(b.cache_bytes) if b.cache_bytes > 0 else None
         self._pool = ThreadPoolExecutor(max_workers=b.prep_workers, thread_name_prefix="qwen3vl-prep")
+        self._prep_queue = FairQueue()
         self._queued_inputs = 0
         self._queued_tokens = 0
+        self._live: set[Ticket] = set()  # accepted, not yet answered
+        self._deadlines: list[tuple[float, int, Ticket]] = []  # a heap, swept by `expire`
+        self._seq = itertools.count()
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self.metrics = Metrics()
+        self.tracebacks = TracebackLimiter()  # internal errors' tracebacks, rate-limited
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -128,27 +172,35 @@ class Engine:
         media = MediaReader(self.config.media)
         try:
             if self.config.embedding is not None:
-                self.loading = f"loading embedding model {self.config.embedding.name}"
-                log.info(self.loading)
+                self._step(f"loading embedding model {self.config.embedding.name}")
                 self.embedding = EmbeddingModel(self.config.embedding, media)
                 self._check_dimension_setting()
             if self.config.reranker is not None:
-                self.loading = f"loading reranker model {self.config.reranker.name}"
-                log.info(self.loading)
+                self._step(f"loading reranker model {self.config.reranker.name}")
                 self.reranker = RerankerModel(self.config.reranker, media)
-            self.loading = "warming up"
             if self.config.warmup:
                 for model in (self.embedding, self.reranker):
                     if model is not None:
+                        self._step(f"warming up {model.name}")
                         model.warmup()
+            self._step("ready")
         except ModelLoadError as exc:
             self.load_error = str(exc)
             self.state = "failed"
+        except _Stopped:
+            log.info("stopped while loading (%s)", self.loading)
         else:
             self._size_batches()
             self.state = "ready"
         finally:
             self._loaded.set()
+
+    def _step(self, what: str) -> None:
+        """Between two loading steps: stop here when a SIGTERM arrived (the state is `draining`)."""
+        if self.state == "draining":
+            raise _Stopped
+        self.loading = what
+        log.info(what)
 
     def _size_batches(self) -> None:
         model = self.embedding or self.reranker
@@ -176,9 +228,28 @@ class Engine:
             return self._queued_inputs == 0
 
     def stop(self) -> None:
-        """Make `run` return once the batch in progress is done."""
+        """Make `run` return once the batch in progress is done; queued work is dropped."""
         self.scheduler.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def abort_all(self, error: RequestError) -> int:
+        """Answer every accepted, unanswered request with `error` (the drain deadline); returns how many."""
+        with self._lock:
+            live = list(self._live)
+        for ticket in live:
+            ticket.fail(error)
+        return len(live)
+
+    def expire(self, now: float | None = None) -> None:
+        """Fail the requests whose deadline has passed (called often by the socket loop)."""
+        now = time.monotonic() if now is None else now
+        expired = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                expired.append(heapq.heappop(self._deadlines)[2])
+        for ticket in expired:
+            ticket.fail(RequestError(ErrorCode.DEADLINE_EXCEEDED, f"not done within deadline_ms="
+                                     f"{ticket.request.deadline_ms}; the work left was dropped"))
 
     # -- admission (the socket thread) ---------------------------------------------------------
     @property
@@ -200,7 +271,8 @@ class Engine:
                 raise RequestError(ErrorCode.NOT_LOADED, "the reranker model is disabled on this daemon")
             items, cap = request.documents, self.reranker.max_length + 8
         est = sum(estimate_tokens(item, cap) for item in items)
-        ticket = Ticket(self, envelope, request, len(items), est)
+        deadline = None if request.deadline_ms is None else time.monotonic() + request.deadline_ms / 1000.0
+        ticket = Ticket(self, envelope, request, len(items), est, deadline)
         self._admit(ticket)
         if isinstance(request, EmbedRequest):
             self._start_embed(ticket, request)
@@ -219,18 +291,31 @@ class Engine:
         if ticket.size > b.max_queued_inputs:
             raise RequestError(ErrorCode.TOO_LARGE, f"{ticket.size} inputs exceed the queue's capacity of "
                                                     f"{b.max_queued_inputs} (max_queued_inputs)")
+        if ticket.est_tokens > b.max_queued_tokens:
+            # Even an idle daemon refuses it: one request must not own the daemon for minutes.
+            raise RequestError(ErrorCode.TOO_LARGE, f"the request's ~{ticket.est_tokens} estimated tokens exceed "
+                                                    f"the queue's capacity of {b.max_queued_tokens} "
+                                                    "(max_queued_tokens); split it")
         with self._lock:
             if (self._queued_inputs + ticket.size > b.max_queued_inputs
-                    or (self._queued_tokens and self._queued_tokens + ticket.est_tokens > b.max_queued_tokens)):
+                    or self._queued_tokens + ticket.est_tokens > b.max_queued_tokens):
                 raise RequestError(ErrorCode.OVERLOADED, f"queue full ({self._queued_inputs} inputs, "
                                                          f"~{self._queued_tokens} tokens waiting); retry later")
             self._queued_inputs += ticket.size
             self._queued_tokens += ticket.est_tokens
+            self._live.add(ticket)
+            if ticket.deadline is not None:
+                heapq.heappush(self._deadlines, (ticket.deadline, next(self._seq), ticket))
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:
             self._queued_inputs -= ticket.size
             self._queued_tokens -= ticket.est_tokens
+            self._live.discard(ticket)
+            if ticket.deadline is not None and len(self._deadlines) > 2 * len(self._live) + 64:
+                # Answered requests leave their entries behind; drop them now and then.
+                self._deadlines = [d for d in self._deadlines if d[2] in self._live]
+                heapq.heapify(self._deadlines)
 
     def _start_embed(self, ticket: Ticket, request: EmbedRequest) -> None:
         units = []
@@ -251,20 +336,28 @@ class Engine:
         if not units:
             return
         self.scheduler.expect(len(units))
-        if len(units) <= INLINE_MAX_UNITS and self._text_only(ticket.request):
+        if len(units) <= INLINE_MAX_UNITS and self._small_text(ticket.request):
             self._prepare_chunk(units)
             return
         size = min(PREP_CHUNK, -(-len(units) // self.config.batching.prep_workers))
         for start in range(0, len(units), size):
-            self._pool.submit(self._prepare_chunk, units[start:start + size])
+            self._prep_queue.put(ticket, units[start:start + size])
+            self._pool.submit(self._prepare_next)
 
     @staticmethod
-    def _text_only(request: EmbedRequest | RerankRequest) -> bool:
-        if isinstance(request, EmbedRequest):
-            return all(item.is_text_only for item in request.inputs)
-        return request.query.is_text_only and all(doc.is_text_only for doc in request.documents)
+    def _small_text(request: EmbedRequest | RerankRequest) -> bool:
+        """Text only, and few characters in all (the request has at most INLINE_MAX_UNITS inputs)."""
+        items = request.inputs if isinstance(request, EmbedRequest) else (request.query, *request.documents)
+        return (all(item.is_text_only for item in items)
+                and sum(map(_chars, items)) + len(request.instruction or "") <= INLINE_MAX_CHARS)
 
     # -- preprocessing (the pool's threads) ------------------------------------------------------
+    def _prepare_next(self) -> None:
+        """One pool task: the next chunk in fair order (not necessarily the one queued with this task)."""
+        chunk = self._prep_queue.take()
+        if chunk is not None:
+            self._prepare_chunk(chunk)
+
     def _prepare_chunk(self, units: list[Unit]) -> None:
         ready = []
         for unit in units:
@@ -280,7 +373,7 @@ class Engine:
     def _prepare(self, unit: Unit) -> bool:
         """Fill in the unit's model input; on failure fail its request and return False."""
         ticket = unit.owner
-        if ticket.cancelled:
+        if ticket.cancelled or self._expired(ticket):
             return False
         request = ticket.request
         try:
@@ -292,7 +385,7 @@ class Engine:
             ticket.fail(exc)
             return False
         except Exception as exc:  # a fault in preprocessing fails this request only
-            log.exception("preprocessing failed")
+            self.tracebacks.log(log, "preprocessing failed")
             ticket.fail(RequestError(ErrorCode.INTERNAL, f"{_where(unit)}: {type(exc).__name__}: {str(exc)[:160]}"))
             return False
         unit.tokens = unit.payload.tokens
@@ -315,12 +408,22 @@ class Engine:
             elif self.scheduler.closed:
                 return
 
+    def _expired(self, ticket: Ticket) -> bool:
+        """Whether the ticket's deadline has passed (then it is failed here, if `expire` has not yet)."""
+        if ticket.deadline is None or time.monotonic() < ticket.deadline:
+            return False
+        self.expire()
+        return True
+
     def _forward(self, batch: list[Unit]) -> None:
+        batch = [u for u in batch if not self._expired(u.owner)]
+        if not batch:
+            return
         start = time.monotonic()
         try:
             values = self._run_split_on_oom(batch)
         except Exception as exc:  # a failed forward fails the requests in this batch only
-            log.exception("forward failed")
+            self.tracebacks.log(log, "forward failed")
             error = RequestError(ErrorCode.INTERNAL, f"forward failed: {type(exc).__name__}: {str(exc)[:160]}")
             for unit in batch:
                 unit.owner.fail(error)
@@ -402,6 +505,10 @@ class Engine:
                       "cache_misses": self.cache.misses if self.cache else 0,
                       "cache_bytes": self.cache.size_bytes if self.cache else 0},
         }
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived while loading: stop between two steps."""
 
 
 def _is_oom(exc: Exception) -> bool:

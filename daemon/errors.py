@@ -13,6 +13,7 @@ class ErrorCode(str, Enum):
     TOO_LARGE = "too_large"  # a configured limit was exceeded
     OVERLOADED = "overloaded"  # the queue is full; retry later
     SHUTTING_DOWN = "shutting_down"  # the daemon is draining and takes no new work
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline_ms passed before its work was done
     INTERNAL = "internal"  # a fault inside the daemon (forward failed, non-finite output)
 
 

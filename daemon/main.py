@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .logs import quiet_libraries
 from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, Batching, DaemonConfig, Limits,
                      MediaPolicy, ModelSettings, default_endpoint, is_disabled)
 
@@ -24,13 +25,6 @@ def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offli
         return None
     return ModelSettings(name=name, device=device, dtype=dtype, attn_implementation=attn,
                          max_length=max_length, local_files_only=offline)
-
-
-def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @click.group()
@@ -138,7 +132,7 @@ def serve(log_level: str, **opts) -> None:
     from .server import Server, StartupError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     server = Server(config_from_options(opts))
     server.install_signal_handlers()
     try:
@@ -193,7 +187,7 @@ def tiny_checkpoint(directory: Path) -> None:
     """Write a tiny random-weight Qwen3-VL checkpoint to DIRECTORY (offline; for tests, not for use)."""
     from .tiny import build_tiny_checkpoint
 
-    _quiet_libraries()
+    quiet_libraries()
     click.echo(str(build_tiny_checkpoint(directory)))
 
 

@@ -28,6 +28,7 @@ class EmbedRequest:
     dimension: int | None
     normalize: bool
     encoding: str
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RerankRequest:
     query: InputItem
     documents: tuple[InputItem, ...]
     instruction: str | None
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,23 @@ def _input_list(value: Any, field: str, limit: int, limit_name: str, limits: Lim
     return tuple(parse_input(v, f"{field}[{i}]", limits, media) for i, v in enumerate(value))
 
 
+MAX_DEADLINE_MS = 86_400_000  # one day
+
+
+def _deadline(payload: dict) -> float | None:
+    """`deadline_ms`: milliseconds from the daemon's receipt of the request after which work not yet
+    done is dropped and the request answered `deadline_exceeded`; nil or absent: no deadline."""
+    value = payload.get("deadline_ms")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_DEADLINE_MS:
+        raise invalid(f"deadline_ms: expected a positive number of milliseconds up to {MAX_DEADLINE_MS}, or nil")
+    return float(value)
+
+
 def _parse_embed(payload: dict, limits: Limits, media: MediaPolicy) -> EmbedRequest:
-    _known_fields(payload, {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding"}, "embed")
+    _known_fields(payload, {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding",
+                            "deadline_ms"}, "embed")
     if "inputs" not in payload:
         raise invalid("inputs: required")
     inputs = _input_list(payload["inputs"], "inputs", limits.max_inputs, "max_inputs", limits, media)
@@ -134,8 +151,10 @@ def _parse_embed(payload: dict, limits: Limits, media: MediaPolicy) -> EmbedRequ
         normalize = True
     if not isinstance(normalize, bool):
         raise invalid("normalize: expected a boolean")
-    encoding = payload.get("encoding") or "float32"
-    if encoding not in ENCODINGS:
+    encoding = payload.get("encoding")
+    if encoding is None:
+        encoding = "float32"
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:
         raise invalid(f"encoding: expected one of {', '.join(ENCODINGS)}")
     return EmbedRequest(
         id=payload.get("id"),
@@ -144,11 +163,12 @@ def _parse_embed(payload: dict, limits: Limits, media: MediaPolicy) -> EmbedRequ
         dimension=dimension,
         normalize=normalize,
         encoding=encoding,
+        deadline_ms=_deadline(payload),
     )
 
 
 def _parse_rerank(payload: dict, limits: Limits, media: MediaPolicy) -> RerankRequest:
-    _known_fields(payload, {"op", "id", "query", "documents", "instruction"}, "rerank")
+    _known_fields(payload, {"op", "id", "query", "documents", "instruction", "deadline_ms"}, "rerank")
     if "query" not in payload:
         raise invalid("query: required")
     if "documents" not in payload:
@@ -159,6 +179,7 @@ def _parse_rerank(payload: dict, limits: Limits, media: MediaPolicy) -> RerankRe
         documents=_input_list(payload["documents"], "documents", limits.max_documents, "max_documents",
                               limits, media),
         instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
+        deadline_ms=_deadline(payload),
     )
 
 

@@ -7,6 +7,7 @@ be used by the thread that owns it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -21,12 +22,21 @@ import zmq
 from .config import DaemonConfig
 from .engine import Engine
 from .notify import LoadProgress, Notifier
-from .errors import RequestError
+from .errors import ErrorCode, RequestError, too_large
 from .protocol import OPS, HealthRequest, MetricsRequest, decode_payload, error_reply, ok_reply, parse_request
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+# A message is routing frames, an empty delimiter and one payload frame. Routing frames are ZeroMQ
+# identities (at most 255 bytes each); a few allow for clients' tags and for proxies in between.
+MAX_ENVELOPE_FRAMES = 8
+MAX_ROUTING_FRAME_BYTES = 255
+FLUSH_AFTER_ABORT_S = 2.0  # after the drain deadline: how long to wait for replies already being sent
+
+
+def _packable(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, bytes))
 
 
 class StartupError(Exception):
@@ -43,10 +53,17 @@ def _ipc_path(endpoint: str) -> Path | None:
 
 
 def prepare_socket_dir(path: Path, group_shared: bool = False) -> None:
-    """Create the socket's directory owner-only, and refuse one that another user controls."""
+    """Create the socket's directory (and any missing parents) owner-only, and refuse one that
+    another user controls."""
     directory = path.parent
     # Owner-only, or also group-traversable when the socket itself is shared with a group.
-    directory.mkdir(mode=0o750 if group_shared else 0o700, parents=True, exist_ok=True)
+    mode = 0o750 if group_shared else 0o700
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    for parent in reversed(missing):
+        try:
+            parent.mkdir(mode=mode)
+        except FileExistsError:
+            pass
     info = directory.stat()
     if info.st_uid != os.getuid():
         raise StartupError(f"socket directory {directory} belongs to another user; choose another endpoint")
@@ -54,18 +71,30 @@ def prepare_socket_dir(path: Path, group_shared: bool = False) -> None:
         raise StartupError(f"socket directory {directory} is world-writable; choose another endpoint")
 
 
-def socket_is_alive(ctx: zmq.Context, endpoint: str, timeout_ms: int = 500) -> bool:
-    """Whether a daemon answers `health` on endpoint: a live daemon's socket is never replaced."""
-    from .protocol import pack
+class SocketLock:
+    """Who owns an ipc socket path: the process holding an exclusive flock on `<socket>.lock` for its
+    whole life. Not a liveness probe, which a busy daemon can fail; the kernel drops the lock when the
+    process dies, however it dies. The lock file itself is never removed (removing it would let two
+    processes lock two different files)."""
 
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart([b"", pack({"op": "health", "id": "probe"})])
-        return bool(sock.poll(timeout_ms))
-    finally:
-        sock.close()
+    def __init__(self, socket_path: Path):
+        self.path = socket_path.with_name(socket_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another daemon is serving on ipc://{self.path.with_suffix('')} "
+                               f"(it holds {self.path})") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Server:
@@ -79,6 +108,8 @@ class Server:
         self.notifier = Notifier()
         self.drain_timeout_s = config.drain_timeout_s
         self._wakeup: socket.socket | None = None  # readable when SIGTERM/SIGINT arrived (install_signal_handlers)
+        self._lock: SocketLock | None = None  # held while we own an ipc socket path
+        self._socket_inode: int | None = None  # the socket file we created: the only one we unlink
 
     # -- replies from other threads -------------------------------------------------------------
     def _send_from_worker(self, envelope: list, payload: bytes) -> None:
@@ -119,10 +150,10 @@ class Server:
         path = _ipc_path(endpoint)
         if path is not None:
             prepare_socket_dir(path, group_shared=bool(self.config.socket_mode & 0o060))
-            if path.exists():
-                if socket_is_alive(self.ctx, endpoint):
-                    raise StartupError(f"another daemon is serving on {endpoint}")
-                path.unlink()  # stale socket left by a crash
+            self._lock = SocketLock(path)
+            self._lock.acquire()
+            if path.exists() or path.is_symlink():
+                path.unlink()  # we hold the lock: whatever is there was left by a daemon that died
         router = self.ctx.socket(zmq.ROUTER)
         router.linger = 0
         self._secure(router, endpoint)
@@ -138,6 +169,7 @@ class Server:
             os.umask(old_umask)
         if path is not None:
             os.chmod(path, self.config.socket_mode)
+            self._socket_inode = os.lstat(path).st_ino
         return router
 
     def _secure(self, router: zmq.Socket, endpoint: str) -> None:
@@ -199,8 +231,10 @@ class Server:
             progress.stop()
         if self.engine.state == "ready":
             names = [m.name for m in (self.engine.embedding, self.engine.reranker) if m is not None]
-            self.notifier.ready(f"ready on {self.config.endpoint}: {', '.join(names) or 'no models'}")
-        else:
+            text = f"ready on {self.config.endpoint}: {', '.join(names)}"
+            log.info("%s (%.1f s after start)", text, time.monotonic() - self.engine.started_at)
+            self.notifier.ready(text)
+        elif self.engine.state == "failed":
             self.notifier.status(f"failed: {self.engine.load_error}")
 
     def _socket_main(self, router: zmq.Socket, outcome: dict) -> None:
@@ -217,9 +251,18 @@ class Server:
             self.engine.stop()
             router.close(linger=0)
             pull.close(linger=0)
-            path = _ipc_path(self.config.endpoint)
-            if path is not None and path.exists():
+            self._remove_socket_file()
+
+    def _remove_socket_file(self) -> None:
+        """Unlink the socket file we created, and only that one (same inode), then drop the lock."""
+        path = _ipc_path(self.config.endpoint)
+        try:
+            if path is not None and self._socket_inode is not None and os.lstat(path).st_ino == self._socket_inode:
                 path.unlink()
+        except FileNotFoundError:
+            pass
+        if self._lock is not None:
+            self._lock.release()
 
     def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> int:
         poller = zmq.Poller()
@@ -238,22 +281,41 @@ class Server:
             if ping_every is not None and time.monotonic() >= next_ping:
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + ping_every
+            if self.engine.state == "failed":  # before the stop check: a failed load is not a drain
+                raise StartupError(self.engine.load_error or "model loading failed")
             if wakeup_fd is not None and wakeup_fd in events:
                 self._check_wakeup()
             if self._stop.is_set() and deadline is None:  # before reading requests: they get shutting_down
-                log.info("draining")
+                log.info("draining (at most %g s)", self.drain_timeout_s)
                 self.notifier.stopping()
                 self.engine.drain()
                 deadline = time.monotonic() + self.drain_timeout_s
+            self.engine.expire()
             if pull in events:
                 self._forward_replies(pull, router)
             if router in events:
                 self._receive_requests(router)
-            if self.engine.state == "failed":
-                raise StartupError(self.engine.load_error or "model loading failed")
-            if deadline is not None and (self.engine.idle() and not events or time.monotonic() > deadline):
+            if deadline is not None and self.engine.idle() and not events:
                 self._forward_replies(pull, router)
                 return 0
+            if deadline is not None and time.monotonic() > deadline:
+                self._abort_and_flush(pull, router)
+                return 0
+
+    def _abort_and_flush(self, pull: zmq.Socket, router: zmq.Socket) -> None:
+        """The drain deadline passed: every accepted request still unanswered gets `shutting_down`,
+        and the replies already on their way are sent before the socket closes."""
+        aborted = self.engine.abort_all(RequestError(
+            ErrorCode.SHUTTING_DOWN, f"the daemon stopped before this request was done (drain timeout "
+                                     f"{self.drain_timeout_s:g} s); retry on another instance"))
+        self.engine.stop()  # nothing new starts: queued batches and preprocessing are dropped
+        log.warning("drain timeout: %d unfinished request(s) answered shutting_down", aborted)
+        end = time.monotonic() + FLUSH_AFTER_ABORT_S
+        while True:
+            self._forward_replies(pull, router)
+            if self.engine.idle() or time.monotonic() > end:
+                return
+            pull.poll(10)
 
     def _forward_replies(self, pull: zmq.Socket, router: zmq.Socket) -> None:
         # Checking EVENTS first avoids raising zmq.Again on every pass (measurable at this scale).
@@ -264,15 +326,52 @@ class Server:
         for _ in range(1000):  # bounded, so replies and signals are never starved
             if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
-            reply = self._handle(router.recv_multipart(zmq.NOBLOCK))
+            frames, refusal = self._read_message(router)
+            reply = self._handle(frames) if refusal is None else self._refuse(frames, refusal)
             if reply is not None:
                 router.send_multipart(reply)
 
-    def _handle(self, frames: list[bytes]) -> list[bytes] | None:
+    def _read_message(self, router: zmq.Socket) -> tuple[list, RequestError | None]:
+        """Read one message frame by frame, keeping at most the envelope and one payload: a frame past
+        MAX_ENVELOPE_FRAMES + 1, an oversized routing frame, or more bytes in all than the payload
+        limit allows are dropped as they are read (never held), and the message is refused."""
+        limits = self.config.limits
+        budget = limits.max_message_bytes + MAX_ENVELOPE_FRAMES * MAX_ROUTING_FRAME_BYTES
+        kept: list = []
+        count = total = 0
+        refusal = None
+        while True:
+            frame = router.recv(zmq.NOBLOCK, copy=False)
+            count += 1
+            total += len(frame.buffer)
+            more = frame.more
+            if refusal is None:
+                if count > MAX_ENVELOPE_FRAMES + 1:
+                    refusal = too_large(f"message: more than {MAX_ENVELOPE_FRAMES + 1} frames")
+                elif total > budget:
+                    refusal = too_large(f"message: more than {budget} bytes in all (max_message_bytes)")
+                elif more and count > 1 and len(frame.buffer) > MAX_ROUTING_FRAME_BYTES:
+                    refusal = too_large(f"message: a routing frame of over {MAX_ROUTING_FRAME_BYTES} bytes")
+                else:
+                    kept.append(frame)
+            if not more:
+                return kept, refusal
+
+    def _refuse(self, frames: list, error: RequestError) -> list | None:
+        """Answer a message refused whole: echo its envelope when what was kept of it is one."""
+        self.engine.metrics.error(error.code.value)
+        envelope = [f.bytes for f in frames]
+        if b"" in envelope:
+            envelope = envelope[:envelope.index(b"") + 1]
+        elif envelope:
+            envelope = envelope[:1]
+        return [*envelope, error_reply(None, error)] if envelope else None
+
+    def _handle(self, frames: list) -> list[bytes] | None:
         """Validate and dispatch one message; returns an immediate reply or None (queued)."""
         if len(frames) < 2:
             return None  # no payload after the routing id: nothing to answer
-        envelope, data = frames[:-1], frames[-1]
+        envelope, data = [f.bytes for f in frames[:-1]], frames[-1].buffer
         request_id = None
         metrics = self.engine.metrics
         try:
@@ -289,3 +388,8 @@ class Server:
         except RequestError as exc:
             metrics.error(exc.code.value)
             return [*envelope, error_reply(request_id, exc)]
+        except Exception as exc:  # a bug in handling one message must not stop the socket loop
+            self.engine.tracebacks.log(log, "handling a message failed")
+            metrics.error(ErrorCode.INTERNAL.value)
+            error = RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:160]}")
+            return [*envelope, error_reply(request_id if _packable(request_id) else None, error)]

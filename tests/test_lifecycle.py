@@ -59,7 +59,7 @@ def test_request_beyond_queue_capacity_is_too_large(limited):
 
 
 def test_full_queue_answers_overloaded_at_once(limited):
-    replies = exchange(limited.endpoint, [{"op": "embed", "id": "fill", "inputs": ["word " * 1000] * 8},
+    replies = exchange(limited.endpoint, [{"op": "embed", "id": "fill", "inputs": ["word " * 400] * 8},
                                           {"op": "embed", "id": "late", "inputs": ["x"]}])
     assert [r["id"] for r in replies] == ["late", "fill"]
     assert replies[0]["error"]["code"] == "overloaded" and replies[1]["ok"]
@@ -68,16 +68,25 @@ def test_full_queue_answers_overloaded_at_once(limited):
 def test_full_queue_refuses_media_before_decoding_it(limited):
     # The image is corrupt: a decode would answer input_error. overloaded proves it was never read.
     replies = {r["id"]: r for r in exchange(limited.endpoint, [
-        {"op": "embed", "id": "fill", "inputs": ["word " * 1000] * 8},
+        {"op": "embed", "id": "fill", "inputs": ["word " * 400] * 8},
         {"op": "embed", "id": "media", "inputs": [{"image": b"\x89PNG corrupt" * 1000}]}])}
     assert replies["media"]["error"]["code"] == "overloaded" and replies["fill"]["ok"]
 
 
 def test_queued_tokens_bound_answers_overloaded(limited):
+    # fill: 4 x (128 + 4850) = 19912 estimated tokens, within the 20000 bound; with late's 129, over it.
     replies = {r["id"]: r for r in exchange(limited.endpoint, [
-        {"op": "embed", "id": "fill", "inputs": ["word " * 1100] * 4}, {"op": "embed", "id": "late", "inputs": ["x"]}])}
+        {"op": "embed", "id": "fill", "inputs": ["word " * 970] * 4}, {"op": "embed", "id": "late", "inputs": ["x"]}])}
     assert replies["late"]["error"]["code"] == "overloaded" and "tokens" in replies["late"]["error"]["message"]
     assert replies["fill"]["ok"]
+
+
+def test_a_request_over_the_queued_tokens_bound_by_itself_is_too_large_even_when_idle(limited):
+    with limited.client() as c:
+        assert c.health()["queue_depth"] == 0
+        reply = c.request({"op": "embed", "inputs": ["word " * 1100] * 4})  # ~22,500 estimated tokens
+        assert reply["error"]["code"] == "too_large" and "(max_queued_tokens)" in reply["error"]["message"]
+        assert c.embed(["still serving"]).embeddings.shape[0] == 1
 
 
 def test_non_finite_output_is_an_internal_error_naming_the_input(tmp_path, tiny_dir):
