@@ -60,6 +60,9 @@ class MediaPolicy:
     max_image_pixels: int = 64 * 1024 * 1024  # an image's or a video frame's size, read from its header
     max_video_frames: int = 1024  # frames a client may send as a frame list
     max_video_seconds: float = 3600.0  # a video file's duration, read from its header
+    # A video's sampled frames once decoded (frames x width x height, from headers): 64 frames of 1080p
+    # fit; a few bytes of PNG per frame declaring 8000x8000 pixels do not.
+    max_video_pixels: int = 160_000_000
 
 
 @dataclass(frozen=True)

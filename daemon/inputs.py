@@ -170,8 +170,9 @@ class MediaReader:
             return self.files.read(src.value, f"{src.where}.path", self.policy.max_image_bytes, "max_image_bytes")
         return self.fetch_url(src, self.policy.max_image_bytes, "max_image_bytes")
 
-    def load_image(self, src: MediaSource):
-        """Decode an image, refusing decompression bombs from the header before decoding pixels."""
+    def open_image(self, src: MediaSource):
+        """An image with only its header read (no pixel decoded), its size within max_image_pixels.
+        Its bytes are read once, here: `decode_image` decodes from them."""
         from PIL import Image
 
         data = self.image_bytes(src)
@@ -186,22 +187,36 @@ class MediaReader:
         if width * height > self.policy.max_image_pixels:
             raise too_large(f"{src.where}: {width}x{height} pixels exceed the limit of {self.policy.max_image_pixels} "
                             "(max_image_pixels)")
+        return img
+
+    @staticmethod
+    def decode_image(img, where: str):
         try:
             img.load()
         except Exception:
-            raise input_error(f"{src.where}: corrupt or truncated image") from None
+            raise input_error(f"{where}: corrupt or truncated image") from None
         return img
+
+    def load_image(self, src: MediaSource):
+        """Decode an image, refusing decompression bombs from the header before decoding pixels."""
+        return self.decode_image(self.open_image(src), src.where)
+
+    def check_video_pixels(self, pixels: int, frames: str, where: str) -> None:
+        """A video's decoded frames (their pixels in all, from headers) within max_video_pixels."""
+        if pixels > self.policy.max_video_pixels:
+            raise too_large(f"{where}: {frames} of {pixels} pixels in all exceed the limit of "
+                            f"{self.policy.max_video_pixels} decoded pixels per video (max_video_pixels)")
 
     # -- videos --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def video_file(self, src: MediaSource) -> Iterator[str]:
+    def video_file(self, src: MediaSource, max_frames: int = 768) -> Iterator[str]:
         """A name a decoder can open for a checked video file (duration and frame size within the
         policy): a client's path is opened once and named by its descriptor; downloads and inline
         bytes go to a private temp file, removed on exit."""
         if src.kind == "path":
             with self.files.opened(src.value, f"{src.where}.path", self.policy.max_video_bytes,
                                    "max_video_bytes") as path:
-                self.check_video(path, src.where)
+                self.check_video(path, src.where, max_frames)
                 yield path
             return
         data = src.value if src.kind == "bytes" else self.fetch_url(src, self.policy.max_video_bytes, "max_video_bytes")
@@ -209,14 +224,15 @@ class MediaReader:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            self.check_video(name, src.where)
+            self.check_video(name, src.where, max_frames)
             yield name
         finally:
             os.unlink(name)
 
-    def check_video(self, path: str, where: str) -> None:
+    def check_video(self, path: str, where: str, max_frames: int = 768) -> None:
         """Read the container's header only: refuse what cannot be decoded, a duration over
-        max_video_seconds and frames over max_image_pixels before a single frame is decoded."""
+        max_video_seconds, frames over max_image_pixels, and more decoded pixels than
+        max_video_pixels (the frames sampled: at most max_frames) before a single frame is decoded."""
         from torchcodec.decoders import VideoDecoder
 
         try:
@@ -231,3 +247,5 @@ class MediaReader:
         if width * height > self.policy.max_image_pixels:
             raise too_large(f"{where}: {width}x{height} frames exceed the limit of {self.policy.max_image_pixels} "
                             "pixels (max_image_pixels)")
+        frames = min(max_frames, meta.num_frames or max_frames)
+        self.check_video_pixels(frames * width * height, f"{frames} frames of {width}x{height}", where)

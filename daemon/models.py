@@ -176,6 +176,18 @@ def sample_frames(frames: tuple, max_segments: int) -> list:
     return [frames[i] for i in np.linspace(0, len(frames) - 1, max_segments, dtype=int).tolist()]
 
 
+def image_tokens(width: int, height: int, where: str) -> int:
+    """The tokens an image becomes (its patches after the official resize, merged 2x2, plus the
+    vision start and end tokens), from its size alone."""
+    from qwen_vl_utils import smart_resize
+
+    try:
+        h, w = smart_resize(height, width, factor=IMAGE_FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise input_error(f"{where}: {str(exc)[:160] or 'an empty image'}") from None
+    return (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR) + 2
+
+
 def normalize_embedding_instruction(instruction: str | None) -> str:
     """Stripped, with '.' appended unless it already ends in Unicode punctuation; default if empty."""
     if instruction:
@@ -235,20 +247,63 @@ class _QwenVL:
                     raise input_error(f"{field}: contains the reserved token {token}")
 
     # -- conversation content --------------------------------------------------------------------
+    def open_images(self, items: tuple[InputItem, ...], budget: int, where: str) -> dict[int, Any]:
+        """Every image of these inputs with only its header read, by id of its source. Their vision
+        tokens are counted from the headers, and when they alone exceed `budget` the input is refused
+        before any pixel is decoded."""
+        opened: dict[int, Any] = {}
+        tokens = 0
+        try:
+            for item in items:
+                for src in item.images:
+                    opened[id(src)] = image = self.media.open_image(src)
+                    tokens += image_tokens(*image.size, src.where)
+        except BaseException:
+            for image in opened.values():
+                image.close()
+            raise
+        if tokens > budget:
+            for image in opened.values():
+                image.close()
+            raise too_large(f"{where}: its images need {tokens} vision tokens, over the model's limit of "
+                            f"{self.max_length} tokens ({self.limit_name}); send fewer or smaller images")
+        return opened
+
+    def _image(self, src, opened: dict[int, Any]):
+        """Decode one image and resize it at once, as the official pipeline will (which then finds it
+        at its size and leaves it unchanged): only one image is held at full size at a time."""
+        from qwen_vl_utils import fetch_image
+
+        image = opened.pop(id(src), None)
+        if image is None:
+            image = self.media.open_image(src)
+        self.media.decode_image(image, src.where)
+        try:
+            return fetch_image({"image": image, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS},
+                               image_patch_size=IMAGE_PATCH_SIZE)
+        except ValueError as exc:
+            raise input_error(f"{src.where}: {str(exc)[:160]}") from None
+        finally:
+            image.close()
+
     def _video_item(self, video: VideoSource, item: InputItem, stack: contextlib.ExitStack) -> dict:
+        max_frames = item.max_frames or MAX_FRAMES
         if video.file is not None:
-            path = stack.enter_context(self.media.video_file(video.file))
-            return {"type": "video", "video": path, "fps": item.fps or DEFAULT_FPS,
-                    "max_frames": item.max_frames or MAX_FRAMES}
-        frames = [self.media.load_image(f) for f in sample_frames(video.frames, MAX_FRAMES)]
+            path = stack.enter_context(self.media.video_file(video.file, max_frames))
+            return {"type": "video", "video": path, "fps": item.fps or DEFAULT_FPS, "max_frames": max_frames}
+        sampled = sample_frames(video.frames, MAX_FRAMES)
+        frames = [self.media.open_image(f) for f in sampled]  # headers only
+        self.media.check_video_pixels(sum(f.size[0] * f.size[1] for f in frames), f"{len(frames)} frames",
+                                      video.where)
+        frames = [self.media.decode_image(img, f.where) for img, f in zip(frames, sampled)]
         return {"type": "video", "video": frames, "total_pixels": MAX_TOTAL_PIXELS}
 
-    def _media_content(self, item: InputItem, stack: contextlib.ExitStack) -> list[dict]:
+    def _media_content(self, item: InputItem, stack: contextlib.ExitStack, opened: dict[int, Any]) -> list[dict]:
         """Videos first, then images, then texts; the single text NULL when the input is empty."""
         if not item.texts and not item.images and not item.videos:
             return [{"type": "text", "text": "NULL"}]
         content = [self._video_item(v, item, stack) for v in item.videos]
-        content += [{"type": "image", "image": self.media.load_image(img), "min_pixels": MIN_PIXELS,
+        content += [{"type": "image", "image": self._image(img, opened), "min_pixels": MIN_PIXELS,
                      "max_pixels": MAX_PIXELS} for img in item.images]
         content += [{"type": "text", "text": t} for t in item.texts]
         return content
@@ -340,6 +395,7 @@ class _QwenVL:
 
 class EmbeddingModel(_QwenVL):
     padding_side = "right"
+    limit_name = "embedding_max_length"
 
     def __init__(self, settings: ModelSettings, media: MediaReader):
         super().__init__(settings, media, _embedding_class())
@@ -347,10 +403,11 @@ class EmbeddingModel(_QwenVL):
             [{"role": "system", "content": [{"type": "text", "text": system}]},
              {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
 
-    def conversation(self, item: InputItem, instruction: str | None, stack: contextlib.ExitStack) -> list[dict]:
+    def conversation(self, item: InputItem, instruction: str | None, stack: contextlib.ExitStack,
+                     opened: dict[int, Any] | None = None) -> list[dict]:
         return [
             {"role": "system", "content": [{"type": "text", "text": normalize_embedding_instruction(instruction)}]},
-            {"role": "user", "content": self._media_content(item, stack)},
+            {"role": "user", "content": self._media_content(item, stack, {} if opened is None else opened)},
         ]
 
     def _warmup_conversation(self) -> list[dict]:
@@ -366,8 +423,9 @@ class EmbeddingModel(_QwenVL):
             text = "".join(item.texts) if item.texts else "NULL"
             features = Features(self.fast.ids(text, normalize_embedding_instruction(instruction)))
         else:
+            opened = self.open_images((item,), self.max_length - self.suffix_len, item.where)
             with contextlib.ExitStack() as stack:
-                features = self._process(self.conversation(item, instruction, stack), item.where)
+                features = self._process(self.conversation(item, instruction, stack, opened), item.where)
         ids = features.input_ids
         if len(ids) > self.max_length:
             # Cut text only: keep every special and vision token and the template's ending, so that
@@ -388,6 +446,7 @@ class EmbeddingModel(_QwenVL):
 
 class RerankerModel(_QwenVL):
     padding_side = "left"
+    limit_name = "reranker_max_length"
 
     def __init__(self, settings: ModelSettings, media: MediaReader):
         from transformers import Qwen3VLForConditionalGeneration
@@ -407,12 +466,13 @@ class RerankerModel(_QwenVL):
              {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
 
     def conversation(self, query: InputItem, document: InputItem, instruction: str | None,
-                     stack: contextlib.ExitStack) -> list[dict]:
+                     stack: contextlib.ExitStack, opened: dict[int, Any] | None = None) -> list[dict]:
+        opened = {} if opened is None else opened
         content = [{"type": "text", "text": "<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION)},
                    {"type": "text", "text": "<Query>:"}]
-        content += self._media_content(query, stack)
+        content += self._media_content(query, stack, opened)
         content.append({"type": "text", "text": "\n<Document>:"})
-        content += self._media_content(document, stack)
+        content += self._media_content(document, stack, opened)
         return [{"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM_PROMPT}]},
                 {"role": "user", "content": content}]
 
@@ -432,8 +492,9 @@ class RerankerModel(_QwenVL):
                     + ("".join(document.texts) if document.texts else "NULL"))
             features = Features(self.fast.ids(user))
         else:
+            opened = self.open_images((query, document), self.max_length, document.where)
             with contextlib.ExitStack() as stack:
-                conversation = self.conversation(query, document, instruction, stack)
+                conversation = self.conversation(query, document, instruction, stack, opened)
                 features = self._process(conversation, document.where)
         ids = features.input_ids
         # Official truncation: everything before the last `suffix_len` tokens is cut to max_length
