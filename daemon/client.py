@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from .config import default_endpoint
+from .config import client_endpoint
 
 RETRY_ELSEWHERE = ("shutting_down",)  # error codes that another daemon may not give
 
@@ -32,7 +32,7 @@ def _retry_elsewhere(reply: dict, daemons: int) -> bool:
 
 def split_endpoints(endpoint: str | list[str] | None) -> list[str]:
     if endpoint is None:
-        endpoint = default_endpoint()
+        endpoint = client_endpoint()
     parts = endpoint.split(",") if isinstance(endpoint, str) else list(endpoint)
     endpoints = [p.strip() for p in parts if p.strip()]
     if not endpoints:
@@ -116,6 +116,17 @@ def rerank_payload(query: Any, documents: list, instruction: str | None = None) 
     return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction}
 
 
+DEADLINE_OPS = ("embed", "rerank")
+
+
+def with_deadline(payload: dict, timeout: float) -> dict:
+    """The payload carrying the caller's remaining time as `deadline_ms` (unless it has its own), so
+    that the daemon drops work nobody waits for any more."""
+    if payload.get("op") not in DEADLINE_OPS or payload.get("deadline_ms") is not None:
+        return payload
+    return {**payload, "deadline_ms": max(1, min(86_400_000, int(timeout * 1000)))}
+
+
 def _tag(request_id: int) -> bytes:
     """A routing frame before the delimiter: the daemon echoes it, so a reply is matched to its
     request even when the daemon could not read the payload's id (an oversized or corrupt payload)."""
@@ -195,7 +206,7 @@ class Client:
         if not sock.poll(int(min(self.connect_timeout, timeout) * 1000), zmq.POLLOUT):
             raise DaemonUnavailable(f"no daemon is connected on {endpoint}")
         request_id = next(self._ids)
-        sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
+        sock.send_multipart([_tag(request_id), b"", pack({**with_deadline(payload, timeout), "id": request_id})])
         end = time.monotonic() + timeout
         while sock.poll(max(0, int((end - time.monotonic()) * 1000))):
             frames = sock.recv_multipart()
@@ -299,7 +310,7 @@ class AsyncClient:
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await sock.send_multipart([_tag(request_id), b"", pack({**payload, "id": request_id})])
+            await sock.send_multipart([_tag(request_id), b"", pack({**with_deadline(payload, timeout), "id": request_id})])
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s") from None
@@ -323,3 +334,9 @@ class AsyncClient:
         for sock in self._socks:
             sock.close(linger=0)
         self._socks, self._readers = [], []
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

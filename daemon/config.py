@@ -30,6 +30,21 @@ def default_endpoint(env: dict[str, str] | None = None) -> str:
     return env.get(ENDPOINT_ENV) or f"ipc://{default_socket_path(env)}"
 
 
+SYSTEM_SOCKET = Path("/run") / SOCKET_DIR_NAME / SOCKET_FILE_NAME  # the systemd service's (RuntimeDirectory)
+
+
+def client_endpoint(env: dict[str, str] | None = None, system_socket: Path = SYSTEM_SOCKET) -> str:
+    """Where clients look for the daemon: $QWEN3VL_ENDPOINT; else this user's default socket if it
+    exists; else the system service's socket if it exists; else this user's default."""
+    env = os.environ if env is None else env
+    if env.get(ENDPOINT_ENV):
+        return env[ENDPOINT_ENV]
+    own = default_socket_path(env)
+    if not own.exists() and system_socket.exists():
+        return f"ipc://{system_socket}"
+    return f"ipc://{own}"
+
+
 def is_disabled(name: str | None) -> bool:
     return name is None or name.strip().lower() in ("", "none", "off", "disabled")
 

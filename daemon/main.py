@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .logs import quiet_libraries
 from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, Batching, DaemonConfig, Limits,
-                     MediaPolicy, ModelSettings, default_endpoint, is_disabled)
+                     MediaPolicy, ModelSettings, client_endpoint, default_endpoint, is_disabled)
 
 
 def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool) -> ModelSettings | None:
@@ -211,7 +211,8 @@ def keygen(directory: Path, name: str) -> None:
 
 # -- client commands -------------------------------------------------------------------------------
 def _client_options(fn):
-    fn = click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint,
+    fn = click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=client_endpoint,
+                      show_default="this user's socket if it exists, else the service's /run/qwen3vl/daemon.sock",
                       help="Daemon endpoint; several, comma-separated, spread the requests.")(fn)
     fn = click.option("--curve-server-key", envvar="QWEN3VL_CURVE_SERVER_KEY", default=None,
                       type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")(fn)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import __version__
 from daemon.client import AsyncClient, CurveKeys, DaemonTimeout, DaemonUnavailable, embed_result, rerank_result
-from daemon.config import default_endpoint
+from daemon.config import client_endpoint
 
 from .guard import BodyGuard, header_timeout_protocol
 
@@ -413,7 +413,7 @@ class _Unauthorized(Exception):
 
 
 @click.command()
-@click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint,
+@click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=client_endpoint,
               help="The daemon's endpoint; several, comma-separated, spread the requests and fail over.")
 @click.option("--curve-server-key", envvar="QWEN3VL_CURVE_SERVER_KEY", default=None,
               type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -200,3 +201,105 @@ def test_default_endpoint_prefers_runtime_directory_then_xdg_then_tmp():
     assert default_endpoint({"XDG_RUNTIME_DIR": "/run/user/7"}) == "ipc:///run/user/7/qwen3vl/daemon.sock"
     assert default_endpoint({"QWEN3VL_ENDPOINT": "tcp://127.0.0.1:5555"}) == "tcp://127.0.0.1:5555"
     assert default_endpoint({}).endswith("/qwen3vl/daemon.sock")
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def test_drain_timeout_answers_every_accepted_request_and_exits_in_time(tmp_path, tiny_dir):
+    """The reported overrun: --drain-timeout with far more queued work than it allows. Every accepted
+    request gets exactly one reply (its result, or shutting_down), and the process exits within the
+    drain timeout plus the forward in progress."""
+    drain = 2.0
+    proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                        "--drain-timeout", str(drain), "--max-batch-size", "8")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, 30_000
+    sock.connect(proc.endpoint)
+    try:
+        for i in range(8):
+            sock.send_multipart([b"", _pack({"op": "embed", "id": i, "inputs": ["word " * 1500] * 64})])
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        replies = [msgpack.unpackb(sock.recv_multipart()[-1]) for _ in range(8)]
+        exit_code = proc.process.wait(30)
+        exited = time.monotonic() - signalled
+        sock.rcvtimeo = 200
+        with pytest.raises(zmq.Again):
+            sock.recv_multipart()  # no second reply to anyone
+    finally:
+        sock.close()
+    assert sorted(r["id"] for r in replies) == list(range(8))
+    codes = [r["error"]["code"] for r in replies if not r["ok"]]
+    assert codes and set(codes) == {"shutting_down"}, replies
+    assert all(r["count"] == 64 for r in replies if r["ok"])
+    assert exit_code == 0
+    assert exited < drain + 5, exited  # drain timeout + the forward in progress (well under 1 s here)
+
+
+def test_sigterm_while_loading_stops_between_steps(tmp_path, tiny_dir):
+    from conftest import NotifySocket
+
+    notify = NotifySocket(tmp_path)
+    proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", str(tiny_dir),
+                        "--log-level", "info", wait=False, env={"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not any("loading" in f.get("STATUS", "") for _, f in notify.messages):
+            assert time.monotonic() < deadline and proc.process.poll() is None
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.process.wait(60) == 0
+        exited = time.monotonic() - signalled
+    finally:
+        notify.close()
+    log = proc.log.read_text()
+    assert "stopped while loading" in log, log
+    assert "loading reranker model" not in log and "warming up" not in log, log
+    assert notify.times("STOPPING") and not notify.times("READY")
+    assert exited < 30, exited
+
+
+def test_a_stalled_daemon_keeps_its_socket_against_a_second_one(tmp_path, tiny_dir):
+    """The reported theft: while A's loop stalls, B must not judge A's socket stale and take it."""
+    a = start_daemon(tmp_path / "a", "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    try:
+        a.process.send_signal(signal.SIGSTOP)  # stalled: it answers nothing at all
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon", "serve", "--endpoint", a.endpoint, "--embedding-model",
+             str(tiny_dir), "--reranker-model", "none"], capture_output=True, text=True, timeout=120)
+        a.process.send_signal(signal.SIGCONT)
+        assert result.returncode == 1 and "another daemon is serving" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr  # one line
+        with a.client() as c:
+            assert c.health()["status"] == "ready"
+    finally:
+        a.stop()
+
+
+def test_a_daemon_removes_only_the_socket_file_it_created(tmp_path, tiny_dir):
+    a = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    path = Path(a.endpoint[len("ipc://"):])
+    os.rename(path, path.with_name("a-moved.sock"))
+    other = socket.socket(socket.AF_UNIX)  # what another daemon would have bound at the path
+    other.bind(str(path))
+    try:
+        assert a.stop() == 0
+        assert path.exists(), "the daemon removed a socket file that was not its own"
+    finally:
+        other.close()
+
+
+def test_after_kill_9_the_next_daemon_takes_the_socket(tmp_path, tiny_dir):
+    a = start_daemon(tmp_path / "a", "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    a.stop(signal.SIGKILL)
+    b = start_daemon(tmp_path / "b", "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                     endpoint=a.endpoint)
+    try:
+        with b.client() as c:
+            assert c.health()["status"] == "ready"
+    finally:
+        b.stop()
