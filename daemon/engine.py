@@ -183,7 +183,7 @@ class Engine:
                     if model is not None:
                         self._step(f"warming up {model.name}")
                         model.warmup()
-            self._step("ready")
+            self._step(None)
         except ModelLoadError as exc:
             self.load_error = str(exc)
             self.state = "failed"
@@ -195,12 +195,14 @@ class Engine:
         finally:
             self._loaded.set()
 
-    def _step(self, what: str) -> None:
-        """Between two loading steps: stop here when a SIGTERM arrived (the state is `draining`)."""
+    def _step(self, what: str | None) -> None:
+        """Between two loading steps: stop here when a SIGTERM arrived (the state is `draining`);
+        else say what comes next (None: the end)."""
         if self.state == "draining":
             raise _Stopped
-        self.loading = what
-        log.info(what)
+        if what is not None:
+            self.loading = what
+            log.info(what)
 
     def _size_batches(self) -> None:
         model = self.embedding or self.reranker

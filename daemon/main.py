@@ -129,15 +129,18 @@ def _limit_options(fn):
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
 def serve(log_level: str, **opts) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
+    from .preflight import SettingsError, check_config
     from .server import Server, StartupError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    server = Server(config_from_options(opts))
-    server.install_signal_handlers()
+    config = config_from_options(opts)
     try:
+        check_config(config)
+        server = Server(config)
+        server.install_signal_handlers()
         code = server.serve()
-    except StartupError as exc:
+    except (SettingsError, StartupError) as exc:
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
         sys.exit(1)
     sys.exit(code)

@@ -121,8 +121,8 @@ def _load(cls, settings: ModelSettings, device, dtype):
         )
     except OSError as exc:
         raise _unfetchable(settings, exc) from None
-    except (ValueError, KeyError, TypeError, ImportError) as exc:
-        raise ModelLoadError(f"cannot load model {settings.name!r}: {str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:  # whatever transformers raises on a broken checkpoint: one line
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {_first_line(exc)}") from None
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
     if missing:
         raise ModelLoadError(
@@ -142,10 +142,21 @@ def _load_processor(settings: ModelSettings, padding_side: str):
         )
     except OSError as exc:
         raise _unfetchable(settings, exc) from None
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the processor of {settings.name!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _unfetchable(settings: ModelSettings, exc: Exception) -> ModelLoadError:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    from .preflight import looks_local
+
+    reason = _first_line(exc)[:160]
+    if looks_local(settings.name):
+        return ModelLoadError(f"cannot read model files in {settings.name!r} ({reason}); check the directory "
+                              "and its permissions")
     return ModelLoadError(
         f"cannot load model {settings.name!r}: it is not a local checkpoint and could not be downloaded "
         f"({reason}); pass a local checkpoint directory, or build a test checkpoint with "

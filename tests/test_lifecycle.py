@@ -175,7 +175,7 @@ def test_pickled_checkpoint_is_refused_unread(tmp_path, tiny_dir):
         [sys.executable, "-m", "daemon", "serve", "--endpoint", f"ipc://{tmp_path}/s/d.sock",
          "--embedding-model", str(ckpt), "--reranker-model", "none", "--offline"],
         capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "cannot load model" in result.stderr.splitlines()[-1]
+    assert result.returncode == 1 and "pickled .bin weights, which are never loaded" in result.stderr.splitlines()[-1]
     assert "Traceback" not in result.stderr
 
 
@@ -303,3 +303,47 @@ def test_after_kill_9_the_next_daemon_takes_the_socket(tmp_path, tiny_dir):
             assert c.health()["status"] == "ready"
     finally:
         b.stop()
+
+
+def _broken_checkpoints(root: Path, tiny: Path) -> dict[str, Path]:
+    (root / "empty").mkdir()
+    for name in ("garbage", "no-tokenizer", "no-weights"):
+        shutil.copytree(tiny, root / name)
+    (root / "garbage" / "config.json").write_text("{not json")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "no-tokenizer" / f).unlink()
+    (root / "no-weights" / "model.safetensors").unlink()
+    (root / "a-file").write_text("x")
+    return {"empty": root / "empty", "garbage": root / "garbage", "no-tokenizer": root / "no-tokenizer",
+            "no-weights": root / "no-weights", "a-file": root / "a-file",
+            "missing": root / "missing"}
+
+
+STARTUP_MISTAKES = [
+    (["--embedding-model", "{empty}"], "no config.json"),
+    (["--embedding-model", "{missing}"], "no such directory"),
+    (["--embedding-model", "{garbage}"], "config.json is not valid JSON"),
+    (["--embedding-model", "{no-tokenizer}"], "no tokenizer files"),
+    (["--embedding-model", "{no-weights}"], "no weights"),
+    (["--embedding-model", "{a-file}"], "not a directory"),
+    (["--embedding-model", "none"], "both models are disabled"),
+    (["--embedding-model", "{tiny}", "--device", "cuda"], "CUDA is not available; pass --device cpu"),
+    (["--embedding-model", "{tiny}", "--device", "tpu"], "unknown device"),
+    (["--embedding-model", "{tiny}", "--dtype", "bogus"], "unknown --dtype 'bogus'"),
+    (["--embedding-model", "{tiny}", "--embedding-dim", "100"], "--embedding-dim 100 is outside 1..64"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", STARTUP_MISTAKES, ids=[f for _, f in STARTUP_MISTAKES])
+def test_startup_mistakes_are_one_line_before_any_loading(tmp_path, tiny_dir, args, fragment):
+    paths = {**_broken_checkpoints(tmp_path, tiny_dir), "tiny": tiny_dir}
+    argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve", "--endpoint", f"ipc://{tmp_path}/s/d.sock", "--reranker-model",
+         "none", "--offline", *argv], capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("qwen3vl-daemon: ") and fragment in lines[0], result.stderr
+    assert "draining" not in result.stderr and not (tmp_path / "s" / "d.sock").exists()
+    assert time.monotonic() - started < 30  # checked before loading (a load takes longer than the import)
