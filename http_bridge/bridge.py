@@ -10,7 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
+import logging
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -36,7 +40,8 @@ from .guard import BodyGuard, header_timeout_protocol
 HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 # Daemon error codes as HTTP statuses.
 STATUS_BY_CODE = {"invalid_request": 400, "unsupported": 400, "input_error": 422, "too_large": 413,
-                  "overloaded": 429, "not_loaded": 503, "shutting_down": 503, "internal": 500}
+                  "overloaded": 429, "not_loaded": 503, "shutting_down": 503, "deadline_exceeded": 504,
+                  "internal": 500}
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class InputObject(BaseModel):
     video: dict[str, Any] | list[dict[str, Any]] | None = Field(
         None, description="{\"frames\": [image, ...]}, {\"data\": data URL of a video file}, {\"path\"} or {\"url\"}")
     instruction: str | None = None
-    fps: float | None = Field(None, gt=0, le=60)
+    fps: float | None = Field(None, ge=0.01, le=60)  # the daemon's range
     max_frames: int | None = Field(None, ge=2, le=768)
 
 
@@ -196,6 +201,12 @@ def to_protocol_input(value: Union[str, InputObject], where: str) -> Any:
     return out
 
 
+def _union_tag(part: Any) -> bool:
+    """A location part that names a union's branch (str, InputObject, list[...]), not a field."""
+    return isinstance(part, str) and (part[:1].isupper() or part in ("str", "int", "float", "bool")
+                                      or "[" in part or "-" in part)
+
+
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
@@ -293,9 +304,11 @@ def create_app(config: BridgeConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(422, "invalid_request", f"{where or 'body'}: {first.get('msg')}")
+        # For a union (a string or an input object), the deepest error names the field that is wrong.
+        errors = exc.errors() or [{"loc": (), "msg": "invalid body"}]
+        worst = max(errors, key=lambda e: len(e.get("loc", ())))
+        where = ".".join(str(p) for p in worst.get("loc", ()) if p != "body" and not _union_tag(p))
+        return error_response(422, "invalid_request", f"{where or 'body'}: {worst.get('msg')}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -308,8 +321,9 @@ def create_app(config: BridgeConfig) -> FastAPI:
         return error_response(400, "invalid_request", exc.message)
 
 
-    async def ask(payload: dict) -> dict | JSONResponse:
-        """One daemon request; a JSONResponse with the right status when it fails."""
+    async def ask(payload: dict, fields: dict[str, str] | None = None) -> dict | JSONResponse:
+        """One daemon request; a JSONResponse with the right status when it fails. `fields` renames
+        the daemon's field names in error messages to the route's own (OpenAI's `dimensions`)."""
         try:
             reply = await client.request(payload)
         except (ValueError, OverflowError, TypeError) as exc:
@@ -321,8 +335,10 @@ def create_app(config: BridgeConfig) -> FastAPI:
             return error_response(504, "timeout", str(exc))
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            code = str(error.get("code", "internal"))
-            return error_response(STATUS_BY_CODE.get(code, 500), code, str(error.get("message", "")))
+            code, message = str(error.get("code", "internal")), str(error.get("message", ""))
+            for daemon_name, route_name in (fields or {}).items():
+                message = re.sub(rf"^{daemon_name}(?=[:\[.])", route_name, message)
+            return error_response(STATUS_BY_CODE.get(code, 500), code, message)
         return reply
 
     @app.post("/embed", response_model=EmbedResponse, responses=ERRORS, dependencies=[Depends(authorized)])
@@ -353,7 +369,8 @@ def create_app(config: BridgeConfig) -> FastAPI:
         result = rerank_result(reply)
         return JSONResponse({"scores": result.scores, "model": result.model})
 
-    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse,
+                   responses={503: {"model": HealthResponse}})
     async def health():
         """200 while the daemon is ready; 503 while it loads, drains, or cannot be reached."""
         try:
@@ -376,7 +393,8 @@ def create_app(config: BridgeConfig) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             return error_response(422, "invalid_request", "input: must not be empty")
-        reply = await ask({"op": "embed", "inputs": texts, "dimension": body.dimensions})
+        reply = await ask({"op": "embed", "inputs": texts, "dimension": body.dimensions},
+                          fields={"dimension": "dimensions", "inputs": "input"})
         if isinstance(reply, JSONResponse):
             return reply
         result = embed_result(reply)
@@ -412,6 +430,38 @@ class _Unauthorized(Exception):
     pass
 
 
+def read_token(token_file: str | None, env_token: str | None) -> str | None:
+    """The bearer token: the file's content, else $QWEN3VL_BRIDGE_TOKEN, else none. An empty or blank
+    one is refused: it would silently turn authentication off."""
+    if token_file:
+        token = open(token_file, encoding="utf-8").read().strip()
+        if not token:
+            raise ValueError(f"the token file {token_file} is empty or blank: write a token into it "
+                             "(e.g. `openssl rand -hex 32`), or drop --token-file")
+        return token
+    if env_token is not None and env_token != "":
+        if not env_token.strip():
+            raise ValueError("QWEN3VL_BRIDGE_TOKEN is blank: set a token, or unset it")
+        return env_token.strip()
+    return None
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, allow_no_token: bool) -> None:
+    """A bridge reachable from other hosts must ask for a token, unless the operator says otherwise."""
+    if token is None and not is_loopback_host(host) and not allow_no_token:
+        raise ValueError(f"--host {host} is reachable from other hosts and no token is set: give --token-file "
+                         "(or QWEN3VL_BRIDGE_TOKEN), or pass --allow-no-token to serve it unauthenticated")
+
+
 @click.command()
 @click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=client_endpoint,
               help="The daemon's endpoint; several, comma-separated, spread the requests and fail over.")
@@ -434,17 +484,27 @@ class _Unauthorized(Exception):
               "connection is closed.")
 @click.option("--limit-concurrency", envvar="QWEN3VL_BRIDGE_LIMIT_CONCURRENCY", type=click.IntRange(min=1),
               default=1024, show_default=True, help="Open connections beyond which requests get 503 at once.")
-@click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
+@click.option("--allow-no-token", envvar="QWEN3VL_BRIDGE_ALLOW_NO_TOKEN", is_flag=True, default=False,
+              help="Serve a non-loopback --host without a bearer token (refused otherwise).")
+@click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True,
+              help="debug, info, warning or error.")
 def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, max_body_bytes, timeout, body_timeout,
-         header_timeout, limit_concurrency, log_level) -> None:
+         header_timeout, limit_concurrency, allow_no_token, log_level) -> None:
     """Serve the HTTP bridge in front of a running qwen3vl daemon."""
     import uvicorn
 
-    token = open(token_file).read().strip() if token_file else os.environ.get("QWEN3VL_BRIDGE_TOKEN") or None
+    try:
+        token = read_token(token_file, os.environ.get("QWEN3VL_BRIDGE_TOKEN"))
+        check_exposure(host, token, allow_no_token)
+    except ValueError as exc:
+        click.echo(f"qwen3vl-bridge: {exc}", err=True)
+        sys.exit(1)
     curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
     config = BridgeConfig(endpoint=endpoint, host=host, port=port, token=token, max_body_bytes=max_body_bytes,
                           timeout_s=timeout, body_timeout_s=body_timeout, header_timeout_s=header_timeout,
                           limit_concurrency=limit_concurrency, curve=curve)
+    if token is None and not is_loopback_host(host):
+        logging.getLogger("qwen3vl.bridge").warning("serving %s WITHOUT authentication (--allow-no-token)", host)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
                 http=header_timeout_protocol(config.header_timeout_s), limit_concurrency=config.limit_concurrency)
 
