@@ -18,8 +18,10 @@ def quiet_libraries(cpu_count: int | None = None) -> None:
     os.environ.setdefault("TORCHCODEC_NUM_THREADS", str(max(1, min(8, cpu_count or os.cpu_count() or 1))))
     # Its fallback reader (torchvision.io.read_video) no longer exists: decode with torchcodec only.
     os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "torchcodec")
-    logging.getLogger("qwen_vl_utils").setLevel(logging.WARNING)
-    logging.getLogger("qwen_vl_utils.vision_process").setLevel(logging.WARNING)
+    # Its INFO and WARNING lines come per video and per request (a frame count adjusted, a reader
+    # falling back); the daemon answers each failure itself.
+    logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
+    logging.getLogger("qwen_vl_utils.vision_process").setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()

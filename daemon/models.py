@@ -10,6 +10,7 @@ processors treat each image and video on its own.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -43,6 +44,26 @@ RERANK_SYSTEM_PROMPT = (
 
 class ModelLoadError(Exception):
     """A model could not be loaded; the message is one line an operator can act on."""
+
+
+class UndecodableVideo(Exception):
+    """torchcodec could not decode a video's frames."""
+
+
+def _no_fallback_reader(_ele: dict):
+    raise UndecodableVideo
+
+
+def use_torchcodec_only() -> None:
+    """qwen_vl_utils falls back to torchvision.io.read_video when torchcodec fails on a file, and
+    torchvision 0.29 has no read_video: the fallback could only fail, with a misleading message.
+    Make that failure say what happened. Also pick the reader now, while its one-time banner can be
+    kept off stderr."""
+    from qwen_vl_utils import vision_process
+
+    vision_process.VIDEO_READER_BACKENDS["torchvision"] = _no_fallback_reader
+    with contextlib.redirect_stderr(io.StringIO()):
+        vision_process.get_video_reader_backend()
 
 
 # -- device and dtype ------------------------------------------------------------------------------
@@ -221,6 +242,7 @@ class _QwenVL:
         self.media = media
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        use_torchcodec_only()
         self.processor = _load_processor(settings, self.padding_side)
         self.tokenizer = self.processor.tokenizer
         self.full_model, self.load_info = _load(model_cls, settings, self.device, self.dtype)
@@ -329,6 +351,8 @@ class _QwenVL:
                 [conversation], image_patch_size=IMAGE_PATCH_SIZE,
                 return_video_kwargs=True, return_video_metadata=True,
             )
+        except UndecodableVideo:
+            raise input_error(f"{where}: the video's frames cannot be decoded (a corrupt or truncated file)") from None
         except Exception as exc:  # media were read and checked before; this is a decoding failure
             raise input_error(f"{where}: cannot read media ({type(exc).__name__}: {str(exc)[:160]})") from None
         metadata = None

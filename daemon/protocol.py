@@ -86,12 +86,19 @@ def error_reply(request_id: Any, error: RequestError) -> bytes:
     return pack({"id": request_id, "ok": False, "error": error.to_wire()})
 
 
+def _too_deep(limits: Limits) -> RequestError:
+    return too_large(f"payload: arrays and maps nest deeper than {limits.max_msgpack_depth} levels "
+                     "(max_msgpack_depth)")
+
+
 def decode_payload(data: bytes, limits: Limits) -> dict:
     """The payload as a map, or a RequestError (`too_large` / `invalid_request`)."""
     if len(data) > limits.max_message_bytes:
         raise too_large(f"payload: {len(data)} bytes exceed the limit of {limits.max_message_bytes} (max_message_bytes)")
     try:
         payload = unpack(data, limits.max_msgpack_items)
+    except msgpack.exceptions.StackError:  # deeper than msgpack's own stack (1024): over any depth limit
+        raise _too_deep(limits) from None
     except ValueError as exc:  # msgpack names a container over its length limit in a ValueError
         if "exceeds max_" in str(exc):
             raise too_large(f"payload: an array or map exceeds {limits.max_msgpack_items} items "
@@ -100,8 +107,7 @@ def decode_payload(data: bytes, limits: Limits) -> dict:
     except Exception:
         raise invalid("payload: not a valid msgpack document") from None
     if nesting_depth(payload, limits.max_msgpack_depth) > limits.max_msgpack_depth:
-        raise too_large(f"payload: arrays and maps nest deeper than {limits.max_msgpack_depth} levels "
-                        "(max_msgpack_depth)")
+        raise _too_deep(limits)
     if not isinstance(payload, dict):
         raise invalid("payload: expected a msgpack map with an 'op' field")
     return payload

@@ -213,3 +213,34 @@ def test_clients_that_vanish_mid_request_cost_only_their_own_work(daemon):
     assert metrics["queue_depth"] == 0
     assert metrics["errors"].get("internal", 0) == before["errors"].get("internal", 0)
     assert daemon.process.poll() is None
+
+
+def test_internal_tracebacks_are_rate_limited_and_the_rest_counted():
+    import logging
+
+    from daemon.logs import TracebackLimiter
+
+    now = [0.0]
+    limiter = TracebackLimiter(burst=3, period_s=60, clock=lambda: now[0])
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("test.tracebacks")
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        written = []
+        for _ in range(100):
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                written.append(limiter.log(logger, "forward failed"))
+        assert written.count(True) == 3 and len(records) == 3 and all(r.exc_info for r in records)
+        now[0] = 61.0
+        try:
+            raise RuntimeError("again")
+        except RuntimeError:
+            assert limiter.log(logger, "forward failed")
+        assert "97 more internal error traceback(s) left out" in records[3].getMessage()
+        assert records[4].exc_info
+    finally:
+        logger.removeHandler(handler)

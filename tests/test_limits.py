@@ -111,6 +111,23 @@ def test_msgpack_nesting_deeper_than_the_limit_is_too_large(strict):
     _refused(exchange(strict.endpoint, [{"op": "health", "id": nested}])[0], "max_msgpack_depth")
 
 
+@pytest.mark.parametrize("depth", [9, 2000, 100_000])
+def test_any_excess_of_nesting_is_the_same_too_large(strict, depth):
+    """Past msgpack's own stack (1024 levels) too: one answer for every excess, raw bytes on the wire."""
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, 30_000
+    sock.connect(strict.endpoint)
+    try:
+        sock.send_multipart([b"", b"\x82\xa2op\xa6health\xa2id" + b"\x91" * depth + b"\x00"])
+        reply = msgpack.unpackb(sock.recv_multipart()[-1])
+    finally:
+        sock.close()
+    _refused(reply, "max_msgpack_depth")
+
+
 def test_msgpack_nesting_within_the_limit_is_served(strict):
     nested: object = "x"
     for _ in range(6):

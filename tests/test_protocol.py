@@ -150,6 +150,12 @@ def test_bad_rerank_requests_name_the_document(client):
     assert reply["error"]["code"] == "invalid_request" and "documents: required" in reply["error"]["message"]
 
 
+@pytest.mark.parametrize("encoding", [0, False, "", [], {}, "FLOAT32", 1.5])
+def test_encoding_values_other_than_the_named_ones_are_invalid(client, encoding):
+    reply = client.request({"op": "embed", "inputs": ["x"], "encoding": encoding})
+    assert reply["error"]["code"] == "invalid_request" and reply["error"]["message"].startswith("encoding:")
+
+
 def test_a_bad_request_does_not_disturb_the_next_one(client):
     assert client.request({"op": "embed", "inputs": [{"image": b"bad"}]})["ok"] is False
     assert client.embed(["still serving"]).embeddings.shape == (1, 64)
@@ -221,3 +227,27 @@ def test_metrics_op_reports_counters(client):
     hist = after["latency_s"]["embed"]
     assert hist["counts"][-1] == before["latency_s"]["embed"]["counts"][-1] + 1 and len(hist["counts"]) == len(hist["buckets"]) + 1
     assert after["batch_size"]["counts"][-1] >= 1 and after["queue_depth"] == 0
+
+
+@pytest.mark.parametrize("path", ["/a\x00b.png", "relative.png", "/etc/passwd", "", "/" + "x" * 5000])
+def test_client_mistakes_in_paths_are_the_clients_errors_without_a_traceback(daemon, client, path):
+    logged_before = daemon.log.stat().st_size
+    for _ in range(20):
+        reply = client.request({"op": "embed", "inputs": [{"image": {"path": path}}]})
+        assert reply["error"]["code"] in ("invalid_request", "input_error"), reply
+        assert reply["error"]["message"].startswith("inputs[0].image[0]"), reply
+    with daemon.log.open("rb") as fh:
+        fh.seek(logged_before)
+        assert b"Traceback" not in fh.read()
+
+
+def test_a_truncated_video_is_an_input_error_that_says_so(client, tmp_path):
+    import subprocess
+
+    clip = tmp_path / "fs.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=4", "-t", "3",
+                    "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(clip)], check=True)
+    data = clip.read_bytes()
+    reply = client.request({"op": "embed", "inputs": [{"video": data[: len(data) // 3]}]})
+    assert reply["error"]["code"] == "input_error" and "cannot be decoded" in reply["error"]["message"], reply
+    assert "torchvision" not in reply["error"]["message"]
