@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ LIMIT_OPTIONS = [
            "Frames of a video sent as a frame list."),
     _limit("--max-video-seconds", click.FloatRange(min=0), MediaPolicy.max_video_seconds,
            "Duration of a video file (from its header)."),
+    _limit("--max-video-pixels", click.IntRange(min=1), MediaPolicy.max_video_pixels,
+           "Decoded pixels of one video's sampled frames in all (from headers)."),
     _limit("--url-timeout", click.FloatRange(min=0.1), MediaPolicy.url_timeout_s,
            "Seconds for one whole URL download."),
 ]
@@ -87,7 +90,8 @@ def _limit_options(fn):
               help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", envvar="QWEN3VL_DTYPE", default="auto", show_default=True,
               help="auto (bfloat16 where supported, else float32), bfloat16, float32 or float16.")
-@click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default="sdpa", show_default=True)
+@click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default="sdpa", show_default=True,
+              help="Attention kernels: sdpa, eager, or flash_attention_2 where installed.")
 @click.option("--embedding-max-length", envvar="QWEN3VL_EMBEDDING_MAX_LENGTH", type=click.IntRange(min=16),
               default=8192, show_default=True, help="Tokens per input; longer text is truncated (official).")
 @click.option("--reranker-max-length", envvar="QWEN3VL_RERANKER_MAX_LENGTH", type=click.IntRange(min=16),
@@ -125,8 +129,11 @@ def _limit_options(fn):
               help="Permissions of an ipc socket file, octal; 0660 lets the daemon's group connect.")
 @click.option("--drain-timeout", envvar="QWEN3VL_DRAIN_TIMEOUT", type=click.FloatRange(min=0), default=30.0,
               show_default=True, help="Seconds to finish accepted requests after SIGTERM.")
-@click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True)
-@click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True)
+@click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True,
+              help="Run one short forward per model before reporting ready.")
+@click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="Log verbosity.")
 def serve(log_level: str, **opts) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     from .preflight import SettingsError, check_config
@@ -146,6 +153,11 @@ def serve(log_level: str, **opts) -> None:
     sys.exit(code)
 
 
+for _param in serve.params:  # `serve --help` names each option's environment variable
+    if isinstance(_param, click.Option) and _param.envvar:
+        _param.show_envvar = True
+
+
 def config_from_options(o: dict) -> DaemonConfig:
     """The typed configuration from `serve`'s options (named as click passes them)."""
     def model(name: str, max_length: int) -> ModelSettings | None:
@@ -156,7 +168,7 @@ def config_from_options(o: dict) -> DaemonConfig:
         allowed_roots=roots, allow_urls=o["allow_urls"], allow_private_urls=o["allow_private_urls"],
         url_timeout_s=o["url_timeout"], max_image_bytes=o["max_image_bytes"], max_video_bytes=o["max_video_bytes"],
         max_image_pixels=o["max_image_pixels"], max_video_frames=o["max_video_frames"],
-        max_video_seconds=o["max_video_seconds"])
+        max_video_seconds=o["max_video_seconds"], max_video_pixels=o["max_video_pixels"])
     limits = Limits(max_message_bytes=o["max_message_bytes"], max_inputs=o["max_inputs"],
                     max_documents=o["max_documents"], max_text_chars=o["max_text_chars"],
                     max_msgpack_depth=o["max_msgpack_depth"], max_msgpack_items=o["max_msgpack_items"])
@@ -221,10 +233,13 @@ def _client_options(fn):
                       type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")(fn)
     fn = click.option("--curve-client-key", envvar="QWEN3VL_CURVE_CLIENT_KEY", default=None,
                       type=click.Path(exists=True, dir_okay=False), help="This client's secret key file (CURVE).")(fn)
-    return click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(fn)
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                        help="Seconds to wait for the reply (also sent as the request's deadline).")(fn)
 
 
-def _run_client(call):
+def _run_client(call, names: dict[str, str] | None = None):
+    """Run `call(client)`; a failure is one line, with the inputs' wire names (inputs[0].image[1])
+    replaced by the files they came from."""
     from .client import Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
 
     def runner(endpoint: str, timeout: float, curve_server_key: str | None, curve_client_key: str | None):
@@ -233,27 +248,74 @@ def _run_client(call):
             try:
                 return call(client)
             except (DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
-                click.echo(f"qwen3vl-daemon: {exc}", err=True)
+                click.echo(f"qwen3vl-daemon: {_name_files(str(exc), names or {})}", err=True)
                 sys.exit(1)
     return runner
 
 
-def _inputs(texts: tuple[str, ...], images: tuple[Path, ...]) -> list:
-    items: list = list(texts)
-    items += [{"image": path.read_bytes()} for path in images]
-    return items
+def _name_files(message: str, names: dict[str, str]) -> str:
+    if not names:
+        return message
+    pattern = "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True))
+    return re.sub(pattern, lambda m: f"{names[m.group(0)]} ({m.group(0)})", message)
+
+
+def embed_inputs(texts: tuple[str, ...], images: tuple[Path, ...], videos: tuple[Path, ...],
+                 frames: tuple[Path, ...], separate: bool) -> tuple[list, dict[str, str]]:
+    """The wire inputs and, for each file, its wire name. Texts alone: one input each. With media:
+    one input made of every text, image and video, unless `separate` (then one input per item)."""
+    media: list[tuple[str, object, Path | None]] = [("image", p.read_bytes(), p) for p in images]
+    media += [("video", {"data": p.read_bytes()}, p) for p in videos]
+    if frames:
+        media.append(("video", [p.read_bytes() for p in frames], None))
+    if not media or separate:
+        items: list = list(texts)
+        names: dict[str, str] = {}
+        for kind, value, path in media:
+            where = f"inputs[{len(items)}].{kind}[0]"
+            names.update(_frame_names(where, frames) if path is None else {where: str(path)})
+            items.append({kind: [value]})
+        return items, names
+    item: dict = {"text": list(texts)} if texts else {}
+    names = {}
+    for kind in ("image", "video"):
+        values = [(v, p) for k, v, p in media if k == kind]
+        if values:
+            item[kind] = [v for v, _ in values]
+            for i, (_, path) in enumerate(values):
+                where = f"inputs[0].{kind}[{i}]"
+                names.update(_frame_names(where, frames) if path is None else {where: str(path)})
+    return [item], names
+
+
+def _frame_names(where: str, frames: tuple[Path, ...]) -> dict[str, str]:
+    return {f"{where}.frames[{i}]": str(p) for i, p in enumerate(frames)}
+
+
+FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @cli.command()
 @click.argument("texts", nargs=-1)
-@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Image file to embed (sent as bytes; repeatable).")
-@click.option("--instruction", default=None)
-@click.option("--dimension", type=click.IntRange(min=1), default=None)
+@click.option("--image", "images", multiple=True, type=FILE, help="Image file (repeatable).")
+@click.option("--video", "videos", multiple=True, type=FILE, help="Video file (repeatable).")
+@click.option("--frame", "frames", multiple=True, type=FILE,
+              help="Image file as one frame of a video given as frames (repeatable, in order).")
+@click.option("--separate", is_flag=True, default=False,
+              help="Embed every text and file on its own instead of as one input.")
+@click.option("--instruction", default=None, help="Task instruction (default: \"Represent the user's input.\").")
+@click.option("--dimension", type=click.IntRange(min=1), default=None, help="Output dimension (Matryoshka).")
 @_client_options
-def embed(texts, images, instruction, dimension, endpoint, timeout, curve_server_key, curve_client_key) -> None:
-    """Embed TEXTS (and --image files); prints JSON."""
-    result = _run_client(lambda c: c.embed(_inputs(texts, images), instruction, dimension))(
+def embed(texts, images, videos, frames, separate, instruction, dimension, endpoint, timeout, curve_server_key,
+          curve_client_key) -> None:
+    """Embed TEXTS and media; prints JSON.
+
+    Texts alone are one input each. With --image, --video or --frame, the texts and media make one
+    input (one vector), unless --separate."""
+    if not (texts or images or videos or frames):
+        raise click.UsageError("give at least one text, --image, --video or --frame")
+    inputs, names = embed_inputs(texts, images, videos, frames, separate)
+    result = _run_client(lambda c: c.embed(inputs, instruction, dimension), names)(
         endpoint, timeout, curve_server_key, curve_client_key)
     click.echo(json.dumps({"model": result.model, "dimension": result.dimension, "tokens": result.tokens,
                            "embeddings": [[round(float(x), 6) for x in row] for row in result.embeddings]}))
@@ -262,7 +324,7 @@ def embed(texts, images, instruction, dimension, endpoint, timeout, curve_server
 @cli.command()
 @click.argument("query")
 @click.argument("documents", nargs=-1, required=True)
-@click.option("--instruction", default=None)
+@click.option("--instruction", default=None, help="Task instruction (default: the official retrieval one).")
 @_client_options
 def rerank(query, documents, instruction, endpoint, timeout, curve_server_key, curve_client_key) -> None:
     """Score DOCUMENTS against QUERY; prints JSON."""

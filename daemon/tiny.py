@@ -10,6 +10,7 @@ who want to check an integration without downloading anything.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,4 +242,15 @@ def build_tiny_checkpoint(directory: str | Path, spec: TinySpec = TinySpec()) ->
             param.add_(torch.randn_like(param) * 0.02)
     model.save_pretrained(out)
     _build_processor(tokenizer).save_pretrained(out)
+    _files_as_umask_allows(out)
     return out
+
+
+def _files_as_umask_allows(directory: Path) -> None:
+    """The weights are written through a private temporary file (0600); give every file the mode
+    that an ordinary file gets under the umask, so that a service user can read the checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)

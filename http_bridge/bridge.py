@@ -509,5 +509,10 @@ def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, m
                 http=header_timeout_protocol(config.header_timeout_s), limit_concurrency=config.limit_concurrency)
 
 
+for _param in main.params:  # `--help` names each option's environment variable
+    if isinstance(_param, click.Option) and _param.envvar:
+        _param.show_envvar = True
+
+
 if __name__ == "__main__":
     main()

@@ -19,7 +19,9 @@ import torch
 import zmq
 from safetensors.torch import load_file, save_file
 
-from conftest import exchange, start_daemon
+import numpy as np
+
+from conftest import exchange, gradient_png, start_daemon
 from daemon.config import default_endpoint
 
 
@@ -189,11 +191,81 @@ def test_cli_client_commands_print_json(daemon):
     assert len(reranked["scores"]) == 2
 
 
+def _cli(*args: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    extra = ("--endpoint", endpoint) if endpoint else ()
+    return subprocess.run([sys.executable, "-m", "daemon", *args, *extra], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_embed_text_with_media_is_one_input_unless_separate(daemon, media_dir, tmp_path):
+    image, clip = str(media_dir / "red.png"), str(media_dir / "clip.mp4")
+    frames = [str(tmp_path / f"f{i}.png") for i in range(2)]
+    for i, f in enumerate(frames):
+        Path(f).write_bytes((media_dir / "red.png").read_bytes() if i else gradient_png(i))
+    together = json.loads(_cli("embed", "a red bicycle", "--image", image, endpoint=daemon.endpoint).stdout)
+    apart = json.loads(_cli("embed", "a red bicycle", "--image", image, "--separate", endpoint=daemon.endpoint).stdout)
+    everything = json.loads(_cli("embed", "caption", "--image", image, "--video", clip, "--frame", frames[0],
+                                 "--frame", frames[1], endpoint=daemon.endpoint).stdout)
+    texts = json.loads(_cli("embed", "one", "two", endpoint=daemon.endpoint).stdout)
+    assert len(together["embeddings"]) == 1 and len(apart["embeddings"]) == 2
+    assert len(everything["embeddings"]) == 1 and len(texts["embeddings"]) == 2
+    with daemon.client() as c:
+        expected = c.embed([{"text": ["a red bicycle"], "image": [(media_dir / "red.png").read_bytes()]}]).embeddings
+    np.testing.assert_allclose(np.array(together["embeddings"]), expected, atol=1e-5)
+
+
+def test_cli_names_a_bad_file_by_its_name(daemon, tmp_path):
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"not an image at all")
+    result = _cli("embed", "text", "--image", str(bad), endpoint=daemon.endpoint)
+    assert result.returncode == 1 and f"{bad} (inputs[0].image[0])" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+def test_cli_timeout_must_be_positive(daemon, timeout):
+    result = _cli("health", "--timeout", timeout, endpoint=daemon.endpoint)
+    assert result.returncode == 2 and "--timeout" in result.stderr
+
+
+def test_serve_help_names_every_environment_variable():
+    text = " ".join(_cli("serve", "--help").stdout.split())
+    for name in ("QWEN3VL_MAX_INPUTS", "QWEN3VL_EMBEDDING_MAX_LENGTH", "QWEN3VL_ALLOW_PATHS", "QWEN3VL_LOG_LEVEL",
+                 "QWEN3VL_WARMUP", "QWEN3VL_ATTN_IMPLEMENTATION", "QWEN3VL_MAX_VIDEO_PIXELS", "EMBEDDING_MODEL"):
+        assert name in text.replace("- ", "-").replace("_ ", "_"), name
+
+
 def test_cli_builds_a_tiny_checkpoint_usable_as_either_model(tmp_path):
     subprocess.run([sys.executable, "-m", "daemon", "tiny-checkpoint", str(tmp_path / "t")], check=True,
                    capture_output=True, timeout=120)
     names = {p.name for p in (tmp_path / "t").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= names
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "t").iterdir()} == {0o666 & ~umask}
+
+
+def test_clients_find_the_system_socket_when_theirs_is_absent(tmp_path):
+    from daemon.config import client_endpoint
+
+    system = tmp_path / "run" / "daemon.sock"
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "user")}
+    assert client_endpoint(env, system) == f"ipc://{tmp_path}/user/qwen3vl/daemon.sock"  # neither exists
+    system.parent.mkdir()
+    system.touch()
+    assert client_endpoint(env, system) == f"ipc://{system}"
+    own = tmp_path / "user" / "qwen3vl" / "daemon.sock"
+    own.parent.mkdir(parents=True)
+    own.touch()
+    assert client_endpoint(env, system) == f"ipc://{own}"
+    assert client_endpoint({**env, "QWEN3VL_ENDPOINT": "ipc:///x"}, system) == "ipc:///x"
+
+
+def test_missing_socket_parents_are_created_owner_only(tmp_path):
+    from daemon.server import prepare_socket_dir
+
+    prepare_socket_dir(tmp_path / "a" / "b" / "c" / "daemon.sock")
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
 def test_default_endpoint_prefers_runtime_directory_then_xdg_then_tmp():
