@@ -97,3 +97,20 @@ def test_unknown_device_and_dtype_are_refused():
 def test_reranker_drops_the_untied_lm_head_after_taking_the_score_vector(small_reranker):
     assert not hasattr(small_reranker.full_model, "lm_head")
     assert small_reranker.score_vector.shape == (small_reranker.hidden_size,)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (33, 31), (1000, 30), (30, 1000), (3000, 2000), (2048, 2048), (100, 5000)])
+def test_vision_tokens_counted_from_the_header_are_what_the_processor_makes(tiny_dir, size):
+    from daemon.models import image_tokens
+
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), max_length=100000), MediaReader(MediaPolicy()))
+    ids = model.prepare(InputItem("inputs[0]", images=(MediaSource("bytes", gradient_png(1, size), "x"),))).input_ids
+    image_pad = model.tokenizer.convert_tokens_to_ids(model.processor.image_token)
+    assert image_tokens(*size, "x") == ids.count(image_pad) + 2  # + vision start and end
+
+
+def test_an_aspect_ratio_the_official_resize_refuses_is_an_input_error(small_embedder):
+    item = InputItem("inputs[0]", images=(MediaSource("bytes", gradient_png(1, (4000, 10)), "inputs[0].image[0]"),))
+    with pytest.raises(RequestError) as info:
+        small_embedder.prepare(item)
+    assert info.value.code == ErrorCode.INPUT_ERROR and info.value.message.startswith("inputs[0].image[0]")

@@ -138,3 +138,45 @@ def test_a_valid_request_after_the_refusals_is_served(watched):
     proc, _ = watched
     with proc.client() as c:
         assert c.embed(["still here"]).embeddings.shape[0] == 1
+
+
+def solid_png(width: int, height: int) -> bytes:
+    """A real, decodable PNG of one colour, built row by row (a few hundred KB for 8000x8000)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, parts = zlib.compressobj(9), b"\0" + b"\x80" * (3 * width), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def test_many_huge_images_in_one_input_are_refused_from_their_headers(watched):
+    """The reported case: one input holding 20 copies of a small PNG declaring 8000x8000 pixels
+    (192 MB each once decoded). The vision-token budget is computed from the headers and the input
+    refused before any pixel is decoded: resident memory grows by less than 64 MiB."""
+    proc, _ = watched
+    png = solid_png(8000, 8000)
+    assert len(png) < 1_000_000
+    with proc.client(timeout=120) as c:
+        c.health()
+        before = _rss_mib(proc.process.pid)
+        reply = c.request({"op": "embed", "inputs": [{"image": [png] * 20}]})
+        after = _rss_mib(proc.process.pid)
+    assert reply["error"]["code"] == "too_large" and "(embedding_max_length)" in reply["error"]["message"], reply
+    assert "35320 vision tokens" in reply["error"]["message"]  # 20 x (42 x 42 + 2), from the headers
+    assert after - before < 64, (before, after)
+
+
+def test_a_video_of_huge_frames_is_refused_from_their_headers(watched):
+    from test_limits import png_header_only  # headers only: a decode would fail, so too_large proves none ran
+
+    proc, _ = watched
+    with proc.client() as c:
+        reply = c.request({"op": "embed", "inputs": [{"video": [[png_header_only(4000, 4000)] * 64]}]})
+    assert reply["error"]["code"] == "too_large" and "(max_video_pixels)" in reply["error"]["message"], reply
