@@ -6,8 +6,16 @@
 //! `Client` at once without a socket per call, and a socket whose request timed out is closed
 //! instead of reused (the ZeroMQ guide's lazy pirate pattern), so a late reply never reaches the
 //! next caller.
+//!
+//! A client takes one endpoint or several, comma-separated (`ipc:///run/qwen3vl-0/daemon.sock,
+//! ipc:///run/qwen3vl-1/daemon.sock`), as the Python client does: requests go round robin, and a
+//! request whose daemon is not connected, does not answer in time, or is draining is tried on the
+//! next one, within the call's own timeout. A daemon that is not connected is known at once
+//! (ZMQ_IMMEDIATE): the call fails with `Unavailable` after `connect_timeout`, not the whole timeout.
+//! Every embed and rerank carries the time the caller has left as `deadline_ms`, so the daemon
+//! drops work nobody waits for any more.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,12 +41,16 @@ pub enum Error {
     Overloaded(String),
     #[error("shutting_down: {0}")]
     ShuttingDown(String),
+    #[error("deadline_exceeded: {0}")]
+    DeadlineExceeded(String),
     #[error("internal: {0}")]
     Internal(String),
     #[error("{code}: {message}")]
     Other { code: String, message: String },
     #[error("no reply from {endpoint} within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
+    #[error("no daemon is connected on {endpoint}")]
+    Unavailable { endpoint: String },
     #[error("zmq: {0}")]
     Transport(#[from] zmq::Error),
     #[error("malformed message: {0}")]
@@ -56,6 +68,7 @@ impl Error {
             "too_large" => Error::TooLarge(message),
             "overloaded" => Error::Overloaded(message),
             "shutting_down" => Error::ShuttingDown(message),
+            "deadline_exceeded" => Error::DeadlineExceeded(message),
             "internal" => Error::Internal(message),
             other => Error::Other { code: other.to_string(), message },
         }
@@ -63,7 +76,13 @@ impl Error {
 
     /// Whether trying again later (or on another daemon) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Overloaded(_) | Error::ShuttingDown(_) | Error::NotLoaded(_) | Error::Timeout { .. })
+        matches!(self, Error::Overloaded(_) | Error::ShuttingDown(_) | Error::NotLoaded(_) | Error::Timeout { .. }
+                       | Error::Unavailable { .. } | Error::DeadlineExceeded(_))
+    }
+
+    /// Whether the same request should go to the next daemon of the client's list.
+    fn try_elsewhere(&self) -> bool {
+        matches!(self, Error::ShuttingDown(_) | Error::Timeout { .. } | Error::Unavailable { .. })
     }
 }
 
@@ -119,6 +138,7 @@ struct EmbedRequest<'a> {
     dimension: Option<u32>,
     normalize: bool,
     encoding: &'static str,
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -127,6 +147,7 @@ struct RerankRequest<'a> {
     query: &'a Input,
     documents: &'a [Input],
     instruction: Option<&'a str>,
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -205,24 +226,51 @@ pub struct Health {
     pub reranker: ModelHealth,
 }
 
-/// A client of one daemon endpoint. Cheap to share: `Client` is `Send + Sync`.
+/// One daemon of a client's list: its endpoint and its idle sockets.
+struct Daemon {
+    endpoint: String,
+    idle: Mutex<Vec<zmq::Socket>>,
+}
+
+/// A client of one daemon or several. Cheap to share: `Client` is `Send + Sync`.
 pub struct Client {
     ctx: zmq::Context,
-    endpoint: String,
+    daemons: Vec<Daemon>,
     timeout: Duration,
-    idle: Mutex<Vec<zmq::Socket>>,
+    connect_timeout: Duration,
+    next: AtomicUsize,
     next_tag: AtomicU64,
 }
 
+/// Split an endpoint list (`a,b,c`) as the Python client does: trimmed, empty parts dropped.
+pub fn split_endpoints(endpoint: &str) -> Vec<String> {
+    endpoint.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect()
+}
+
 impl Client {
-    /// A client for `endpoint` (e.g. `ipc:///run/qwen3vl/daemon.sock`); `timeout` bounds every call.
+    /// A client for `endpoint`: one (`ipc:///run/qwen3vl/daemon.sock`) or several, comma-separated.
+    /// `timeout` bounds every call, failover included; a daemon that is not connected is given up
+    /// on after one second (see `with_connect_timeout`).
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> Client {
-        Client { ctx: zmq::Context::new(), endpoint: endpoint.into(), timeout, idle: Mutex::new(Vec::new()),
-                 next_tag: AtomicU64::new(1) }
+        let endpoint = endpoint.into();
+        let mut parts = split_endpoints(&endpoint);
+        if parts.is_empty() {
+            parts.push(endpoint); // connecting to it reports the mistake
+        }
+        let daemons = parts.into_iter().map(|endpoint| Daemon { endpoint, idle: Mutex::new(Vec::new()) }).collect();
+        Client { ctx: zmq::Context::new(), daemons, timeout, connect_timeout: Duration::from_secs(1),
+                 next: AtomicUsize::new(0), next_tag: AtomicU64::new(1) }
     }
 
-    /// The endpoint every command uses by default: `$QWEN3VL_ENDPOINT`, else
-    /// `qwen3vl/daemon.sock` under `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR` or the temp dir.
+    /// How long a call waits for a daemon to be connected before trying the next one.
+    pub fn with_connect_timeout(mut self, connect_timeout: Duration) -> Client {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// The endpoint every command uses by default: `$QWEN3VL_ENDPOINT`; else this user's socket,
+    /// `qwen3vl/daemon.sock` under `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR` or the temp dir, if it
+    /// exists; else the system service's `/run/qwen3vl/daemon.sock` if that exists; else this user's.
     pub fn default_endpoint() -> String {
         if let Ok(ep) = std::env::var("QWEN3VL_ENDPOINT") {
             if !ep.is_empty() {
@@ -233,62 +281,88 @@ impl Client {
             .filter(|v| !v.is_empty())
             .or_else(|| std::env::var("XDG_RUNTIME_DIR").ok().filter(|v| !v.is_empty()))
             .unwrap_or_else(|| std::env::temp_dir().to_string_lossy().into_owned());
-        format!("ipc://{}/qwen3vl/daemon.sock", base.trim_end_matches('/'))
+        let own = format!("{}/qwen3vl/daemon.sock", base.trim_end_matches('/'));
+        let system = "/run/qwen3vl/daemon.sock";
+        if !std::path::Path::new(&own).exists() && std::path::Path::new(system).exists() {
+            return format!("ipc://{system}");
+        }
+        format!("ipc://{own}")
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// The endpoints, comma-separated.
+    pub fn endpoint(&self) -> String {
+        self.daemons.iter().map(|d| d.endpoint.as_str()).collect::<Vec<_>>().join(",")
     }
 
-    fn checkout(&self) -> Result<zmq::Socket> {
-        if let Some(sock) = self.idle.lock().unwrap().pop() {
+    fn checkout(&self, daemon: &Daemon) -> Result<zmq::Socket> {
+        if let Some(sock) = daemon.idle.lock().unwrap().pop() {
             return Ok(sock);
         }
         let sock = self.ctx.socket(zmq::DEALER)?;
         sock.set_linger(0)?;
+        // Queue only to a connected daemon, so that a request never waits on one that is down.
+        sock.set_immediate(true)?;
         sock.set_reconnect_ivl(100)?;
         sock.set_reconnect_ivl_max(1000)?;
-        sock.connect(&self.endpoint)?;
+        sock.connect(&daemon.endpoint)?;
         Ok(sock)
     }
 
-    /// One round trip: the raw reply payload (msgpack), or a timeout.
-    fn round_trip(&self, payload: &[u8]) -> Result<Vec<u8>> {
+    /// One round trip to one daemon: the raw reply payload (msgpack), `Unavailable` when it is not
+    /// connected within the connect timeout, or `Timeout`.
+    fn round_trip(&self, daemon: &Daemon, payload: &[u8], left: Duration) -> Result<Vec<u8>> {
+        let sock = self.checkout(daemon)?;
+        let connect = self.connect_timeout.min(left);
+        if sock.poll(zmq::POLLOUT, connect.as_millis().max(1) as i64)? == 0 {
+            daemon.idle.lock().unwrap().push(sock); // still connecting; keep it for the next call
+            return Err(Error::Unavailable { endpoint: daemon.endpoint.clone() });
+        }
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-        let sock = self.checkout()?;
         sock.send_multipart([&tag[..], b"", payload], 0)?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + left;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || sock.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() || sock.poll(zmq::POLLIN, wait.as_millis().max(1) as i64)? == 0 {
                 // Dropping the socket closes it: its late reply can never reach another call.
-                return Err(Error::Timeout { endpoint: self.endpoint.clone(), timeout: self.timeout });
+                return Err(Error::Timeout { endpoint: daemon.endpoint.clone(), timeout: left });
             }
             let frames = sock.recv_multipart(0)?;
             if frames.len() == 3 && frames[0] == tag {
-                self.idle.lock().unwrap().push(sock);
+                daemon.idle.lock().unwrap().push(sock);
                 return Ok(frames.into_iter().nth(2).unwrap());
             }
         }
     }
 
-    /// Send a request and decode a successful reply into `T`, or the typed error.
-    fn call<T: for<'de> Deserialize<'de>>(&self, request: &impl Serialize) -> Result<T> {
-        let payload = rmp_serde::to_vec_named(request).map_err(|e| Error::Protocol(e.to_string()))?;
-        let reply = self.round_trip(&payload)?;
-        let envelope: Envelope = rmp_serde::from_slice(&reply).map_err(|e| Error::Protocol(e.to_string()))?;
-        if !envelope.ok {
-            let error = envelope.error.ok_or_else(|| Error::Protocol("error reply without error".into()))?;
-            return Err(Error::from_code(&error.code, error.message));
+    /// Send a request (built for the milliseconds the caller has left) round robin over the
+    /// daemons, trying the next one on `Unavailable`, `Timeout` or `ShuttingDown` while time is
+    /// left; decode a successful reply into `T`, or return the typed error.
+    fn call<T: for<'de> Deserialize<'de>>(&self, build: impl Fn(u64) -> Result<Vec<u8>>) -> Result<T> {
+        let deadline = Instant::now() + self.timeout;
+        let mut last = None;
+        for _ in 0..self.daemons.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let index = self.next.fetch_add(1, Ordering::Relaxed) % self.daemons.len();
+            let outcome = build(left.as_millis().max(1) as u64)
+                .and_then(|payload| self.round_trip(&self.daemons[index], &payload, left))
+                .and_then(|reply| decode(&reply));
+            match outcome {
+                Err(err) if err.try_elsewhere() && self.daemons.len() > 1 => last = Some(err),
+                other => return other,
+            }
         }
-        rmp_serde::from_slice(&reply).map_err(|e| Error::Protocol(e.to_string()))
+        Err(last.unwrap_or_else(|| Error::Timeout { endpoint: self.endpoint(), timeout: self.timeout }))
     }
 
     /// Embed inputs; `dimension` keeps the first components (Matryoshka), `None` the daemon default.
     pub fn embed(&self, inputs: &[Input], dimension: Option<u32>, instruction: Option<&str>) -> Result<Embeddings> {
-        let reply: EmbedReply = self.call(&EmbedRequest {
+        let reply: EmbedReply = self.call(|left_ms| encode(&EmbedRequest {
             op: "embed", inputs, instruction, dimension, normalize: true, encoding: "float32",
-        })?;
+            deadline_ms: Some(left_ms),
+        }))?;
         let floats = reply.embeddings.len() / 4;
         if floats != reply.count * reply.dimension || reply.embeddings.len() % 4 != 0 {
             return Err(Error::Protocol(format!("{} bytes for {}x{} floats", reply.embeddings.len(), reply.count,
@@ -310,7 +384,9 @@ impl Client {
 
     /// Score documents against a query; one score per document, in document order.
     pub fn rerank_inputs(&self, query: &Input, documents: &[Input], instruction: Option<&str>) -> Result<Scores> {
-        let reply: RerankReply = self.call(&RerankRequest { op: "rerank", query, documents, instruction })?;
+        let reply: RerankReply = self.call(|left_ms| encode(&RerankRequest {
+            op: "rerank", query, documents, instruction, deadline_ms: Some(left_ms),
+        }))?;
         Ok(Scores { scores: reply.scores.into_iter().map(|s| s as f32).collect(), model: reply.model,
                     tokens: reply.tokens })
     }
@@ -320,14 +396,29 @@ impl Client {
         Ok(self.rerank_inputs(&Input::from(query), &docs, instruction)?.scores)
     }
 
+    /// The health of the daemon that answered (with several endpoints: the next in turn).
     pub fn health(&self) -> Result<Health> {
-        self.call(&OpOnly { op: "health" })
+        self.call(|_| encode(&OpOnly { op: "health" }))
     }
 
     /// Send any payload (a msgpack-serializable map with `op`); for ops this crate does not wrap.
     pub fn request<T: for<'de> Deserialize<'de>>(&self, payload: &impl Serialize) -> Result<T> {
-        self.call(payload)
+        self.call(|_| encode(payload))
     }
+}
+
+fn encode(request: &impl Serialize) -> Result<Vec<u8>> {
+    rmp_serde::to_vec_named(request).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+/// A reply payload: `T` when it says ok, else the typed error it carries.
+fn decode<T: for<'de> Deserialize<'de>>(reply: &[u8]) -> Result<T> {
+    let envelope: Envelope = rmp_serde::from_slice(reply).map_err(|e| Error::Protocol(e.to_string()))?;
+    if !envelope.ok {
+        let error = envelope.error.ok_or_else(|| Error::Protocol("error reply without error".into()))?;
+        return Err(Error::from_code(&error.code, error.message));
+    }
+    rmp_serde::from_slice(reply).map_err(|e| Error::Protocol(e.to_string()))
 }
 
 #[cfg(test)]
@@ -339,7 +430,8 @@ mod tests {
         let cases = [
             ("invalid_request", "InvalidRequest"), ("unsupported", "Unsupported"), ("not_loaded", "NotLoaded"),
             ("input_error", "InputError"), ("too_large", "TooLarge"), ("overloaded", "Overloaded"),
-            ("shutting_down", "ShuttingDown"), ("internal", "Internal"), ("from_the_future", "Other"),
+            ("shutting_down", "ShuttingDown"), ("deadline_exceeded", "DeadlineExceeded"), ("internal", "Internal"),
+            ("from_the_future", "Other"),
         ];
         for (code, variant) in cases {
             let err = Error::from_code(code, "msg".into());
@@ -354,9 +446,18 @@ mod tests {
     fn inputs_serialize_as_the_protocol_says() {
         let value: rmpv_like::Value = rmpv_like::decode(&rmp_serde::to_vec_named(&EmbedRequest {
             op: "embed", inputs: &[Input::text("a"), Input::image(vec![1u8, 2])], instruction: None,
-            dimension: Some(8), normalize: true, encoding: "float32",
+            dimension: Some(8), normalize: true, encoding: "float32", deadline_ms: Some(1500),
         }).unwrap());
-        assert_eq!(value.0, "op=embed;inputs=[a,{image=[bin2]}];instruction=nil;dimension=8;normalize=true;encoding=float32");
+        assert_eq!(value.0, "op=embed;inputs=[a,{image=[bin2]}];instruction=nil;dimension=8;normalize=true;\
+                             encoding=float32;deadline_ms=1500");
+    }
+
+    #[test]
+    fn endpoint_lists_split_as_the_python_client_splits_them() {
+        assert_eq!(split_endpoints("ipc:///a, ipc:///b,,"), vec!["ipc:///a", "ipc:///b"]);
+        assert_eq!(split_endpoints("tcp://127.0.0.1:5555"), vec!["tcp://127.0.0.1:5555"]);
+        let client = Client::new("ipc:///a,ipc:///b", Duration::from_secs(1));
+        assert_eq!(client.endpoint(), "ipc:///a,ipc:///b");
     }
 
     /// A tiny msgpack pretty-printer, so the test reads the bytes the daemon will read.

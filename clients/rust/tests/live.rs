@@ -221,7 +221,8 @@ fn a_timeout_does_not_leave_the_client_stuck_and_it_recovers_after_a_restart() {
     assert!(client.embed_batch(&["before"], None, None).is_ok());
     assert_eq!(daemon.terminate(), 0);
     let start = Instant::now();
-    assert!(matches!(client.embed_batch(&["while down"], None, None), Err(Error::Timeout { .. })));
+    let down = client.embed_batch(&["while down"], None, None);
+    assert!(matches!(down, Err(Error::Unavailable { .. }) | Err(Error::Timeout { .. })), "{down:?}");
     assert!(start.elapsed() < Duration::from_secs(3));
     daemon.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -294,5 +295,55 @@ fn a_non_finite_output_is_a_typed_internal_error() {
     match result {
         Err(Error::Internal(message)) => assert!(message.starts_with("inputs[0]"), "{message}"),
         other => panic!("expected Internal, got {other:?}"),
+    }
+}
+
+#[test]
+fn with_no_daemon_listening_a_call_fails_fast_as_unavailable() {
+    let nobody = format!("ipc://{}/nobody.sock", scratch().display());
+    let client = Client::new(nobody.clone(), Duration::from_secs(30));
+    let start = Instant::now();
+    match client.embed_batch(&["x"], None, None) {
+        Err(Error::Unavailable { endpoint }) => assert_eq!(endpoint, nobody),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+}
+
+#[test]
+fn an_endpoint_list_spreads_requests_and_fails_over_to_the_live_daemon() {
+    let a = Daemon::start(&["--reranker-model", "none"]);
+    let b = Daemon::start(&["--reranker-model", "none"]);
+    let nobody = format!("ipc://{}/nobody.sock", scratch().display());
+    // The README's multi-GPU form: several endpoints in one string, with spaces after the commas.
+    let list = format!("{}, {}, {}", a.endpoint, nobody, b.endpoint);
+    let client = Client::new(list, Duration::from_secs(30));
+    let start = Instant::now();
+    for _ in 0..9 {
+        assert_eq!(client.embed_batch(&["spread"], Some(8), None).unwrap().len(), 1);
+    }
+    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    // Both live daemons served some of them.
+    let served = |d: &Daemon| {
+        #[derive(serde::Serialize)]
+        struct Op { op: &'static str }
+        let metrics: serde_json::Value = d.client(5).request(&Op { op: "metrics" }).unwrap();
+        metrics["requests"]["embed"].as_u64().unwrap_or(0)
+    };
+    assert!(served(&a) >= 3 && served(&b) >= 3, "{} {}", served(&a), served(&b));
+}
+
+#[test]
+fn the_client_timeout_travels_as_a_deadline_so_abandoned_work_is_dropped() {
+    let daemon = Daemon::start(&["--reranker-model", "none", "--max-batch-size", "8"]);
+    let client = Client::new(daemon.endpoint.clone(), Duration::from_millis(500));
+    let long = "word ".repeat(300);
+    let texts = vec![long.as_str(); 1024];
+    assert!(matches!(client.embed_batch(&texts, None, None), Err(Error::Timeout { .. })));
+    let probe = daemon.client(5);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while probe.health().unwrap().queue_depth > 0 {
+        assert!(Instant::now() < deadline, "the daemon kept computing for a caller that had given up");
+        thread::sleep(Duration::from_millis(50));
     }
 }
