@@ -32,6 +32,7 @@ POLL_MS = 100
 # identities (at most 255 bytes each); a few allow for clients' tags and for proxies in between.
 MAX_ENVELOPE_FRAMES = 8
 MAX_ROUTING_FRAME_BYTES = 255
+TRANSPORT_SLACK = 1 << 20  # ZMQ_MAXMSGSIZE is the payload limit plus this; within it, the decoder answers
 FLUSH_AFTER_ABORT_S = 2.0  # after the drain deadline: how long to wait for replies already being sent
 
 
@@ -159,7 +160,7 @@ class Server:
         self._secure(router, endpoint)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped silently
         # The transport refuses anything far past the payload limit; within it we answer too_large.
-        router.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + TRANSPORT_SLACK)
         old_umask = os.umask(0o177)
         try:
             router.bind(endpoint)
@@ -335,8 +336,10 @@ class Server:
         """Read one message frame by frame, keeping at most the envelope and one payload: a frame past
         MAX_ENVELOPE_FRAMES + 1, an oversized routing frame, or more bytes in all than the payload
         limit allows are dropped as they are read (never held), and the message is refused."""
-        limits = self.config.limits
-        budget = limits.max_message_bytes + MAX_ENVELOPE_FRAMES * MAX_ROUTING_FRAME_BYTES
+        # The payload may be up to the transport's own cap (limit + 1 MiB), so that an oversized payload
+        # is answered by the decoder, naming max_message_bytes, with its envelope echoed.
+        budget = (self.config.limits.max_message_bytes + TRANSPORT_SLACK
+                  + MAX_ENVELOPE_FRAMES * MAX_ROUTING_FRAME_BYTES)
         kept: list = []
         count = total = 0
         refusal = None
