@@ -1,10 +1,12 @@
 """The engine: admission, preprocessing threads, the model thread, and request tickets.
 
 The socket loop (its own thread) only validates and calls `submit` (and answers `health` itself), so
-a long forward never delays it; `submit` does no work that grows with the size of a client's input. Each request becomes a Ticket and one Unit per input (or per query-document pair).
-Units are preprocessed on a thread pool, batched across requests by the Scheduler, and run by the
-model thread (the main thread, `run`); each result lands in its ticket, and the ticket that completes sends its reply
-through the `reply` callback (safe to call from any thread).
+a long forward never delays it; `submit` does no work that grows with the size of a client's input.
+Each request becomes a Ticket and one Unit per input (or per query-document pair). Units are
+preprocessed on a thread pool (chunks taken round robin across requests), batched across requests by
+the Scheduler, and run by the model thread (the main thread, `run`); each result lands in its ticket,
+and the ticket that completes sends its reply through the `reply` callback (safe from any thread).
+A ticket with a deadline that passes, or every live ticket at the drain deadline, is failed at once.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ kill -9 and SIGTERM under load."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -244,3 +245,17 @@ def test_internal_tracebacks_are_rate_limited_and_the_rest_counted():
         assert records[4].exc_info
     finally:
         logger.removeHandler(handler)
+
+
+def test_library_noise_is_configured_for_this_machine(monkeypatch):
+    import logging
+
+    from daemon.logs import quiet_libraries
+
+    for name in ("TORCHCODEC_NUM_THREADS", "HF_HUB_DISABLE_PROGRESS_BARS", "FORCE_QWENVL_VIDEO_READER"):
+        monkeypatch.delenv(name, raising=False)
+    quiet_libraries(cpu_count=2)
+    assert os.environ["TORCHCODEC_NUM_THREADS"] == "2"  # qwen_vl_utils would use 8 on any machine
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["FORCE_QWENVL_VIDEO_READER"] == "torchcodec"
+    assert logging.getLogger("qwen_vl_utils.vision_process").getEffectiveLevel() >= logging.ERROR

@@ -312,7 +312,7 @@ def test_drain_timeout_answers_every_accepted_request_and_exits_in_time(tmp_path
 
 
 def test_sigterm_while_loading_stops_between_steps(tmp_path, tiny_dir):
-    from conftest import NotifySocket
+    from probes import NotifySocket
 
     notify = NotifySocket(tmp_path)
     proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", str(tiny_dir),
@@ -419,3 +419,16 @@ def test_startup_mistakes_are_one_line_before_any_loading(tmp_path, tiny_dir, ar
     assert len(lines) == 1 and lines[0].startswith("qwen3vl-daemon: ") and fragment in lines[0], result.stderr
     assert "draining" not in result.stderr and not (tmp_path / "s" / "d.sock").exists()
     assert time.monotonic() - started < 30  # checked before loading (a load takes longer than the import)
+
+
+def test_the_log_says_ready_and_holds_no_progress_bars(tmp_path, tiny_dir):
+    proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", str(tiny_dir),
+                        "--log-level", "info")
+    try:
+        with proc.client() as c:
+            c.embed([{"video": [gradient_png(1), gradient_png(2)]}])
+    finally:
+        assert proc.stop() == 0
+    log = proc.log.read_text()
+    assert "ready on " in log and "s after start" in log, log
+    assert "it/s" not in log and "\r" not in log and "qwen-vl-utils using" not in log, log

@@ -208,6 +208,21 @@ def test_async_client_keeps_many_requests_in_flight(daemon):
     np.testing.assert_allclose(one_by_one, batched, atol=2e-5)
 
 
+def test_async_client_works_as_an_async_context_manager_and_closes(daemon):
+    import asyncio
+
+    from daemon.client import AsyncClient
+
+    async def main():
+        async with AsyncClient(daemon.endpoint, timeout=60) as client:
+            health = await client.health()
+            opened = len(client._socks)
+        return health, opened, len(client._socks)
+
+    health, opened, after = asyncio.run(main())
+    assert health["status"] == "ready" and opened == 1 and after == 0
+
+
 def test_oversized_payload_error_reaches_the_right_request(daemon):
     from daemon.client import Client
 

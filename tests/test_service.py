@@ -15,7 +15,8 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import NotifySocket, start_daemon, wait_ready
+from conftest import start_daemon, wait_ready
+from probes import NotifySocket
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))

@@ -11,7 +11,8 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import NotifySocket, start_daemon
+from conftest import start_daemon
+from probes import NotifySocket, health_latencies
 
 WATCHDOG_S = 2.0  # WatchdogSec in the test: pings due every 1 s
 
@@ -30,25 +31,6 @@ def watched(tmp_path_factory, tiny_dir):
     yield proc, notify
     proc.stop()
     notify.close()
-
-
-def _health_latencies(endpoint: str, seconds: float) -> list[float]:
-    """health round trips, one after another, for `seconds`."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger, sock.rcvtimeo = 0, 10_000
-    sock.connect(endpoint)
-    out = []
-    try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            start = time.perf_counter()
-            sock.send_multipart([b"", msgpack.packb({"op": "health"})])
-            sock.recv_multipart()
-            out.append(time.perf_counter() - start)
-            time.sleep(0.005)
-    finally:
-        sock.close()
-    return out
 
 
 def test_health_and_watchdog_keep_time_while_huge_inline_sized_requests_run(watched):
@@ -74,7 +56,7 @@ def test_health_and_watchdog_keep_time_while_huge_inline_sized_requests_run(watc
     worker = threading.Thread(target=send_and_wait)
     worker.start()
     time.sleep(0.2)
-    latencies = _health_latencies(proc.endpoint, 6.0)
+    latencies = health_latencies(proc.endpoint, 6.0)
     worker.join()
     sock.close()
     finished = time.monotonic()
