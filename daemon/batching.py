@@ -4,11 +4,12 @@ Work arrives as *units* (one embedding input, or one query-document pair) from a
 requests. Preprocessing threads `put` units once their token ids are known; the model thread asks
 `next_batch` for the next forward. A batch:
 
-- holds units of one kind (embed or rerank), starting with the oldest ready unit of the request served
-  least recently, so no request starves, however many units another one has queued;
-- gives every waiting request a fair share of its places first (size / requests waiting), then fills
-  the rest; within that, it takes the ready units whose lengths are closest to the first one, so
-  padding stays small;
+- holds units of one kind (embed or rerank), led by the oldest ready unit of the next request in a
+  round robin over requests (ordered by their last service, or their arrival if not yet served), so
+  every waiting request leads a batch in turn however many units another has queued;
+- takes the leading request's other units first (a request stays together and completes sooner),
+  then the ready units of any request whose lengths are closest to the first one, so padding stays
+  small;
 - respects `max_batch_size` and `max_batch_tokens` (padded tokens: size × longest);
 - waits at most `max_wait_s` for more units, only while the batch is not full, and only when more are
   likely: some are still being preprocessed, or units have been arriving less than `max_wait_s` apart
@@ -38,7 +39,8 @@ _seq = itertools.count()
 @dataclass(eq=False)
 class Unit:
     """One input's worth of model work. `payload` is the model-ready data; `owner` decides whether it
-    still matters (`owner.cancelled`)."""
+    still matters (`owner.cancelled`), and carries its place in the scheduler's round robin
+    (`owner.turn`, written by the scheduler only)."""
 
     kind: str
     owner: Any
@@ -62,8 +64,7 @@ class Scheduler:
         self._closed = False
         self._last_put = float("-inf")
         self._flowing = False  # the last two arrivals were less than max_wait_s apart
-        self._batches = 0  # batches taken so far
-        self._served: dict[int, int] = {}  # id(owner) -> the batch that last served it
+        self._batches = 0  # batches taken so far: the clock of the round robin
         self._cond = threading.Condition()
 
     # -- producers -------------------------------------------------------------------------------
@@ -86,6 +87,10 @@ class Scheduler:
             self._preparing -= len(units)
             for unit in units:
                 self._ready.setdefault(unit.kind, []).append(unit)
+                # A request joins the rotation behind every request already in it (round robin), not
+                # ahead of one that was served in part.
+                if getattr(unit.owner, "turn", None) is None:
+                    unit.owner.turn = self._batches
             self._cond.notify()
 
     def close(self) -> None:
@@ -137,8 +142,9 @@ class Scheduler:
                 self._ready[kind] = [u for u in queue if not u.cancelled]
 
     def _priority(self, unit: Unit) -> tuple[int, int]:
-        """Requests served least recently first (a new one: never), then the oldest unit."""
-        return self._served.get(id(unit.owner), -1), unit.seq
+        """Round robin over requests: the one served least recently (or, never served, that arrived
+        earliest) first; within it, the oldest unit."""
+        return unit.owner.turn, unit.seq
 
     def _oldest_kind(self) -> str:
         return min((q[0].seq, kind) for kind, q in self._ready.items() if q)[1]
@@ -148,30 +154,27 @@ class Scheduler:
         queue = self._ready[first.kind]
         queue.sort(key=lambda u: u.seq)
         window = [u for u in queue[:self.policy.window] if u is not first]
-        candidates = sorted(window, key=lambda u: (abs(u.tokens - first.tokens), u.seq))
-        share = -(-self.policy.max_batch_size // len({id(u.owner) for u in window} | {id(first.owner)}))
-        batch, longest, chosen, taken = [first], first.tokens, {id(first)}, {id(first.owner): 1}
-        for fair_pass in (True, False):  # first each request's share of the places, then any unit
-            for unit in candidates:
-                if len(batch) >= self.policy.max_batch_size:
-                    break
-                owner = id(unit.owner)
-                if id(unit) in chosen or (fair_pass and taken.get(owner, 0) >= share):
-                    continue
-                widest = max(longest, unit.tokens)
-                if widest * (len(batch) + 1) <= self.policy.max_batch_tokens:
-                    batch.append(unit)
-                    chosen.add(id(unit))
-                    longest = widest
-                    taken[owner] = taken.get(owner, 0) + 1
+        by_length = sorted(window, key=lambda u: (abs(u.tokens - first.tokens), u.seq))
+        # The leading request's own units first (a request stays together and completes sooner),
+        # then any request's units, closest in length first.
+        candidates = ([u for u in by_length if u.owner is first.owner]
+                      + [u for u in by_length if u.owner is not first.owner])
+        batch, longest = [first], first.tokens
+        for unit in candidates:
+            if len(batch) >= self.policy.max_batch_size:
+                break
+            widest = max(longest, unit.tokens)
+            if widest * (len(batch) + 1) <= self.policy.max_batch_tokens:
+                batch.append(unit)
+                longest = widest
+        chosen = set(map(id, batch))
         queue[:] = [u for u in queue if id(u) not in chosen]
         self._remember(batch)
         return batch
 
     def _remember(self, batch: list[Unit]) -> None:
+        """The leading request goes to the back of the rotation; requests whose units only filled the
+        batch keep their place (else a request taken in part as filler would wait a whole round)."""
         self._batches += 1
-        for unit in batch:
-            self._served[id(unit.owner)] = self._batches
-        if len(self._served) > 4 * self.policy.window:  # forget requests with nothing left queued
-            waiting = {id(u.owner) for q in self._ready.values() for u in q}
-            self._served = {k: v for k, v in self._served.items() if k in waiting}
+        # Behind every request that arrives while this batch runs (they are stamped _batches).
+        batch[0].owner.turn = self._batches + 1

@@ -53,6 +53,7 @@ class Ticket:
                  size: int, est_tokens: int, deadline: float | None = None):
         self.engine = engine
         self.deadline = deadline  # monotonic time after which work not started is dropped
+        self.turn: int | None = None  # its place in the scheduler's round robin over requests
         self.envelope = envelope
         self.request = request
         self.size = size

@@ -28,6 +28,51 @@ def _put_all(s: Scheduler, units) -> None:
         s.put(u)
 
 
+def _owner() -> SimpleNamespace:
+    return SimpleNamespace(cancelled=False)
+
+
+def _owners_of(batch) -> list:
+    return [u.owner for u in batch]
+
+
+def test_a_request_arriving_behind_a_large_one_leads_the_next_batch():
+    s = _scheduler(max_batch_size=4)
+    big, small = _owner(), _owner()
+    _put_all(s, [_unit(10, owner=big) for _ in range(40)])
+    assert _owners_of(s.next_batch(0)) == [big] * 4
+    s.expect(1)
+    s.put(_unit(10, owner=small))
+    assert s.next_batch(0)[0].owner is small  # not after the 36 units still queued
+
+
+def test_large_requests_lead_batches_in_turn():
+    s = _scheduler(max_batch_size=4)
+    a, b, c = _owner(), _owner(), _owner()
+    for owner in (a, b, c):
+        _put_all(s, [_unit(10, owner=owner) for _ in range(12)])
+    leaders = [s.next_batch(0)[0].owner for _ in range(6)]
+    assert leaders == [a, b, c, a, b, c]
+
+
+def test_a_new_request_goes_behind_those_waiting_but_ahead_of_the_one_that_just_led():
+    s = _scheduler(max_batch_size=2)
+    first, second, late = _owner(), _owner(), _owner()
+    _put_all(s, [_unit(10, owner=first) for _ in range(4)] + [_unit(10, owner=second) for _ in range(4)])
+    assert s.next_batch(0)[0].owner is first
+    _put_all(s, [_unit(10, owner=late)])
+    assert [s.next_batch(0)[0].owner for _ in range(3)] == [second, late, first]
+
+
+def test_a_request_taken_in_part_as_filler_keeps_its_place():
+    s = _scheduler(max_batch_size=3)
+    leader, filler, other = _owner(), _owner(), _owner()
+    _put_all(s, [_unit(10, owner=leader), _unit(10, owner=filler), _unit(10, owner=filler),
+                 _unit(10, owner=filler), _unit(10, owner=other)])
+    assert _owners_of(s.next_batch(0)) == [leader, filler, filler]
+    assert s.next_batch(0)[0].owner is filler  # its last unit leads next, before `other`
+
+
 def test_batch_starts_with_the_oldest_unit_and_groups_similar_lengths():
     s = _scheduler(max_batch_size=3)
     units = [_unit(t) for t in (100, 10, 95, 12, 105, 11)]

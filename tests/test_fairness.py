@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import exchange, start_daemon
-from daemon.client import DaemonTimeout
+from daemon.client import DaemonError, DaemonTimeout
 
 INGEST = ["word " * 300] * 1024  # ~1.7M estimated tokens: within the 4M bound, seconds of work here
 
@@ -103,8 +103,11 @@ def test_a_deadline_long_enough_changes_nothing(fair):
 
 def test_the_python_client_sends_its_timeout_so_abandoned_work_is_dropped(fair):
     with fair.client(timeout=0.5) as c:
-        with pytest.raises(DaemonTimeout):
+        # The client's own timeout, or the daemon's answer to the deadline it sent when that arrives
+        # in the same instant: either way the caller has stopped waiting.
+        with pytest.raises((DaemonTimeout, DaemonError)) as info:
             c.embed(INGEST)
+        assert not isinstance(info.value, DaemonError) or info.value.code == "deadline_exceeded"
     assert _idle(fair, 3), "the daemon kept computing for a client that had given up"
     with fair.client() as c:
         assert c.embed(["next"]).embeddings.shape[0] == 1

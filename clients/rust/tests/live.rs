@@ -339,7 +339,9 @@ fn the_client_timeout_travels_as_a_deadline_so_abandoned_work_is_dropped() {
     let client = Client::new(daemon.endpoint.clone(), Duration::from_millis(500));
     let long = "word ".repeat(300);
     let texts = vec![long.as_str(); 1024];
-    assert!(matches!(client.embed_batch(&texts, None, None), Err(Error::Timeout { .. })));
+    // The client's own timeout, or the daemon's answer to the deadline it sent if that lands first.
+    let outcome = client.embed_batch(&texts, None, None);
+    assert!(matches!(outcome, Err(Error::Timeout { .. }) | Err(Error::DeadlineExceeded(_))), "{outcome:?}");
     let probe = daemon.client(5);
     let deadline = Instant::now() + Duration::from_secs(3);
     while probe.health().unwrap().queue_depth > 0 {
