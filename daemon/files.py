@@ -43,10 +43,6 @@ class AllowedFiles:
                 pairs.append((form.parts, str(real)))
         self._roots = sorted(pairs, key=lambda p: -len(p[0]))  # the longest (deepest) match first
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._roots)
-
     def _split(self, path: object, where: str) -> tuple[str, tuple[str, ...]]:
         if not self._roots:
             raise invalid(f"{where}: reading files is disabled (the operator allows directories with --allow-path)")

@@ -197,10 +197,6 @@ class MediaReader:
             raise input_error(f"{where}: corrupt or truncated image") from None
         return img
 
-    def load_image(self, src: MediaSource):
-        """Decode an image, refusing decompression bombs from the header before decoding pixels."""
-        return self.decode_image(self.open_image(src), src.where)
-
     def check_video_pixels(self, pixels: int, frames: str, where: str) -> None:
         """A video's decoded frames (their pixels in all, from headers) within max_video_pixels."""
         if pixels > self.policy.max_video_pixels:
