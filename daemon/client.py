@@ -71,7 +71,7 @@ def _configure(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None) -> zmq.
         sock.curve_secretkey = curve.client_secret
     sock.connect(endpoint)
     return sock
-from .protocol import pack, unpack
+from .protocol import MAX_DEADLINE_MS, pack, unpack
 
 
 class DaemonError(Exception):
@@ -124,7 +124,7 @@ def with_deadline(payload: dict, timeout: float) -> dict:
     that the daemon drops work nobody waits for any more."""
     if payload.get("op") not in DEADLINE_OPS or payload.get("deadline_ms") is not None:
         return payload
-    return {**payload, "deadline_ms": max(1, min(86_400_000, int(timeout * 1000)))}
+    return {**payload, "deadline_ms": max(1, min(MAX_DEADLINE_MS, int(timeout * 1000)))}
 
 
 def _tag(request_id: int) -> bytes:

@@ -17,6 +17,7 @@ from .files import AllowedFiles
 from .urls import UrlFetcher
 
 INPUT_KEYS = frozenset({"text", "image", "video", "instruction", "fps", "max_frames"})
+MAX_SAMPLED_FRAMES = 768  # the most frames a client may ask to sample from a video file (max_frames)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def parse_input(value: Any, where: str, limits: Limits, media: MediaPolicy) -> I
         videos=videos,
         instruction=parse_instruction(value.get("instruction"), f"{where}.instruction", limits),
         fps=None if fps is None else _number(fps, f"{where}.fps", float, 0.01, 60.0),
-        max_frames=None if max_frames is None else _number(max_frames, f"{where}.max_frames", int, 2, 768),
+        max_frames=None if max_frames is None else _number(max_frames, f"{where}.max_frames", int, 2, MAX_SAMPLED_FRAMES),
     )
 
 
@@ -205,7 +206,7 @@ class MediaReader:
 
     # -- videos --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def video_file(self, src: MediaSource, max_frames: int = 768) -> Iterator[str]:
+    def video_file(self, src: MediaSource, max_frames: int = MAX_SAMPLED_FRAMES) -> Iterator[str]:
         """A name a decoder can open for a checked video file (duration and frame size within the
         policy): a client's path is opened once and named by its descriptor; downloads and inline
         bytes go to a private temp file, removed on exit."""
@@ -225,7 +226,7 @@ class MediaReader:
         finally:
             os.unlink(name)
 
-    def check_video(self, path: str, where: str, max_frames: int = 768) -> None:
+    def check_video(self, path: str, where: str, max_frames: int = MAX_SAMPLED_FRAMES) -> None:
         """Read the container's header only: refuse what cannot be decoded, a duration over
         max_video_seconds, frames over max_image_pixels, and more decoded pixels than
         max_video_pixels (the frames sampled: at most max_frames) before a single frame is decoded."""

@@ -268,28 +268,20 @@ def embed_inputs(texts: tuple[str, ...], images: tuple[Path, ...], videos: tuple
     media += [("video", {"data": p.read_bytes()}, p) for p in videos]
     if frames:
         media.append(("video", [p.read_bytes() for p in frames], None))
-    if not media or separate:
-        items: list = list(texts)
-        names: dict[str, str] = {}
-        for kind, value, path in media:
-            where = f"inputs[{len(items)}].{kind}[0]"
-            names.update(_frame_names(where, frames) if path is None else {where: str(path)})
-            items.append({kind: [value]})
-        return items, names
-    item: dict = {"text": list(texts)} if texts else {}
-    names = {}
-    for kind in ("image", "video"):
-        values = [(v, p) for k, v, p in media if k == kind]
-        if values:
-            item[kind] = [v for v, _ in values]
-            for i, (_, path) in enumerate(values):
-                where = f"inputs[0].{kind}[{i}]"
-                names.update(_frame_names(where, frames) if path is None else {where: str(path)})
-    return [item], names
-
-
-def _frame_names(where: str, frames: tuple[Path, ...]) -> dict[str, str]:
-    return {f"{where}.frames[{i}]": str(p) for i, p in enumerate(frames)}
+    together = bool(media) and not separate
+    items: list = [{"text": list(texts)} if texts else {}] if together else list(texts)
+    names: dict[str, str] = {}
+    for kind, value, path in media:
+        if together:
+            index, values = 0, items[0].setdefault(kind, [])
+        else:
+            index, values = len(items), []
+            items.append({kind: values})
+        where = f"inputs[{index}].{kind}[{len(values)}]"
+        values.append(value)
+        names.update({f"{where}.frames[{i}]": str(p) for i, p in enumerate(frames)} if path is None
+                     else {where: str(path)})
+    return items, names
 
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)

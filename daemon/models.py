@@ -291,15 +291,13 @@ class _QwenVL:
                 for src in item.images:
                     opened[id(src)] = image = self.media.open_image(src)
                     tokens += image_tokens(*image.size, src.where)
+            if tokens > budget:
+                raise too_large(f"{where}: its images need {tokens} vision tokens, over the model's limit of "
+                                f"{self.max_length} tokens ({self.limit_name}); send fewer or smaller images")
         except BaseException:
             for image in opened.values():
                 image.close()
             raise
-        if tokens > budget:
-            for image in opened.values():
-                image.close()
-            raise too_large(f"{where}: its images need {tokens} vision tokens, over the model's limit of "
-                            f"{self.max_length} tokens ({self.limit_name}); send fewer or smaller images")
         return opened
 
     def _image(self, src, opened: dict[int, Any]):

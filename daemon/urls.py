@@ -17,7 +17,7 @@ import ipaddress
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -186,7 +186,6 @@ class UrlFetcher:
     policy: MediaPolicy
     resolver: Resolver = system_resolver
     opener: Callable[[Target, str, float], Any] = open_pinned
-    _clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def addresses(self, target: Target, where: str) -> list[str]:
         """Resolve once; refuse the host when any of its addresses is not allowed."""
@@ -206,7 +205,7 @@ class UrlFetcher:
     def fetch(self, url: str, where: str, max_bytes: int, limit_name: str) -> bytes:
         if not self.policy.allow_urls:
             raise invalid(f"{where}.url: URL fetching is disabled (the operator enables it with --allow-urls)")
-        deadline = self._clock() + self.policy.url_timeout_s
+        deadline = time.monotonic() + self.policy.url_timeout_s
         for _ in range(MAX_REDIRECTS + 1):
             target = parse_target(url, where)
             resp = self._connect(target, self.addresses(target, where), where, deadline)
@@ -240,7 +239,7 @@ class UrlFetcher:
         raise input_error(f"{where}.url: {failure}")
 
     def _time_left(self, deadline: float, where: str) -> float:
-        left = deadline - self._clock()
+        left = deadline - time.monotonic()
         if left <= 0:
             raise too_large(f"{where}.url: the download took longer than {self.policy.url_timeout_s:g} s "
                             "(url_timeout_s)")

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import click
@@ -434,12 +435,12 @@ def read_token(token_file: str | None, env_token: str | None) -> str | None:
     """The bearer token: the file's content, else $QWEN3VL_BRIDGE_TOKEN, else none. An empty or blank
     one is refused: it would silently turn authentication off."""
     if token_file:
-        token = open(token_file, encoding="utf-8").read().strip()
+        token = Path(token_file).read_text(encoding="utf-8").strip()
         if not token:
             raise ValueError(f"the token file {token_file} is empty or blank: write a token into it "
                              "(e.g. `openssl rand -hex 32`), or drop --token-file")
         return token
-    if env_token is not None and env_token != "":
+    if env_token:
         if not env_token.strip():
             raise ValueError("QWEN3VL_BRIDGE_TOKEN is blank: set a token, or unset it")
         return env_token.strip()

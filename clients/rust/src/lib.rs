@@ -242,6 +242,14 @@ pub struct Client {
     next_tag: AtomicU64,
 }
 
+/// The largest `deadline_ms` the protocol accepts (one day).
+pub const MAX_DEADLINE_MS: u64 = 86_400_000;
+
+/// The caller's remaining time as a `deadline_ms` value: at least 1 ms, at most `MAX_DEADLINE_MS`.
+fn deadline_ms(left: Duration) -> u64 {
+    (left.as_millis().max(1) as u64).min(MAX_DEADLINE_MS)
+}
+
 /// Split an endpoint list (`a,b,c`) as the Python client does: trimmed, empty parts dropped.
 pub fn split_endpoints(endpoint: &str) -> Vec<String> {
     endpoint.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect()
@@ -346,7 +354,7 @@ impl Client {
                 break;
             }
             let index = self.next.fetch_add(1, Ordering::Relaxed) % self.daemons.len();
-            let outcome = build(left.as_millis().max(1) as u64)
+            let outcome = build(deadline_ms(left))
                 .and_then(|payload| self.round_trip(&self.daemons[index], &payload, left))
                 .and_then(|reply| decode(&reply));
             match outcome {
@@ -450,6 +458,13 @@ mod tests {
         }).unwrap());
         assert_eq!(value.0, "op=embed;inputs=[a,{image=[bin2]}];instruction=nil;dimension=8;normalize=true;\
                              encoding=float32;deadline_ms=1500");
+    }
+
+    #[test]
+    fn deadlines_stay_within_what_the_protocol_accepts() {
+        assert_eq!(deadline_ms(Duration::from_micros(10)), 1);
+        assert_eq!(deadline_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(deadline_ms(Duration::from_secs(3 * 86_400)), MAX_DEADLINE_MS);
     }
 
     #[test]
