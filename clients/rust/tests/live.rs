@@ -201,15 +201,20 @@ fn overloaded_and_shutting_down_arrive_as_typed_errors() {
     assert!(matches!(client.embed_batch(&["late"], None, None), Err(Error::Overloaded(_))));
     assert!(busy.join().unwrap().is_ok());
 
+    // Inputs at the model's 8192-token limit, so the accepted work outlasts the late request's
+    // window; a drain that ends first would let the daemon exit and the late request find no daemon.
+    let longest = "word ".repeat(20_000);
     let draining = {
         let client = client.clone();
-        thread::spawn(move || client.embed_batch(&[long.as_str(); 8], None, None))
+        thread::spawn(move || client.embed_batch(&[longest.as_str(); 8], None, None))
     };
     thread::sleep(Duration::from_millis(150));
     let pid = daemon.child.as_ref().unwrap().id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    thread::sleep(Duration::from_millis(300));
-    assert!(matches!(client.embed_batch(&["late"], None, None), Err(Error::ShuttingDown(_))));
+    thread::sleep(Duration::from_millis(100));
+    let late = client.embed_batch(&["late"], None, None);
+    assert!(!draining.is_finished(), "the accepted work ended before the late request was sent");
+    assert!(matches!(late, Err(Error::ShuttingDown(_))), "{late:?}");
     assert!(draining.join().unwrap().is_ok(), "accepted requests are answered while draining");
     assert_eq!(daemon.child.take().unwrap().wait().unwrap().code(), Some(0));
 }
