@@ -1,23 +1,19 @@
 """What the payload limits cost on the socket thread: `decode_payload` (msgpack with container limits,
 then the nesting check) against a plain `msgpack.unpackb` of the same bytes.
 
-    .venv/bin/python bench/decode.py
+    .venv/bin/python -m bench.decode
 
 Best of 5 repeats; prints microseconds per payload and the ratio.
 """
 
 from __future__ import annotations
 
-import sys
 import timeit
-from pathlib import Path
 
 import msgpack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from daemon.config import Limits  # noqa: E402
-from daemon.protocol import decode_payload  # noqa: E402
+from daemon.config import Limits
+from daemon.protocol import decode_payload
 
 PAYLOADS = {
     "health": {"op": "health", "id": 1},

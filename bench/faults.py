@@ -1,6 +1,6 @@
 """Faults under load, repeated, with figures: kill -9 of the daemon, then SIGTERM.
 
-    .venv/bin/python bench/faults.py [--kills 5] [--terms 3] [--clients 8]
+    .venv/bin/python -m bench.faults [--kills 5] [--terms 3] [--clients 8]
 
 kill -9: a daemon and its bridge under steady load (`--clients` IPC clients with a 3 s timeout and
 2 HTTP clients); the daemon is killed, left down 2 s, restarted on the same socket (its stale socket
@@ -20,85 +20,39 @@ import collections
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import msgpack
 import numpy as np
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import Servers  # noqa: E402
-
-from daemon.client import Client  # noqa: E402
-from daemon.tiny import build_tiny_checkpoint  # noqa: E402
-
-TEXT = "steady load"
-CLEAR_ERRORS = {"DaemonTimeout:", "DaemonUnavailable:", "DaemonError:not_loaded", "http 503", "http 504"}
-
-
-def load(stop: threading.Event, call, out: list) -> None:
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            outcome = call()
-        except Exception as exc:
-            outcome = f"{type(exc).__name__}:{getattr(exc, 'code', '')}"
-        out.append((started, time.monotonic() - started, outcome))
-
+from bench.harness import Servers
+from bench.scenarios import CLEAR_ERRORS, TEXT, kill_9_under_load
+from daemon.client import Client
+from daemon.tiny import build_tiny_checkpoint
 
 def kill_cycle(servers: Servers, work: Path, ckpt: Path, endpoint: str, url: str, want: np.ndarray,
                clients: int) -> dict:
-    def ipc(c: Client) -> str:
-        return "ok" if np.abs(c.embed([TEXT]).embeddings - want).max() < 1e-5 else "WRONG RESULT"
+    def kill() -> None:
+        servers.by_name["daemon"].kill()
+        servers.by_name["daemon"].wait(10)
 
-    def http(h: httpx.Client) -> str:
-        r = h.post("/embed", json={"texts": [TEXT]})
-        if r.status_code != 200:
-            return f"http {r.status_code}"
-        return "ok" if np.abs(np.asarray(r.json()["embeddings"]) - want).max() < 1e-5 else "WRONG RESULT"
-
-    stop = threading.Event()
-    ipc_clients = [Client(endpoint, timeout=3.0, connect_timeout=0.5) for _ in range(clients)]
-    http_clients = [httpx.Client(base_url=url, timeout=30) for _ in range(2)]
-    outs = {("ipc", i): [] for i in range(clients)} | {("http", i): [] for i in range(2)}
-    threads = [threading.Thread(target=load, args=(stop, (lambda c=c: ipc(c)), outs["ipc", i]))
-               for i, c in enumerate(ipc_clients)]
-    threads += [threading.Thread(target=load, args=(stop, (lambda h=h: http(h)), outs["http", i]))
-                for i, h in enumerate(http_clients)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)
-    servers.by_name["daemon"].kill()
-    killed = time.monotonic()
-    servers.by_name["daemon"].wait(10)
-    time.sleep(2.0)
-    stale = Path(endpoint[len("ipc://"):]).exists()
-    servers.daemon(work, "daemon", ckpt, "--reranker-model", "none")
-    restarted = time.monotonic()
-    time.sleep(4.0)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    for c in ipc_clients:
-        c.close()
-    for h in http_clients:
-        h.close()
-    calls = [(kind, *o) for (kind, _), out in outs.items() for o in out]
-    first_ok = {kind: min((s + took - restarted for k, s, took, o in calls if k == kind and o == "ok"
-                           and s + took > restarted), default=float("inf")) for kind in ("ipc", "http")}
+    run = kill_9_under_load(endpoint, url, want, kill,
+                            lambda: servers.daemon(work, "daemon", ckpt, "--reranker-model", "none"),
+                            ipc_clients=clients, before_s=2.0, after_s=4.0)
+    calls = run.calls
+    first_ok = {kind: min((s + took - run.restarted for k, s, took, o in calls if k == kind and o == "ok"
+                           and s + took > run.restarted), default=float("inf")) for kind in ("ipc", "http")}
     return {
         "calls": len(calls),
         "outcomes": collections.Counter(o for *_, o in calls),
-        "in flight at the kill": sum(1 for _, s, took, _ in calls if s < killed < s + took),
+        "in flight at the kill": sum(1 for _, s, took, _ in calls if s < run.killed < s + took),
         "longest call s": max(took for _, _, took, _ in calls),
-        "stale socket left": stale,
-        "kill to ready again s": restarted - killed,  # 2 s down on purpose, then start and load
+        "stale socket left": run.stale_socket,
+        "kill to ready again s": run.restarted - run.killed,  # 2 s down on purpose, then start and load
         "first ok after restart s": first_ok,
-        "hung threads": sum(t.is_alive() for t in threads),
+        "hung threads": run.hung_threads,
     }
 
 

@@ -1,9 +1,9 @@
 """The long socket fuzz run: at least 100,000 cases against a live daemon on the tiny model.
 
-    .venv/bin/python bench/fuzz.py [--cases 100000] [--seed 0]
+    .venv/bin/python -m bench.fuzz [--cases 100000] [--seed 0]
 
 Starts a daemon (both models on a fresh tiny checkpoint, `--max-message-bytes 65536` so that
-oversized payloads are cheap to send), then sends every case of tests/fuzzing.py through one DEALER
+oversized payloads are cheap to send), then sends every case of bench/fuzzing.py through one DEALER
 socket: structure-aware payloads, mutated valid requests (corrupt msgpack, images, videos), payloads
 over the size limit, each behind a random envelope. A unique tag frame before the random envelope
 proves each reply goes to its own case and none is answered twice. Every 1000 cases, and at the end,
@@ -25,14 +25,11 @@ from pathlib import Path
 import zmq
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+from bench.fuzzing import envelopes, judge, payloads
+from bench.harness import Servers, rss_kib
 
-from fuzzing import envelopes, judge, payloads  # noqa: E402
-from harness import Servers, rss_kib  # noqa: E402
-
-from daemon.client import Client  # noqa: E402
-from daemon.tiny import build_tiny_checkpoint  # noqa: E402
+from daemon.client import Client
+from daemon.tiny import build_tiny_checkpoint
 
 MAX_MESSAGE_BYTES = 65536
 REPLY_TIMEOUT_MS = 30_000

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-.venv/bin/python bench/run.py --device cuda --big 2b --requests 500 --load-seconds 15 \
+.venv/bin/python -m bench.run --device cuda --big 2b --requests 500 --load-seconds 15 \
   --out "${OUT:-.}/benchmarks-gpu.md"

@@ -1,4 +1,5 @@
-"""Processes the benchmark and reliability scripts run against: daemons, bridges, a tiny checkpoint.
+"""Processes the benchmark and reliability scripts (and the test suite) run against: daemons,
+bridges, free ports, media. Run the scripts from the repository root: `.venv/bin/python -m bench.NAME`.
 
 Every process is a real `qwen3vl-daemon serve` or `qwen3vl-bridge` started with this interpreter;
 `Servers` owns them and stops them on exit (SIGTERM, then SIGKILL after 30 s).
@@ -6,6 +7,7 @@ Every process is a real `qwen3vl-daemon serve` or `qwen3vl-bridge` started with 
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -14,17 +16,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def png_bytes(color=(255, 0, 0), size=(64, 48)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def rss_kib(pid: int) -> int:
@@ -89,7 +97,7 @@ class Servers:
     def bridge(self, work: Path, name: str, endpoint: str, *extra: str) -> str:
         """Start a bridge to `endpoint`; its base URL once it answers."""
         port = free_port()
-        self.spawn([sys.executable, "-m", "http_bridge.bridge", "--endpoint", endpoint, "--port", str(port),
+        self.spawn([sys.executable, "-m", "http_bridge", "--endpoint", endpoint, "--port", str(port),
                     "--log-level", "warning", *extra], name=name, log=work / f"{name}.log", cwd=ROOT)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health")

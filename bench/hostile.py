@@ -1,6 +1,6 @@
 """What one client's heavy traffic costs everyone else, measured on the tiny checkpoint:
 
-    .venv/bin/python bench/hostile.py
+    .venv/bin/python -m bench.hostile
 
 1. socket loop: `health` round trips while three huge inline-sized requests run (an embed of 4 texts
    of 1M characters, two reranks of a 1M-character query with 4 documents of 1M), against idle;
@@ -13,7 +13,6 @@ Absolute times drift on a shared machine; the ratios are what count.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -23,14 +22,11 @@ import msgpack
 import numpy as np
 import zmq
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+from bench.harness import Servers
+from bench.probes import NotifySocket, health_latencies
 
-from harness import Servers  # noqa: E402
-from probes import NotifySocket, health_latencies  # noqa: E402
-
-from daemon.client import Client  # noqa: E402
-from daemon.tiny import build_tiny_checkpoint  # noqa: E402
+from daemon.client import Client
+from daemon.tiny import build_tiny_checkpoint
 
 HUGE = "lorem ipsum dolor sit amet " * 37_000  # ~1M characters
 

@@ -1,6 +1,6 @@
 """Per-request latency over IPC: `health` and a one-text `embed` against a daemon on the tiny model.
 
-    .venv/bin/python bench/roundtrip.py [--requests 500]
+    .venv/bin/python -m bench.roundtrip [--requests 500]
 
 Starts its own daemon on a fresh tiny checkpoint, measures sequential round trips with the bundled
 blocking client, prints p50/p90/p99 in milliseconds. Not part of the test suite.
@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.harness import Servers
 
-from harness import Servers  # noqa: E402
-
-from daemon.client import Client  # noqa: E402
-from daemon.tiny import build_tiny_checkpoint  # noqa: E402
+from daemon.client import Client
+from daemon.tiny import build_tiny_checkpoint
 
 
 def measure(call, n: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The benchmark: every number side by side from one run, printed as one table of ratios.
 
-    .venv/bin/python bench/run.py                 # CPU, tiny + bench models (a few minutes on 2 cores)
-    .venv/bin/python bench/run.py --device cuda --big 2b   # see bench/gpu.sh
+    .venv/bin/python -m bench.run                 # CPU, tiny + bench models (a few minutes on 2 cores)
+    .venv/bin/python -m bench.run --device cuda --big 2b   # see bench/gpu.sh
 
 It builds its random-weight checkpoints, starts every server itself (the daemon, a bare pyzmq ROUTER
 echo, a minimal FastAPI app under uvicorn), and measures:
@@ -28,14 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.harness import ROOT, Servers, free_port, wait_http
 
-from harness import ROOT, Servers, free_port, wait_http  # noqa: E402
-
-from daemon.client import AsyncClient, Client  # noqa: E402
-from daemon.config import MediaPolicy, ModelSettings  # noqa: E402
-from daemon.inputs import InputItem, MediaReader  # noqa: E402
-from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint  # noqa: E402
+from daemon.client import AsyncClient, Client
+from daemon.config import MediaPolicy, ModelSettings
+from daemon.inputs import InputItem, MediaReader
+from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 WORDS = ("memory server embeds reranks text images video local daemon socket batch token model query "
          "document vector search rust client python latency throughput").split()

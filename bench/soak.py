@@ -1,7 +1,7 @@
 """The soak: 16 clients for minutes, mixed valid, invalid and multimodal requests, against one daemon
 (both models on the tiny checkpoint) and its HTTP bridge.
 
-    .venv/bin/python bench/soak.py [--seconds 300] [--clients 16] [--http-clients 2] [--seed 0]
+    .venv/bin/python -m bench.soak [--seconds 300] [--clients 16] [--http-clients 2] [--seed 0]
 
 Before the load, every text, image and video of the pool is embedded alone, and every query-document
 pair scored alone: the references. During the load each IPC client sends on its own raw DEALER socket
@@ -34,12 +34,11 @@ import numpy as np
 import zmq
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.harness import Servers, rss_kib
 
-from harness import Servers, rss_kib  # noqa: E402
-
-from daemon.client import Client, embed_result, rerank_result  # noqa: E402
-from daemon.tiny import build_tiny_checkpoint  # noqa: E402
+from daemon.client import Client
+from daemon.protocol import EmbedReply, RerankReply, checked
+from daemon.tiny import build_tiny_checkpoint
 
 ATOL = 1e-4  # batching changes results by < 2e-5 (tests/test_batching.py)
 REPLY_TIMEOUT_S = 60.0
@@ -106,11 +105,11 @@ def _close(got: np.ndarray, want: np.ndarray) -> str | None:
 
 
 def embed_check(want: list[np.ndarray]):
-    return lambda reply: _close(embed_result(reply).embeddings, np.stack(want))
+    return lambda reply: _close(EmbedReply.from_wire(checked(reply)).embeddings, np.stack(want))
 
 
 def rerank_check(want: list[float]):
-    return lambda reply: _close(np.asarray(rerank_result(reply).scores), np.asarray(want))
+    return lambda reply: _close(np.asarray(RerankReply.from_wire(checked(reply)).scores), np.asarray(want))
 
 
 BAD_REQUESTS = [  # (payload, the code its fault calls for)

@@ -39,21 +39,21 @@ _seq = itertools.count()
 @dataclass(eq=False)
 class Unit:
     """One input's worth of model work. `payload` is the model-ready data; `owner` decides whether it
-    still matters (`owner.cancelled`), and carries its place in the scheduler's round robin
-    (`owner.turn`, written by the scheduler only)."""
+    still matters (`owner.closed`: answered, so its remaining units are not worth running), and
+    carries its place in the scheduler's round robin (`owner.turn`, written by the scheduler only)."""
 
     kind: str
     owner: Any
     index: int
     payload: Any = None
     tokens: int = 0
-    key: Any = None  # the owner's handle for this unit's result (the engine: its cache key)
+    work: Any = None  # what the owner asked to be done (the engine: its Task)
     ready_at: float = 0.0  # when preprocessing finished
     seq: int = field(default_factory=lambda: next(_seq))
 
     @property
-    def cancelled(self) -> bool:
-        return bool(getattr(self.owner, "cancelled", False))
+    def unwanted(self) -> bool:
+        return bool(getattr(self.owner, "closed", False))
 
 
 class Scheduler:
@@ -110,10 +110,10 @@ class Scheduler:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                self._drop_cancelled()
+                self._drop_unwanted()
                 if any(self._ready.values()):
                     self._linger()
-                    self._drop_cancelled()  # lingering may have let a request fail meanwhile
+                    self._drop_unwanted()  # lingering may have let a request fail meanwhile
                     if any(self._ready.values()):
                         return self._take()
                     continue
@@ -136,10 +136,10 @@ class Scheduler:
                 return
             self._cond.wait(remaining)
 
-    def _drop_cancelled(self) -> None:
+    def _drop_unwanted(self) -> None:
         for kind, queue in self._ready.items():
-            if any(u.cancelled for u in queue):
-                self._ready[kind] = [u for u in queue if not u.cancelled]
+            if any(u.unwanted for u in queue):
+                self._ready[kind] = [u for u in queue if not u.unwanted]
 
     def _priority(self, unit: Unit) -> tuple[int, int]:
         """Round robin over requests: the one served least recently (or, never served, that arrived

@@ -14,20 +14,24 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import zmq
 import zmq.asyncio
 
 from .config import client_endpoint
+from .protocol import (DaemonError, EmbedReply, ErrorCode, RerankReply, checked, decode_reply, embed_request,
+                       health_request, pack, rerank_request, with_deadline)
 
-RETRY_ELSEWHERE = ("shutting_down",)  # error codes that another daemon may not give
+__all__ = ["Client", "AsyncClient", "CurveKeys", "DaemonError", "DaemonTimeout", "DaemonUnavailable",
+           "EmbedResult", "RerankResult", "split_endpoints"]
 
+RETRY_ELSEWHERE = (ErrorCode.SHUTTING_DOWN.value,)  # error codes that another daemon may not give
+DEFAULT_TIMEOUT_S = 60.0  # a request's whole time, retries on other daemons included
 
-def _retry_elsewhere(reply: dict, daemons: int) -> bool:
-    """Whether a reply says to try the request on another daemon (there being one)."""
-    return daemons > 1 and (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE
+# What the client's methods return: the protocol's reply types.
+EmbedResult = EmbedReply
+RerankResult = RerankReply
 
 
 def split_endpoints(endpoint: str | list[str] | None) -> list[str]:
@@ -71,16 +75,6 @@ def _configure(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None) -> zmq.
         sock.curve_secretkey = curve.client_secret
     sock.connect(endpoint)
     return sock
-from .protocol import MAX_DEADLINE_MS, pack, unpack
-
-
-class DaemonError(Exception):
-    """The daemon answered with an error; `code` is the protocol's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 class DaemonTimeout(TimeoutError):
@@ -91,68 +85,61 @@ class DaemonUnavailable(ConnectionError):
     """No daemon is connected on any endpoint (not started, or restarting)."""
 
 
-@dataclass(frozen=True)
-class EmbedResult:
-    embeddings: np.ndarray  # float32, shape (count, dimension)
-    dimension: int
-    model: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class RerankResult:
-    scores: list[float]
-    model: str
-    tokens: int
-
-
-def embed_payload(inputs: list, instruction: str | None = None, dimension: int | None = None,
-                  normalize: bool = True) -> dict:
-    return {"op": "embed", "inputs": list(inputs), "instruction": instruction, "dimension": dimension,
-            "normalize": normalize}
-
-
-def rerank_payload(query: Any, documents: list, instruction: str | None = None) -> dict:
-    return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction}
-
-
-DEADLINE_OPS = ("embed", "rerank")
-
-
-def with_deadline(payload: dict, timeout: float) -> dict:
-    """The payload carrying the caller's remaining time as `deadline_ms` (unless it has its own), so
-    that the daemon drops work nobody waits for any more."""
-    if payload.get("op") not in DEADLINE_OPS or payload.get("deadline_ms") is not None:
-        return payload
-    return {**payload, "deadline_ms": max(1, min(MAX_DEADLINE_MS, int(timeout * 1000)))}
-
-
 def _tag(request_id: int) -> bytes:
     """A routing frame before the delimiter: the daemon echoes it, so a reply is matched to its
     request even when the daemon could not read the payload's id (an oversized or corrupt payload)."""
     return request_id.to_bytes(8, "big")
 
 
-def _checked(reply: dict) -> dict:
-    if not reply.get("ok"):
-        error = reply.get("error") or {}
-        raise DaemonError(str(error.get("code", "internal")), str(error.get("message", "")))
-    return reply
+def _message(request_id: int, payload: dict, timeout: float) -> list[bytes]:
+    return [_tag(request_id), b"", pack({**with_deadline(payload, timeout), "id": request_id})]
 
 
-def embed_result(reply: dict) -> EmbedResult:
-    reply = _checked(reply)
-    count, dim = reply["count"], reply["dimension"]
-    if reply.get("encoding", "float32") == "float32":
-        vectors = np.frombuffer(reply["embeddings"], dtype="<f4").reshape(count, dim)
-    else:
-        vectors = np.asarray(reply["embeddings"], dtype=np.float32).reshape(count, dim)
-    return EmbedResult(vectors, dim, reply["model"], reply["tokens"])
+class Rotation:
+    """Round robin over the daemons, shared by every request of one client."""
+
+    def __init__(self, daemons: int):
+        self.daemons = daemons
+        self._next = 0
+
+    def take(self) -> int:
+        index, self._next = self._next, (self._next + 1) % self.daemons
+        return index
 
 
-def rerank_result(reply: dict) -> RerankResult:
-    reply = _checked(reply)
-    return RerankResult(list(reply["scores"]), reply["model"], reply["tokens"])
+class Failover:
+    """One request's tries over the daemons: each daemon once at most, in the client's round robin,
+    within the request's own time. A try that finds no daemon connected, times out, or is answered by
+    a draining daemon moves on to the next; the last failure is the answer."""
+
+    def __init__(self, rotation: Rotation, timeout: float, clock: Callable[[], float]):
+        self.daemons, self._rotation, self._clock = rotation.daemons, rotation, clock
+        self._deadline = clock() + timeout
+        self._failure: Exception | dict | None = None  # an exception, or a draining reply
+
+    def tries(self):
+        """(daemon index, seconds left) for each try; the caller reports each outcome."""
+        for _ in range(self.daemons):
+            index = self._rotation.take()
+            remaining = self._deadline - self._clock()
+            if remaining <= 0:
+                return
+            yield index, remaining
+
+    def failed(self, exc: Exception) -> None:
+        self._failure = exc
+
+    def accept(self, reply: dict) -> bool:
+        """Whether `reply` is the answer (else the next daemon is tried)."""
+        if self.daemons > 1 and (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE:
+            self._failure = reply
+            return False
+        return True
+
+    def give_up(self, endpoint: str) -> dict:
+        if isinstance(self._failure, dict):
+            return self._failure
+        raise self._failure or DaemonTimeout(f"no reply from {endpoint} in time")
 
 
 class Client:
@@ -162,7 +149,7 @@ class Client:
     late reply can never be mistaken for the answer to the next request.
     """
 
-    def __init__(self, endpoint: str | list[str] | None = None, timeout: float = 60.0,
+    def __init__(self, endpoint: str | list[str] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  context: zmq.Context | None = None, connect_timeout: float = 1.0, curve: CurveKeys | None = None):
         self.endpoints = split_endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
@@ -173,59 +160,52 @@ class Client:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._socks = [self._open(ep) for ep in self.endpoints]
-        self._next = 0
+        self._rotation = Rotation(len(self.endpoints))
 
     def _open(self, endpoint: str) -> zmq.Socket:
         return _configure(self._ctx.socket(zmq.DEALER), endpoint, self.curve)
 
     def request(self, payload: dict, timeout: float | None = None) -> dict:
         """Send one payload and return the reply map (errors are in it, not raised)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            error: Exception | dict | None = None  # the last failure: an exception, or a draining reply
-            for _ in range(len(self._socks)):
-                index, self._next = self._next, (self._next + 1) % len(self._socks)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            plan = Failover(self._rotation, self.timeout if timeout is None else timeout, time.monotonic)
+            for index, remaining in plan.tries():
                 try:
                     reply = self._request_on(index, payload, remaining)
                 except (DaemonUnavailable, DaemonTimeout) as exc:
-                    error = exc
+                    plan.failed(exc)
                     continue
-                if _retry_elsewhere(reply, len(self._socks)):
-                    error = reply
-                    continue
-                return reply
-            if isinstance(error, dict):
-                return error
-            raise error or DaemonTimeout(f"no reply from {self.endpoint} in time")
+                if plan.accept(reply):
+                    return reply
+            return plan.give_up(self.endpoint)
 
     def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
         sock, endpoint = self._socks[index], self.endpoints[index]
         if not sock.poll(int(min(self.connect_timeout, timeout) * 1000), zmq.POLLOUT):
             raise DaemonUnavailable(f"no daemon is connected on {endpoint}")
         request_id = next(self._ids)
-        sock.send_multipart([_tag(request_id), b"", pack({**with_deadline(payload, timeout), "id": request_id})])
+        sock.send_multipart(_message(request_id, payload, timeout))
         end = time.monotonic() + timeout
         while sock.poll(max(0, int((end - time.monotonic()) * 1000))):
             frames = sock.recv_multipart()
             if frames[0] == _tag(request_id):
-                return unpack(frames[-1])
+                return decode_reply(frames[-1])
         sock.close(linger=0)
         self._socks[index] = self._open(endpoint)
         raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s")
 
     def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
               normalize: bool = True, timeout: float | None = None) -> EmbedResult:
-        return embed_result(self.request(embed_payload(inputs, instruction, dimension, normalize), timeout))
+        payload = embed_request(inputs, instruction, dimension, normalize)
+        return EmbedReply.from_wire(checked(self.request(payload, timeout)))
 
     def rerank(self, query: Any, documents: list, instruction: str | None = None,
                timeout: float | None = None) -> RerankResult:
-        return rerank_result(self.request(rerank_payload(query, documents, instruction), timeout))
+        payload = rerank_request(query, documents, instruction)
+        return RerankReply.from_wire(checked(self.request(payload, timeout)))
 
     def health(self, timeout: float | None = None) -> dict:
-        return _checked(self.request({"op": "health"}, timeout))
+        return checked(self.request(health_request(), timeout))
 
     def close(self) -> None:
         for sock in self._socks:
@@ -247,7 +227,7 @@ class AsyncClient:
     being delivered long after its caller gave up. ZeroMQ reconnects by itself when a daemon is back.
     """
 
-    def __init__(self, endpoint: str | list[str] | None = None, timeout: float = 60.0,
+    def __init__(self, endpoint: str | list[str] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  connect_timeout: float = 1.0, curve: CurveKeys | None = None):
         self.endpoints = split_endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
@@ -259,7 +239,7 @@ class AsyncClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._socks: list[zmq.asyncio.Socket] = []
         self._readers: list[asyncio.Task] = []
-        self._next = 0
+        self._rotation = Rotation(len(self.endpoints))
 
     def _ensure_open(self) -> None:
         if not self._socks:
@@ -275,32 +255,22 @@ class AsyncClient:
             future = self._pending.pop(int.from_bytes(frames[0], "big"), None) if len(frames) == 3 else None
             if future is not None and not future.done():
                 try:
-                    future.set_result(unpack(frames[-1]))
+                    future.set_result(decode_reply(frames[-1]))
                 except Exception as exc:  # a reply we cannot read fails only its own request
                     future.set_exception(exc)
 
     async def request(self, payload: dict, timeout: float | None = None) -> dict:
         self._ensure_open()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        error: Exception | dict | None = None  # the last failure: an exception, or a draining reply
-        for _ in range(len(self._socks)):
-            index, self._next = self._next, (self._next + 1) % len(self._socks)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+        plan = Failover(self._rotation, self.timeout if timeout is None else timeout, asyncio.get_running_loop().time)
+        for index, remaining in plan.tries():
             try:
                 reply = await self._request_on(index, payload, remaining)
             except (DaemonUnavailable, DaemonTimeout) as exc:
-                error = exc
+                plan.failed(exc)
                 continue
-            if _retry_elsewhere(reply, len(self._socks)):
-                error = reply
-                continue
-            return reply
-        if isinstance(error, dict):
-            return error
-        raise error or DaemonTimeout(f"no reply from {self.endpoint} in time")
+            if plan.accept(reply):
+                return reply
+        return plan.give_up(self.endpoint)
 
     async def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
         sock, endpoint = self._socks[index], self.endpoints[index]
@@ -310,7 +280,7 @@ class AsyncClient:
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await sock.send_multipart([_tag(request_id), b"", pack({**with_deadline(payload, timeout), "id": request_id})])
+            await sock.send_multipart(_message(request_id, payload, timeout))
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s") from None
@@ -319,14 +289,16 @@ class AsyncClient:
 
     async def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
                     normalize: bool = True, timeout: float | None = None) -> EmbedResult:
-        return embed_result(await self.request(embed_payload(inputs, instruction, dimension, normalize), timeout))
+        payload = embed_request(inputs, instruction, dimension, normalize)
+        return EmbedReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def rerank(self, query: Any, documents: list, instruction: str | None = None,
                      timeout: float | None = None) -> RerankResult:
-        return rerank_result(await self.request(rerank_payload(query, documents, instruction), timeout))
+        payload = rerank_request(query, documents, instruction)
+        return RerankReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def health(self, timeout: float | None = None) -> dict:
-        return _checked(await self.request({"op": "health"}, timeout))
+        return checked(await self.request(health_request(), timeout))
 
     async def close(self) -> None:
         for task in self._readers:

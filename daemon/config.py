@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-VL-Embedding-2B"
 DEFAULT_RERANKER_MODEL = "Qwen/Qwen3-VL-Reranker-2B"
+EMBEDDING_MAX_LENGTH, RERANKER_MAX_LENGTH = 8192, 10240  # the official defaults, in tokens
 ENDPOINT_ENV = "QWEN3VL_ENDPOINT"
 SOCKET_DIR_NAME = "qwen3vl"
 SOCKET_FILE_NAME = "daemon.sock"
@@ -45,6 +46,13 @@ def client_endpoint(env: dict[str, str] | None = None, system_socket: Path = SYS
     return f"ipc://{own}"
 
 
+def show_envvars(command) -> None:
+    """Make a click command's `--help` name each option's environment variable."""
+    for param in command.params:
+        if getattr(param, "envvar", None):
+            param.show_envvar = True
+
+
 def is_disabled(name: str | None) -> bool:
     return name is None or name.strip().lower() in ("", "none", "off", "disabled")
 
@@ -57,7 +65,7 @@ class ModelSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
     attn_implementation: str = "sdpa"
-    max_length: int = 8192
+    max_length: int = EMBEDDING_MAX_LENGTH
     local_files_only: bool = False
 
 
@@ -109,8 +117,8 @@ class Batching:
 @dataclass(frozen=True)
 class DaemonConfig:
     endpoint: str = field(default_factory=default_endpoint)
-    embedding: ModelSettings | None = ModelSettings(DEFAULT_EMBEDDING_MODEL, max_length=8192)
-    reranker: ModelSettings | None = ModelSettings(DEFAULT_RERANKER_MODEL, max_length=10240)
+    embedding: ModelSettings | None = ModelSettings(DEFAULT_EMBEDDING_MODEL, max_length=EMBEDDING_MAX_LENGTH)
+    reranker: ModelSettings | None = ModelSettings(DEFAULT_RERANKER_MODEL, max_length=RERANKER_MAX_LENGTH)
     embedding_dim: int | None = None  # default output dimension; None means the model's full size
     media: MediaPolicy = MediaPolicy()
     limits: Limits = Limits()

@@ -39,3 +39,7 @@ def input_error(message: str) -> RequestError:
 
 def too_large(message: str) -> RequestError:
     return RequestError(ErrorCode.TOO_LARGE, message)
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message is one line an operator can act on."""

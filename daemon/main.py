@@ -16,9 +16,11 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
+from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, RERANKER_MAX_LENGTH,
+                     Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint, default_endpoint,
+                     is_disabled, show_envvars)
 from .logs import quiet_libraries
-from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, Batching, DaemonConfig, Limits,
-                     MediaPolicy, ModelSettings, client_endpoint, default_endpoint, is_disabled)
 
 
 def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool) -> ModelSettings | None:
@@ -86,30 +88,36 @@ def _limit_options(fn):
               default=DEFAULT_RERANKER_MODEL, show_default=True, help="Hub id or directory; 'none' disables.")
 @click.option("--embedding-dim", envvar=["QWEN3VL_EMBEDDING_DIM", "EMBEDDING_DIM"], type=click.IntRange(min=1),
               default=None, help="Default output dimension (Matryoshka); the model's size if unset.")
-@click.option("--device", envvar=["QWEN3VL_DEVICE", "DEVICE"], default="auto", show_default=True,
+@click.option("--device", envvar=["QWEN3VL_DEVICE", "DEVICE"], default=ModelSettings.device, show_default=True,
               help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--dtype", envvar="QWEN3VL_DTYPE", default="auto", show_default=True,
+@click.option("--dtype", envvar="QWEN3VL_DTYPE", default=ModelSettings.dtype, show_default=True,
               help="auto (bfloat16 where supported, else float32), bfloat16, float32 or float16.")
-@click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default="sdpa", show_default=True,
+@click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default=ModelSettings.attn_implementation,
+              show_default=True,
               help="Attention kernels: sdpa, eager, or flash_attention_2 where installed.")
 @click.option("--embedding-max-length", envvar="QWEN3VL_EMBEDDING_MAX_LENGTH", type=click.IntRange(min=16),
-              default=8192, show_default=True, help="Tokens per input; longer text is truncated (official).")
+              default=EMBEDDING_MAX_LENGTH, show_default=True,
+              help="Tokens per input; longer text is truncated (official).")
 @click.option("--reranker-max-length", envvar="QWEN3VL_RERANKER_MAX_LENGTH", type=click.IntRange(min=16),
-              default=10240, show_default=True, help="Tokens per query-document pair; longer is truncated.")
-@click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1), default=32,
-              show_default=True, help="Inputs per forward pass.")
+              default=RERANKER_MAX_LENGTH, show_default=True,
+              help="Tokens per query-document pair; longer is truncated.")
+@click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1),
+              default=Batching.max_batch_size, show_default=True, help="Inputs per forward pass.")
 @click.option("--max-batch-tokens", envvar="QWEN3VL_MAX_BATCH_TOKENS", type=click.IntRange(min=64), default=None,
               help="Padded tokens per forward pass (batch size x longest input); default 4096 on CPU, 32768 on GPU.")
-@click.option("--max-wait-ms", envvar="QWEN3VL_MAX_WAIT_MS", type=click.FloatRange(min=0), default=0.5,
-              show_default=True, help="Longest a ready input waits for others still being preprocessed.")
+@click.option("--max-wait-ms", envvar="QWEN3VL_MAX_WAIT_MS", type=click.FloatRange(min=0),
+              default=Batching.max_wait_ms, show_default=True,
+              help="Longest a ready input waits for others still being preprocessed.")
 @click.option("--prep-workers", envvar="QWEN3VL_PREP_WORKERS", type=click.IntRange(min=1), default=None,
               help="Preprocessing threads (default: half the CPUs, at most 4).")
-@click.option("--max-queued-inputs", envvar="QWEN3VL_MAX_QUEUED_INPUTS", type=click.IntRange(min=1), default=8192,
-              show_default=True, help="Queued inputs/documents beyond which requests get `overloaded`.")
+@click.option("--max-queued-inputs", envvar="QWEN3VL_MAX_QUEUED_INPUTS", type=click.IntRange(min=1),
+              default=Batching.max_queued_inputs, show_default=True,
+              help="Queued inputs/documents beyond which requests get `overloaded`.")
 @click.option("--max-queued-tokens", envvar="QWEN3VL_MAX_QUEUED_TOKENS", type=click.IntRange(min=1),
-              default=4_000_000, show_default=True, help="Estimated queued tokens beyond which: overloaded.")
-@click.option("--cache-bytes", envvar="QWEN3VL_CACHE_BYTES", type=click.IntRange(min=0), default=0,
-              show_default=True, help="Embedding cache size in bytes; 0 disables it.")
+              default=Batching.max_queued_tokens, show_default=True,
+              help="Estimated queued tokens beyond which: overloaded.")
+@click.option("--cache-bytes", envvar="QWEN3VL_CACHE_BYTES", type=click.IntRange(min=0),
+              default=Batching.cache_bytes, show_default=True, help="Embedding cache size in bytes; 0 disables it.")
 @_limit_options
 @click.option("--allow-path", "allow_paths", envvar="QWEN3VL_ALLOW_PATHS", multiple=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -125,11 +133,13 @@ def _limit_options(fn):
 @click.option("--curve-authorized-keys", envvar="QWEN3VL_CURVE_AUTHORIZED_KEYS",
               type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of client public keys allowed to connect (with --curve-secret-key).")
-@click.option("--socket-mode", envvar="QWEN3VL_SOCKET_MODE", default="0600", show_default=True,
+@click.option("--socket-mode", envvar="QWEN3VL_SOCKET_MODE", default=f"{DaemonConfig.socket_mode:04o}",
+              show_default=True,
               help="Permissions of an ipc socket file, octal; 0660 lets the daemon's group connect.")
-@click.option("--drain-timeout", envvar="QWEN3VL_DRAIN_TIMEOUT", type=click.FloatRange(min=0), default=30.0,
-              show_default=True, help="Seconds to finish accepted requests after SIGTERM.")
-@click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=True, show_default=True,
+@click.option("--drain-timeout", envvar="QWEN3VL_DRAIN_TIMEOUT", type=click.FloatRange(min=0),
+              default=DaemonConfig.drain_timeout_s, show_default=True,
+              help="Seconds to finish accepted requests after SIGTERM.")
+@click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=DaemonConfig.warmup, show_default=True,
               help="Run one short forward per model before reporting ready.")
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -153,9 +163,7 @@ def serve(log_level: str, **opts) -> None:
     sys.exit(code)
 
 
-for _param in serve.params:  # `serve --help` names each option's environment variable
-    if isinstance(_param, click.Option) and _param.envvar:
-        _param.show_envvar = True
+show_envvars(serve)
 
 
 def config_from_options(o: dict) -> DaemonConfig:
@@ -233,15 +241,13 @@ def _client_options(fn):
                       type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")(fn)
     fn = click.option("--curve-client-key", envvar="QWEN3VL_CURVE_CLIENT_KEY", default=None,
                       type=click.Path(exists=True, dir_okay=False), help="This client's secret key file (CURVE).")(fn)
-    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-                        help="Seconds to wait for the reply (also sent as the request's deadline).")(fn)
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
+                        show_default=True, help="Seconds to wait for the reply (also sent as the request's deadline).")(fn)
 
 
 def _run_client(call, names: dict[str, str] | None = None):
     """Run `call(client)`; a failure is one line, with the inputs' wire names (inputs[0].image[1])
     replaced by the files they came from."""
-    from .client import Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
-
     def runner(endpoint: str, timeout: float, curve_server_key: str | None, curve_client_key: str | None):
         curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
         with Client(endpoint, timeout=timeout, curve=curve) as client:

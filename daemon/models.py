@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelSettings
-from .errors import input_error, too_large
+from .errors import ModelLoadError, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, VideoSource
 
@@ -40,10 +40,6 @@ RERANK_SYSTEM_PROMPT = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".'
 )
-
-
-class ModelLoadError(Exception):
-    """A model could not be loaded; the message is one line an operator can act on."""
 
 
 class UndecodableVideo(Exception):

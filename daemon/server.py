@@ -1,8 +1,10 @@
-"""The socket loop: one ROUTER socket, validation, dispatch, and replies from the model thread.
+"""The socket loop: one ROUTER socket; every message decoded, handed to its op's handler, and answered.
 
-The socket loop runs on its own thread; the models run on the main thread. Replies produced there (or
-on preprocessing threads) travel back over an inproc PUSH/PULL pair, because a ZeroMQ socket must only
-be used by the thread that owns it.
+The socket loop runs on its own thread and is the only user of the socket; the models run on the main
+thread (the engine's). The path of a request: socket → decode (protocol) → handler → engine →
+completion → outbox → handler → encode (protocol) → socket. Completions arrive from the model and
+preprocessing threads through the Outbox; small replies are encoded on the socket thread, large ones
+on a reply thread, so encoding never runs on the model thread and never stalls the socket loop.
 """
 
 from __future__ import annotations
@@ -10,20 +12,33 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import signal
 import socket
 import stat
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
+import zmq.auth
+from huggingface_hub import constants as hub_constants
+from zmq.auth.thread import ThreadAuthenticator
 
+from .backends import load_model_backends
+from .cache import EmbeddingCache
 from .config import DaemonConfig
-from .engine import Engine
-from .notify import LoadProgress, Notifier
+from .engine import Engine, EngineState, Job, JobResult, Loader
 from .errors import ErrorCode, RequestError, too_large
-from .protocol import OPS, HealthRequest, MetricsRequest, decode_payload, error_reply, ok_reply, parse_request
+from .handlers import Context, Handler, build_handlers
+from .logs import TracebackLimiter
+from .metrics import Metrics
+from .notify import LoadProgress, Notifier
+from .protocol import OPS, Request, decode_payload, encode_error, encode_reply, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +113,89 @@ class SocketLock:
             self._fd = None
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A job's outcome, for the socket loop to turn into a reply."""
+
+    envelope: list
+    handler: Handler
+    request: Request
+    job: Job
+    outcome: JobResult | RequestError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A reply encoded on the reply thread, ready to send."""
+
+    envelope: list
+    data: bytes
+
+
+class Outbox:
+    """Completions handed from any thread to the socket loop, the only thread that may use the socket.
+
+    `post` appends and writes a byte to a socket pair whose reading end the loop polls beside the
+    ROUTER: no ZeroMQ socket lives on the model or preprocessing threads."""
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def post(self, item: Finished | Encoded) -> None:
+        self._items.append(item)
+        try:
+            self._writer.send(b"\0")
+        except BlockingIOError:  # the buffer is full of wake-ups the loop has not read yet: enough
+            pass
+
+    def take(self) -> list:
+        """Everything posted so far. Wake-ups are read before the items, so an item posted meanwhile
+        leaves a wake-up behind and is never missed."""
+        try:
+            while self._reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+    def wait(self, timeout_s: float) -> None:
+        select.select([self._reader], [], [], timeout_s)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
 class Server:
-    def __init__(self, config: DaemonConfig):
+    def __init__(self, config: DaemonConfig, loader: Loader | None = None):
+        """`loader` fills the engine's backends (default: the configured models); tests pass stand-ins."""
         self.config = config
         self.ctx = zmq.Context()
-        self._reply_endpoint = f"inproc://replies-{id(self)}"
-        self._local = threading.local()
         self._stop = threading.Event()
-        self.engine = Engine(config, self._send_from_worker)
+        self.metrics = Metrics()
+        self.tracebacks = TracebackLimiter()  # internal errors' tracebacks, rate-limited
+        loader = loader or (lambda backends, step: load_model_backends(config, backends, step))
+        self.engine = Engine(config.batching, loader, self.metrics, self.tracebacks)
+        cache = EmbeddingCache(config.batching.cache_bytes) if config.batching.cache_bytes > 0 else None
+        self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache))
+        self.outbox = Outbox()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3vl-reply")
+        self._in_flight = 0  # jobs admitted whose reply is not yet sent (the socket thread's count)
         self.notifier = Notifier()
         self.drain_timeout_s = config.drain_timeout_s
         self._wakeup: socket.socket | None = None  # readable when SIGTERM/SIGINT arrived (install_signal_handlers)
+        self._auth: ThreadAuthenticator | None = None
         self._lock: SocketLock | None = None  # held while we own an ipc socket path
         self._socket_inode: int | None = None  # the socket file we created: the only one we unlink
-
-    # -- replies from other threads -------------------------------------------------------------
-    def _send_from_worker(self, envelope: list, payload: bytes) -> None:
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.connect(self._reply_endpoint)
-            self._local.push = sock
-        sock.send_multipart([*envelope, payload])
 
     # -- lifecycle -------------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -181,9 +257,6 @@ class Server:
                 raise StartupError(f"{endpoint} is reachable from other hosts: give --curve-secret-key and "
                                    "--curve-authorized-keys (see `qwen3vl-daemon keygen`)")
             return
-        import zmq.auth
-        from zmq.auth.thread import ThreadAuthenticator
-
         if cfg.curve_authorized_keys is None or not cfg.curve_authorized_keys.is_dir():
             raise StartupError("--curve-authorized-keys must name a directory of client public keys")
         try:
@@ -213,8 +286,10 @@ class Server:
         finally:
             self._stop.set()
             socket_thread.join()
-            if getattr(self, "_auth", None) is not None:
+            if self._auth is not None:
                 self._auth.stop()
+            self._encoder.shutdown(wait=False, cancel_futures=True)
+            self.outbox.close()
             self.ctx.destroy(linger=0)
         if "error" in outcome:
             raise outcome["error"]
@@ -222,27 +297,24 @@ class Server:
 
     def _load(self) -> None:
         """Load the models, telling systemd how it goes; READY=1 only once they are warm."""
-        from huggingface_hub import constants
-
+        engine = self.engine
         self.notifier.status("loading models")
-        progress = LoadProgress(self.notifier, Path(constants.HF_HUB_CACHE), lambda: self.engine.loading).start()
+        progress = LoadProgress(self.notifier, Path(hub_constants.HF_HUB_CACHE), lambda: engine.loading).start()
         try:
-            self.engine.load()
+            engine.load()
         finally:
             progress.stop()
-        if self.engine.state == "ready":
-            names = [m.name for m in (self.engine.embedding, self.engine.reranker) if m is not None]
+        if engine.state is EngineState.READY:
+            names = [backend.info.name for backend in engine.backends.values()]
             text = f"ready on {self.config.endpoint}: {', '.join(names)}"
-            log.info("%s (%.1f s after start)", text, time.monotonic() - self.engine.started_at)
+            log.info("%s (%.1f s after start)", text, time.monotonic() - engine.started_at)
             self.notifier.ready(text)
-        elif self.engine.state == "failed":
-            self.notifier.status(f"failed: {self.engine.load_error}")
+        elif engine.state is EngineState.FAILED:
+            self.notifier.status(f"failed: {engine.load_error}")
 
     def _socket_main(self, router: zmq.Socket, outcome: dict) -> None:
-        pull = self.ctx.socket(zmq.PULL)
-        pull.bind(self._reply_endpoint)
         try:
-            outcome["code"] = self._loop(router, pull)
+            outcome["code"] = self._loop(router)
         except StartupError as exc:
             outcome["error"] = exc
         except Exception as exc:  # never leave the model thread waiting on a dead socket loop
@@ -251,7 +323,6 @@ class Server:
         finally:
             self.engine.stop()
             router.close(linger=0)
-            pull.close(linger=0)
             self._remove_socket_file()
 
     def _remove_socket_file(self) -> None:
@@ -265,11 +336,11 @@ class Server:
         if self._lock is not None:
             self._lock.release()
 
-    def _loop(self, router: zmq.Socket, pull: zmq.Socket) -> int:
+    def _loop(self, router: zmq.Socket) -> int:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
-        wakeup_fd = None if self._wakeup is None else self._wakeup.fileno()  # the poller reports plain fds by number
+        poller.register(self.outbox.fileno(), zmq.POLLIN)  # the poller reports plain fds by number
+        wakeup_fd = None if self._wakeup is None else self._wakeup.fileno()
         if wakeup_fd is not None:
             poller.register(wakeup_fd, zmq.POLLIN)
         deadline = None
@@ -282,7 +353,7 @@ class Server:
             if ping_every is not None and time.monotonic() >= next_ping:
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + ping_every
-            if self.engine.state == "failed":  # before the stop check: a failed load is not a drain
+            if self.engine.state is EngineState.FAILED:  # before the stop check: a failed load is not a drain
                 raise StartupError(self.engine.load_error or "model loading failed")
             if wakeup_fd is not None and wakeup_fd in events:
                 self._check_wakeup()
@@ -292,19 +363,18 @@ class Server:
                 self.engine.drain()
                 deadline = time.monotonic() + self.drain_timeout_s
             self.engine.expire()
-            if pull in events:
-                self._forward_replies(pull, router)
+            if self.outbox.fileno() in events:
+                self._send_finished(router)
             if router in events:
                 self._receive_requests(router)
-            if deadline is not None and self.engine.idle() and not events:
-                self._forward_replies(pull, router)
+            if deadline is not None and self._in_flight == 0 and not events:
                 return 0
             if deadline is not None and time.monotonic() > deadline:
-                self._abort_and_flush(pull, router)
+                self._abort_and_flush(router)
                 return 0
 
-    def _abort_and_flush(self, pull: zmq.Socket, router: zmq.Socket) -> None:
-        """The drain deadline passed: every accepted request still unanswered gets `shutting_down`,
+    def _abort_and_flush(self, router: zmq.Socket) -> None:
+        """The drain deadline passed: every admitted request still unanswered gets `shutting_down`,
         and the replies already on their way are sent before the socket closes."""
         aborted = self.engine.abort_all(RequestError(
             ErrorCode.SHUTTING_DOWN, f"the daemon stopped before this request was done (drain timeout "
@@ -313,16 +383,55 @@ class Server:
         log.warning("drain timeout: %d unfinished request(s) answered shutting_down", aborted)
         end = time.monotonic() + FLUSH_AFTER_ABORT_S
         while True:
-            self._forward_replies(pull, router)
-            if self.engine.idle() or time.monotonic() > end:
+            self._send_finished(router)
+            if self._in_flight == 0 or time.monotonic() > end:
                 return
-            pull.poll(10)
+            self.outbox.wait(0.01)
 
-    def _forward_replies(self, pull: zmq.Socket, router: zmq.Socket) -> None:
-        # Checking EVENTS first avoids raising zmq.Again on every pass (measurable at this scale).
-        while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            router.send_multipart(pull.recv_multipart(zmq.NOBLOCK))
+    # -- replies ---------------------------------------------------------------------------------
+    def _send_finished(self, router: zmq.Socket) -> None:
+        """Send what the outbox holds: encoded replies as they are, finished jobs encoded here when
+        their reply is small, else on the reply thread (which posts the bytes back)."""
+        for item in self.outbox.take():
+            if isinstance(item, Finished) and isinstance(item.outcome, JobResult) \
+                    and not item.handler.small_reply(item.request):
+                try:
+                    self._encoder.submit(self._encode_to_outbox, item)
+                    continue
+                except RuntimeError:  # the reply thread is shut down (stopping): encode it here
+                    pass
+            data = item.data if isinstance(item, Encoded) else self._encode(item)
+            router.send_multipart([*item.envelope, data])
+            self._in_flight -= 1
 
+    def _encode_to_outbox(self, item: Finished) -> None:
+        """On the reply thread: encode, and hand the bytes back to the socket loop."""
+        self.outbox.post(Encoded(item.envelope, self._encode(item)))
+
+    def _encode(self, item: Finished) -> bytes:
+        """A finished job's reply: the handler's reply encoded, or its error."""
+        outcome, request_id = item.outcome, item.request.id
+        if isinstance(outcome, RequestError):
+            return self._error(request_id, outcome)
+        try:
+            data = encode_reply(request_id, item.handler.finish(item.request, item.job, outcome))
+        except RequestError as exc:
+            return self._error(request_id, exc)
+        except Exception as exc:  # a bug in one reply fails that request only
+            return self._internal(request_id, exc, "encoding a reply failed")
+        self.metrics.done(item.handler.op, outcome.elapsed_s, item.job.size, outcome.tokens)
+        return data
+
+    def _error(self, request_id: Any, error: RequestError) -> bytes:
+        self.metrics.error(error.code.value)
+        return encode_error(request_id, error)
+
+    def _internal(self, request_id: Any, exc: Exception, what: str) -> bytes:
+        self.tracebacks.log(log, what)
+        error = RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:160]}")
+        return self._error(request_id if _packable(request_id) else None, error)
+
+    # -- requests --------------------------------------------------------------------------------
     def _receive_requests(self, router: zmq.Socket) -> None:
         for _ in range(1000):  # bounded, so replies and signals are never starved
             if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -362,37 +471,44 @@ class Server:
 
     def _refuse(self, frames: list, error: RequestError) -> list | None:
         """Answer a message refused whole: echo its envelope when what was kept of it is one."""
-        self.engine.metrics.error(error.code.value)
         envelope = [f.bytes for f in frames]
         if b"" in envelope:
             envelope = envelope[:envelope.index(b"") + 1]
         elif envelope:
             envelope = envelope[:1]
-        return [*envelope, error_reply(None, error)] if envelope else None
+        data = self._error(None, error)
+        return [*envelope, data] if envelope else None
 
     def _handle(self, frames: list) -> list[bytes] | None:
-        """Validate and dispatch one message; returns an immediate reply or None (queued)."""
+        """Decode one message and hand it to its op's handler; returns an immediate reply, or None
+        when a job was admitted (its reply comes through the outbox)."""
         if len(frames) < 2:
             return None  # no payload after the routing id: nothing to answer
         envelope, data = [f.bytes for f in frames[:-1]], frames[-1].buffer
         request_id = None
-        metrics = self.engine.metrics
         try:
             payload = decode_payload(data, self.config.limits)
             request_id = payload.get("id")
-            metrics.request(payload["op"] if payload.get("op") in OPS else "other")
+            self.metrics.request(payload["op"] if payload.get("op") in OPS else "other")
             request = parse_request(payload, self.config.limits, self.config.media)
-            if isinstance(request, HealthRequest):
-                return [*envelope, ok_reply(request.id, **self.engine.health())]
-            if isinstance(request, MetricsRequest):
-                return [*envelope, ok_reply(request.id, **self.engine.metrics_snapshot())]
-            self.engine.submit(envelope, request)
+            handler = self.handlers[request.op]
+            started = handler.start(request)
+            if not isinstance(started, Job):
+                return [*envelope, encode_reply(request.id, started)]
+            self._submit(envelope, handler, request, started)
             return None
         except RequestError as exc:
-            metrics.error(exc.code.value)
-            return [*envelope, error_reply(request_id, exc)]
+            return [*envelope, self._error(request_id, exc)]
         except Exception as exc:  # a bug in handling one message must not stop the socket loop
-            self.engine.tracebacks.log(log, "handling a message failed")
-            metrics.error(ErrorCode.INTERNAL.value)
-            error = RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:160]}")
-            return [*envelope, error_reply(request_id if _packable(request_id) else None, error)]
+            return [*envelope, self._internal(request_id, exc, "handling a message failed")]
+
+    def _submit(self, envelope: list, handler: Handler, request: Request, job: Job) -> None:
+        def done(outcome: JobResult | RequestError) -> None:  # on whichever thread finished the job
+            self.outbox.post(Finished(envelope, handler, request, job, outcome))
+
+        self._in_flight += 1
+        try:
+            self.engine.submit(job, done)
+        except BaseException:
+            self._in_flight -= 1
+            raise

@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from bench.harness import free_port, png_bytes
 from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 from daemon.tiny import build_tiny_checkpoint
 
@@ -119,12 +119,6 @@ def exchange(endpoint: str, payloads: list[dict], timeout_s: float = 60.0) -> li
         sock.close()
 
 
-def png_bytes(color=(255, 0, 0), size=(64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def gradient_png(seed: int, size=(72, 56)) -> bytes:
     """An image with structure (not one flat color), different per seed."""
     img = Image.new("RGB", size)
@@ -141,14 +135,8 @@ def pil(data: bytes) -> Image.Image:
     return img
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Bridge:
-    """A real `http_bridge.bridge` process on a free port, in front of `endpoint`."""
+    """A real `python -m http_bridge` process on a free port, in front of `endpoint`."""
 
     def __init__(self, endpoint: str, *args: str, env: dict | None = None):
         self.port = free_port()
@@ -156,7 +144,7 @@ class Bridge:
         # A file, not a pipe: a pipe nobody reads would block a bridge that logs enough.
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "http_bridge.bridge", "--endpoint", endpoint, "--log-level", "warning", *args],
+            [sys.executable, "-m", "http_bridge", "--endpoint", endpoint, "--log-level", "warning", *args],
             env={**os.environ, "PORT": str(self.port), **(env or {})},
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 60

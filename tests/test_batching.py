@@ -15,7 +15,7 @@ from daemon.batching import BatchPolicy, Scheduler, Unit
 
 
 def _unit(tokens: int, kind: str = "embed", owner=None) -> Unit:
-    return Unit(kind, owner or SimpleNamespace(cancelled=False), 0, tokens=tokens)
+    return Unit(kind, owner or SimpleNamespace(closed=False), 0, tokens=tokens)
 
 
 def _scheduler(**policy) -> Scheduler:
@@ -29,7 +29,7 @@ def _put_all(s: Scheduler, units) -> None:
 
 
 def _owner() -> SimpleNamespace:
-    return SimpleNamespace(cancelled=False)
+    return SimpleNamespace(closed=False)
 
 
 def _owners_of(batch) -> list:
@@ -101,9 +101,9 @@ def test_kinds_are_never_mixed_and_the_oldest_kind_goes_first():
     assert [u.kind for u in s.next_batch(0.1)] == ["embed"]
 
 
-def test_cancelled_units_are_dropped():
+def test_units_of_answered_requests_are_dropped():
     s = _scheduler()
-    dead = SimpleNamespace(cancelled=True)
+    dead = SimpleNamespace(closed=True)
     _put_all(s, [_unit(5, owner=dead), _unit(6)])
     assert [u.tokens for u in s.next_batch(0.1)] == [6]
     assert s.next_batch(0.05) is None

@@ -149,14 +149,14 @@ def test_bearer_token_is_required_when_configured(daemon, tmp_path):
 def test_an_empty_or_blank_token_file_refuses_to_start(daemon, tmp_path, content):
     token = tmp_path / "token"
     token.write_text(content)
-    result = subprocess.run([sys.executable, "-m", "http_bridge.bridge", "--endpoint", daemon.endpoint,
+    result = subprocess.run([sys.executable, "-m", "http_bridge", "--endpoint", daemon.endpoint,
                              "--token-file", str(token), "--port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
     assert "empty or blank" in result.stderr
 
 
 def test_a_blank_token_in_the_environment_refuses_to_start(daemon):
-    result = subprocess.run([sys.executable, "-m", "http_bridge.bridge", "--endpoint", daemon.endpoint, "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "http_bridge", "--endpoint", daemon.endpoint, "--port", "0"],
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, "QWEN3VL_BRIDGE_TOKEN": "  "})
     assert result.returncode == 1 and "QWEN3VL_BRIDGE_TOKEN is blank" in result.stderr
@@ -165,7 +165,7 @@ def test_a_blank_token_in_the_environment_refuses_to_start(daemon):
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "bridge.example"])
 def test_a_host_reachable_from_elsewhere_without_a_token_refuses_to_start(daemon, host):
     # Refused before binding anything: nothing listens beyond loopback in this test.
-    result = subprocess.run([sys.executable, "-m", "http_bridge.bridge", "--endpoint", daemon.endpoint,
+    result = subprocess.run([sys.executable, "-m", "http_bridge", "--endpoint", daemon.endpoint,
                              "--host", host, "--port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "--allow-no-token" in result.stderr
 
@@ -175,7 +175,7 @@ def test_a_host_reachable_from_elsewhere_without_a_token_refuses_to_start(daemon
     ("127.0.0.2", None, False, True), ("0.0.0.0", "t", False, True), ("0.0.0.0", None, True, True),
     ("0.0.0.0", None, False, False), ("10.0.0.5", None, False, False)])
 def test_exposure_rule(host, token, allowed, ok):
-    from http_bridge.bridge import check_exposure
+    from http_bridge.cli import check_exposure
 
     if ok:
         check_exposure(host, token, allowed)

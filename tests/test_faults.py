@@ -7,9 +7,7 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
-import httpx
 import msgpack
 import numpy as np
 import torch
@@ -20,7 +18,8 @@ from conftest import Bridge, start_daemon
 from daemon.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.server import Server
-from fuzzing import envelopes, judge, payloads
+from bench.fuzzing import envelopes, judge, payloads
+from bench.scenarios import CLEAR_ERRORS, TEXT, kill_9_under_load
 
 
 def _serve_in_thread(config: DaemonConfig) -> tuple[Server, threading.Thread]:
@@ -35,7 +34,8 @@ def test_out_of_memory_is_retried_in_smaller_batches_then_fails_only_its_batch(t
     config = DaemonConfig(endpoint=f"ipc://{tmp_path}/s/d.sock", embedding=ModelSettings(str(tiny_dir)),
                           reranker=None, batching=Batching(max_batch_size=8), warmup=False)
     server, thread = _serve_in_thread(config)
-    real = server.engine.embedding.embed
+    model = server.engine.backends["embedding"].model
+    real = model.embed
     sizes: list[int] = []
 
     def tight_memory(batch):  # the real forward, behind a device that only fits 2 inputs
@@ -47,11 +47,11 @@ def test_out_of_memory_is_retried_in_smaller_batches_then_fails_only_its_batch(t
     texts = [f"text number {i} " * (i + 1) for i in range(8)]
     try:
         with Client(config.endpoint, timeout=60) as c:
-            server.engine.embedding.embed = tight_memory
+            model.embed = tight_memory
             got = c.embed(texts).embeddings
-            server.engine.embedding.embed = lambda batch: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
+            model.embed = lambda batch: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
             failed = c.request({"op": "embed", "inputs": ["no memory at all"]})
-            server.engine.embedding.embed = real
+            model.embed = real
             want = np.concatenate([c.embed([t]).embeddings for t in texts])
             after = c.embed(["still serving"]).embeddings
     finally:
@@ -87,75 +87,33 @@ def test_every_well_enveloped_message_gets_exactly_one_reply(daemon, envelope, p
 
 
 
-IPC_TIMEOUT_S = 3.0
-
-
-def _load(stop: threading.Event, call, outcomes: list) -> None:
-    """Call `call` until stopped, recording (when it started, how long it took, its outcome)."""
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            outcome = call()
-        except Exception as exc:  # recorded, judged by the test
-            outcome = f"{type(exc).__name__}:{getattr(exc, 'code', '')}"
-        outcomes.append((started, time.monotonic() - started, outcome))
-
-
 def test_kill_9_under_load_fails_requests_cleanly_and_everything_recovers_by_itself(tmp_path, tiny_dir):
     args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
-    d = start_daemon(tmp_path / "d", *args)
-    bridge = Bridge(d.endpoint, "--timeout", "5")
-    with d.client() as c:
-        want = c.embed(["steady load"]).embeddings
+    daemons = [start_daemon(tmp_path / "d", *args)]
+    bridge = Bridge(daemons[0].endpoint, "--timeout", "5")
+    with daemons[0].client() as c:
+        want = c.embed([TEXT]).embeddings
 
-    def ipc_call(client: Client):
-        got = client.embed(["steady load"]).embeddings
-        return "ok" if np.abs(got - want).max() < 1e-5 else "wrong result"
+    def kill() -> None:
+        daemons[-1].process.kill()
+        daemons[-1].process.wait(10)
 
-    def http_call(http: httpx.Client):
-        r = http.post("/embed", json={"texts": ["steady load"]})
-        if r.status_code != 200:
-            return r.status_code
-        return "ok" if np.abs(np.asarray(r.json()["embeddings"]) - want).max() < 1e-5 else "wrong result"
-
-    stop, ipc, http = threading.Event(), [[] for _ in range(4)], [[] for _ in range(2)]
-    clients = [Client(d.endpoint, timeout=IPC_TIMEOUT_S, connect_timeout=0.5) for _ in ipc]
-    https = [httpx.Client(base_url=bridge.url, timeout=30) for _ in http]
-    threads = [threading.Thread(target=_load, args=(stop, lambda c=c: ipc_call(c), out)) for c, out in zip(clients, ipc)]
-    threads += [threading.Thread(target=_load, args=(stop, lambda h=h: http_call(h), out)) for h, out in zip(https, http)]
     try:
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        d.process.kill()
-        killed = time.monotonic()
-        d.process.wait(10)
-        time.sleep(2.0)
-        assert Path(d.endpoint[len("ipc://"):]).exists()  # the stale socket file a crash leaves behind
-        d = start_daemon(tmp_path / "d", *args)
-        restarted = time.monotonic()
-        time.sleep(3.0)
+        run = kill_9_under_load(daemons[0].endpoint, bridge.url, want, kill,
+                                lambda: daemons.append(start_daemon(tmp_path / "d", *args)))
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-        for c in clients:
-            c.close()
-        for h in https:
-            h.close()
         bridge.stop()
-        d.stop()
-    everything = [o for out in ipc + http for o in out]
-    assert not any(t.is_alive() for t in threads)
-    assert max(took for _, took, _ in everything) < 10.0  # never a hang: bounded by the client timeouts
-    # Down: no daemon (or its reply lost with it); restarting: it binds before loading, answers not_loaded.
-    clear_errors = {"DaemonTimeout:", "DaemonUnavailable:", "DaemonError:not_loaded", 503, 504}
-    assert {o for _, _, o in everything if o != "ok"} <= clear_errors
-    assert any(o == 503 for out in http for _, _, o in out)  # the bridge said the daemon was gone
-    for out in ipc + http:  # every client worked before the kill and again after the restart
-        assert any(o == "ok" and s + took < killed for s, took, o in out)
-        assert any(o == "ok" and s > restarted for s, took, o in out)
-        assert all(o == "ok" for s, _, o in out if s > restarted + 1.0)
+        daemons[-1].stop()
+    everything = run.calls
+    assert run.stale_socket  # the socket file a crash leaves behind, replaced by the new daemon
+    assert run.hung_threads == 0
+    assert max(took for _, _, took, _ in everything) < 10.0  # never a hang: bounded by the client timeouts
+    assert {o for *_, o in everything if o != "ok"} <= CLEAR_ERRORS
+    assert any(o == "http 503" for kind, *_, o in everything if kind == "http")  # the bridge said it was gone
+    for out in run.outcomes.values():  # every client worked before the kill and again after the restart
+        assert any(o == "ok" and s + took < run.killed for s, took, o in out)
+        assert any(o == "ok" and s > run.restarted for s, took, o in out)
+        assert all(o == "ok" for s, _, o in out if s > run.restarted + 1.0)
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_refuses_later_ones(tmp_path, tiny_dir):

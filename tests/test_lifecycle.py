@@ -312,7 +312,7 @@ def test_drain_timeout_answers_every_accepted_request_and_exits_in_time(tmp_path
 
 
 def test_sigterm_while_loading_stops_between_steps(tmp_path, tiny_dir):
-    from probes import NotifySocket
+    from bench.probes import NotifySocket
 
     notify = NotifySocket(tmp_path)
     proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", str(tiny_dir),

@@ -21,7 +21,7 @@ from daemon.config import MediaPolicy
 from daemon.errors import RequestError
 from daemon.inputs import MediaReader, MediaSource
 from daemon.protocol import nesting_depth
-from fuzzing import values
+from bench.fuzzing import values
 
 
 def _clip(path: Path, size: str, seconds: int) -> Path:

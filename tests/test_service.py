@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from conftest import start_daemon, wait_ready
-from probes import NotifySocket
+from bench.probes import NotifySocket
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from conftest import start_daemon
-from probes import NotifySocket, health_latencies
+from bench.probes import NotifySocket, health_latencies
 
 WATCHDOG_S = 2.0  # WatchdogSec in the test: pings due every 1 s
 

@@ -1,5 +1,5 @@
 """What the socket fuzzers send and how they judge the answer; shared by the short run in the suite
-(tests/test_faults.py) and the long run (bench/fuzz.py).
+(tests/test_faults.py) and the long run (`python -m bench.fuzz`).
 
 Three kinds of case, all sent through a real DEALER socket:
 - structure-aware payloads: maps with real and made-up ops and fields holding values of every shape;
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import msgpack
 from hypothesis import strategies as st
 
-from conftest import png_bytes
+from bench.harness import png_bytes
 
 # Codes a fuzzed request may get. `internal` (a fault inside the daemon) and `shutting_down` may not.
 EXPECTED_ERRORS = frozenset({"invalid_request", "unsupported", "input_error", "too_large", "not_loaded", "overloaded"})

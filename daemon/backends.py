@@ -1,0 +1,136 @@
+"""What the engine runs: model backends behind one small interface, and the loader of the real ones.
+
+A backend does two things, as text-embeddings-inference's `Backend` and infinity's `encode_pre /
+encode_core` split them: `prepare` turns one piece of work into model-ready input on any thread (chat
+template, media, tokens), and `forward` runs one batch of prepared inputs on the model thread. The
+engine knows nothing else about models, so its tests run with stand-in backends in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from .config import DaemonConfig
+from .errors import ModelLoadError
+from .inputs import InputItem
+
+log = logging.getLogger(__name__)
+
+EMBEDDING, RERANKER = "embedding", "reranker"  # backend kinds: the models a daemon holds
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    device: str  # cpu, cuda, cuda:1, mps
+    dtype: str  # float32, bfloat16, ...
+    max_length: int  # tokens per input
+    hidden_size: int | None = None  # the embedding's full dimension
+
+
+class Prepared(Protocol):
+    tokens: int  # sequence length: what batching and padding are measured in
+
+
+class Backend(Protocol):
+    info: BackendInfo
+
+    def prepare(self, work: Any) -> Prepared:
+        """Model-ready input for one piece of work; RequestError for a bad input. Any thread."""
+
+    def forward(self, batch: list[Prepared]) -> list[Any]:
+        """One result per prepared input, in order. The model thread only."""
+
+    def warmup(self) -> None:
+        """One short forward, so that the first request does not pay for lazy initialisation."""
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether `exc` from `forward` means the device ran out of memory (then smaller batches may fit)."""
+
+    def free_memory(self) -> None:
+        """Release cached device memory after an out-of-memory error."""
+
+
+@dataclass(frozen=True)
+class EmbedWork:
+    item: InputItem
+    instruction: str | None
+
+
+@dataclass(frozen=True)
+class RerankWork:
+    query: InputItem
+    document: InputItem
+    instruction: str | None
+
+
+class _TorchBackend:
+    """What both model backends share: identity, and torch's out-of-memory handling."""
+
+    def __init__(self, model, hidden_size: int | None = None):
+        self.model = model
+        self.info = BackendInfo(name=model.name, device=str(model.device),
+                                dtype=str(model.dtype).replace("torch.", ""), max_length=model.max_length,
+                                hidden_size=hidden_size)
+
+    def warmup(self) -> None:
+        self.model.warmup()
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        import torch
+
+        return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+    def free_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class EmbeddingBackend(_TorchBackend):
+    def __init__(self, model):
+        super().__init__(model, hidden_size=model.hidden_size)
+
+    def prepare(self, work: EmbedWork):
+        return self.model.prepare(work.item, work.instruction)
+
+    def forward(self, batch: list) -> list:
+        return list(self.model.embed(batch).numpy())
+
+
+class RerankerBackend(_TorchBackend):
+    def prepare(self, work: RerankWork):
+        return self.model.prepare(work.query, work.document, work.instruction)
+
+    def forward(self, batch: list) -> list:
+        return list(self.model.score(batch))
+
+
+def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[[str], None]) -> None:
+    """Put the configured models into `backends` as each is loaded, then warm them up. `step(what)`
+    is called before each stage (it raises to stop loading between two stages); a model that cannot
+    load raises ModelLoadError."""
+    from .inputs import MediaReader
+    from .models import EmbeddingModel, RerankerModel
+
+    media = MediaReader(config.media)
+    if config.embedding is not None:
+        step(f"loading embedding model {config.embedding.name}")
+        backends[EMBEDDING] = EmbeddingBackend(EmbeddingModel(config.embedding, media))
+        _check_dimension_setting(config, backends[EMBEDDING].info)
+    if config.reranker is not None:
+        step(f"loading reranker model {config.reranker.name}")
+        backends[RERANKER] = RerankerBackend(RerankerModel(config.reranker, media))
+    if config.warmup:
+        for backend in backends.values():
+            step(f"warming up {backend.info.name}")
+            backend.warmup()
+
+
+def _check_dimension_setting(config: DaemonConfig, info: BackendInfo) -> None:
+    dim = config.embedding_dim
+    if dim is not None and not 1 <= dim <= info.hidden_size:
+        raise ModelLoadError(f"embedding dimension {dim} is outside 1..{info.hidden_size} for {info.name}")

@@ -1,0 +1,176 @@
+"""One handler per op, in a registry keyed by op name.
+
+A handler turns a parsed request (protocol.py) into either a reply at once (health, metrics) or a Job
+for the engine (embed, rerank), and a finished job's results into a typed reply. It never sees the
+socket or the bytes on the wire: the server decodes before it and encodes after it. Adding an op is a
+request and reply type in protocol.py and a handler here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from . import __version__
+from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
+from .cache import EmbeddingCache, cache_key
+from .config import DaemonConfig
+from .engine import Engine, Job, JobResult, Task
+from .errors import invalid
+from .inputs import InputItem
+from .metrics import Metrics
+from .models import cut_and_normalize
+from .protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
+                       ModelHealth, RerankReply, RerankRequest, Reply, Request)
+
+# Text-only requests this small are tokenized on the socket thread, and their replies encoded there:
+# that costs less than a thread handoff. Bounded in characters too, so the socket thread's work never
+# grows with a client's input.
+INLINE_MAX_UNITS, INLINE_MAX_CHARS = 4, 2048
+
+
+@dataclass
+class Context:
+    """What handlers work with: the settings, the engine, the counters, the embedding cache."""
+
+    config: DaemonConfig
+    engine: Engine
+    metrics: Metrics
+    cache: EmbeddingCache | None = None
+
+
+class Handler:
+    """The behaviour of one op. `start` runs on the socket thread; `finish` wherever the server
+    encodes the reply (the socket thread for small replies, a reply thread for large ones)."""
+
+    op: ClassVar[str]
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def start(self, request: Request) -> Reply | Job:
+        """A reply at once, or the job whose results `finish` turns into one; RequestError refuses."""
+        raise NotImplementedError
+
+    def finish(self, request: Request, job: Job, result: JobResult) -> Reply:
+        raise NotImplementedError
+
+    def small_reply(self, request: Request) -> bool:
+        """Whether the reply is cheap enough to encode on the socket thread."""
+        return True
+
+
+def _chars(item: InputItem) -> int:
+    return sum(map(len, item.texts)) + len(item.instruction or "")
+
+
+def _small_text(items: tuple[InputItem, ...], instruction: str | None) -> bool:
+    """Text only, and few characters in all."""
+    return (all(item.is_text_only for item in items)
+            and sum(map(_chars, items)) + len(instruction or "") <= INLINE_MAX_CHARS)
+
+
+def estimate_tokens(item: InputItem, cap: int) -> int:
+    """An upper bound on an input's tokens, known before any media is read (for admission)."""
+    text = sum(len(t.encode("utf-8", "surrogatepass")) for t in item.texts) + len(item.instruction or "")
+    return min(cap, 128 + text + 1800 * len(item.images) + 7680 * len(item.videos))
+
+
+class EmbedHandler(Handler):
+    op = "embed"
+
+    def start(self, request: EmbedRequest) -> Job:
+        backend = self.ctx.engine.backend(EMBEDDING)
+        top = backend.info.hidden_size
+        if request.dimension is not None and request.dimension > top:
+            raise invalid(f"dimension: {request.dimension} exceeds the model's {top}")
+        cache, keys, known, tasks = self.ctx.cache, {}, {}, []
+        for i, item in enumerate(request.inputs):
+            key = cache_key(backend.info.name, item, request.instruction) if cache else None
+            hit = cache.get(key) if cache else None
+            if hit is not None:
+                known[i] = hit
+            else:
+                keys[i] = key
+                tasks.append(Task(EMBEDDING, i, EmbedWork(item, request.instruction), item.where))
+        cap = backend.info.max_length + 8
+        return Job(size=len(request.inputs), tasks=tasks, known=known,
+                   est_tokens=sum(estimate_tokens(item, cap) for item in request.inputs),
+                   deadline_ms=request.deadline_ms, context=keys,
+                   inline=len(tasks) <= INLINE_MAX_UNITS and _small_text(request.inputs, request.instruction))
+
+    def finish(self, request: EmbedRequest, job: Job, result: JobResult) -> EmbedReply:
+        if self.ctx.cache is not None:
+            for index, key in job.context.items():
+                self.ctx.cache.put(key, result.values[index])
+        info = self.ctx.engine.backends[EMBEDDING].info
+        raw = np.stack(result.values).astype(np.float32, copy=False)
+        dimension = request.dimension or self.ctx.config.embedding_dim or info.hidden_size
+        vectors = cut_and_normalize(raw, dimension, request.normalize)
+        return EmbedReply(vectors, dimension, info.name, result.tokens, request.encoding)
+
+    def small_reply(self, request: EmbedRequest) -> bool:
+        return len(request.inputs) <= INLINE_MAX_UNITS
+
+
+class RerankHandler(Handler):
+    op = "rerank"
+
+    def start(self, request: RerankRequest) -> Job:
+        backend = self.ctx.engine.backend(RERANKER)
+        tasks = [Task(RERANKER, i, RerankWork(request.query, doc, request.instruction), doc.where)
+                 for i, doc in enumerate(request.documents)]
+        cap = backend.info.max_length + 8
+        return Job(size=len(tasks), tasks=tasks, deadline_ms=request.deadline_ms,
+                   est_tokens=sum(estimate_tokens(doc, cap) for doc in request.documents),
+                   inline=len(tasks) <= INLINE_MAX_UNITS
+                   and _small_text((request.query, *request.documents), request.instruction))
+
+    def finish(self, request: RerankRequest, job: Job, result: JobResult) -> RerankReply:
+        return RerankReply([float(s) for s in result.values], self.ctx.engine.backends[RERANKER].info.name,
+                           result.tokens)
+
+
+class HealthHandler(Handler):
+    """Answered at once by the socket loop, even while a long batch runs."""
+
+    op = "health"
+
+    def start(self, request: HealthRequest) -> HealthReply:
+        engine, config, cache = self.ctx.engine, self.ctx.config, self.ctx.cache
+        status = engine.status()
+        embedding, reranker = engine.backends.get(EMBEDDING), engine.backends.get(RERANKER)
+        first = embedding or reranker
+        max_dim = embedding.info.hidden_size if embedding is not None else None
+        emb, rr = config.embedding, config.reranker
+        return HealthReply(
+            status=status.state.value, version=__version__, uptime_s=status.uptime_s,
+            queue_depth=status.queue_depth, queued_tokens=status.queued_tokens,
+            device=first.info.device if first is not None else None,
+            dtype=first.info.dtype if first is not None else None,
+            embedding=ModelHealth(emb.name if emb else None, emb is not None, embedding is not None,
+                                  config.embedding_dim or max_dim, max_dim),
+            reranker=ModelHealth(rr.name if rr else None, rr is not None, reranker is not None),
+            stats={**{k: round(v, 6) for k, v in self.ctx.metrics.batching().items()},
+                   "cache_hits": cache.hits if cache else 0, "cache_misses": cache.misses if cache else 0,
+                   "cache_bytes": cache.size_bytes if cache else 0},
+        )
+
+
+class MetricsHandler(Handler):
+    op = "metrics"
+
+    def start(self, request: MetricsRequest) -> MetricsReply:
+        status = self.ctx.engine.status()
+        return MetricsReply(**self.ctx.metrics.to_wire(), queue_depth=status.queue_depth,
+                            queued_tokens=status.queued_tokens, uptime_s=status.uptime_s)
+
+
+HANDLERS: dict[str, type[Handler]] = {h.op: h for h in (EmbedHandler, RerankHandler, HealthHandler, MetricsHandler)}
+
+
+def build_handlers(ctx: Context) -> dict[str, Handler]:
+    return {op: cls(ctx) for op, cls in HANDLERS.items()}
+

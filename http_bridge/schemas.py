@@ -1,0 +1,158 @@
+"""The bridge's HTTP bodies (pydantic: they are also its OpenAPI document), and their conversion
+into the daemon's wire inputs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import BridgeError
+
+# -- request and response bodies -------------------------------------------------------------------
+MediaRef = Union[str, dict[str, str]]  # data URL or base64 string; or {"path": ...} / {"url": ...}
+
+
+class InputObject(BaseModel):
+    """One input: texts, images and videos, as the daemon's protocol defines them."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | list[str] | None = None
+    image: MediaRef | list[MediaRef] | None = Field(
+        None, description="Data URL or base64 of an encoded image, or {\"path\"} / {\"url\"} (operator-allowed)")
+    video: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None, description="{\"frames\": [image, ...]}, {\"data\": data URL of a video file}, {\"path\"} or {\"url\"}")
+    instruction: str | None = None
+    fps: float | None = Field(None, ge=0.01, le=60)  # the daemon's range
+    max_frames: int | None = Field(None, ge=2, le=768)
+
+
+class EmbedBody(BaseModel):
+    texts: list[str] | None = Field(None, description="Texts to embed (the sidecar contract)")
+    inputs: list[Union[str, InputObject]] | None = Field(None, description="Multimodal inputs instead of texts")
+    instruction: str | None = None
+    dimension: int | None = Field(None, ge=1)
+    normalize: bool = True
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dimension: int
+    model: str
+
+
+class RerankBody(BaseModel):
+    query: Union[str, InputObject]
+    documents: list[Union[str, InputObject]]
+    instruction: str | None = None
+
+
+class RerankResponse(BaseModel):
+    scores: list[float] = Field(description="One score in (0, 1) per document, in document order")
+    model: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    embedding_model: str | None = None
+    reranker_model: str | None = None
+    embedding_loaded: bool = False
+    reranker_loaded: bool = False
+    device: str | None = None
+    embedding_dim: int | None = None
+
+
+class OpenAIEmbeddingsBody(BaseModel):
+    input: str | list[str]
+    model: str | None = None
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 422, 429, 500, 503, 504)}
+
+
+# -- conversions to the daemon's inputs ------------------------------------------------------------
+def _bad_input(message: str) -> BridgeError:
+    return BridgeError(400, "invalid_request", message)
+
+
+def _decode_b64(value: str, where: str) -> bytes:
+    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_input(f"{where}: not a data URL or base64 string") from None
+
+
+def _media(value: MediaRef, where: str) -> Any:
+    if isinstance(value, str):
+        return _decode_b64(value, where)
+    if len(value) == 1 and next(iter(value)) in ("path", "url"):
+        return dict(value)
+    raise _bad_input(f"{where}: expected a data URL, base64, {{\"path\"}} or {{\"url\"}}")
+
+
+def _video(value: dict[str, Any], where: str) -> Any:
+    """One video in the protocol's list-of-videos form: a frame list, or a file map."""
+    if set(value) == {"frames"} and isinstance(value["frames"], list) and value["frames"]:
+        return [_media(f, f"{where}.frames[{i}]") for i, f in enumerate(value["frames"])]
+    if set(value) == {"data"} and isinstance(value["data"], str):
+        return {"data": _decode_b64(value["data"], f"{where}.data")}
+    if len(value) == 1 and next(iter(value)) in ("path", "url") and isinstance(next(iter(value.values())), str):
+        return dict(value)
+    raise _bad_input(f"{where}: expected {{\"frames\": [...]}}, {{\"data\": ...}}, {{\"path\"}} or {{\"url\"}}")
+
+
+def to_protocol_input(value: Union[str, InputObject], where: str) -> Any:
+    if isinstance(value, str):
+        return value
+    out: dict[str, Any] = {}
+    if value.text is not None:
+        out["text"] = value.text
+    if value.image is not None:
+        images = value.image if isinstance(value.image, list) else [value.image]
+        out["image"] = [_media(img, f"{where}.image[{i}]") for i, img in enumerate(images)]
+    if value.video is not None:
+        videos = value.video if isinstance(value.video, list) else [value.video]
+        out["video"] = [_video(v, f"{where}.video[{i}]") for i, v in enumerate(videos)]
+    for key in ("instruction", "fps", "max_frames"):
+        if getattr(value, key) is not None:
+            out[key] = getattr(value, key)
+    return out
+
+
+def _union_tag(part: Any) -> bool:
+    """A location part that names a union's branch (str, InputObject, list[...]), not a field."""
+    return isinstance(part, str) and (part[:1].isupper() or part in ("str", "int", "float", "bool")
+                                      or "[" in part or "-" in part)

@@ -1,0 +1,76 @@
+"""The server on stand-in backends, through a real socket: the path socket → handler → engine →
+handler → socket, and what happens when a handler or a backend misbehaves."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import exchange
+from daemon.backends import EMBEDDING
+from daemon.client import Client
+from daemon.config import Batching, DaemonConfig, ModelSettings
+from daemon.server import Server
+from standins import StandIn, loader
+
+
+@pytest.fixture
+def serve(tmp_path):
+    servers = []
+
+    def start(*backends) -> str:
+        config = DaemonConfig(endpoint=f"ipc://{tmp_path}/s{len(servers)}/d.sock",
+                              embedding=ModelSettings("stand-in-embedding"), reranker=None, warmup=False,
+                              batching=Batching(max_batch_size=16, prep_workers=1))
+        server = Server(config, loader=loader(*backends))
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        assert server.engine.wait_loaded(10)
+        servers.append((server, thread))
+        return config.endpoint
+
+    yield start
+    for server, thread in servers:
+        server.request_stop()
+        thread.join(30)
+
+
+def test_a_reply_that_cannot_be_built_is_an_internal_error_and_the_loop_keeps_serving(serve):
+    def ragged(batch):  # vectors of different lengths: the embed handler cannot stack them
+        return [np.ones(8 if "ragged" not in p.text else 5, np.float32) for p in batch]
+
+    endpoint = serve(StandIn(EMBEDDING, forward=ragged))
+    broken, fine = exchange(endpoint, [{"op": "embed", "id": 1, "inputs": ["ragged", "even"]},
+                                       {"op": "embed", "id": 2, "inputs": ["even"]}])
+    assert broken["id"] == 1 and broken["error"]["code"] == "internal"
+    assert broken["error"]["message"].startswith("ValueError")
+    assert fine["id"] == 2 and fine["ok"] and fine["count"] == 1
+
+
+def test_large_replies_are_encoded_off_the_socket_thread_and_reach_their_own_client(serve):
+    endpoint = serve(StandIn(EMBEDDING, dim=16))
+    results: dict[int, np.ndarray] = {}
+
+    def client(k: int) -> None:
+        with Client(endpoint, timeout=30) as c:
+            results[k] = c.embed(["x" * (k + 1)] * (8 + k), normalize=False).embeddings
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for k in range(6):
+        np.testing.assert_array_equal(results[k], np.full((8 + k, 16), k + 1, np.float32))
+
+
+def test_metrics_count_replies_built_on_either_thread(serve):
+    endpoint = serve(StandIn(EMBEDDING))
+    with Client(endpoint, timeout=30) as c:
+        c.embed(["small"])
+        c.embed(["large"] * 32)
+        metrics = c.request({"op": "metrics"})
+    assert metrics["inputs"]["embed"] == 33
+    assert metrics["latency_s"]["embed"]["counts"][-1] == 2
