@@ -113,7 +113,7 @@ async def load(endpoint: str, texts: list[str], clients: int, seconds: float) ->
 
 
 def load_in_subprocess(endpoint: str, clients: int, seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--load-worker", endpoint, str(clients), str(seconds)],
+    return subprocess.Popen([sys.executable, "-m", "bench.run", "--load-worker", endpoint, str(clients), str(seconds)],
                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
