@@ -4,6 +4,7 @@ handler → socket, and what happens when a handler or a backend misbehaves."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,19 +52,15 @@ def test_a_reply_that_cannot_be_built_is_an_internal_error_and_the_loop_keeps_se
 
 def test_large_replies_are_encoded_off_the_socket_thread_and_reach_their_own_client(serve):
     endpoint = serve(StandIn(EMBEDDING, dim=16))
-    results: dict[int, np.ndarray] = {}
 
-    def client(k: int) -> None:
+    def client(k: int) -> np.ndarray:
         with Client(endpoint, timeout=30) as c:
-            results[k] = c.embed(["x" * (k + 1)] * (8 + k), normalize=False).embeddings
+            return c.embed(["x" * (k + 1)] * (8 + k), normalize=False).embeddings
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    for k in range(6):
-        np.testing.assert_array_equal(results[k], np.full((8 + k, 16), k + 1, np.float32))
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(client, range(6)))
+    for k, got in enumerate(results):
+        np.testing.assert_array_equal(got, np.full((8 + k, 16), k + 1, np.float32))
 
 
 def test_metrics_count_replies_built_on_either_thread(serve):
