@@ -91,9 +91,13 @@ _MISSING = object()
 
 
 class Ticket:
-    """One admitted job: collects its results and completes exactly once."""
+    """One admitted job: collects its results and completes exactly once. On completion it is first
+    released (`release(ticket)`: the engine's accounting), then `done(outcome)` is called, so whoever
+    learns of the completion (a client reading its reply) finds the queue without this job. It holds
+    no reference back to itself, so it is freed by reference counting once answered: a cycle would
+    keep every answered job, and its inputs, until the cycle collector ran."""
 
-    def __init__(self, job: Job, done: Completion, deadline: float | None):
+    def __init__(self, job: Job, done: Completion, deadline: float | None, release: Callable[["Ticket"], None]):
         self.job = job
         self.deadline = deadline  # monotonic time after which work not started is dropped
         self.turn: int | None = None  # its place in the scheduler's round robin over jobs
@@ -102,7 +106,7 @@ class Ticket:
             self.results[index] = value
         self.tokens = 0
         self._remaining = job.size - len(job.known)
-        self._done = done
+        self._done, self._release = done, release
         self.state = TicketState.OPEN
         self._lock = threading.Lock()
         self.started = time.monotonic()
@@ -123,7 +127,7 @@ class Ticket:
         """Complete with `error`, unless already answered; returns whether this call answered."""
         if not self._close():
             return False
-        self._done(error)
+        self._finish(error)
         return True
 
     def set(self, index: int, value: Any, tokens: int) -> bool:
@@ -137,15 +141,19 @@ class Ticket:
             if self._remaining:
                 return False
             self.state = TicketState.ANSWERED
-        self._done(JobResult(self.results, self.tokens, time.monotonic() - self.started))
+        self._finish(JobResult(self.results, self.tokens, time.monotonic() - self.started))
         return True
 
     def complete_if_known(self) -> bool:
         """A job whose every result was known at submission completes at once."""
         if self._remaining or not self._close():
             return False
-        self._done(JobResult(self.results, 0, time.monotonic() - self.started))
+        self._finish(JobResult(self.results, 0, time.monotonic() - self.started))
         return True
+
+    def _finish(self, outcome: JobResult | RequestError) -> None:
+        self._release(self)
+        self._done(outcome)
 
 
 class FairQueue:
@@ -284,23 +292,18 @@ class Engine:
             raise RequestError(ErrorCode.NOT_LOADED, f"the {kind} model is disabled on this daemon")
         return backend
 
-    def submit(self, job: Job, done: Completion) -> None:
+    def submit(self, job: Job, done: Completion) -> Ticket:
         """Admit a job or raise RequestError (not loaded, draining, too large, overloaded). Once
         admitted, `done` is called exactly once; `submit` does no work that grows with the job's
         size unless the job is marked `inline`."""
         for kind in {task.kind for task in job.tasks}:
             self.backend(kind)
         deadline = None if job.deadline_ms is None else time.monotonic() + job.deadline_ms / 1000.0
-        ticket = Ticket(job, lambda outcome: self._answered(ticket, outcome, done), deadline)
+        ticket = Ticket(job, done, deadline, self.release)
         self._admit(ticket)
         if not ticket.complete_if_known():
             self._start(ticket)
-
-    def _answered(self, ticket: Ticket, outcome: JobResult | RequestError, done: Completion) -> None:
-        # Release, then complete: whoever learns of the completion (a client reading its reply) finds
-        # the queue without this job.
-        self.release(ticket)
-        done(outcome)
+        return ticket
 
     def _admit(self, ticket: Ticket) -> None:
         b = self.batching

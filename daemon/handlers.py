@@ -25,10 +25,12 @@ from .models import cut_and_normalize
 from .protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
                        ModelHealth, RerankReply, RerankRequest, Reply, Request)
 
-# Text-only requests this small are tokenized on the socket thread, and their replies encoded there:
-# that costs less than a thread handoff. Bounded in characters too, so the socket thread's work never
-# grows with a client's input.
+# Text-only requests this small are tokenized on the socket thread: that costs less than a thread
+# handoff. Bounded in characters too, so the socket thread's work never grows with a client's input.
 INLINE_MAX_UNITS, INLINE_MAX_CHARS = 4, 2048
+# Replies up to this many floats are encoded on the socket thread (as float32 bytes: one copy of at
+# most 1 MiB; as lists, each float is a Python object, so far fewer); larger ones on the reply thread.
+INLINE_REPLY_FLOATS, INLINE_REPLY_LIST_FLOATS = 1 << 18, 1 << 12
 
 
 @dataclass
@@ -105,14 +107,19 @@ class EmbedHandler(Handler):
         if self.ctx.cache is not None:
             for index, key in job.context.items():
                 self.ctx.cache.put(key, result.values[index])
-        info = self.ctx.engine.backends[EMBEDDING].info
         raw = np.stack(result.values).astype(np.float32, copy=False)
-        dimension = request.dimension or self.ctx.config.embedding_dim or info.hidden_size
+        dimension = self._dimension(request)
         vectors = cut_and_normalize(raw, dimension, request.normalize)
-        return EmbedReply(vectors, dimension, info.name, result.tokens, request.encoding)
+        return EmbedReply(vectors, dimension, self.ctx.engine.backends[EMBEDDING].info.name, result.tokens,
+                          request.encoding)
 
     def small_reply(self, request: EmbedRequest) -> bool:
-        return len(request.inputs) <= INLINE_MAX_UNITS
+        floats = len(request.inputs) * self._dimension(request)
+        return floats <= (INLINE_REPLY_FLOATS if request.encoding == "float32" else INLINE_REPLY_LIST_FLOATS)
+
+    def _dimension(self, request: EmbedRequest) -> int:
+        full = self.ctx.engine.backends[EMBEDDING].info.hidden_size
+        return request.dimension or self.ctx.config.embedding_dim or full
 
 
 class RerankHandler(Handler):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -73,6 +75,23 @@ def test_a_job_completes_once_with_every_result_in_its_slot(running):
     assert [float(v[0]) for v in result.values] == [1.0, 3.0, 2.0]
     assert result.tokens == 6
     assert engine.status().queue_depth == 0
+
+
+def test_an_answered_job_is_freed_at_once_without_the_cycle_collector(running):
+    engine = running(StandIn(EMBEDDING))
+    gc.disable()  # only reference counting may free it
+    try:
+        job, done = text_job("a", "b"), Outcomes()
+        freed = weakref.ref(job)
+        engine.submit(job, done)
+        del job
+        done.wait()
+        deadline = time.monotonic() + 2.0  # the model thread drops its last batch within 0.2 s
+        while freed() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_results_known_at_submission_complete_without_a_forward(running):

@@ -13,6 +13,7 @@ from conftest import exchange
 from daemon.backends import EMBEDDING
 from daemon.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
+from daemon.handlers import INLINE_REPLY_FLOATS
 from daemon.server import Server
 from standins import StandIn, loader
 
@@ -51,7 +52,8 @@ def test_a_reply_that_cannot_be_built_is_an_internal_error_and_the_loop_keeps_se
 
 
 def test_large_replies_are_encoded_off_the_socket_thread_and_reach_their_own_client(serve):
-    endpoint = serve(StandIn(EMBEDDING, dim=16))
+    dim = INLINE_REPLY_FLOATS // 8 + 1  # 8 inputs or more make a reply too large for the socket thread
+    endpoint = serve(StandIn(EMBEDDING, dim=dim))
 
     def client(k: int) -> np.ndarray:
         with Client(endpoint, timeout=30) as c:
@@ -60,11 +62,12 @@ def test_large_replies_are_encoded_off_the_socket_thread_and_reach_their_own_cli
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(client, range(6)))
     for k, got in enumerate(results):
-        np.testing.assert_array_equal(got, np.full((8 + k, 16), k + 1, np.float32))
+        np.testing.assert_array_equal(got, np.full((8 + k, dim), k + 1, np.float32))
+    assert any(t.name.startswith("qwen3vl-reply") for t in threading.enumerate())  # the pool starts on first use
 
 
 def test_metrics_count_replies_built_on_either_thread(serve):
-    endpoint = serve(StandIn(EMBEDDING))
+    endpoint = serve(StandIn(EMBEDDING, dim=INLINE_REPLY_FLOATS // 32 + 1))
     with Client(endpoint, timeout=30) as c:
         c.embed(["small"])
         c.embed(["large"] * 32)
