@@ -80,6 +80,16 @@ def estimate_tokens(item: InputItem, cap: int) -> int:
     return min(cap, 128 + text + 1800 * len(item.images) + 7680 * len(item.videos))
 
 
+def _job(backend, tasks: list[Task], items: tuple[InputItem, ...], text: tuple[InputItem, ...],
+         request: EmbedRequest | RerankRequest, **fields) -> Job:
+    """The job of `tasks`: admitted by the estimated tokens of `items` (capped by the backend's
+    limit), prepared inline when few and all of `text` (with the instruction) is short text."""
+    cap = backend.info.max_length + 8
+    return Job(size=len(items), tasks=tasks, deadline_ms=request.deadline_ms,
+               est_tokens=sum(estimate_tokens(item, cap) for item in items),
+               inline=len(tasks) <= INLINE_MAX_UNITS and _small_text(text, request.instruction), **fields)
+
+
 class EmbedHandler(Handler):
     op = "embed"
 
@@ -97,11 +107,7 @@ class EmbedHandler(Handler):
             else:
                 keys[i] = key
                 tasks.append(Task(EMBEDDING, i, EmbedWork(item, request.instruction), item.where))
-        cap = backend.info.max_length + 8
-        return Job(size=len(request.inputs), tasks=tasks, known=known,
-                   est_tokens=sum(estimate_tokens(item, cap) for item in request.inputs),
-                   deadline_ms=request.deadline_ms, context=keys,
-                   inline=len(tasks) <= INLINE_MAX_UNITS and _small_text(request.inputs, request.instruction))
+        return _job(backend, tasks, request.inputs, request.inputs, request, known=known, context=keys)
 
     def finish(self, request: EmbedRequest, job: Job, result: JobResult) -> EmbedReply:
         if self.ctx.cache is not None:
@@ -129,11 +135,7 @@ class RerankHandler(Handler):
         backend = self.ctx.engine.backend(RERANKER)
         tasks = [Task(RERANKER, i, RerankWork(request.query, doc, request.instruction), doc.where)
                  for i, doc in enumerate(request.documents)]
-        cap = backend.info.max_length + 8
-        return Job(size=len(tasks), tasks=tasks, deadline_ms=request.deadline_ms,
-                   est_tokens=sum(estimate_tokens(doc, cap) for doc in request.documents),
-                   inline=len(tasks) <= INLINE_MAX_UNITS
-                   and _small_text((request.query, *request.documents), request.instruction))
+        return _job(backend, tasks, request.documents, (request.query, *request.documents), request)
 
     def finish(self, request: RerankRequest, job: Job, result: JobResult) -> RerankReply:
         return RerankReply([float(s) for s in result.values], self.ctx.engine.backends[RERANKER].info.name,

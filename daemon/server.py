@@ -132,47 +132,62 @@ class Encoded:
     data: bytes
 
 
-class Outbox:
-    """Completions handed from any thread to the socket loop, the only thread that may use the socket.
-
-    `post` appends and writes a byte to a socket pair whose reading end the loop polls beside the
-    ROUTER: no ZeroMQ socket lives on the model or preprocessing threads."""
+class WakeUp:
+    """A socket pair, both ends non-blocking, whose reading end the socket loop polls beside the
+    ROUTER: another thread `ring`s it, or the kernel writes signal numbers to `writer` (set_wakeup_fd)."""
 
     def __init__(self) -> None:
-        self._items: deque = deque()
-        self._reader, self._writer = socket.socketpair()
+        self._reader, self.writer = socket.socketpair()
         self._reader.setblocking(False)
-        self._writer.setblocking(False)
+        self.writer.setblocking(False)
 
     def fileno(self) -> int:
         return self._reader.fileno()
 
-    def post(self, item: Finished | Encoded) -> None:
-        self._items.append(item)
+    def ring(self) -> None:
         try:
-            self._writer.send(b"\0")
+            self.writer.send(b"\0")
         except BlockingIOError:  # the buffer is full of wake-ups the loop has not read yet: enough
             pass
 
-    def take(self) -> list:
-        """Everything posted so far. Wake-ups are read before the items, so an item posted meanwhile
-        leaves a wake-up behind and is never missed."""
+    def drain(self) -> bytes:
+        """Every byte written so far."""
+        received = b""
         try:
-            while self._reader.recv(4096):
-                pass
+            while chunk := self._reader.recv(4096):
+                received += chunk
         except BlockingIOError:
             pass
-        items = []
-        while self._items:
-            items.append(self._items.popleft())
-        return items
+        return received
 
     def wait(self, timeout_s: float) -> None:
         select.select([self._reader], [], [], timeout_s)
 
     def close(self) -> None:
         self._reader.close()
-        self._writer.close()
+        self.writer.close()
+
+
+class Outbox:
+    """Completions handed from any thread to the socket loop, the only thread that may use the socket:
+    no ZeroMQ socket lives on the model or preprocessing threads."""
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self.wake = WakeUp()
+
+    def post(self, item: Finished | Encoded) -> None:
+        self._items.append(item)
+        self.wake.ring()
+
+    def take(self) -> list:
+        """Everything posted so far. Wake-ups are read before the items, so an item posted meanwhile
+        leaves a wake-up behind and is never missed."""
+        self.wake.drain()
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
 
 
 class Server:
@@ -192,7 +207,7 @@ class Server:
         self._in_flight = 0  # jobs admitted whose reply is not yet sent (the socket thread's count)
         self.notifier = Notifier()
         self.drain_timeout_s = config.drain_timeout_s
-        self._wakeup: socket.socket | None = None  # readable when SIGTERM/SIGINT arrived (install_signal_handlers)
+        self._signals: WakeUp | None = None  # readable when SIGTERM/SIGINT arrived (install_signal_handlers)
         self._auth: ThreadAuthenticator | None = None
         self._lock: SocketLock | None = None  # held while we own an ipc socket path
         self._socket_inode: int | None = None  # the socket file we created: the only one we unlink
@@ -206,19 +221,13 @@ class Server:
         """SIGTERM and SIGINT start the drain. Python runs signal handlers on the main thread, which
         may be inside a forward for a while; meanwhile the socket loop would keep accepting work.
         So the signal also wakes the socket loop through a wakeup fd, and it stops taking work at once."""
-        self._wakeup, writer = socket.socketpair()
-        self._wakeup.setblocking(False)
-        writer.setblocking(False)
-        self._wakeup_writer = writer  # kept open for the process's life
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._signals = WakeUp()  # kept open for the process's life
+        signal.set_wakeup_fd(self._signals.writer.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
 
-    def _check_wakeup(self) -> None:
-        try:
-            received = self._wakeup.recv(64)
-        except BlockingIOError:
-            return
+    def _check_signals(self) -> None:
+        received = self._signals.drain()
         if signal.SIGTERM in received or signal.SIGINT in received:
             self._stop.set()
 
@@ -289,7 +298,7 @@ class Server:
             if self._auth is not None:
                 self._auth.stop()
             self._encoder.shutdown(wait=False, cancel_futures=True)
-            self.outbox.close()
+            self.outbox.wake.close()
             self.ctx.destroy(linger=0)
         if "error" in outcome:
             raise outcome["error"]
@@ -339,10 +348,11 @@ class Server:
     def _loop(self, router: zmq.Socket) -> int:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(self.outbox.fileno(), zmq.POLLIN)  # the poller reports plain fds by number
-        wakeup_fd = None if self._wakeup is None else self._wakeup.fileno()
-        if wakeup_fd is not None:
-            poller.register(wakeup_fd, zmq.POLLIN)
+        outbox_fd = self.outbox.wake.fileno()
+        poller.register(outbox_fd, zmq.POLLIN)  # the poller reports plain fds by number
+        signals_fd = None if self._signals is None else self._signals.fileno()
+        if signals_fd is not None:
+            poller.register(signals_fd, zmq.POLLIN)
         deadline = None
         # Watchdog pings come from this loop, so a hung loop stops them and systemd restarts us.
         ping_every = self.notifier.watchdog_interval_s
@@ -355,15 +365,15 @@ class Server:
                 next_ping = time.monotonic() + ping_every
             if self.engine.state is EngineState.FAILED:  # before the stop check: a failed load is not a drain
                 raise StartupError(self.engine.load_error or "model loading failed")
-            if wakeup_fd is not None and wakeup_fd in events:
-                self._check_wakeup()
+            if signals_fd is not None and signals_fd in events:
+                self._check_signals()
             if self._stop.is_set() and deadline is None:  # before reading requests: they get shutting_down
                 log.info("draining (at most %g s)", self.drain_timeout_s)
                 self.notifier.stopping()
                 self.engine.drain()
                 deadline = time.monotonic() + self.drain_timeout_s
             self.engine.expire()
-            if self.outbox.fileno() in events:
+            if outbox_fd in events:
                 self._send_finished(router)
             if router in events:
                 self._receive_requests(router)
@@ -386,7 +396,7 @@ class Server:
             self._send_finished(router)
             if self._in_flight == 0 or time.monotonic() > end:
                 return
-            self.outbox.wait(0.01)
+            self.outbox.wake.wait(0.01)
 
     # -- replies ---------------------------------------------------------------------------------
     def _send_finished(self, router: zmq.Socket) -> None:
