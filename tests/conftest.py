@@ -19,12 +19,18 @@ from PIL import Image
 
 from bench.harness import free_port, png_bytes
 from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
-from daemon.tiny import build_tiny_checkpoint
+from daemon.tiny import TinySpec, build_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny checkpoint carrying Qwen3's own tokenizer (real token boundaries and counts)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("qwen3") / "ckpt", TinySpec(tokenizer="qwen3"))
 
 
 @dataclass
