@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from .config import DaemonConfig
 from .errors import ModelLoadError
@@ -40,8 +40,12 @@ class Backend(Protocol):
     def prepare(self, work: Any) -> Prepared:
         """Model-ready input for one piece of work; RequestError for a bad input. Any thread."""
 
-    def forward(self, batch: list[Prepared]) -> list[Any]:
-        """One result per prepared input, in order. The model thread only."""
+    def prepare_many(self, works: list) -> list[Prepared | Exception]:
+        """`prepare` of each piece of work, or the exception it raised (one bad input fails only
+        itself); work that can be prepared together is (one tokenizer call). Any thread."""
+
+    def forward(self, batch: list[Prepared]) -> Sequence[Any]:
+        """One result per prepared input, in order (an array's rows, or a list). The model thread only."""
 
     def warmup(self) -> None:
         """One short forward, so that the first request does not pay for lazy initialisation."""
@@ -97,16 +101,22 @@ class EmbeddingBackend(_TorchBackend):
     def prepare(self, work: EmbedWork):
         return self.model.prepare(work.item, work.instruction)
 
-    def forward(self, batch: list) -> list:
-        return list(self.model.embed(batch).numpy())
+    def prepare_many(self, works: list[EmbedWork]) -> list:
+        return self.model.prepare_many([(work.item, work.instruction) for work in works])
+
+    def forward(self, batch: list):
+        return self.model.embed(batch).numpy()
 
 
 class RerankerBackend(_TorchBackend):
     def prepare(self, work: RerankWork):
         return self.model.prepare(work.query, work.document, work.instruction)
 
-    def forward(self, batch: list) -> list:
-        return list(self.model.score(batch))
+    def prepare_many(self, works: list[RerankWork]) -> list:
+        return self.model.prepare_many([(work.query, work.document, work.instruction) for work in works])
+
+    def forward(self, batch: list):
+        return self.model.score(batch)
 
 
 def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[[str], None]) -> None:

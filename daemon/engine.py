@@ -360,32 +360,36 @@ class Engine:
             self._prepare_chunk(chunk)
 
     def _prepare_chunk(self, units: list[Unit]) -> None:
+        """Prepare units together (each backend gets its units in one call, so that their texts are
+        tokenised in one go); a unit that fails fails its own job only."""
+        wanted = [u for u in units if not (u.owner.closed or self._expired(u.owner))]
         ready = []
-        for unit in units:
-            if self._prepare(unit):
-                ready.append(unit)
-            else:
-                self.scheduler.expect(-1)
+        for kind in dict.fromkeys(u.kind for u in wanted):
+            group = [u for u in wanted if u.kind == kind]
+            try:
+                results = self.backends[kind].prepare_many([u.work.work for u in group])
+            except Exception as exc:  # a fault outside any one input: every unit of the call fails
+                results = [exc] * len(group)
+            for unit, result in zip(group, results):
+                if self._accept(unit, result):
+                    ready.append(unit)
+        self.scheduler.expect(len(ready) - len(units))
         now = time.monotonic()
         for unit in ready:
             unit.ready_at = now
         self.scheduler.put_many(ready)
 
-    def _prepare(self, unit: Unit) -> bool:
-        """Fill in the unit's model input; on failure fail its job and return False."""
-        ticket, task = unit.owner, unit.work
-        if ticket.closed or self._expired(ticket):
+    def _accept(self, unit: Unit, result: Any) -> bool:
+        """Take the unit's prepared input, or fail its job with the error its preparation raised."""
+        if isinstance(result, RequestError):
+            unit.owner.fail(result)
             return False
-        try:
-            unit.payload = self.backends[task.kind].prepare(task.work)
-        except RequestError as exc:
-            ticket.fail(exc)
+        if isinstance(result, Exception):  # a fault in preprocessing fails this job only
+            self.tracebacks.log(log, "preprocessing failed", result)
+            unit.owner.fail(RequestError(ErrorCode.INTERNAL, f"{unit.work.where}: {type(result).__name__}: "
+                                                             f"{str(result)[:160]}"))
             return False
-        except Exception as exc:  # a fault in preprocessing fails this job only
-            self.tracebacks.log(log, "preprocessing failed")
-            ticket.fail(RequestError(ErrorCode.INTERNAL, f"{task.where}: {type(exc).__name__}: {str(exc)[:160]}"))
-            return False
-        unit.tokens = unit.payload.tokens
+        unit.payload, unit.tokens = result, result.tokens
         return True
 
     # -- the model thread ------------------------------------------------------------------------
@@ -427,28 +431,44 @@ class Engine:
                 unit.owner.fail(error)
             return
         self.metrics.batch(len(batch), time.monotonic() - start, sum(start - u.ready_at for u in batch))
-        for unit, value in zip(batch, values):
-            self._deliver(unit, value)
+        for unit, value, ok in zip(batch, values, _finite_rows(values)):
+            if ok:
+                unit.owner.set(unit.index, value, unit.tokens)
+            else:
+                unit.owner.fail(RequestError(ErrorCode.INTERNAL, f"{unit.work.where}: the model produced a "
+                                                    "non-finite output (try --dtype float32)"))
 
     def _run_split_on_oom(self, backend: Backend, batch: list[Unit]) -> list:
         """One forward; on out-of-memory, free what can be freed and retry in halves, down to single
         inputs, before giving up (then the error fails only this batch's jobs)."""
         try:
-            return backend.forward([u.payload for u in batch])
+            values = backend.forward([u.payload for u in batch])
+            if len(values) != len(batch):  # else some jobs would wait forever for their results
+                raise RuntimeError(f"the backend returned {len(values)} results for {len(batch)} inputs")
+            return values
         except Exception as exc:
             if not backend.is_out_of_memory(exc) or len(batch) == 1:
                 raise
             log.warning("out of memory on a batch of %d; retrying in halves", len(batch))
             backend.free_memory()
             half = len(batch) // 2
-            return self._run_split_on_oom(backend, batch[:half]) + self._run_split_on_oom(backend, batch[half:])
+            return [*self._run_split_on_oom(backend, batch[:half]), *self._run_split_on_oom(backend, batch[half:])]
 
-    def _deliver(self, unit: Unit, value: Any) -> None:
-        if not np.all(np.isfinite(value)):
-            unit.owner.fail(RequestError(ErrorCode.INTERNAL, f"{unit.work.where}: the model produced a "
-                                                "non-finite output (try --dtype float32)"))
-            return
-        unit.owner.set(unit.index, value, unit.tokens)
+
+def _finite_rows(values) -> list[bool]:
+    """Whether each result is all finite numbers: one check for the whole batch when its rows are
+    alike, else row by row (a row that is not numeric at all counts as not finite)."""
+    try:
+        return list(np.isfinite(np.asarray(values, dtype=np.float64).reshape(len(values), -1)).all(axis=1))
+    except (ValueError, TypeError):
+        return [_finite(value) for value in values]
+
+
+def _finite(value) -> bool:
+    try:
+        return bool(np.all(np.isfinite(value)))
+    except TypeError:
+        return False
 
 
 class _Stopped(Exception):

@@ -12,6 +12,7 @@ template does not render plain text verbatim simply does not get the fast path.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,13 @@ class TextFastPath:
         """fixed_system: a system text that never changes (the reranker's), or None when the system
         text varies per request (the embedding's instruction)."""
         self.tokenizer = processor.tokenizer
+        # The Rust tokenizer itself: the same ids as the Python wrapper without its per-call work
+        # (the probes below check that, as they check the whole fast path).
+        self.backend = self.tokenizer.backend_tokenizer
         self.fixed_system = fixed_system
         self.cache_size = cache_size
         self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
         rendered = processor.apply_chat_template(
             [{"role": "system", "content": [{"type": "text", "text": fixed_system or SYSTEM_MARK}]},
              {"role": "user", "content": [{"type": "text", "text": USER_MARK}]}],
@@ -56,21 +61,29 @@ class TextFastPath:
         return max(ends) if ends else None
 
     def _prefix(self, system: str) -> list[int]:
-        ids = self._prefixes.get(system)
-        if ids is None:
-            ids = self.tokenizer(self.p0 + system + self.p1_head)["input_ids"]
+        with self._lock:  # preparing threads share the cache
+            ids = self._prefixes.get(system)
+            if ids is not None:
+                self._prefixes.move_to_end(system)
+                return ids
+        ids = self.tokenizer(self.p0 + system + self.p1_head)["input_ids"]
+        with self._lock:
             self._prefixes[system] = ids
             if len(self._prefixes) > self.cache_size:
                 self._prefixes.popitem(last=False)
-        else:
-            self._prefixes.move_to_end(system)
         return ids
 
     def ids(self, user_text: str, system: str | None = None) -> list[int]:
         """The input ids of the rendered conversation (system, user) with the generation prompt."""
-        prefix = self._prefix("" if self.fixed_system is not None else system)
-        tail = self.tokenizer(self.p1_tail + user_text + self.p2, add_special_tokens=False)["input_ids"]
-        return prefix + tail
+        return self.ids_many([user_text], [system])[0]
+
+    def ids_many(self, user_texts: list[str], systems: list[str | None]) -> list[list[int]]:
+        """`ids` of many conversations, their user turns tokenised in one call of the Rust tokenizer
+        (which releases the GIL for the whole batch)."""
+        tails = self.backend.encode_batch([self.p1_tail + text + self.p2 for text in user_texts],
+                                          add_special_tokens=False)
+        fixed = self.fixed_system is not None
+        return [self._prefix("" if fixed else system) + tail.ids for system, tail in zip(systems, tails)]
 
 
 def build_fast_path(processor, fixed_system: str | None, reference) -> TextFastPath | None:

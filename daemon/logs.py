@@ -12,7 +12,9 @@ def quiet_libraries(cpu_count: int | None = None) -> None:
     """No progress bars, no per-video INFO lines, decoder threads sized to this machine.
 
     Call before the libraries are imported where possible: some read the environment at import."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A chunk of texts is tokenised in one call that releases the GIL; in parallel it also uses the
+    # other cores (the daemon never forks, which is what the library's default guards against).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # qwen_vl_utils reads this per video and defaults to 8 decoder threads whatever the machine.
     os.environ.setdefault("TORCHCODEC_NUM_THREADS", str(max(1, min(8, cpu_count or os.cpu_count() or 1))))
@@ -39,8 +41,8 @@ class TracebackLimiter:
         self._suppressed = 0
         self._lock = threading.Lock()
 
-    def log(self, logger: logging.Logger, message: str) -> bool:
-        """Call from an `except` block. Returns whether the traceback was written."""
+    def log(self, logger: logging.Logger, message: str, exc: BaseException | None = None) -> bool:
+        """Call from an `except` block, or pass the exception. Returns whether the traceback was written."""
         with self._lock:
             now = self._clock()
             if now - self._start >= self.period_s:
@@ -52,5 +54,5 @@ class TracebackLimiter:
                 self._suppressed += 1
                 return False
             self._logged += 1
-        logger.exception(message)
+        logger.error(message, exc_info=exc if exc is not None else True)
         return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -225,6 +226,24 @@ def normalize_embedding_instruction(instruction: str | None) -> str:
     return instruction or EMBED_DEFAULT_INSTRUCTION
 
 
+def _mm_token_types(processor) -> list[tuple[int, list[int]]] | None:
+    """(type, token ids) for the model's `mm_token_type_ids` (1 image, 2 video, 3 audio), as the
+    processor's `create_mm_token_type_ids` assigns them; None where the processor has none (older
+    transformers computes the multimodal rope from the ids alone)."""
+    if not hasattr(processor, "create_mm_token_type_ids"):
+        return None
+    kinds = ((1, "image_token_ids"), (2, "video_token_ids"), (3, "audio_token_ids"))
+    return [(value, [t for t in (getattr(processor, name, None) or ()) if t is not None]) for value, name in kinds]
+
+
+def _attempt(fn, *args) -> Any:
+    """fn(*args), or the exception it raised (one input's failure is that input's result)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
+
+
 class _QwenVL:
     """What the embedding model and the reranker share: loading, media, processor, collation."""
 
@@ -249,6 +268,7 @@ class _QwenVL:
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.pad_id = self.tokenizer.pad_token_id
         self.suffix_len = self._template_suffix_len()
+        self._mm_token_types = _mm_token_types(self.processor)
         self._torch = torch
 
     @property
@@ -387,35 +407,60 @@ class _QwenVL:
 
     # -- forward ---------------------------------------------------------------------------------
     def _collate(self, batch: list[Features]) -> dict:
-        torch = self._torch
-        width = max(f.tokens for f in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, f in enumerate(batch):
-            span = slice(0, f.tokens) if self.padding_side == "right" else slice(width - f.tokens, width)
-            ids[row, span] = torch.tensor(f.input_ids, dtype=torch.long)
-            mask[row, span] = 1
-        tensors = {"input_ids": ids, "attention_mask": mask}
+        """The batch's tensors on the model's device: ids and mask built by one vectorised copy each,
+        padded on `padding_side`; on CUDA copied from pinned memory without waiting (the forward's
+        final result copy is the only point where the host waits for the device)."""
+        lengths = np.fromiter((f.tokens for f in batch), dtype=np.int64, count=len(batch))
+        width = int(lengths.max())
+        columns = np.arange(width)
+        if self.padding_side == "right":
+            mask = columns < lengths[:, None]
+        else:
+            mask = columns >= (width - lengths)[:, None]
+        ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        # Row-major boolean assignment fills each row's unpadded span in order.
+        ids[mask] = np.fromiter(itertools.chain.from_iterable(f.input_ids for f in batch), dtype=np.int64,
+                                count=int(lengths.sum()))
+        host = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+        if self._mm_token_types is not None and any(
+                f.image_grid_thw is not None or f.video_grid_thw is not None for f in batch):
+            types = np.zeros_like(ids)
+            for value, token_ids in self._mm_token_types:
+                types[np.isin(ids, token_ids)] = value
+            host["mm_token_type_ids"] = types
+        out = {key: self._to_device(self._torch.from_numpy(value)) for key, value in host.items()}
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             parts = [getattr(f, key) for f in batch if getattr(f, key) is not None]
             if parts:
-                tensors[key] = torch.cat(parts, dim=0)
-        if "image_grid_thw" in tensors or "video_grid_thw" in tensors:
-            tensors["mm_token_type_ids"] = torch.tensor(
-                self.processor.create_mm_token_type_ids(ids.tolist()), dtype=torch.long
-            )
-        out = {}
-        for key, value in tensors.items():
-            value = value.to(self.device)
-            out[key] = value.to(self.dtype) if value.is_floating_point() else value
+                out[key] = self._to_device(self._cat(parts))
+        out["lengths"] = lengths
         return out
+
+    def _cat(self, parts: list):
+        """One tensor of the parts, written straight into pinned memory when bound for CUDA."""
+        torch = self._torch
+        if self.device.type != "cuda":
+            return torch.cat(parts, dim=0)
+        rows = sum(int(p.shape[0]) for p in parts)
+        out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+        return torch.cat(parts, dim=0, out=out)
+
+    def _to_device(self, value):
+        if self.device.type == "cuda":
+            if not value.is_pinned():
+                value = value.pin_memory()
+            value = value.to(self.device, non_blocking=True)
+        else:
+            value = value.to(self.device)
+        return value.to(self.dtype) if value.is_floating_point() else value
 
     def _last_hidden(self, batch: list[Features]):
         torch = self._torch
         inputs = self._collate(batch)
+        lengths = inputs.pop("lengths")
         with torch.inference_mode():
             hidden = self.model(**inputs).last_hidden_state
-        return hidden, inputs["attention_mask"]
+        return hidden, lengths
 
     def warmup(self) -> None:
         """One small forward, so that the first client does not pay for lazy initialisation."""
@@ -446,31 +491,56 @@ class EmbeddingModel(_QwenVL):
     def prepare(self, item: InputItem, instruction: str | None = None, fast: bool = True) -> Features:
         """Tokens and pixels for one input. The input's own instruction wins over the request's.
         Text-only inputs take the fast path (bit-identical ids) unless fast=False."""
+        if fast and self.fast is not None and item.is_text_only:
+            result = self.prepare_many([(item, instruction)])[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
         instruction = item.instruction or instruction
         self.check_texts(item, instruction)
-        if fast and self.fast is not None and item.is_text_only:
-            text = "".join(item.texts) if item.texts else "NULL"
-            features = Features(self.fast.ids(text, normalize_embedding_instruction(instruction)))
-        else:
-            opened = self.open_images((item,), self.max_length - self.suffix_len, item.where)
-            with contextlib.ExitStack() as stack:
-                features = self._process(self.conversation(item, instruction, stack, opened), item.where)
+        opened = self.open_images((item,), self.max_length - self.suffix_len, item.where)
+        with contextlib.ExitStack() as stack:
+            features = self._process(self.conversation(item, instruction, stack, opened), item.where)
+        return self._fit(features, item.where)
+
+    def prepare_many(self, works: list[tuple[InputItem, str | None]]) -> list[Features | Exception]:
+        """`prepare` of each (input, request instruction), or the exception it raised; the text-only
+        inputs are tokenised together in one call."""
+        out: list = [None] * len(works)
+        texts: list[tuple[int, str, str]] = []  # (position, user text, system text)
+        for i, (item, instruction) in enumerate(works):
+            if self.fast is None or not item.is_text_only:
+                out[i] = _attempt(self.prepare, item, instruction)
+                continue
+            instruction = item.instruction or instruction
+            out[i] = _attempt(self.check_texts, item, instruction)
+            if out[i] is None:
+                texts.append((i, "".join(item.texts) if item.texts else "NULL",
+                              normalize_embedding_instruction(instruction)))
+        if texts:
+            rows = self.fast.ids_many([t[1] for t in texts], [t[2] for t in texts])
+            for (i, _, _), ids in zip(texts, rows):
+                out[i] = _attempt(self._fit, Features(ids), works[i][0].where)
+        return out
+
+    def _fit(self, features: Features, where: str) -> Features:
         ids = features.input_ids
         if len(ids) > self.max_length:
             # Cut text only: keep every special and vision token and the template's ending, so that
             # the pooled position is always the template's last token.
             head, tail = ids[: -self.suffix_len], ids[-self.suffix_len:]
-            features.input_ids = self._keep_special_and_first(head, self.max_length - self.suffix_len, item.where) + tail
+            features.input_ids = self._keep_special_and_first(head, self.max_length - self.suffix_len, where) + tail
         return features
 
     def embed(self, batch: list[Features]):
         """Raw (not normalised) float32 embeddings, one row per input: the last hidden state at the
         last position whose attention mask is 1."""
         torch = self._torch
-        hidden, mask = self._last_hidden(batch)
-        last = mask.shape[1] - mask.flip(dims=[1]).argmax(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return pooled.float().cpu()
+        hidden, lengths = self._last_hidden(batch)
+        # Right padding: the last position whose attention mask is 1 is each row's length - 1.
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = torch.from_numpy(lengths - 1).to(hidden.device)
+        return hidden[rows, last].float().cpu()
 
 
 class RerankerModel(_QwenVL):
@@ -511,33 +581,56 @@ class RerankerModel(_QwenVL):
 
     def prepare(self, query: InputItem, document: InputItem, instruction: str | None = None,
                 fast: bool = True) -> Features:
+        if fast and self.fast is not None and query.is_text_only and document.is_text_only:
+            result = self.prepare_many([(query, document, instruction)])[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
         instruction = query.instruction or instruction
         self.check_texts(query, instruction)
         self.check_texts(document, None)
-        if fast and self.fast is not None and query.is_text_only and document.is_text_only:
-            # The user turn's text items render as one concatenated string.
-            user = ("<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION) + "<Query>:"
-                    + ("".join(query.texts) if query.texts else "NULL") + "\n<Document>:"
-                    + ("".join(document.texts) if document.texts else "NULL"))
-            features = Features(self.fast.ids(user))
-        else:
-            opened = self.open_images((query, document), self.max_length, document.where)
-            with contextlib.ExitStack() as stack:
-                conversation = self.conversation(query, document, instruction, stack, opened)
-                features = self._process(conversation, document.where)
-        ids = features.input_ids
+        opened = self.open_images((query, document), self.max_length, document.where)
+        with contextlib.ExitStack() as stack:
+            conversation = self.conversation(query, document, instruction, stack, opened)
+            features = self._process(conversation, document.where)
+        return self._fit(features, document.where)
+
+    def prepare_many(self, works: list[tuple[InputItem, InputItem, str | None]]) -> list[Features | Exception]:
+        """`prepare` of each (query, document, request instruction), or the exception it raised; the
+        text-only pairs are tokenised together in one call."""
+        out: list = [None] * len(works)
+        texts: list[tuple[int, str]] = []
+        for i, (query, document, instruction) in enumerate(works):
+            if self.fast is None or not (query.is_text_only and document.is_text_only):
+                out[i] = _attempt(self.prepare, query, document, instruction)
+                continue
+            instruction = query.instruction or instruction
+            out[i] = _attempt(self.check_texts, query, instruction) or _attempt(self.check_texts, document, None)
+            if out[i] is None:
+                # The user turn's text items render as one concatenated string.
+                texts.append((i, "<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION) + "<Query>:"
+                              + ("".join(query.texts) if query.texts else "NULL") + "\n<Document>:"
+                              + ("".join(document.texts) if document.texts else "NULL")))
+        if texts:
+            rows = self.fast.ids_many([t[1] for t in texts], [None] * len(texts))
+            for (i, _), ids in zip(texts, rows):
+                out[i] = _attempt(self._fit, Features(ids), works[i][1].where)
+        return out
+
+    def _fit(self, features: Features, where: str) -> Features:
         # Official truncation: everything before the last `suffix_len` tokens is cut to max_length
         # (keeping special tokens), then the template's ending is appended.
+        ids = features.input_ids
         head, tail = ids[: -self.suffix_len], ids[-self.suffix_len:]
-        features.input_ids = self._keep_special_and_first(head, self.max_length, document.where) + tail
+        features.input_ids = self._keep_special_and_first(head, self.max_length, where) + tail
         return features
 
-    def score(self, batch: list[Features]) -> list[float]:
+    def score(self, batch: list[Features]):
         """sigmoid(h · (W[yes] − W[no])) with h the last hidden state at the final position."""
         torch = self._torch
         hidden, _ = self._last_hidden(batch)
         logits = hidden[:, -1] @ self.score_vector.to(hidden.device)
-        return torch.sigmoid(logits.float()).cpu().tolist()
+        return torch.sigmoid(logits.float()).cpu().numpy()
 
 
 def cut_and_normalize(raw: np.ndarray, dimension: int, normalize: bool) -> np.ndarray:

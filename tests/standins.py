@@ -49,6 +49,15 @@ class StandIn:
             raise input_error(f"{getattr(getattr(work, 'item', None), 'where', 'input')}: a bad input")
         return Prepared(text, max(1, len(text)))
 
+    def prepare_many(self, works: list) -> list:
+        out = []
+        for work in works:
+            try:
+                out.append(self.prepare(work))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     def forward(self, batch: list[Prepared]) -> list:
         with self.lock:
             self.batches.append([p.text for p in batch])

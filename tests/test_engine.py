@@ -135,13 +135,23 @@ def test_out_of_memory_retries_the_batch_in_halves(running):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise MemoryError("device full")
-        return [np.ones(8, np.float32) for _ in batch]
+        return np.stack([np.full(8, p.tokens, np.float32) for p in batch])  # one array, as the models return
 
     engine = running(StandIn(EMBEDDING, forward=forward), batching=Batching(max_batch_size=8, prep_workers=1))
     done = Outcomes()
-    engine.submit(text_job(*[f"t{i}" for i in range(8)]), done)
-    assert isinstance(done.wait()[0], JobResult)
+    texts = ["t" * (i + 1) for i in range(8)]
+    engine.submit(text_job(*texts), done)
+    result = done.wait()[0]
     assert sizes == [8, 4, 2, 2, 4, 2, 2]  # tried whole, then in halves down to what fits
+    assert [float(v[0]) for v in result.values] == [len(t) for t in texts]  # each slot its own result
+
+
+def test_a_backend_returning_too_few_results_fails_its_batch_instead_of_leaving_it_waiting(running):
+    engine = running(StandIn(EMBEDDING, forward=lambda batch: [np.zeros(8, np.float32)] * (len(batch) - 1)))
+    done = Outcomes()
+    engine.submit(text_job("a", "b"), done)
+    error = done.wait()[0]
+    assert error.code is ErrorCode.INTERNAL and "results for" in error.message
 
 
 def test_a_non_finite_output_is_an_internal_error_naming_the_input(running):

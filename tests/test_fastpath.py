@@ -19,14 +19,20 @@ instructions = st.one_of(st.none(), texts)
 settings_ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module")
-def embedder(tiny_dir) -> EmbeddingModel:
-    return EmbeddingModel(ModelSettings(str(tiny_dir)), MediaReader(MediaPolicy()))
+@pytest.fixture(scope="module", params=["tiny", "qwen3"])
+def checkpoint(request) -> str:
+    """Both tokenizers: the tiny one trained here, and Qwen3's own (the one Qwen3-VL ships)."""
+    return str(request.getfixturevalue("tiny_dir" if request.param == "tiny" else "qwen3_dir"))
 
 
 @pytest.fixture(scope="module")
-def reranker(tiny_dir) -> RerankerModel:
-    return RerankerModel(ModelSettings(str(tiny_dir)), MediaReader(MediaPolicy()))
+def embedder(checkpoint) -> EmbeddingModel:
+    return EmbeddingModel(ModelSettings(checkpoint), MediaReader(MediaPolicy()))
+
+
+@pytest.fixture(scope="module")
+def reranker(checkpoint) -> RerankerModel:
+    return RerankerModel(ModelSettings(checkpoint), MediaReader(MediaPolicy()))
 
 
 def test_fast_path_is_enabled_for_the_qwen3vl_template(embedder, reranker):
@@ -58,3 +64,32 @@ def test_texts_carrying_vision_placeholders_are_refused_on_both_paths(embedder, 
     assert err.value.code == ErrorCode.INPUT_ERROR and err.value.message.startswith("inputs[2].text[1]")
     with pytest.raises(RequestError):
         reranker.prepare(InputItem("query", texts=("q",)), InputItem("documents[0]", texts=(token,)), fast=fast)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(st.tuples(texts, instructions), min_size=1, max_size=8))
+def test_inputs_tokenised_together_get_the_ids_each_gets_alone(embedder, reranker, batch):
+    """One tokenizer call for a chunk of inputs changes nothing: ids, and which inputs fail."""
+    works = [(InputItem(f"inputs[{i}]", texts=(text,)), instruction) for i, (text, instruction) in enumerate(batch)]
+    for (item, instruction), together in zip(works, embedder.prepare_many(works)):
+        _same_outcome(together, lambda: embedder.prepare(item, instruction, fast=False))
+    pairs = [(InputItem("query", texts=(instruction or "q",)), item, None) for item, instruction in works]
+    for (query, document, _), together in zip(pairs, reranker.prepare_many(pairs)):
+        _same_outcome(together, lambda: reranker.prepare(query, document, fast=False))
+
+
+def _same_outcome(together, alone) -> None:
+    try:
+        want = alone().input_ids
+    except RequestError as exc:
+        assert isinstance(together, RequestError) and together.message == exc.message
+    else:
+        assert together.input_ids == want
+
+
+def test_the_real_qwen3_tokenizer_counts_like_qwen3(qwen3_dir):
+    """The checkpoint carries Qwen3's vocabulary: the official reranker's yes/no ids and real word pieces."""
+    model = RerankerModel(ModelSettings(str(qwen3_dir)), MediaReader(MediaPolicy()))
+    vocab = model.tokenizer.get_vocab()
+    assert (vocab["yes"], vocab["no"], model.pad_id) == (9693, 2152, 151643)
+    assert model.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"] == [785, 3974, 13876, 38835]

@@ -114,3 +114,35 @@ def test_an_aspect_ratio_the_official_resize_refuses_is_an_input_error(small_emb
     with pytest.raises(RequestError) as info:
         small_embedder.prepare(item)
     assert info.value.code == ErrorCode.INPUT_ERROR and info.value.message.startswith("inputs[0].image[0]")
+
+
+def _collate_row_by_row(model, batch) -> dict:
+    """The batch tensors written the plain way: one row at a time, the processor's own modality ids."""
+    width = max(f.tokens for f in batch)
+    ids = torch.full((len(batch), width), model.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, f in enumerate(batch):
+        span = slice(0, f.tokens) if model.padding_side == "right" else slice(width - f.tokens, width)
+        ids[row, span] = torch.tensor(f.input_ids)
+        mask[row, span] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "mm_token_type_ids": torch.tensor(model.processor.create_mm_token_type_ids(ids.tolist())),
+            "pixel_values": torch.cat([f.pixel_values for f in batch if f.pixel_values is not None])}
+
+
+@pytest.mark.parametrize("model_cls", [EmbeddingModel, RerankerModel])
+def test_a_batch_is_collated_exactly_as_row_by_row(tiny_dir, model_cls):
+    model = model_cls(ModelSettings(str(tiny_dir)), MediaReader(MediaPolicy()))
+    image = MediaSource("bytes", gradient_png(4, size=(64, 96)), "inputs[1].image[0]")
+    items = [InputItem("inputs[0]", texts=("short",)), InputItem("inputs[1]", texts=("an image",), images=(image,)),
+             InputItem("inputs[2]", texts=("a somewhat longer text " * 3,))]
+    if model_cls is EmbeddingModel:
+        batch = [model.prepare(item) for item in items]
+    else:
+        batch = [model.prepare(InputItem("query", texts=("q",)), item) for item in items]
+    assert len({f.tokens for f in batch}) == 3  # every row is padded differently
+    got, want = model._collate(batch), _collate_row_by_row(model, batch)
+    np.testing.assert_array_equal(got.pop("lengths"), [f.tokens for f in batch])
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    assert set(got) == set(want) | {"image_grid_thw"}
