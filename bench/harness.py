@@ -85,10 +85,12 @@ class Servers:
             self.by_name[name] = proc
         return proc
 
-    def daemon(self, work: Path, name: str, ckpt: Path, *extra: str, log_level: str = "error") -> str:
-        """Start (or restart, on the same socket) daemon `name` with both models; its endpoint once ready."""
+    def daemon(self, work: Path, name: str, ckpt: Path, *extra: str, log_level: str = "error",
+               runner: tuple[str, ...] = ("-m", "daemon")) -> str:
+        """Start (or restart, on the same socket) daemon `name` with both models; its endpoint once ready.
+        `runner`: what the interpreter runs, ending where the daemon's own arguments begin."""
         endpoint = f"ipc://{work}/{name}/daemon.sock"
-        proc = self.spawn([sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--embedding-model",
+        proc = self.spawn([sys.executable, *runner, "serve", "--endpoint", endpoint, "--embedding-model",
                            str(ckpt), "--reranker-model", str(ckpt), "--log-level", log_level, *extra],
                           name=name, log=work / f"{name}.log", env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
         wait_daemon_ready(endpoint, proc)

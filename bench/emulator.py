@@ -1,0 +1,152 @@
+"""The daemon, unchanged, on an emulated accelerator, with its host path timed stage by stage.
+
+    python -m bench.emulator --log FILE -- serve --embedding-model DIR ...   (the daemon's own CLI)
+
+Before the daemon starts, this process replaces transformers' `Qwen3VLModel.forward` (not the
+project's code) with a stand-in that behaves like an H100 running Qwen3-VL-2B in bf16 under eager
+transformers: it holds the GIL for `LAUNCH_S` (the Python side of 28 layers launching kernels), then
+releases it and sleeps until `FIXED_S + PER_TOKEN_S x padded tokens (+ PER_PATCH_S x vision patches)`
+has passed since it began, and returns zeros of the right shape. It also wraps the daemon's host-path
+functions with timers that record each call's exclusive time (its own, less that of the timed calls it
+makes). On exit both records are written to FILE (numpy .npz) for `bench.emulated` to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LAUNCH_S = 3e-3  # GIL held: 28 layers' kernel launches from Python
+FIXED_S = 1e-3  # the shortest forward
+PER_TOKEN_S = 8.5e-6  # 2 x 1.7e9 FLOP per token at half of an H100's dense bf16 peak
+PER_PATCH_S = 2e-6  # the vision tower, per 16x16 patch
+
+DEVICE_STAGE = "device (emulated)"  # timed too, so that no host stage counts it
+IDLE_STAGE = "model thread waiting for a batch"
+# Host-path stages: (module, class, function) -> stage. Exclusive time, so nesting is counted once.
+STAGES = {
+    ("daemon.server", "Server", "_read_message"): "receive",
+    ("daemon.server", "Server", "_handle"): "parse+admit",
+    ("daemon.models", "_QwenVL", "_image"): "decode",
+    ("daemon.models", "_QwenVL", "_video_item"): "decode",
+    ("daemon.models", "_QwenVL", "_process"): "tokenise",
+    ("daemon.models", "EmbeddingModel", "prepare"): "tokenise",
+    ("daemon.models", "RerankerModel", "prepare"): "tokenise",
+    ("daemon.models", "EmbeddingModel", "prepare_many"): "tokenise",
+    ("daemon.models", "RerankerModel", "prepare_many"): "tokenise",
+    ("daemon.batching", "Scheduler", "put_many"): "schedule",
+    ("daemon.batching", "Scheduler", "_take"): "schedule",
+    ("daemon.engine", "Engine", "_forward"): "schedule",
+    ("daemon.models", "_QwenVL", "_collate"): "collate",
+    ("daemon.models", "EmbeddingModel", "embed"): "pool+copy",
+    ("daemon.models", "RerankerModel", "score"): "pool+copy",
+    ("daemon.server", "Server", "_encode"): "reply",
+    ("daemon.server", "Server", "_send_finished"): "reply",
+    ("daemon.batching", "Scheduler", "next_batch"): IDLE_STAGE,
+}
+
+
+@dataclass
+class Recorder:
+    """Forwards and stage timings, appended from any thread (list.append is atomic under the GIL)."""
+
+    forwards: list = field(default_factory=list)  # (start, gpu_s, rows, width, patches)
+    stages: list = field(default_factory=list)  # (end, stage index, exclusive wall s, exclusive CPU s)
+    names: list = field(default_factory=list)
+    local: threading.local = field(default_factory=threading.local)
+
+    def timed(self, fn, stage: str):
+        if stage not in self.names:
+            self.names.append(stage)
+        index, local, record = self.names.index(stage), self.local, self.stages.append
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            stack = getattr(local, "stack", None)
+            if stack is None:
+                stack = local.stack = []
+            frame = [0.0, 0.0]  # wall and CPU time spent in timed calls made from this one
+            stack.append(frame)
+            start, start_cpu = time.monotonic(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end, end_cpu = time.monotonic(), time.thread_time()
+                stack.pop()
+                wall, cpu = end - start, end_cpu - start_cpu
+                if stack:
+                    stack[-1][0] += wall
+                    stack[-1][1] += cpu
+                record((end, index, wall - frame[0], cpu - frame[1]))
+
+        return wrapper
+
+    def save(self, path: str) -> None:
+        np.savez(path, forwards=np.array(self.forwards, dtype=np.float64).reshape(-1, 5),
+                 stages=np.array(self.stages, dtype=np.float64).reshape(-1, 4), names=np.array(self.names))
+
+
+def install(recorder: Recorder) -> None:
+    import importlib
+
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    def forward(self, input_ids=None, pixel_values=None, pixel_values_videos=None, **_kwargs):
+        start = time.monotonic()
+        rows, width = input_ids.shape
+        patches = sum(int(p.shape[0]) for p in (pixel_values, pixel_values_videos) if p is not None)
+        gpu_s = FIXED_S + PER_TOKEN_S * rows * width + PER_PATCH_S * patches
+        while time.monotonic() - start < LAUNCH_S:  # holds the GIL, as Python launching kernels does
+            pass
+        rest = start + gpu_s - time.monotonic()
+        if rest > 0:
+            time.sleep(rest)
+        recorder.forwards.append((start, gpu_s, rows, width, patches))
+        return BaseModelOutputWithPast(last_hidden_state=zeros(rows, width, self))
+
+    def zeros(rows: int, width: int, model):
+        """A view of one grow-only zero buffer: on a GPU the output stays in device memory, so the host
+        must not pay for writing tens of MB of zeros per forward here."""
+        hidden = model.config.text_config.hidden_size
+        need = rows * width * hidden
+        if buffer[0] is None or buffer[0].numel() < need or buffer[0].dtype != model.dtype:
+            buffer[0] = torch.zeros(need, dtype=model.dtype)
+        return buffer[0][:need].view(rows, width, hidden)
+
+    buffer = [None]
+
+    modeling_qwen3_vl.Qwen3VLModel.forward = recorder.timed(forward, DEVICE_STAGE)
+    for (module, cls, name), stage in STAGES.items():
+        owner = getattr(importlib.import_module(module), cls)
+        setattr(owner, name, recorder.timed(owner.__dict__[name], stage))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", required=True, help="where to write the records on exit (.npz)")
+    parser.add_argument("daemon_args", nargs=argparse.REMAINDER, help="-- then the daemon's arguments")
+    args = parser.parse_args()
+    daemon_args = args.daemon_args[1:] if args.daemon_args[:1] == ["--"] else args.daemon_args
+    import torch
+
+    # The pooling gather and copies that run on the device on a GPU run on the CPU here; one thread
+    # keeps torch's OpenMP team from waking (and waiting for) a second core for them.
+    torch.set_num_threads(1)
+    recorder = Recorder()
+    install(recorder)
+    atexit.register(recorder.save, args.log)
+    from daemon.main import cli
+
+    cli(daemon_args, prog_name="qwen3vl-daemon")
+
+
+if __name__ == "__main__":
+    main()
