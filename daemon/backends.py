@@ -119,24 +119,28 @@ class RerankerBackend(_TorchBackend):
         return self.model.score(batch)
 
 
-def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[[str], None]) -> None:
-    """Put the configured models into `backends` as each is loaded, then warm them up. `step(what)`
-    is called before each stage (it raises to stop loading between two stages); a model that cannot
-    load raises ModelLoadError."""
+def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None]) -> None:
+    """Put the configured models into `backends` as each is loaded, then warm them up.
+    `step(what, stage)` is called before each step, with the stage its time counts in (import,
+    weights, warmup); it raises to stop loading between two steps. A model that cannot load raises
+    ModelLoadError."""
     from .inputs import MediaReader
-    from .models import EmbeddingModel, RerankerModel
 
+    step("importing torch and transformers", "import")
+    from .models import EmbeddingModel, RerankerModel, import_libraries
+
+    import_libraries()
     media = MediaReader(config.media)
     if config.embedding is not None:
-        step(f"loading embedding model {config.embedding.name}")
+        step(f"loading embedding model {config.embedding.name}", "weights")
         backends[EMBEDDING] = EmbeddingBackend(EmbeddingModel(config.embedding, media))
         _check_dimension_setting(config, backends[EMBEDDING].info)
     if config.reranker is not None:
-        step(f"loading reranker model {config.reranker.name}")
+        step(f"loading reranker model {config.reranker.name}", "weights")
         backends[RERANKER] = RerankerBackend(RerankerModel(config.reranker, media))
     if config.warmup:
-        for backend in backends.values():
-            step(f"warming up {backend.info.name}")
+        for kind, backend in backends.items():
+            step(f"warming up the {kind} model", "warmup")
             backend.warmup()
 
 

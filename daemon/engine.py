@@ -79,7 +79,7 @@ class JobResult:
 
 
 Completion = Callable[[JobResult | RequestError], None]
-Loader = Callable[[dict[str, Backend], Callable[[str], None]], None]
+Loader = Callable[[dict[str, Backend], Callable[..., None]], None]  # (backends, step(what, stage))
 
 
 class TicketState(Enum):
@@ -181,6 +181,22 @@ class FairQueue:
             return chunk
 
 
+LOAD_STAGES = ("import", "weights", "warmup")  # where the time to READY goes
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    step: str | None  # what loading does now; None once done (or stopped)
+    total_s: float  # from the engine's start to READY (so far, while loading)
+    import_s: float
+    weights_s: float
+    warmup_s: float
+
+    def describe(self) -> str:
+        return (f"import {self.import_s:.1f} s, weights {self.weights_s:.1f} s, "
+                f"warm-up {self.warmup_s:.1f} s")
+
+
 @dataclass(frozen=True)
 class EngineStatus:
     state: EngineState
@@ -198,6 +214,9 @@ class Engine:
         self.state = EngineState.LOADING
         self.load_error: str | None = None
         self.loading = "starting"  # what load() is doing now, for status reports
+        self.load_seconds: dict[str, float] = dict.fromkeys(LOAD_STAGES, 0.0)
+        self._stage: str | None = None
+        self._stage_began = 0.0
         self.started_at = time.monotonic()
         self.scheduler = Scheduler(BatchPolicy(batching.max_batch_size, batching.max_batch_tokens or CPU_BATCH_TOKENS,
                                                batching.max_wait_ms / 1000.0))
@@ -229,14 +248,30 @@ class Engine:
         finally:
             self._loaded.set()
 
-    def _step(self, what: str | None) -> None:
+    def _step(self, what: str | None, stage: str = "weights") -> None:
         """Between two loading steps: stop here when a SIGTERM arrived (the state is `draining`);
-        else say what comes next (None: the end)."""
+        else say what comes next (None: the end), and in which stage of LOAD_STAGES its time counts."""
+        now = time.monotonic()
+        if self._stage is not None:
+            self.load_seconds[self._stage] += now - self._stage_began
+        self._stage, self._stage_began = (stage, now) if what is not None else (None, now)
         if self.state is EngineState.DRAINING:
             raise _Stopped
         if what is not None:
             self.loading = what
             log.info(what)
+        else:
+            self.loading = "done"
+            self.load_seconds["total"] = now - self.started_at
+
+    def load_report(self) -> LoadReport:
+        """Where loading stands, or how long it took, by stage."""
+        seconds = dict(self.load_seconds)
+        if self._stage is not None:  # the stage in progress, so far
+            seconds[self._stage] += time.monotonic() - self._stage_began
+        total = seconds.pop("total", time.monotonic() - self.started_at)
+        return LoadReport(step=None if self.loading == "done" else self.loading, total_s=total,
+                          **{f"{stage}_s": seconds[stage] for stage in LOAD_STAGES})
 
     def _size_batches(self) -> None:
         on_accelerator = any(b.info.device != "cpu" for b in self.backends.values())

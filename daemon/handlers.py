@@ -8,7 +8,7 @@ request and reply type in protocol.py and a handler here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -165,6 +165,8 @@ class HealthHandler(Handler):
             stats={**{k: round(v, 6) for k, v in self.ctx.metrics.batching().items()},
                    "cache_hits": cache.hits if cache else 0, "cache_misses": cache.misses if cache else 0,
                    "cache_bytes": cache.size_bytes if cache else 0},
+            load={key: round(value, 3) if isinstance(value, float) else value
+                  for key, value in asdict(engine.load_report()).items()},
         )
 
 

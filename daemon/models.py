@@ -10,6 +10,7 @@ processors treat each image and video on its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import logging
@@ -109,6 +110,19 @@ def resolve_dtype(spec: str, device):
 
 
 # -- loading ----------------------------------------------------------------------------------------
+def import_libraries() -> None:
+    """Import what loading a model needs (torch, transformers' Qwen3-VL classes and processor,
+    qwen_vl_utils) once, up front, so that the load report can tell import time from weights."""
+    import torch  # noqa: F401
+    import transformers.models.qwen3_vl.modeling_qwen3_vl  # noqa: F401
+    import transformers.models.qwen3_vl.processing_qwen3_vl  # noqa: F401
+    import qwen_vl_utils  # noqa: F401
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration  # noqa: F401
+
+    _embedding_class()
+
+
+@functools.cache
 def _embedding_class():
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
@@ -463,8 +477,9 @@ class _QwenVL:
         return hidden, lengths
 
     def warmup(self) -> None:
-        """One small forward, so that the first client does not pay for lazy initialisation."""
-        self._last_hidden([self._process(self._warmup_conversation(), "warmup")])
+        """The shortest forward that initialises the kernels and the allocator (two tokens, no
+        template), so that the first client does not pay for lazy initialisation."""
+        self._last_hidden([Features(self.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))])
 
 
 class EmbeddingModel(_QwenVL):
@@ -483,10 +498,6 @@ class EmbeddingModel(_QwenVL):
             {"role": "system", "content": [{"type": "text", "text": normalize_embedding_instruction(instruction)}]},
             {"role": "user", "content": self._media_content(item, stack, {} if opened is None else opened)},
         ]
-
-    def _warmup_conversation(self) -> list[dict]:
-        with contextlib.ExitStack() as stack:
-            return self.conversation(InputItem("warmup", texts=("warm up",)), None, stack)
 
     def prepare(self, item: InputItem, instruction: str | None = None, fast: bool = True) -> Features:
         """Tokens and pixels for one input. The input's own instruction wins over the request's.
@@ -574,10 +585,6 @@ class RerankerModel(_QwenVL):
         content += self._media_content(document, stack, opened)
         return [{"role": "system", "content": [{"type": "text", "text": RERANK_SYSTEM_PROMPT}]},
                 {"role": "user", "content": content}]
-
-    def _warmup_conversation(self) -> list[dict]:
-        with contextlib.ExitStack() as stack:
-            return self.conversation(InputItem("q", texts=("q",)), InputItem("d", texts=("d",)), None, stack)
 
     def prepare(self, query: InputItem, document: InputItem, instruction: str | None = None,
                 fast: bool = True) -> Features:

@@ -300,13 +300,14 @@ class HealthReply:
     reranker: ModelHealth
     stats: dict = field(default_factory=dict)
     protocol: int = PROTOCOL_VERSION
+    load: dict = field(default_factory=dict)  # step (str/nil), total_s, import_s, weights_s, warmup_s
 
     def to_wire(self) -> dict:
         return {"status": self.status, "version": self.version, "protocol": self.protocol,
                 "uptime_s": round(self.uptime_s, 3), "queue_depth": self.queue_depth,
                 "queued_tokens": self.queued_tokens, "device": self.device, "dtype": self.dtype,
                 "embedding": self.embedding.to_wire(True), "reranker": self.reranker.to_wire(False),
-                "stats": self.stats}
+                "stats": self.stats, "load": self.load}
 
     @classmethod
     def from_wire(cls, body: dict) -> "HealthReply":
@@ -315,7 +316,7 @@ class HealthReply:
                    queued_tokens=int(body.get("queued_tokens", 0)), device=body.get("device"),
                    dtype=body.get("dtype"), embedding=ModelHealth.from_wire(body.get("embedding")),
                    reranker=ModelHealth.from_wire(body.get("reranker")), stats=dict(body.get("stats") or {}),
-                   protocol=int(body.get("protocol", PROTOCOL_VERSION)))
+                   protocol=int(body.get("protocol", PROTOCOL_VERSION)), load=dict(body.get("load") or {}))
 
 
 @dataclass(frozen=True)

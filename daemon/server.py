@@ -316,7 +316,8 @@ class Server:
         if engine.state is EngineState.READY:
             names = [backend.info.name for backend in engine.backends.values()]
             text = f"ready on {self.config.endpoint}: {', '.join(names)}"
-            log.info("%s (%.1f s after start)", text, time.monotonic() - engine.started_at)
+            report = engine.load_report()
+            log.info("%s (%.1f s after start: %s)", text, report.total_s, report.describe())
             self.notifier.ready(text)
         elif engine.state is EngineState.FAILED:
             self.notifier.status(f"failed: {engine.load_error}")

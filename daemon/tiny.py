@@ -105,6 +105,7 @@ class TinySpec:
     # token boundaries and counts.
     tokenizer: str = "tiny"
     tie_word_embeddings: bool = False  # Qwen3-VL-2B ties its LM head to the input embeddings; 8B does not
+    dtype: str = "float32"  # of the saved weights (the real checkpoints are bfloat16)
 
 
 # A wider random model for benchmarks where compute dominates (a few minutes on 2 CPU cores), and one of
@@ -267,7 +268,7 @@ def build_tiny_checkpoint(directory: str | Path, spec: TinySpec = TinySpec()) ->
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
-    model.save_pretrained(out)
+    model.to(getattr(torch, spec.dtype)).save_pretrained(out)
     _build_processor(tokenizer).save_pretrained(out)
     _files_as_umask_allows(out)
     return out

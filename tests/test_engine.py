@@ -337,3 +337,19 @@ def test_health_and_metrics_are_answered_without_the_model_thread(running):
                                    "dimension": 8, "max_dimension": 8}
     assert health["reranker"]["loaded"] is False and health["device"] == "cpu"
     assert metrics["queue_depth"] == 1 and set(metrics) >= {"requests", "errors", "latency_s", "batch_size"}
+
+
+def test_health_while_loading_names_the_step_and_splits_the_time_so_far(running):
+    gate = threading.Event()
+    engine = running(StandIn(EMBEDDING), wait=False, gate=gate)
+    handlers = _handlers(engine)
+    time.sleep(0.2)
+    loading = handlers["health"].start(_request({"op": "health"})).to_wire()
+    gate.set()
+    assert engine.wait_loaded(10)
+    ready = handlers["health"].start(_request({"op": "health"})).to_wire()
+    assert loading["status"] == "loading" and loading["load"]["step"] == "loading stand-in-embedding"
+    assert loading["load"]["weights_s"] >= 0.15 and loading["load"]["total_s"] >= loading["load"]["weights_s"]
+    assert ready["status"] == "ready" and ready["load"]["step"] is None
+    assert ready["load"]["weights_s"] >= loading["load"]["weights_s"]
+    assert ready["load"]["total_s"] >= ready["load"]["import_s"] + ready["load"]["weights_s"] + ready["load"]["warmup_s"]

@@ -93,6 +93,13 @@ def test_health_reports_models_device_and_limits(client, tiny_dir):
     assert health["reranker"]["loaded"] is True and health["uptime_s"] > 0 and health["queue_depth"] == 0
 
 
+def test_health_reports_the_time_to_ready_by_stage(client):
+    load = client.health()["load"]
+    assert load["step"] is None
+    assert load["import_s"] > 0 and load["weights_s"] > 0 and load["warmup_s"] > 0
+    assert load["total_s"] >= load["import_s"] + load["weights_s"] + load["warmup_s"]
+
+
 def test_health_is_answered_at_once_while_a_long_batch_runs(dealer):
     big = {"op": "embed", "id": "big", "inputs": ["long text " * 400] * 64}
     dealer.send_multipart([b"", _pack(big)])
