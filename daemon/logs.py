@@ -12,9 +12,6 @@ def quiet_libraries(cpu_count: int | None = None) -> None:
     """No progress bars, no per-video INFO lines, decoder threads sized to this machine.
 
     Call before the libraries are imported where possible: some read the environment at import."""
-    # A chunk of texts is tokenised in one call that releases the GIL; in parallel it also uses the
-    # other cores (the daemon never forks, which is what the library's default guards against).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # qwen_vl_utils reads this per video and defaults to 8 decoder threads whatever the machine.
     os.environ.setdefault("TORCHCODEC_NUM_THREADS", str(max(1, min(8, cpu_count or os.cpu_count() or 1))))
