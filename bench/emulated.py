@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -169,28 +169,36 @@ def analyse(scenario: Scenario, load: Load, records) -> Result:
                   stage_us)
 
 
-def run(args, work: Path) -> tuple[list[Result], float]:
+def run(args, work: Path) -> tuple[list[Result], list[Result], float]:
+    """Each scenario twice, on two daemons: without stage timers (their cost would lower the
+    utilisation), then with them (for the host-cost table)."""
     ckpt = build_tiny_checkpoint(work / "ckpt", EMULATED_SPEC)
-    log = work / "emulator.npz"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # what the daemon picks on an accelerator
     chosen = [s for s in scenarios() if not args.only or s.name in args.only]
+    plain, ready_s = measure(args, work, ckpt, chosen, stages=False)
+    timed, _ = measure(args, work, ckpt, chosen, stages=True)
+    return plain, timed, ready_s
+
+
+def measure(args, work: Path, ckpt: Path, chosen: list[Scenario], stages: bool) -> tuple[list[Result], float]:
+    log = work / f"emulator-{'stages' if stages else 'plain'}.npz"
+    runner = ("-m", "bench.emulator", "--log", str(log), *(() if stages else ("--no-stages",)), "--")
     with Servers() as servers:
         began = time.monotonic()
         endpoint = servers.daemon(work, "daemon", ckpt, "--device", "cpu", "--dtype", "float32",
-                                  "--max-batch-tokens", "32768", *args.daemon_arg,
-                                  runner=("-m", "bench.emulator", "--log", str(log), "--"))
+                                  "--max-batch-tokens", "32768", *args.daemon_arg, runner=runner)
         ready_s = time.monotonic() - began
         loads = [(s, drive(endpoint, s, args.warmup, args.seconds)) for s in chosen]
         proc = servers.by_name["daemon"]
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     records = np.load(log)
-    if args.records is not None:
+    if args.records is not None and stages:
         args.records.write_bytes(log.read_bytes())
     return [analyse(s, load, records) for s, load in loads], ready_s
 
 
-def render(results: list[Result], args, ready_s: float) -> str:
+def render(results: list[Result], timed: list[Result], args, ready_s: float) -> str:
     lines = [
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}; emulated "
         f"device: GIL held {LAUNCH_S * 1e3:g} ms, then {FIXED_S * 1e3:g} ms + {PER_TOKEN_S * 1e6:g} us x padded "
@@ -207,22 +215,25 @@ def render(results: list[Result], args, ready_s: float) -> str:
         lines.append(f"| {s.name}: {s.clients} clients x {s.inputs} | {r.utilisation:.3f} | {goal} | {r.idle:.3f} | "
                      f"{r.load.requests / window:.0f} | {r.inputs / window:.0f} | {p50:.1f} | {r.forwards} | "
                      f"{r.mean_rows:.1f} | {r.mean_padded:.0f} |")
-    lines += ["", "Host CPU microseconds per input, by stage (each stage's own thread CPU time, less that of the "
-              "stages it calls, summed over all threads; an input is a text, an image+caption, or a query-document "
-              "pair; the emulated device's column is its GIL-held launch):", "",
+    lines += ["", "A second daemon, with stage timers on (they slow the host path: its utilisation was "
+              + ", ".join(f"{r.scenario.name} {r.utilisation:.3f}" for r in timed) + "), gave the host's CPU "
+              "microseconds per input, by stage (each stage's own thread CPU time, less that of the "
+              "stages it calls, summed over all threads, the tokenizer's own worker threads not included; an input "
+              "is a text, an image+caption, or a query-document pair; the emulated device's column is its GIL-held "
+              "launch):", "",
               "| scenario | " + " | ".join(STAGE_ORDER) + " | host total | emulated device |",
               "| --- |" + " --- |" * (len(STAGE_ORDER) + 2)]
-    for r in results:
+    for r in timed:
         host = sum(r.stage_us.get(k, 0.0) for k in STAGE_ORDER)
         cells = " | ".join(f"{r.stage_us.get(k, 0.0):.0f}" for k in STAGE_ORDER)
         lines.append(f"| {r.scenario.name} | {cells} | {host:.0f} | {r.stage_us.get(DEVICE_STAGE, 0.0):.0f} |")
-    images = next((r for r in results if r.scenario.name == "images"), None)
+    images = next((r for r in timed if r.scenario.name == "images"), None)
     if images is not None:
         prep_ms = sum(images.stage_us.get(k, 0.0) for k in ("decode", "tokenise")) / 1e3
         gpu_ms = images.utilisation * (images.load.window[1] - images.load.window[0]) / max(1, images.inputs) * 1e3
         lines += ["", f"images: {prep_ms:.2f} host ms of preprocessing (decode + tokenise) per image+caption "
                       f"against {gpu_ms:.2f} ms of modelled device time per input: keeping the device busy "
-                      f"takes {prep_ms / gpu_ms:.1f} preprocessing cores (`--prep-workers {int(np.ceil(prep_ms / gpu_ms))}`"
+                      f"takes {prep_ms / gpu_ms:.1f} cores of preprocessing by CPU time (`--prep-workers {int(np.ceil(prep_ms / gpu_ms))}`"
                       " or more on a 16-core host)."]
     return "\n".join(lines)
 
@@ -237,8 +248,8 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=None, help="keep the daemon's raw records (.npz) here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results, ready_s = run(args, Path(tmp))
-    text = render(results, args, ready_s)
+        results, timed, ready_s = run(args, Path(tmp))
+    text = render(results, timed, args, ready_s)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")

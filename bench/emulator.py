@@ -8,7 +8,7 @@ transformers: it holds the GIL for `LAUNCH_S` (the Python side of 28 layers laun
 releases it and sleeps until `FIXED_S + PER_TOKEN_S x padded tokens (+ PER_PATCH_S x vision patches)`
 has passed since it began, and returns zeros of the right shape. It also wraps the daemon's host-path
 functions with timers that record each call's exclusive time (its own, less that of the timed calls it
-makes). On exit both records are written to FILE (numpy .npz) for `bench.emulated` to read.
+makes), unless --no-stages. On exit the records are written to FILE (numpy .npz) for `bench.emulated`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ STAGES = {
     ("daemon.models", "RerankerModel", "score"): "pool+copy",
     ("daemon.server", "Server", "_encode"): "reply",
     ("daemon.server", "Server", "_send_finished"): "reply",
-    ("daemon.batching", "Scheduler", "next_batch"): IDLE_STAGE,
 }
+IDLE_TIMER = {("daemon.batching", "Scheduler", "next_batch"): IDLE_STAGE}
+STAGES.update(IDLE_TIMER)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Recorder:
                  stages=np.array(self.stages, dtype=np.float64).reshape(-1, 4), names=np.array(self.names))
 
 
-def install(recorder: Recorder) -> None:
+def install(recorder: Recorder, stages: bool = True) -> None:
     import importlib
 
     import torch
@@ -124,7 +125,9 @@ def install(recorder: Recorder) -> None:
     buffer = [None]
 
     modeling_qwen3_vl.Qwen3VLModel.forward = recorder.timed(forward, DEVICE_STAGE)
-    for (module, cls, name), stage in STAGES.items():
+    # The timers cost the host path microseconds per call: without `stages` only those called once
+    # per batch stay (the forward, and the model thread's wait for the next batch).
+    for (module, cls, name), stage in STAGES.items() if stages else IDLE_TIMER.items():
         owner = getattr(importlib.import_module(module), cls)
         if name in owner.__dict__:  # (older code, measured for comparison, may lack a function)
             setattr(owner, name, recorder.timed(owner.__dict__[name], stage))
@@ -133,6 +136,7 @@ def install(recorder: Recorder) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", required=True, help="where to write the records on exit (.npz)")
+    parser.add_argument("--no-stages", dest="stages", action="store_false", help="time forwards only")
     parser.add_argument("daemon_args", nargs=argparse.REMAINDER, help="-- then the daemon's arguments")
     args = parser.parse_args()
     daemon_args = args.daemon_args[1:] if args.daemon_args[:1] == ["--"] else args.daemon_args
@@ -142,7 +146,7 @@ def main() -> None:
     # keeps torch's OpenMP team from waking (and waiting for) a second core for them.
     torch.set_num_threads(1)
     recorder = Recorder()
-    install(recorder)
+    install(recorder, stages=args.stages)
     atexit.register(recorder.save, args.log)
     from daemon.main import cli
 

@@ -80,11 +80,9 @@ class TextFastPath:
     def ids_many(self, user_texts: list[str], systems: list[str | None]) -> list[list[int]]:
         """`ids` of many conversations, their user turns tokenised in one call of the Rust tokenizer
         (which releases the GIL for the whole batch)."""
-        texts = [self.p1_tail + text + self.p2 for text in user_texts]
-        if len(texts) == 1:  # no hand-off to the tokenizer's thread pool for one text
-            tails = [self.backend.encode(texts[0], add_special_tokens=False)]
-        else:
-            tails = self.backend.encode_batch(texts, add_special_tokens=False)
+        # encode_batch even for one text: unlike encode, it lets other threads run meanwhile.
+        tails = self.backend.encode_batch([self.p1_tail + text + self.p2 for text in user_texts],
+                                          add_special_tokens=False)
         fixed = self.fixed_system is not None
         return [self._prefix("" if fixed else system) + tail.ids for system, tail in zip(systems, tails)]
 

@@ -4,6 +4,7 @@ handler → socket, and what happens when a handler or a backend misbehaves."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -74,3 +75,34 @@ def test_metrics_count_replies_built_on_either_thread(serve):
         metrics = c.request({"op": "metrics"})
     assert metrics["inputs"]["embed"] == 33
     assert metrics["latency_s"]["embed"]["counts"][-1] == 2
+
+
+def test_the_outbox_loses_no_completion_posted_from_many_threads_and_rings_once_per_burst():
+    """Only a post that finds the outbox empty rings: every other post must still be taken, whatever
+    the interleaving with the loop's drain-then-take."""
+    from daemon.server import Outbox
+
+    outbox, threads, per_thread = Outbox(), 8, 3000
+    received: list = []
+    wakeups = 0
+
+    def post(k: int) -> None:
+        for i in range(per_thread):
+            outbox.post((k, i))
+            time.sleep(0)  # yield: the outbox empties often, so the loop's take races the posts
+
+    posters = [threading.Thread(target=post, args=(k,)) for k in range(threads)]
+    for t in posters:
+        t.start()
+    import select
+    while len(received) < threads * per_thread:
+        # The loop sleeps until rung: an item left without a wake-up would stall here.
+        ready, _, _ = select.select([outbox.wake.fileno()], [], [], 5.0)
+        assert ready, f"stalled with {threads * per_thread - len(received)} completions posted and not taken"
+        wakeups += 1
+        received += outbox.take()
+    for t in posters:
+        t.join()
+    assert sorted(received) == sorted((k, i) for k in range(threads) for i in range(per_thread))
+    assert wakeups < threads * per_thread
+    outbox.wake.close()
