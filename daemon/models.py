@@ -550,7 +550,7 @@ class EmbeddingModel(_QwenVL):
         hidden, lengths = self._last_hidden(batch)
         # Right padding: the last position whose attention mask is 1 is each row's length - 1.
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = torch.from_numpy(lengths - 1).to(hidden.device)
+        last = self._to_device(torch.from_numpy(lengths - 1))  # pinned and non-blocking on CUDA
         return hidden[rows, last].float().cpu()
 
 
