@@ -72,8 +72,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, default=None, help="use this checkpoint instead of building one")
     args = parser.parse_args()
-    spec = replace(QWEN3VL_2B_SPEC if args.spec == "2b" else BENCH_SPEC, tokenizer="qwen3", dtype=args.dtype,
-                   tie_word_embeddings=args.spec == "2b")
+    spec = replace(QWEN3VL_2B_SPEC if args.spec == "2b" else BENCH_SPEC, tokenizer="qwen3", dtype=args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.monotonic()

@@ -114,7 +114,7 @@ BENCH_SPEC = TinySpec(hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4
                       vision_depth=2, vision_hidden_size=128, vision_heads=4, vision_intermediate_size=256)
 QWEN3VL_2B_SPEC = TinySpec(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144,
                            vision_depth=24, vision_hidden_size=1024, vision_heads=16, vision_intermediate_size=4096,
-                           deepstack_layers=(5, 11, 17))
+                           deepstack_layers=(5, 11, 17), tie_word_embeddings=True)
 
 
 def _train_tokenizer(spec: TinySpec):
