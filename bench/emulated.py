@@ -11,7 +11,8 @@ The daemon gets the settings it picks on a GPU: `--max-batch-tokens 32768` and p
 
 One closed-loop load generator process (pre-packed payloads, one DEALER socket a client) drives each
 scenario for `--warmup` seconds, then `--seconds` more that are measured. Utilisation = the modelled
-GPU time of the forwards inside the window / the window.
+GPU time of the forwards inside the window / the window, measured on a daemon without stage timers;
+a second daemon, with them, gives the host's CPU per input by stage.
 """
 
 from __future__ import annotations
