@@ -419,6 +419,38 @@ class _QwenVL:
                 keep -= 1
         return out
 
+    # -- preparing -------------------------------------------------------------------------------
+    # A subclass's work is the tuple of its `prepare` arguments. It says where the work is named in
+    # errors (`_where`), gives its checked (user, system) texts for the fast path, or None when it
+    # has media (`_fast_texts`), prepares it through the processor (`_prepare_slow`), and applies
+    # the official truncation (`_fit`).
+    def _prepare(self, work: tuple, fast: bool) -> Features:
+        if not (fast and self.fast is not None):
+            return self._prepare_slow(*work)
+        result = self.prepare_many([work])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare_many(self, works: list[tuple]) -> list[Features | Exception]:
+        """`prepare` of each work, or the exception it raised; the text-only ones are tokenised
+        together, in one call."""
+        out: list = [None] * len(works)
+        texts: list[tuple[int, str, str | None]] = []  # (position, user text, system text)
+        for i, work in enumerate(works):
+            found = _attempt(self._fast_texts, *work) if self.fast is not None else None
+            if isinstance(found, Exception):
+                out[i] = found
+            elif found is None:
+                out[i] = _attempt(self._prepare_slow, *work)
+            else:
+                texts.append((i, *found))
+        if texts:
+            rows = self.fast.ids_many([t[1] for t in texts], [t[2] for t in texts])
+            for (i, _, _), ids in zip(texts, rows):
+                out[i] = _attempt(self._fit, Features(ids), self._where(*works[i]))
+        return out
+
     # -- forward ---------------------------------------------------------------------------------
     def _collate(self, batch: list[Features]) -> dict:
         """The batch's tensors on the model's device: ids and mask built by one vectorised copy each,
@@ -502,37 +534,25 @@ class EmbeddingModel(_QwenVL):
     def prepare(self, item: InputItem, instruction: str | None = None, fast: bool = True) -> Features:
         """Tokens and pixels for one input. The input's own instruction wins over the request's.
         Text-only inputs take the fast path (bit-identical ids) unless fast=False."""
-        if fast and self.fast is not None and item.is_text_only:
-            result = self.prepare_many([(item, instruction)])[0]
-            if isinstance(result, BaseException):
-                raise result
-            return result
+        return self._prepare((item, instruction), fast)
+
+    def _where(self, item: InputItem, instruction: str | None) -> str:
+        return item.where
+
+    def _fast_texts(self, item: InputItem, instruction: str | None) -> tuple[str, str] | None:
+        if not item.is_text_only:
+            return None
+        instruction = item.instruction or instruction
+        self.check_texts(item, instruction)
+        return "".join(item.texts) if item.texts else "NULL", normalize_embedding_instruction(instruction)
+
+    def _prepare_slow(self, item: InputItem, instruction: str | None) -> Features:
         instruction = item.instruction or instruction
         self.check_texts(item, instruction)
         opened = self.open_images((item,), self.max_length - self.suffix_len, item.where)
         with contextlib.ExitStack() as stack:
             features = self._process(self.conversation(item, instruction, stack, opened), item.where)
         return self._fit(features, item.where)
-
-    def prepare_many(self, works: list[tuple[InputItem, str | None]]) -> list[Features | Exception]:
-        """`prepare` of each (input, request instruction), or the exception it raised; the text-only
-        inputs are tokenised together in one call."""
-        out: list = [None] * len(works)
-        texts: list[tuple[int, str, str]] = []  # (position, user text, system text)
-        for i, (item, instruction) in enumerate(works):
-            if self.fast is None or not item.is_text_only:
-                out[i] = _attempt(self.prepare, item, instruction)
-                continue
-            instruction = item.instruction or instruction
-            out[i] = _attempt(self.check_texts, item, instruction)
-            if out[i] is None:
-                texts.append((i, "".join(item.texts) if item.texts else "NULL",
-                              normalize_embedding_instruction(instruction)))
-        if texts:
-            rows = self.fast.ids_many([t[1] for t in texts], [t[2] for t in texts])
-            for (i, _, _), ids in zip(texts, rows):
-                out[i] = _attempt(self._fit, Features(ids), works[i][0].where)
-        return out
 
     def _fit(self, features: Features, where: str) -> Features:
         ids = features.input_ids
@@ -588,11 +608,23 @@ class RerankerModel(_QwenVL):
 
     def prepare(self, query: InputItem, document: InputItem, instruction: str | None = None,
                 fast: bool = True) -> Features:
-        if fast and self.fast is not None and query.is_text_only and document.is_text_only:
-            result = self.prepare_many([(query, document, instruction)])[0]
-            if isinstance(result, BaseException):
-                raise result
-            return result
+        return self._prepare((query, document, instruction), fast)
+
+    def _where(self, query: InputItem, document: InputItem, instruction: str | None) -> str:
+        return document.where
+
+    def _fast_texts(self, query: InputItem, document: InputItem, instruction: str | None) -> tuple[str, None] | None:
+        if not (query.is_text_only and document.is_text_only):
+            return None
+        instruction = query.instruction or instruction
+        self.check_texts(query, instruction)
+        self.check_texts(document, None)
+        # The user turn's text items render as one concatenated string.
+        return ("<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION) + "<Query>:"
+                + ("".join(query.texts) if query.texts else "NULL") + "\n<Document>:"
+                + ("".join(document.texts) if document.texts else "NULL")), None
+
+    def _prepare_slow(self, query: InputItem, document: InputItem, instruction: str | None) -> Features:
         instruction = query.instruction or instruction
         self.check_texts(query, instruction)
         self.check_texts(document, None)
@@ -601,28 +633,6 @@ class RerankerModel(_QwenVL):
             conversation = self.conversation(query, document, instruction, stack, opened)
             features = self._process(conversation, document.where)
         return self._fit(features, document.where)
-
-    def prepare_many(self, works: list[tuple[InputItem, InputItem, str | None]]) -> list[Features | Exception]:
-        """`prepare` of each (query, document, request instruction), or the exception it raised; the
-        text-only pairs are tokenised together in one call."""
-        out: list = [None] * len(works)
-        texts: list[tuple[int, str]] = []
-        for i, (query, document, instruction) in enumerate(works):
-            if self.fast is None or not (query.is_text_only and document.is_text_only):
-                out[i] = _attempt(self.prepare, query, document, instruction)
-                continue
-            instruction = query.instruction or instruction
-            out[i] = _attempt(self.check_texts, query, instruction) or _attempt(self.check_texts, document, None)
-            if out[i] is None:
-                # The user turn's text items render as one concatenated string.
-                texts.append((i, "<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION) + "<Query>:"
-                              + ("".join(query.texts) if query.texts else "NULL") + "\n<Document>:"
-                              + ("".join(document.texts) if document.texts else "NULL")))
-        if texts:
-            rows = self.fast.ids_many([t[1] for t in texts], [None] * len(texts))
-            for (i, _), ids in zip(texts, rows):
-                out[i] = _attempt(self._fit, Features(ids), works[i][1].where)
-        return out
 
     def _fit(self, features: Features, where: str) -> Features:
         # Official truncation: everything before the last `suffix_len` tokens is cut to max_length
