@@ -215,8 +215,9 @@ class Engine:
         self.load_error: str | None = None
         self.loading = "starting"  # what load() is doing now, for status reports
         self.load_seconds: dict[str, float] = dict.fromkeys(LOAD_STAGES, 0.0)
-        self._stage: str | None = None
+        self._stage: str | None = None  # the LOAD_STAGES entry whose time is being counted
         self._stage_began = 0.0
+        self._loaded_after: float | None = None  # seconds from start to the end of loading
         self.started_at = time.monotonic()
         self.scheduler = Scheduler(BatchPolicy(batching.max_batch_size, batching.max_batch_tokens or CPU_BATCH_TOKENS,
                                                batching.max_wait_ms / 1000.0))
@@ -261,16 +262,16 @@ class Engine:
             self.loading = what
             log.info(what)
         else:
-            self.loading = "done"
-            self.load_seconds["total"] = now - self.started_at
+            self._loaded_after = now - self.started_at
 
     def load_report(self) -> LoadReport:
         """Where loading stands, or how long it took, by stage."""
+        now = time.monotonic()
         seconds = dict(self.load_seconds)
         if self._stage is not None:  # the stage in progress, so far
-            seconds[self._stage] += time.monotonic() - self._stage_began
-        total = seconds.pop("total", time.monotonic() - self.started_at)
-        return LoadReport(step=None if self.loading == "done" else self.loading, total_s=total,
+            seconds[self._stage] += now - self._stage_began
+        total = self._loaded_after if self._loaded_after is not None else now - self.started_at
+        return LoadReport(step=self.loading if self.state is EngineState.LOADING else None, total_s=total,
                           **{f"{stage}_s": seconds[stage] for stage in LOAD_STAGES})
 
     def _size_batches(self) -> None:
