@@ -43,3 +43,11 @@ def too_large(message: str) -> RequestError:
 
 class ModelLoadError(Exception):
     """A model could not be loaded; the message is one line an operator can act on."""
+
+
+def attempt(fn, *args):
+    """fn(*args), or the exception it raised: where one input's failure is that input's result."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelSettings
-from .errors import ModelLoadError, input_error, too_large
+from .errors import ModelLoadError, attempt, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, VideoSource
 
@@ -250,14 +250,6 @@ def _mm_token_types(processor) -> list[tuple[int, list[int]]] | None:
     return [(value, [t for t in (getattr(processor, name, None) or ()) if t is not None]) for value, name in kinds]
 
 
-def _attempt(fn, *args) -> Any:
-    """fn(*args), or the exception it raised (one input's failure is that input's result)."""
-    try:
-        return fn(*args)
-    except Exception as exc:
-        return exc
-
-
 class _QwenVL:
     """What the embedding model and the reranker share: loading, media, processor, collation."""
 
@@ -438,17 +430,17 @@ class _QwenVL:
         out: list = [None] * len(works)
         texts: list[tuple[int, str, str | None]] = []  # (position, user text, system text)
         for i, work in enumerate(works):
-            found = _attempt(self._fast_texts, *work) if self.fast is not None else None
+            found = attempt(self._fast_texts, *work) if self.fast is not None else None
             if isinstance(found, Exception):
                 out[i] = found
             elif found is None:
-                out[i] = _attempt(self._prepare_slow, *work)
+                out[i] = attempt(self._prepare_slow, *work)
             else:
                 texts.append((i, *found))
         if texts:
             rows = self.fast.ids_many([t[1] for t in texts], [t[2] for t in texts])
             for (i, _, _), ids in zip(texts, rows):
-                out[i] = _attempt(self._fit, Features(ids), self._where(*works[i]))
+                out[i] = attempt(self._fit, Features(ids), self._where(*works[i]))
         return out
 
     # -- forward ---------------------------------------------------------------------------------

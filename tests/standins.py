@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from daemon.backends import EMBEDDING, RERANKER, BackendInfo, Backend, EmbedWork, RerankWork
-from daemon.errors import input_error
+from daemon.errors import attempt, input_error
 
 
 @dataclass
@@ -50,13 +50,7 @@ class StandIn:
         return Prepared(text, max(1, len(text)))
 
     def prepare_many(self, works: list) -> list:
-        out = []
-        for work in works:
-            try:
-                out.append(self.prepare(work))
-            except Exception as exc:
-                out.append(exc)
-        return out
+        return [attempt(self.prepare, work) for work in works]
 
     def forward(self, batch: list[Prepared]) -> list:
         with self.lock:

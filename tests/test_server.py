@@ -3,6 +3,7 @@ handler → socket, and what happens when a handler or a backend misbehaves."""
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from daemon.backends import EMBEDDING
 from daemon.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.handlers import INLINE_REPLY_FLOATS
-from daemon.server import Server
+from daemon.server import Outbox, Server
 from standins import StandIn, loader
 
 
@@ -80,8 +81,6 @@ def test_metrics_count_replies_built_on_either_thread(serve):
 def test_the_outbox_loses_no_completion_posted_from_many_threads_and_rings_once_per_burst():
     """Only a post that finds the outbox empty rings: every other post must still be taken, whatever
     the interleaving with the loop's drain-then-take."""
-    from daemon.server import Outbox
-
     outbox, threads, per_thread = Outbox(), 8, 3000
     received: list = []
     wakeups = 0
@@ -94,7 +93,6 @@ def test_the_outbox_loses_no_completion_posted_from_many_threads_and_rings_once_
     posters = [threading.Thread(target=post, args=(k,)) for k in range(threads)]
     for t in posters:
         t.start()
-    import select
     while len(received) < threads * per_thread:
         # The loop sleeps until rung: an item left without a wake-up would stall here.
         ready, _, _ = select.select([outbox.wake.fileno()], [], [], 5.0)
