@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol, Sequence
 
 from .config import DaemonConfig
 from .errors import ModelLoadError
+from .fingerprint import fingerprint_model
 from .inputs import InputItem
+from .quantize import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class BackendInfo:
     dtype: str  # float32, bfloat16, ...
     max_length: int  # tokens per input
     hidden_size: int | None = None  # the embedding's full dimension
+    fingerprint: str | None = None  # of the model's files (fingerprint.py)
 
 
 class Prepared(Protocol):
@@ -120,11 +123,12 @@ class RerankerBackend(_TorchBackend):
         return self.model.score(batch)
 
 
-def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None]) -> None:
-    """Put the configured models into `backends` as each is loaded, then warm them up.
-    `step(what, stage)` is called before each step, with the stage its time counts in (import,
-    weights, warmup); it raises to stop loading between two steps. A model that cannot load raises
-    ModelLoadError."""
+def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None],
+                        calibration: Calibration | None = None) -> None:
+    """Put the configured models into `backends` as each is loaded and fingerprinted, then warm them
+    up. `step(what, stage)` is called before each step, with the stage its time counts in (import,
+    weights, fingerprint, warmup); it raises to stop loading between two steps. A model that cannot
+    load raises ModelLoadError, and so does an int8 `calibration` made with another embedding model."""
     from .inputs import MediaReader
 
     step("importing torch and transformers", "import")
@@ -134,16 +138,36 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
     media = MediaReader(config.media)
     if config.embedding is not None:
         step(f"loading embedding model {config.embedding.name}", "weights")
-        backends[EMBEDDING] = EmbeddingBackend(EmbeddingModel(config.embedding, media))
-        _check_dimension_setting(config, backends[EMBEDDING].info)
+        backend = EmbeddingBackend(EmbeddingModel(config.embedding, media))
+        _check_dimension_setting(config, backend.info)
+        backends[EMBEDDING] = _fingerprinted(backend, config, step)
+        _check_calibration(calibration, backends[EMBEDDING].info)
     if config.reranker is not None:
         step(f"loading reranker model {config.reranker.name}", "weights")
-        backends[RERANKER] = RerankerBackend(RerankerModel(config.reranker, media))
+        backend = RerankerBackend(RerankerModel(config.reranker, media))
+        backends[RERANKER] = _fingerprinted(backend, config, step)
     _tokenizer_threads(backends)
     if config.warmup:
         for kind, backend in backends.items():
             step(f"warming up the {kind} model", "warmup")
             backend.warmup()
+
+
+def _fingerprinted(backend: "_TorchBackend", config: DaemonConfig, step: Callable[..., None]):
+    """The backend, its info carrying the fingerprint of the files it was loaded from."""
+    step(f"fingerprinting {backend.info.name}", "fingerprint")
+    found = fingerprint_model(backend.info.name, config.fingerprint_cache)
+    log.info("%s: fingerprint %s (%d files, %.2f GB, %.2f GB hashed now, %.2f s)", backend.info.name, found.value,
+             found.files, found.bytes / 1e9, found.hashed_bytes / 1e9, found.seconds)
+    backend.info = replace(backend.info, fingerprint=found.value)
+    return backend
+
+
+def _check_calibration(calibration: Calibration | None, info: BackendInfo) -> None:
+    if calibration is not None and calibration.fingerprint != info.fingerprint:
+        raise ModelLoadError(
+            f"the int8 calibration was made with embedding model fingerprint {calibration.fingerprint}, but "
+            f"{info.name} has fingerprint {info.fingerprint}; run `qwen3vl-daemon calibrate` again for this model")
 
 
 def _tokenizer_threads(backends: dict[str, Backend]) -> None:

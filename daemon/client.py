@@ -20,11 +20,11 @@ import zmq
 import zmq.asyncio
 
 from .config import client_endpoint
-from .protocol import (DaemonError, EmbedReply, ErrorCode, RerankReply, checked, decode_reply, embed_request,
-                       health_request, pack, rerank_request, with_deadline)
+from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, checked, decode_reply,
+                       embed_request, health_request, pack, rerank_request, with_deadline)
 
 __all__ = ["Client", "AsyncClient", "CurveKeys", "DaemonError", "DaemonTimeout", "DaemonUnavailable",
-           "EmbedResult", "RerankResult", "split_endpoints"]
+           "ModelMismatch", "EmbedResult", "RerankResult", "split_endpoints"]
 
 RETRY_ELSEWHERE = (ErrorCode.SHUTTING_DOWN.value,)  # error codes that another daemon may not give
 DEFAULT_TIMEOUT_S = 60.0  # a request's whole time, retries on other daemons included
@@ -195,13 +195,18 @@ class Client:
         raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s")
 
     def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
-              normalize: bool = True, timeout: float | None = None) -> EmbedResult:
-        payload = embed_request(inputs, instruction, dimension, normalize)
+              normalize: bool = True, timeout: float | None = None, encoding: str | None = None,
+              expect_fingerprint: str | None = None) -> EmbedResult:
+        """Embeddings of `inputs`. `encoding` (float32 by default; int8, uint8, binary, ubinary) sets
+        the array's type; `expect_fingerprint` refuses another model (ModelMismatch)."""
+        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint)
         return EmbedReply.from_wire(checked(self.request(payload, timeout)))
 
     def rerank(self, query: Any, documents: list, instruction: str | None = None,
-               timeout: float | None = None) -> RerankResult:
-        payload = rerank_request(query, documents, instruction)
+               timeout: float | None = None, top_n: int | None = None,
+               expect_fingerprint: str | None = None) -> RerankResult:
+        """Scores in document order; with `top_n`, also `top`: the best documents' indices."""
+        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint)
         return RerankReply.from_wire(checked(self.request(payload, timeout)))
 
     def health(self, timeout: float | None = None) -> dict:
@@ -288,13 +293,15 @@ class AsyncClient:
             self._pending.pop(request_id, None)
 
     async def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
-                    normalize: bool = True, timeout: float | None = None) -> EmbedResult:
-        payload = embed_request(inputs, instruction, dimension, normalize)
+                    normalize: bool = True, timeout: float | None = None, encoding: str | None = None,
+                    expect_fingerprint: str | None = None) -> EmbedResult:
+        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint)
         return EmbedReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def rerank(self, query: Any, documents: list, instruction: str | None = None,
-                     timeout: float | None = None) -> RerankResult:
-        payload = rerank_request(query, documents, instruction)
+                     timeout: float | None = None, top_n: int | None = None,
+                     expect_fingerprint: str | None = None) -> RerankResult:
+        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint)
         return RerankReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def health(self, timeout: float | None = None) -> dict:

@@ -46,6 +46,15 @@ def client_endpoint(env: dict[str, str] | None = None, system_socket: Path = SYS
     return f"ipc://{own}"
 
 
+def default_fingerprint_cache(env: dict[str, str] | None = None) -> Path:
+    """`fingerprints.json` under systemd's $CACHE_DIRECTORY, else $XDG_CACHE_HOME or ~/.cache/qwen3vl-daemon."""
+    env = os.environ if env is None else env
+    base = env.get("CACHE_DIRECTORY", "").split(":")[0]
+    if base:
+        return Path(base) / "fingerprints.json"
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3vl-daemon" / "fingerprints.json"
+
+
 def show_envvars(command) -> None:
     """Make a click command's `--help` name each option's environment variable."""
     for param in command.params:
@@ -130,3 +139,6 @@ class DaemonConfig:
     # public keys (both as `qwen3vl-daemon keygen` writes them).
     curve_secret_key: Path | None = None
     curve_authorized_keys: Path | None = None
+    # Where model files' digests are kept between starts (fingerprint.py); None: hash every start.
+    fingerprint_cache: Path | None = field(default_factory=lambda: default_fingerprint_cache())
+    int8_calibration: Path | None = None  # per-dimension int8/uint8 ranges (`calibrate`); None: the fixed scale

@@ -181,7 +181,7 @@ class FairQueue:
             return chunk
 
 
-LOAD_STAGES = ("import", "weights", "warmup")  # where the time to READY goes
+LOAD_STAGES = ("import", "weights", "fingerprint", "warmup")  # where the time to READY goes
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,12 @@ class LoadReport:
     total_s: float  # from the engine's start to READY (so far, while loading)
     import_s: float
     weights_s: float
+    fingerprint_s: float
     warmup_s: float
 
     def describe(self) -> str:
         return (f"import {self.import_s:.1f} s, weights {self.weights_s:.1f} s, "
-                f"warm-up {self.warmup_s:.1f} s")
+                f"fingerprint {self.fingerprint_s:.2f} s, warm-up {self.warmup_s:.1f} s")
 
 
 @dataclass(frozen=True)

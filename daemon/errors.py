@@ -15,18 +15,20 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "shutting_down"  # the daemon is draining and takes no new work
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline_ms passed before its work was done
     INTERNAL = "internal"  # a fault inside the daemon (forward failed, non-finite output)
+    MODEL_MISMATCH = "model_mismatch"  # the request's expect_fingerprint is not the loaded model's
 
 
 class RequestError(Exception):
     """Fails one request with a protocol error code; the message names the field and input index."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, details: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details or {}  # extra fields of the error map (model_mismatch: expected, actual)
 
     def to_wire(self) -> dict:
-        return {"code": self.code.value, "message": self.message}
+        return {**self.details, "code": self.code.value, "message": self.message}
 
 
 def invalid(message: str) -> RequestError:
@@ -39,6 +41,12 @@ def input_error(message: str) -> RequestError:
 
 def too_large(message: str) -> RequestError:
     return RequestError(ErrorCode.TOO_LARGE, message)
+
+
+def model_mismatch(kind: str, expected: str, actual: str | None) -> RequestError:
+    return RequestError(ErrorCode.MODEL_MISMATCH,
+                        f"expect_fingerprint: the request expects the {kind} model {expected}, "
+                        f"this daemon serves {actual}", {"expected": expected, "actual": actual})
 
 
 class ModelLoadError(Exception):

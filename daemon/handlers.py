@@ -18,12 +18,13 @@ from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
 from .cache import EmbeddingCache, cache_key
 from .config import DaemonConfig
 from .engine import Engine, Job, JobResult, Task
-from .errors import invalid
+from .errors import invalid, model_mismatch
 from .inputs import InputItem
 from .metrics import Metrics
 from .models import cut_and_normalize
 from .protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
-                       ModelHealth, RerankReply, RerankRequest, Reply, Request)
+                       ModelHealth, RerankReply, RerankRequest, Reply, Request, top_indices)
+from .quantize import PACKED, SCALED, Quantizer, quantize
 
 # Text-only requests this small are tokenized on the socket thread: that costs less than a thread
 # handoff. Bounded in characters too, so the socket thread's work never grows with a client's input.
@@ -35,12 +36,14 @@ INLINE_REPLY_FLOATS, INLINE_REPLY_LIST_FLOATS = 1 << 18, 1 << 12
 
 @dataclass
 class Context:
-    """What handlers work with: the settings, the engine, the counters, the embedding cache."""
+    """What handlers work with: the settings, the engine, the counters, the embedding cache, and the
+    int8/uint8 quantizer."""
 
     config: DaemonConfig
     engine: Engine
     metrics: Metrics
     cache: EmbeddingCache | None = None
+    quantizer: Quantizer = Quantizer()
 
 
 class Handler:
@@ -80,6 +83,15 @@ def estimate_tokens(item: InputItem, cap: int) -> int:
     return min(cap, 128 + text + 1800 * len(item.images) + 7680 * len(item.videos))
 
 
+def _loaded(ctx: Context, kind: str, expected: str | None):
+    """The backend of `kind` (RequestError `not_loaded` while loading), refusing a request that
+    expects another model's fingerprint."""
+    backend = ctx.engine.backend(kind)
+    if expected is not None and expected != backend.info.fingerprint:
+        raise model_mismatch(kind, expected, backend.info.fingerprint)
+    return backend
+
+
 def _job(backend, tasks: list[Task], items: tuple[InputItem, ...], text: tuple[InputItem, ...],
          request: EmbedRequest | RerankRequest, **fields) -> Job:
     """The job of `tasks`: admitted by the estimated tokens of `items` (capped by the backend's
@@ -94,10 +106,11 @@ class EmbedHandler(Handler):
     op = "embed"
 
     def start(self, request: EmbedRequest) -> Job:
-        backend = self.ctx.engine.backend(EMBEDDING)
+        backend = _loaded(self.ctx, EMBEDDING, request.expect_fingerprint)
         top = backend.info.hidden_size
         if request.dimension is not None and request.dimension > top:
             raise invalid(f"dimension: {request.dimension} exceeds the model's {top}")
+        self._check_encoding(request)
         cache, keys, known, tasks = self.ctx.cache, {}, {}, []
         for i, item in enumerate(request.inputs):
             key = cache_key(backend.info.name, item, request.instruction) if cache else None
@@ -116,8 +129,24 @@ class EmbedHandler(Handler):
         raw = np.stack(result.values).astype(np.float32, copy=False)
         dimension = self._dimension(request)
         vectors = cut_and_normalize(raw, dimension, request.normalize)
-        return EmbedReply(vectors, dimension, self.ctx.engine.backends[EMBEDDING].info.name, result.tokens,
-                          request.encoding)
+        info, encoding, label = self.ctx.engine.backends[EMBEDDING].info, request.encoding, None
+        if encoding in PACKED:
+            vectors = quantize(vectors, encoding)
+        elif encoding in SCALED:
+            scale = self.ctx.quantizer.scale(dimension)
+            vectors, label = quantize(vectors, encoding, scale), scale.label
+        return EmbedReply(vectors, dimension, info.name, result.tokens, encoding, info.fingerprint, label)
+
+    def _check_encoding(self, request: EmbedRequest) -> None:
+        """What the compact encodings need of the output dimension, refused before any work."""
+        dimension = self._dimension(request)
+        if request.encoding in PACKED and dimension % 8:
+            raise invalid(f"dimension: {request.encoding} packs 8 components per byte; {dimension} is not a "
+                          "multiple of 8")
+        if request.encoding in SCALED and self.ctx.quantizer.scale(dimension) is None:
+            covered = ", ".join(map(str, self.ctx.quantizer.covered()))
+            raise invalid(f"dimension: the operator's int8 calibration has no ranges for dimension {dimension} "
+                          f"(it covers {covered}); ask for one of those, or float32")
 
     def small_reply(self, request: EmbedRequest) -> bool:
         floats = len(request.inputs) * self._dimension(request)
@@ -132,14 +161,15 @@ class RerankHandler(Handler):
     op = "rerank"
 
     def start(self, request: RerankRequest) -> Job:
-        backend = self.ctx.engine.backend(RERANKER)
+        backend = _loaded(self.ctx, RERANKER, request.expect_fingerprint)
         tasks = [Task(RERANKER, i, RerankWork(request.query, doc, request.instruction), doc.where)
                  for i, doc in enumerate(request.documents)]
         return _job(backend, tasks, request.documents, (request.query, *request.documents), request)
 
     def finish(self, request: RerankRequest, job: Job, result: JobResult) -> RerankReply:
-        return RerankReply([float(s) for s in result.values], self.ctx.engine.backends[RERANKER].info.name,
-                           result.tokens)
+        info, scores = self.ctx.engine.backends[RERANKER].info, [float(s) for s in result.values]
+        top = top_indices(scores, request.top_n) if request.top_n is not None else None
+        return RerankReply(scores, info.name, result.tokens, info.fingerprint, top)
 
 
 class HealthHandler(Handler):
@@ -153,21 +183,27 @@ class HealthHandler(Handler):
         embedding, reranker = engine.backends.get(EMBEDDING), engine.backends.get(RERANKER)
         first = embedding or reranker
         max_dim = embedding.info.hidden_size if embedding is not None else None
-        emb, rr = config.embedding, config.reranker
+        emb, rr, quantizer = config.embedding, config.reranker, self.ctx.quantizer
         return HealthReply(
             status=status.state.value, version=__version__, uptime_s=status.uptime_s,
             queue_depth=status.queue_depth, queued_tokens=status.queued_tokens,
             device=first.info.device if first is not None else None,
             dtype=first.info.dtype if first is not None else None,
             embedding=ModelHealth(emb.name if emb else None, emb is not None, embedding is not None,
-                                  config.embedding_dim or max_dim, max_dim),
-            reranker=ModelHealth(rr.name if rr else None, rr is not None, reranker is not None),
+                                  config.embedding_dim or max_dim, max_dim, _fingerprint(embedding),
+                                  quantizer.label if emb else None, (quantizer.covered() or None) if emb else None),
+            reranker=ModelHealth(rr.name if rr else None, rr is not None, reranker is not None,
+                                 fingerprint=_fingerprint(reranker)),
             stats={**{k: round(v, 6) for k, v in self.ctx.metrics.batching().items()},
                    "cache_hits": cache.hits if cache else 0, "cache_misses": cache.misses if cache else 0,
                    "cache_bytes": cache.size_bytes if cache else 0},
             load={key: round(value, 3) if isinstance(value, float) else value
                   for key, value in asdict(engine.load_report()).items()},
         )
+
+
+def _fingerprint(backend) -> str | None:
+    return backend.info.fingerprint if backend is not None else None
 
 
 class MetricsHandler(Handler):

@@ -1,4 +1,5 @@
-"""The command line: `serve`, `tiny-checkpoint`, and the client commands `embed`, `rerank`, `health`.
+"""The command line: `serve`, `tiny-checkpoint`, `keygen`, and the client commands `embed`, `rerank`,
+`health` and `calibrate`.
 
 Every `serve` option can also come from the environment (`QWEN3VL_*`); the old sidecar's
 `EMBEDDING_MODEL`, `RERANKER_MODEL`, `EMBEDDING_DIM` and `DEVICE` are honoured too.
@@ -139,6 +140,13 @@ def _limit_options(fn):
 @click.option("--drain-timeout", envvar="QWEN3VL_DRAIN_TIMEOUT", type=click.FloatRange(min=0),
               default=DaemonConfig.drain_timeout_s, show_default=True,
               help="Seconds to finish accepted requests after SIGTERM.")
+@click.option("--fingerprint-cache", envvar="QWEN3VL_FINGERPRINT_CACHE", default=None,
+              show_default="fingerprints.json under $CACHE_DIRECTORY, else ~/.cache/qwen3vl-daemon",
+              help="File that keeps model files' digests between starts, so a restart hashes nothing; 'none' "
+                   "hashes every start.")
+@click.option("--int8-calibration", envvar="QWEN3VL_INT8_CALIBRATION", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="int8/uint8 ranges from `qwen3vl-daemon calibrate`; without it, a fixed scale for unit vectors.")
 @click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=DaemonConfig.warmup, show_default=True,
               help="Run one short forward per model before reporting ready.")
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True,
@@ -191,7 +199,15 @@ def config_from_options(o: dict) -> DaemonConfig:
         embedding_dim=o["embedding_dim"], media=media, limits=limits, batching=batching, warmup=o["warmup"],
         socket_mode=_octal(o["socket_mode"]), curve_secret_key=o["curve_secret_key"],
         curve_authorized_keys=o["curve_authorized_keys"], drain_timeout_s=o["drain_timeout"],
+        int8_calibration=o["int8_calibration"], **_fingerprint_cache(o["fingerprint_cache"]),
     )
+
+
+def _fingerprint_cache(value: str | None) -> dict:
+    """The config field for --fingerprint-cache: unset keeps the default, 'none' disables it."""
+    if value is None:
+        return {}
+    return {"fingerprint_cache": None if is_disabled(value) else Path(value)}
 
 
 def _octal(text: str) -> int:
@@ -303,9 +319,12 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Embed every text and file on its own instead of as one input.")
 @click.option("--instruction", default=None, help="Task instruction (default: \"Represent the user's input.\").")
 @click.option("--dimension", type=click.IntRange(min=1), default=None, help="Output dimension (Matryoshka).")
+@click.option("--encoding", type=click.Choice(["float32", "int8", "uint8", "binary", "ubinary"]), default="float32",
+              show_default=True, help="Vector type: compact types print integers (binary: packed sign bits).")
+@click.option("--expect-fingerprint", default=None, help="Refuse unless the daemon serves this model (health).")
 @_client_options
-def embed(texts, images, videos, frames, separate, instruction, dimension, endpoint, timeout, curve_server_key,
-          curve_client_key) -> None:
+def embed(texts, images, videos, frames, separate, instruction, dimension, encoding, expect_fingerprint, endpoint,
+          timeout, curve_server_key, curve_client_key) -> None:
     """Embed TEXTS and media; prints JSON.
 
     Texts alone are one input each. With --image, --video or --frame, the texts and media make one
@@ -313,22 +332,30 @@ def embed(texts, images, videos, frames, separate, instruction, dimension, endpo
     if not (texts or images or videos or frames):
         raise click.UsageError("give at least one text, --image, --video or --frame")
     inputs, names = embed_inputs(texts, images, videos, frames, separate)
-    result = _run_client(lambda c: c.embed(inputs, instruction, dimension), names)(
+    result = _run_client(lambda c: c.embed(inputs, instruction, dimension, encoding=encoding,
+                                           expect_fingerprint=expect_fingerprint), names)(
         endpoint, timeout, curve_server_key, curve_client_key)
-    click.echo(json.dumps({"model": result.model, "dimension": result.dimension, "tokens": result.tokens,
-                           "embeddings": [[round(float(x), 6) for x in row] for row in result.embeddings]}))
+    rows = ([[round(float(x), 6) for x in row] for row in result.embeddings] if encoding == "float32"
+            else result.embeddings.tolist())
+    click.echo(json.dumps({"model": result.model, "fingerprint": result.fingerprint, "dimension": result.dimension,
+                           "encoding": encoding, "tokens": result.tokens, "embeddings": rows}))
 
 
 @cli.command()
 @click.argument("query")
 @click.argument("documents", nargs=-1, required=True)
 @click.option("--instruction", default=None, help="Task instruction (default: the official retrieval one).")
+@click.option("--top-n", type=click.IntRange(min=1), default=None, help="Also list the N best documents' indices.")
+@click.option("--expect-fingerprint", default=None, help="Refuse unless the daemon serves this model (health).")
 @_client_options
-def rerank(query, documents, instruction, endpoint, timeout, curve_server_key, curve_client_key) -> None:
+def rerank(query, documents, instruction, top_n, expect_fingerprint, endpoint, timeout, curve_server_key,
+           curve_client_key) -> None:
     """Score DOCUMENTS against QUERY; prints JSON."""
-    result = _run_client(lambda c: c.rerank(query, list(documents), instruction))(
+    result = _run_client(lambda c: c.rerank(query, list(documents), instruction, top_n=top_n,
+                                            expect_fingerprint=expect_fingerprint))(
         endpoint, timeout, curve_server_key, curve_client_key)
-    click.echo(json.dumps({"model": result.model, "tokens": result.tokens, "scores": result.scores}))
+    body = {"model": result.model, "fingerprint": result.fingerprint, "tokens": result.tokens, "scores": result.scores}
+    click.echo(json.dumps(body if result.top is None else {**body, "top": result.top}))
 
 
 @cli.command()
@@ -336,6 +363,42 @@ def rerank(query, documents, instruction, endpoint, timeout, curve_server_key, c
 def health(endpoint, timeout, curve_server_key, curve_client_key) -> None:
     """Print the daemon's health as JSON (with several endpoints: the one that answered)."""
     click.echo(json.dumps(_run_client(lambda c: c.health())(endpoint, timeout, curve_server_key, curve_client_key)))
+
+
+@cli.command()
+@click.argument("sample", type=FILE)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Calibration file to write (pass it to `serve --int8-calibration`).")
+@click.option("--dimension", "dimensions", multiple=True, type=click.IntRange(min=1),
+              help="Output dimension to calibrate (repeatable; default: the full size, the daemon's default "
+                   "and the powers of two from 32).")
+@click.option("--instruction", default=None, help="The instruction the inputs are embedded with.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Inputs per request.")
+@_client_options
+def calibrate(sample, out, dimensions, instruction, batch, endpoint, timeout, curve_server_key,
+              curve_client_key) -> None:
+    """int8/uint8 ranges from SAMPLE, one input per line (a text, or a JSON input object), embedded by
+    the running daemon; prints a summary as JSON."""
+    from .calibrate import RECOMMENDED_SAMPLES, calibrate as run, read_sample
+
+    try:
+        inputs = read_sample(sample)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if len(inputs) < RECOMMENDED_SAMPLES:
+        click.echo(f"qwen3vl-daemon: note: {len(inputs)} inputs; ranges from fewer than {RECOMMENDED_SAMPLES} "
+                   "may clip values the sample did not show", err=True)
+
+    def call(client):
+        try:
+            return run(client, inputs, list(dimensions) or None, instruction, batch)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    result = _run_client(call)(endpoint, timeout, curve_server_key, curve_client_key)
+    result.save(out)
+    click.echo(json.dumps({"out": str(out), "fingerprint": result.fingerprint, "samples": result.samples,
+                           "dimensions": sorted(result.ranges), "id": result.id}))
 
 
 def main() -> None:

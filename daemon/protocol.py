@@ -19,17 +19,19 @@ import numpy as np
 from .config import Limits, MediaPolicy
 from .errors import ErrorCode, RequestError, invalid, too_large
 from .inputs import InputItem, parse_input, parse_instruction
+from .quantize import COMPACT, SCALED, row_bytes
 
 __all__ = [
     "PROTOCOL_VERSION", "OPS", "ENCODINGS", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
-    "DaemonError", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
+    "DaemonError", "ModelMismatch", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
     "EmbedReply", "RerankReply", "HealthReply", "ModelHealth", "MetricsReply", "Reply",
     "pack", "unpack", "decode_payload", "parse_request", "encode_reply", "encode_error", "decode_reply",
-    "checked", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
+    "checked", "top_indices", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
 ]
 
 PROTOCOL_VERSION = 1
-ENCODINGS = ("float32", "list")
+ENCODINGS = ("float32", "list", *COMPACT)
+MAX_FINGERPRINT_CHARS = 128
 MAX_DEADLINE_MS = 86_400_000  # one day
 DEADLINE_OPS = ("embed", "rerank")  # the ops that take deadline_ms
 
@@ -115,6 +117,17 @@ def _deadline(payload: dict) -> float | None:
     return float(value)
 
 
+def _expect_fingerprint(payload: dict) -> str | None:
+    """`expect_fingerprint`: the model fingerprint (health) the client built its index with; nil or
+    absent: any model."""
+    value = payload.get("expect_fingerprint")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_FINGERPRINT_CHARS:
+        raise invalid("expect_fingerprint: expected a fingerprint string (as health reports it), or nil")
+    return value
+
+
 def _required(payload: dict, *names: str) -> None:
     for name in names:
         if name not in payload:
@@ -125,7 +138,8 @@ def _required(payload: dict, *names: str) -> None:
 class EmbedRequest:
     op: ClassVar[str] = "embed"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding", "deadline_ms"})
+        {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding", "deadline_ms",
+         "expect_fingerprint"})
 
     id: Any
     inputs: tuple[InputItem, ...]
@@ -134,6 +148,7 @@ class EmbedRequest:
     normalize: bool = True
     encoding: str = "float32"
     deadline_ms: float | None = None
+    expect_fingerprint: str | None = None
 
     @classmethod
     def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "EmbedRequest":
@@ -153,21 +168,27 @@ class EmbedRequest:
             encoding = "float32"
         if not isinstance(encoding, str) or encoding not in ENCODINGS:
             raise invalid(f"encoding: expected one of {', '.join(ENCODINGS)}")
+        if encoding in SCALED and not normalize:
+            raise invalid(f"normalize: {encoding} quantizes unit vectors; it needs normalize true")
         return cls(id=payload.get("id"), inputs=inputs,
                    instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
-                   dimension=dimension, normalize=normalize, encoding=encoding, deadline_ms=_deadline(payload))
+                   dimension=dimension, normalize=normalize, encoding=encoding, deadline_ms=_deadline(payload),
+                   expect_fingerprint=_expect_fingerprint(payload))
 
 
 @dataclass(frozen=True)
 class RerankRequest:
     op: ClassVar[str] = "rerank"
-    FIELDS: ClassVar[frozenset[str]] = frozenset({"op", "id", "query", "documents", "instruction", "deadline_ms"})
+    FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"op", "id", "query", "documents", "instruction", "deadline_ms", "top_n", "expect_fingerprint"})
 
     id: Any
     query: InputItem
     documents: tuple[InputItem, ...]
     instruction: str | None = None
     deadline_ms: float | None = None
+    top_n: int | None = None
+    expect_fingerprint: str | None = None
 
     @classmethod
     def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "RerankRequest":
@@ -180,7 +201,16 @@ class RerankRequest:
                                   limits, media),
             instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
             deadline_ms=_deadline(payload),
+            top_n=_top_n(payload),
+            expect_fingerprint=_expect_fingerprint(payload),
         )
+
+
+def _top_n(payload: dict) -> int | None:
+    value = payload.get("top_n")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise invalid("top_n: expected a positive integer or nil")
+    return value
 
 
 @dataclass(frozen=True)
@@ -221,35 +251,56 @@ def parse_request(payload: dict, limits: Limits, media: MediaPolicy) -> Request:
 
 
 # -- replies ----------------------------------------------------------------------------------------
+# The element type of each binary encoding's rows (float32: little-endian).
+ENCODING_DTYPES = {"float32": np.dtype("<f4"), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
+                   "binary": np.dtype(np.int8), "ubinary": np.dtype(np.uint8)}
+
+
 @dataclass(frozen=True)
 class EmbedReply:
-    """`embeddings` is float32, shape (count, dimension), in input order."""
+    """`embeddings`, in input order: float32 (count, dimension) for float32 and list; int8/uint8
+    (count, dimension); binary/ubinary (count, dimension / 8), the packed sign bits."""
 
     embeddings: np.ndarray
     dimension: int
     model: str
     tokens: int
     encoding: str = "float32"
+    fingerprint: str | None = None  # the embedding model's (health)
+    quantization: str | None = None  # int8/uint8: the map's name ("fixed" or "calibrated:<id>")
 
     @property
     def count(self) -> int:
         return int(self.embeddings.shape[0])
 
     def to_wire(self) -> dict:
-        vectors = np.ascontiguousarray(self.embeddings, dtype="<f4")
-        encoded = vectors.tobytes() if self.encoding == "float32" else vectors.tolist()
-        return {"embeddings": encoded, "dimension": self.dimension, "count": self.count,
-                "encoding": self.encoding, "model": self.model, "tokens": self.tokens}
+        if self.encoding == "list":
+            encoded = np.asarray(self.embeddings, dtype=np.float32).tolist()
+        else:
+            encoded = np.ascontiguousarray(self.embeddings, dtype=ENCODING_DTYPES[self.encoding]).tobytes()
+        body = {"embeddings": encoded, "dimension": self.dimension, "count": self.count,
+                "encoding": self.encoding, "model": self.model, "tokens": self.tokens,
+                "fingerprint": self.fingerprint}
+        if self.quantization is not None:
+            body["quantization"] = self.quantization
+        return body
 
     @classmethod
     def from_wire(cls, body: dict) -> "EmbedReply":
         count, dim = body["count"], body["dimension"]
         encoding = body.get("encoding", "float32")
-        if encoding == "float32":
-            vectors = np.frombuffer(body["embeddings"], dtype="<f4").reshape(count, dim)
-        else:
+        if encoding == "list":
             vectors = np.asarray(body["embeddings"], dtype=np.float32).reshape(count, dim)
-        return cls(vectors, dim, body["model"], body["tokens"], encoding)
+        else:
+            vectors = np.frombuffer(body["embeddings"], dtype=ENCODING_DTYPES[encoding]).reshape(
+                count, row_bytes(encoding, dim) if encoding in COMPACT else dim)
+        return cls(vectors, dim, body["model"], body["tokens"], encoding, body.get("fingerprint"),
+                   body.get("quantization"))
+
+
+def top_indices(scores, top_n: int) -> list[int]:
+    """Indices by descending score, ties by index, at most `top_n`."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_n]
 
 
 @dataclass(frozen=True)
@@ -257,13 +308,19 @@ class RerankReply:
     scores: list[float]  # one per document, in document order
     model: str
     tokens: int
+    fingerprint: str | None = None  # the reranker's (health)
+    top: list[int] | None = None  # with top_n: document indices by descending score
 
     def to_wire(self) -> dict:
-        return {"scores": [float(s) for s in self.scores], "model": self.model, "tokens": self.tokens}
+        body = {"scores": [float(s) for s in self.scores], "model": self.model, "tokens": self.tokens,
+                "fingerprint": self.fingerprint}
+        if self.top is not None:
+            body["top"] = self.top
+        return body
 
     @classmethod
     def from_wire(cls, body: dict) -> "RerankReply":
-        return cls(list(body["scores"]), body["model"], body["tokens"])
+        return cls(list(body["scores"]), body["model"], body["tokens"], body.get("fingerprint"), body.get("top"))
 
 
 @dataclass(frozen=True)
@@ -273,18 +330,23 @@ class ModelHealth:
     loaded: bool
     dimension: int | None = None  # embedding only: the default output dimension
     max_dimension: int | None = None  # embedding only
+    fingerprint: str | None = None  # of the loaded model's files; nil until loaded
+    quantization: str | None = None  # embedding only: int8/uint8's map ("fixed" or "calibrated:<id>")
+    calibrated_dimensions: list[int] | None = None  # embedding only: the dimensions a calibration covers
 
     def to_wire(self, with_dimensions: bool) -> dict:
-        body = {"name": self.name, "enabled": self.enabled, "loaded": self.loaded}
+        body = {"name": self.name, "enabled": self.enabled, "loaded": self.loaded, "fingerprint": self.fingerprint}
         if with_dimensions:
-            body.update(dimension=self.dimension, max_dimension=self.max_dimension)
+            body.update(dimension=self.dimension, max_dimension=self.max_dimension,
+                        quantization=self.quantization, calibrated_dimensions=self.calibrated_dimensions)
         return body
 
     @classmethod
     def from_wire(cls, body: dict | None) -> "ModelHealth":
         body = body or {}
         return cls(body.get("name"), bool(body.get("enabled")), bool(body.get("loaded")),
-                   body.get("dimension"), body.get("max_dimension"))
+                   body.get("dimension"), body.get("max_dimension"), body.get("fingerprint"),
+                   body.get("quantization"), body.get("calibrated_dimensions"))
 
 
 @dataclass(frozen=True)
@@ -367,23 +429,42 @@ class DaemonError(Exception):
         self.message = message
 
 
+class ModelMismatch(DaemonError):
+    """`model_mismatch`: the daemon serves another model than the request's expect_fingerprint."""
+
+    def __init__(self, message: str, expected: str | None, actual: str | None):
+        super().__init__(ErrorCode.MODEL_MISMATCH.value, message)
+        self.expected, self.actual = expected, actual
+
+
 def checked(reply: dict) -> dict:
-    """The reply map when it is a success; else DaemonError with its code and message."""
+    """The reply map when it is a success; else DaemonError (ModelMismatch) with its code and message."""
     if not reply.get("ok"):
         error = reply.get("error") or {}
-        raise DaemonError(str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", "")))
+        code, message = str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", ""))
+        if code == ErrorCode.MODEL_MISMATCH.value:
+            raise ModelMismatch(message, error.get("expected"), error.get("actual"))
+        raise DaemonError(code, message)
     return reply
 
 
 # -- request builders (the clients' side) ----------------------------------------------------------
+def _optional(**fields) -> dict:
+    """The fields that are set: a request that uses no newer field reads the same to an older daemon."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def embed_request(inputs: list, instruction: str | None = None, dimension: int | None = None,
-                  normalize: bool = True) -> dict:
+                  normalize: bool = True, encoding: str | None = None,
+                  expect_fingerprint: str | None = None) -> dict:
     return {"op": "embed", "inputs": list(inputs), "instruction": instruction, "dimension": dimension,
-            "normalize": normalize}
+            "normalize": normalize, **_optional(encoding=encoding, expect_fingerprint=expect_fingerprint)}
 
 
-def rerank_request(query: Any, documents: list, instruction: str | None = None) -> dict:
-    return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction}
+def rerank_request(query: Any, documents: list, instruction: str | None = None, top_n: int | None = None,
+                   expect_fingerprint: str | None = None) -> dict:
+    return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction,
+            **_optional(top_n=top_n, expect_fingerprint=expect_fingerprint)}
 
 
 def health_request() -> dict:

@@ -38,6 +38,7 @@ from .logs import TracebackLimiter
 from .metrics import Metrics
 from .notify import LoadProgress, Notifier
 from .protocol import OPS, Request, decode_payload, encode_error, encode_reply, parse_request
+from .quantize import Calibration, CalibrationError, Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,16 @@ class Outbox:
         return items
 
 
+def _calibration(config: DaemonConfig) -> Calibration | None:
+    """The operator's int8 calibration, read before any model loads, so that a bad file fails at once."""
+    if config.int8_calibration is None:
+        return None
+    try:
+        return Calibration.load(config.int8_calibration)
+    except CalibrationError as exc:
+        raise StartupError(f"--int8-calibration {exc}") from None
+
+
 class Server:
     def __init__(self, config: DaemonConfig, loader: Loader | None = None):
         """`loader` fills the engine's backends (default: the configured models); tests pass stand-ins."""
@@ -202,10 +213,11 @@ class Server:
         self._stop = threading.Event()
         self.metrics = Metrics()
         self.tracebacks = TracebackLimiter()  # internal errors' tracebacks, rate-limited
-        loader = loader or (lambda backends, step: load_model_backends(config, backends, step))
+        calibration = _calibration(config)
+        loader = loader or (lambda backends, step: load_model_backends(config, backends, step, calibration))
         self.engine = Engine(config.batching, loader, self.metrics, self.tracebacks)
         cache = EmbeddingCache(config.batching.cache_bytes) if config.batching.cache_bytes > 0 else None
-        self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache))
+        self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache, Quantizer(calibration)))
         self.outbox = Outbox()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3vl-reply")
         self._in_flight = 0  # jobs admitted whose reply is not yet sent (the socket thread's count)

@@ -54,7 +54,9 @@ def start_daemon(tmp: Path, *args: str, env: dict | None = None, wait: bool = Tr
     tmp.mkdir(parents=True, exist_ok=True)
     endpoint = endpoint or f"ipc://{tmp}/sock/daemon.sock"
     log = tmp / "daemon.log"
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    # Model file digests are kept in the test's own folder, never in the user's ~/.cache.
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "QWEN3VL_FINGERPRINT_CACHE": str(tmp / "fingerprints.json"),
+                **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--log-level", "warning", *args],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec,

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from conftest import gradient_png
+from daemon.fingerprint import DigestCache, fingerprint_directory
 
 
 def _pack(obj) -> bytes:
@@ -88,16 +89,19 @@ def test_health_reports_models_device_and_limits(client, tiny_dir):
     health = client.health()
     assert health["status"] == "ready" and health["protocol"] == 1 and health["version"]
     assert health["device"] == "cpu" and health["dtype"] == "float32"
+    fingerprint = fingerprint_directory(tiny_dir, DigestCache(None)).value
     assert health["embedding"] == {"name": str(tiny_dir), "enabled": True, "loaded": True, "dimension": 64,
-                                   "max_dimension": 64}
+                                   "max_dimension": 64, "fingerprint": fingerprint, "quantization": "fixed",
+                                   "calibrated_dimensions": None}
+    assert health["reranker"]["fingerprint"] == fingerprint
     assert health["reranker"]["loaded"] is True and health["uptime_s"] > 0 and health["queue_depth"] == 0
 
 
 def test_health_reports_the_time_to_ready_by_stage(client):
     load = client.health()["load"]
     assert load["step"] is None
-    assert load["import_s"] > 0 and load["weights_s"] > 0 and load["warmup_s"] > 0
-    assert load["total_s"] >= load["import_s"] + load["weights_s"] + load["warmup_s"]
+    assert load["import_s"] > 0 and load["weights_s"] > 0 and load["fingerprint_s"] > 0 and load["warmup_s"] > 0
+    assert load["total_s"] >= load["import_s"] + load["weights_s"] + load["fingerprint_s"] + load["warmup_s"]
 
 
 def test_health_is_answered_at_once_while_a_long_batch_runs(dealer):
@@ -137,6 +141,14 @@ def test_unknown_op_is_unsupported(dealer):
     ({"inputs": ["a"], "dimension": 65}, "invalid_request", "dimension: 65 exceeds the model's 64"),
     ({"inputs": ["a"], "encoding": "float16"}, "invalid_request", "encoding"),
     ({"inputs": ["a"], "normalize": "yes"}, "invalid_request", "normalize"),
+    ({"inputs": ["a"], "encoding": "binary", "dimension": 12}, "invalid_request", "dimension: binary packs 8"),
+    ({"inputs": ["a"], "encoding": "ubinary", "dimension": 63}, "invalid_request", "63 is not a multiple of 8"),
+    ({"inputs": ["a"], "encoding": "int8", "normalize": False}, "invalid_request", "normalize: int8 quantizes unit"),
+    ({"inputs": ["a"], "encoding": "uint8", "normalize": False}, "invalid_request", "normalize: uint8"),
+    ({"inputs": ["a"], "expect_fingerprint": 5}, "invalid_request", "expect_fingerprint: expected a fingerprint"),
+    ({"inputs": ["a"], "expect_fingerprint": ""}, "invalid_request", "expect_fingerprint"),
+    ({"inputs": ["a"], "expect_fingerprint": "f" * 129}, "invalid_request", "expect_fingerprint"),
+    ({"inputs": ["a"], "expect_fingerprint": "0" * 20}, "model_mismatch", "expects the embedding model 00000"),
     ({"inputs": ["a", {"image": "not bytes"}]}, "invalid_request", "inputs[1].image[0]"),
     ({"inputs": ["a", {"image": b"\x89PNG garbage"}]}, "input_error", "inputs[1].image[0]: not a decodable image"),
     ({"inputs": [{"video": [b"junk", b"junk"]}]}, "input_error", "inputs[0].video[0].frames[0]"),
@@ -148,6 +160,12 @@ def test_bad_embed_requests_name_the_field_and_index(client, request_fields, cod
     reply = client.request({"op": "embed", **request_fields})
     assert reply["ok"] is False and reply["error"]["code"] == code, reply
     assert fragment in reply["error"]["message"]
+
+
+@pytest.mark.parametrize("top_n", [0, -1, True, 1.5, "3", [2]])
+def test_top_n_other_than_a_positive_integer_is_invalid(client, top_n):
+    reply = client.request({"op": "rerank", "query": "q", "documents": ["a"], "top_n": top_n})
+    assert reply["error"]["code"] == "invalid_request" and reply["error"]["message"].startswith("top_n:")
 
 
 def test_bad_rerank_requests_name_the_document(client):

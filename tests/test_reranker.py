@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import gradient_png, pil
+from daemon.protocol import top_indices
 from reference import ReferenceReranker
 
 ATOL = 2e-5
@@ -54,3 +55,30 @@ def test_many_documents_are_scored_in_batches_without_changing_scores(client, re
 def test_reply_carries_model_and_token_count(client, tiny_dir):
     reply = client.request({"op": "rerank", "query": "q", "documents": ["a", "b"]})
     assert reply["ok"] and reply["model"] == str(tiny_dir) and reply["tokens"] > 2 * 40
+
+
+DOCS = ["apples are fruit", "the market fell", "pears", "apples are fruit", "rain", "fruit salad"]
+
+
+@pytest.mark.parametrize("top_n", [1, 3, 6, 50])
+def test_top_lists_the_best_documents_by_descending_score_ties_by_index(client, top_n):
+    got = client.rerank("fruit", DOCS, top_n=top_n)
+    assert len(got.scores) == len(DOCS)  # the scores stay, in document order
+    assert got.top == sorted(range(len(DOCS)), key=lambda i: (-got.scores[i], i))[:top_n]
+    assert len(got.top) == min(top_n, len(DOCS))
+
+
+def test_scores_are_in_document_order_with_or_without_top_n(client):
+    np.testing.assert_allclose(client.rerank("fruit", DOCS, top_n=2).scores, client.rerank("fruit", DOCS).scores,
+                               atol=ATOL)
+
+
+def test_top_is_absent_unless_asked_for(client):
+    reply = client.request({"op": "rerank", "query": "q", "documents": ["a", "b"]})
+    assert reply["ok"] and "top" not in reply
+    assert client.rerank("q", ["a", "b"]).top is None
+
+
+def test_equal_scores_rank_by_document_index():
+    assert top_indices([0.5, 0.9, 0.5, 0.9, 0.1], 4) == [1, 3, 0, 2]
+    assert top_indices([0.2], 5) == [0]

@@ -1,0 +1,63 @@
+"""`qwen3vl-daemon calibrate`: int8/uint8 ranges from a sample of the operator's own inputs.
+
+The sample is embedded by the running daemon (so by exactly the model it serves, pinned by its
+fingerprint for the whole run), as raw full-size vectors; for each output dimension the vectors are
+cut and normalised as the daemon returns them, and each component's least and greatest value kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .client import Client
+from .quantize import Calibration
+
+MIN_SAMPLES = 2
+RECOMMENDED_SAMPLES = 1000
+
+
+def read_sample(path: Path) -> list:
+    """One input per non-empty line: a JSON object is a protocol input (text, image, video), any
+    other line is a text."""
+    inputs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                inputs.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path}:{number}: a line starting with '{{' must be a JSON input object") from None
+        else:
+            inputs.append(line)
+    if len(inputs) < MIN_SAMPLES:
+        raise ValueError(f"{path}: {len(inputs)} inputs; calibration needs at least {MIN_SAMPLES}")
+    return inputs
+
+
+def default_dimensions(full: int, default: int | None) -> list[int]:
+    """The full size, the daemon's default, and the Matryoshka powers of two from 32 below them."""
+    dims = {full, default or full}
+    size = 32
+    while size < full:
+        dims.add(size)
+        size *= 2
+    return sorted(dims)
+
+
+def calibrate(client: Client, inputs: list, dimensions: list[int] | None, instruction: str | None,
+              batch: int = 64) -> Calibration:
+    health = client.health()["embedding"]
+    fingerprint, full = health.get("fingerprint"), health.get("max_dimension")
+    if not health.get("loaded") or not fingerprint or not full:
+        raise ValueError("the daemon's embedding model is not loaded (see `qwen3vl-daemon health`)")
+    dims = dimensions or default_dimensions(full, health.get("dimension"))
+    wrong = [d for d in dims if not 1 <= d <= full]
+    if wrong:
+        raise ValueError(f"--dimension {wrong[0]} is outside 1..{full}")
+    raw = [client.embed(inputs[i:i + batch], instruction, full, normalize=False,
+                        expect_fingerprint=fingerprint).embeddings for i in range(0, len(inputs), batch)]
+    return Calibration.compute(np.concatenate(raw), dims, fingerprint, health.get("name") or "")

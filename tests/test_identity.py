@@ -1,0 +1,184 @@
+"""Model identity: fingerprints of the files a model is loaded from, their cache, and pinning them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import start_daemon
+from daemon.client import ModelMismatch
+from daemon.errors import ModelLoadError
+from daemon.fingerprint import DigestCache, fingerprint_directory, model_directory
+
+
+def fingerprint(directory: Path, cache: Path | None = None) -> str:
+    return fingerprint_directory(directory, DigestCache(cache)).value
+
+
+@pytest.fixture
+def copy(tiny_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_dir, tmp_path / "copy"))
+
+
+def test_the_same_files_anywhere_have_the_same_fingerprint(tiny_dir, copy):
+    assert fingerprint(copy) == fingerprint(tiny_dir)
+    assert len(fingerprint(copy)) == 20 and int(fingerprint(copy), 16) >= 0
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                                  "chat_template.jinja", "processor_config.json"])
+def test_any_byte_of_weights_config_tokenizer_or_template_changes_it(tiny_dir, copy, name):
+    path = copy / name
+    if path.suffix == ".safetensors":
+        flip_last_byte(path)  # a weight's last byte: the header stays valid
+    else:
+        path.write_text(path.read_text() + " ")
+    assert fingerprint(copy) != fingerprint(tiny_dir)
+
+
+def test_files_that_loading_does_not_read_change_nothing(tiny_dir, copy):
+    (copy / "README.md").write_text("# a model card")
+    (copy / "pytorch_model.bin").write_bytes(b"never loaded")
+    (copy / "generation_config.json").write_text("{}")
+    assert fingerprint(copy) == fingerprint(tiny_dir)
+
+
+def test_an_added_weight_shard_changes_it(tiny_dir, copy):
+    shutil.copy(copy / "model.safetensors", copy / "model-extra.safetensors")
+    assert fingerprint(copy) != fingerprint(tiny_dir)
+
+
+def test_a_repeated_start_hashes_nothing(copy, tmp_path):
+    cache = tmp_path / "fp.json"
+    first = fingerprint_directory(copy, DigestCache(cache))
+    again = fingerprint_directory(copy, DigestCache(cache))
+    assert first.hashed_bytes == first.bytes > 0 and again.hashed_bytes == 0 and again.value == first.value
+    assert oct(cache.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_file_rewritten_in_place_with_its_old_size_and_mtime_is_hashed_again(copy, tmp_path):
+    cache, weights = tmp_path / "fp.json", copy / "model.safetensors"
+    before = fingerprint(copy, cache)
+    st = weights.stat()
+    flip_last_byte(weights)  # same size, same inode
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: only the ctime tells
+    after = fingerprint_directory(copy, DigestCache(cache))
+    assert after.hashed_bytes > 0 and after.value != before
+
+
+def test_a_file_replaced_by_another_of_the_same_size_and_mtime_is_hashed_again(copy, tmp_path):
+    cache, config = tmp_path / "fp.json", copy / "config.json"
+    before = fingerprint(copy, cache)
+    st = config.stat()
+    text = config.read_text()
+    changed = text.replace("64", "65", 1)
+    assert changed != text and len(changed) == len(text)
+    replacement = copy / "config.json.tmp"
+    replacement.write_text(changed)
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, config)  # a new inode under the old name
+    assert fingerprint(copy, cache) != before
+
+
+@pytest.mark.parametrize("content", [b"not json", b"[1,2]", b'{"files": 5}', b'{"files": {"x": 1}}', b"\xff" * 10])
+def test_a_corrupt_cache_is_ignored(tiny_dir, copy, tmp_path, content):
+    cache = tmp_path / "fp.json"
+    cache.write_bytes(content)
+    assert fingerprint(copy, cache) == fingerprint(tiny_dir)
+    assert json.loads(cache.read_text())["version"] == 1  # and replaced by a good one
+
+
+def test_an_unwritable_cache_location_only_costs_the_hashing(tiny_dir, copy, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert fingerprint(copy, blocked / "sub" / "fp.json") == fingerprint(tiny_dir)
+
+
+def hub_snapshot(tiny_dir: Path, hub: Path, repo: str = "org/model") -> Path:
+    """`tiny_dir` laid out as huggingface_hub caches it: snapshot links to blobs, LFS blobs named by sha256."""
+    base = hub / f"models--{repo.replace('/', '--')}"
+    snapshot = base / "snapshots" / ("a" * 40)
+    (base / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("a" * 40)
+    for f in tiny_dir.iterdir():
+        data = f.read_bytes()
+        lfs = f.suffix == ".safetensors"
+        name = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(data).hexdigest()
+        (base / "blobs" / name).write_bytes(data)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / name)
+    return snapshot
+
+
+def test_a_hub_snapshot_takes_the_weights_digest_from_the_blob_name(tiny_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    snapshot = hub_snapshot(tiny_dir, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_directory("org/model") == snapshot
+    found = fingerprint_directory(snapshot, DigestCache(None))
+    weights = (tiny_dir / "model.safetensors").stat().st_size
+    assert found.value == fingerprint(tiny_dir)  # the same files as a plain directory
+    assert found.hashed_bytes == found.bytes - weights  # the weights were never read
+
+
+def test_a_model_missing_from_the_hub_cache_cannot_be_fingerprinted(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="not in the hub cache"):
+        model_directory("org/absent")
+
+
+def test_every_reply_names_the_model_that_made_it(client):
+    health = client.health()
+    assert client.embed(["x"]).fingerprint == health["embedding"]["fingerprint"]
+    assert client.rerank("q", ["d"]).fingerprint == health["reranker"]["fingerprint"]
+
+
+def test_a_request_pinned_to_the_served_model_is_answered(client):
+    health = client.health()
+    assert client.embed(["x"], expect_fingerprint=health["embedding"]["fingerprint"]).count == 1
+    assert len(client.rerank("q", ["d"], expect_fingerprint=health["reranker"]["fingerprint"]).scores) == 1
+
+
+@pytest.mark.parametrize("op", ["embed", "rerank"])
+def test_a_request_pinned_to_another_model_is_a_model_mismatch_naming_both(client, op):
+    served = client.health()["embedding" if op == "embed" else "reranker"]["fingerprint"]
+    other = "0123456789abcdef0123"
+    with pytest.raises(ModelMismatch) as err:
+        if op == "embed":
+            client.embed(["x"], expect_fingerprint=other)
+        else:
+            client.rerank("q", ["d"], expect_fingerprint=other)
+    assert err.value.code == "model_mismatch" and (err.value.expected, err.value.actual) == (other, served)
+    assert other in err.value.message and served in err.value.message
+
+
+def test_a_prefix_of_the_fingerprint_is_not_the_fingerprint(client):
+    served = client.health()["embedding"]["fingerprint"]
+    with pytest.raises(ModelMismatch):
+        client.embed(["x"], expect_fingerprint=served[:8])
+    with pytest.raises(ModelMismatch):
+        client.embed(["x"], expect_fingerprint=served.upper())
+
+
+def test_two_daemons_serving_copies_of_the_same_files_agree(daemon, client, copy, tmp_path):
+    other = start_daemon(tmp_path / "other", "--embedding-model", str(copy), "--reranker-model", "none")
+    try:
+        with other.client() as c:
+            assert c.health()["embedding"]["fingerprint"] == client.health()["embedding"]["fingerprint"]
+    finally:
+        other.stop()
