@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
 
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -15,8 +16,13 @@ from daemon.protocol import (EmbedReply, ErrorCode, HealthReply, MetricsReply, R
 
 from .errors import BridgeError
 from .metrics import BridgeMetrics, exposition
-from .schemas import (ERRORS, EmbedBody, EmbedResponse, HealthResponse, OpenAIEmbeddingsBody,
-                      OpenAIEmbeddingsResponse, RerankBody, RerankResponse, to_protocol_input)
+from .schemas import (ERRORS, CohereRerankBody, CohereRerankResponse, EmbedBody, EmbedResponse, HealthResponse,
+                      InputObject, OpenAIEmbeddingsBody, OpenAIEmbeddingsResponse, RerankBody, RerankResponse,
+                      to_protocol_input)
+
+FINGERPRINT_HEADER = "X-Model-Fingerprint"
+# The daemon's field names in error messages, as /v1/embeddings calls them.
+OPENAI_FIELDS = {"dimension": "dimensions", "inputs": "input", "encoding": "embedding_type"}
 
 
 class DaemonGateway:
@@ -42,8 +48,29 @@ class DaemonGateway:
             code, message = str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", ""))
             for daemon_name, route_name in (fields or {}).items():
                 message = re.sub(rf"^{daemon_name}(?=[:\[.])", route_name, message)
-            raise BridgeError.from_daemon(code, message)
+            details = {k: v for k, v in error.items() if k not in ("code", "message")}
+            raise BridgeError.from_daemon(code, message, details)
         return reply
+
+
+def answer(body: dict, fingerprint: str | None) -> JSONResponse:
+    """A route's JSON, naming the model that made it in the X-Model-Fingerprint header. A plain
+    JSONResponse skips re-validating floats against the response model (milliseconds per request);
+    the model still documents the shape."""
+    return JSONResponse(body, headers={FINGERPRINT_HEADER: fingerprint} if fingerprint else None)
+
+
+def embedding_json(row: np.ndarray, encoding_format: str):
+    """One row as OpenAI writes it: numbers (floats, or the compact type's integers), or base64 of
+    its bytes (little-endian float32, or the compact bytes as they are)."""
+    if encoding_format == "base64":
+        data = row.astype("<f4").tobytes() if row.dtype.kind == "f" else row.tobytes()
+        return base64.b64encode(data).decode()
+    return row.tolist()
+
+
+def document_json(document: str | InputObject) -> dict:
+    return {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
 
 
 def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, health_timeout_s: float) -> APIRouter:
@@ -57,20 +84,40 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
             raise BridgeError(422, "invalid_request", "body: give exactly one of texts and inputs")
         inputs = list(body.texts) if body.texts is not None else [
             to_protocol_input(item, f"inputs[{i}]") for i, item in enumerate(body.inputs)]
-        result = EmbedReply.from_wire(await gateway.call(embed_request(inputs, body.instruction, body.dimension,
-                                                                       body.normalize)))
-        # A plain JSONResponse skips re-validating the floats against the response model (measured
-        # as milliseconds per request); the model still documents the shape.
-        return JSONResponse({"embeddings": result.embeddings.tolist(), "dimension": result.dimension,
-                             "model": result.model})
+        payload = embed_request(inputs, body.instruction, body.dimension, body.normalize,
+                                expect_fingerprint=body.expect_fingerprint)
+        result = EmbedReply.from_wire(await gateway.call(payload))
+        return answer({"embeddings": result.embeddings.tolist(), "dimension": result.dimension,
+                       "model": result.model}, result.fingerprint)
 
     @router.post("/rerank", response_model=RerankResponse, responses=ERRORS, dependencies=guarded)
     async def rerank(body: RerankBody):
         """Score documents against a query; scores come back in document order."""
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
-        payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction)
+        payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
+                                 expect_fingerprint=body.expect_fingerprint)
         result = RerankReply.from_wire(await gateway.call(payload))
-        return JSONResponse({"scores": result.scores, "model": result.model})
+        return answer({"scores": result.scores, "model": result.model}, result.fingerprint)
+
+    @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERRORS, dependencies=guarded)
+    async def cohere_rerank(body: CohereRerankBody):
+        """Cohere- and Jina-compatible reranking: results by descending relevance, at most top_n."""
+        for name in ("rank_fields", "max_chunks_per_doc"):
+            if getattr(body, name) is not None:
+                raise BridgeError(400, "invalid_request", f"{name}: not supported by this server")
+        if not body.documents:
+            raise BridgeError(422, "invalid_request", "documents: must not be empty")
+        documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
+        payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
+                                 top_n=body.top_n or len(documents), expect_fingerprint=body.expect_fingerprint)
+        result = RerankReply.from_wire(await gateway.call(payload))
+        results = [{"index": i, "relevance_score": result.scores[i],
+                    **({"document": document_json(body.documents[i])} if body.return_documents else {})}
+                   for i in result.top]
+        return answer({"id": str(uuid.uuid4()), "results": results, "model": result.model,
+                       "meta": {"api_version": {"version": "1"},
+                                "tokens": {"input_tokens": result.tokens, "output_tokens": 0}},
+                       "usage": {"total_tokens": result.tokens}}, result.fingerprint)
 
     @router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse,
                       responses={503: {"model": HealthResponse}})
@@ -92,19 +139,19 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
 
     @router.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, responses=ERRORS, dependencies=guarded)
     async def openai_embeddings(body: OpenAIEmbeddingsBody):
-        """OpenAI-compatible embeddings (text input). `model` is informational: the daemon's model answers."""
+        """OpenAI-compatible embeddings (text input). `model` is informational: the daemon's model answers.
+        The extension field `embedding_type` asks for int8, uint8, binary or ubinary vectors."""
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise BridgeError(422, "invalid_request", "input: must not be empty")
-        reply = await gateway.call(embed_request(texts, dimension=body.dimensions),
-                                   fields={"dimension": "dimensions", "inputs": "input"})
-        result = EmbedReply.from_wire(reply)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": (base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode()
-                               if body.encoding_format == "base64" else row.tolist())}
+        encoding = None if body.embedding_type == "float" else body.embedding_type
+        payload = embed_request(texts, dimension=body.dimensions, encoding=encoding,
+                                expect_fingerprint=body.expect_fingerprint)
+        result = EmbedReply.from_wire(await gateway.call(payload, fields=OPENAI_FIELDS))
+        data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}
                 for i, row in enumerate(result.embeddings)]
-        return JSONResponse({"object": "list", "data": data, "model": result.model,
-                             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}})
+        return answer({"object": "list", "data": data, "model": result.model,
+                       "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}, result.fingerprint)
 
     @router.get("/metrics", response_class=Response, dependencies=guarded)
     async def prometheus():

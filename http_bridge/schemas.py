@@ -29,12 +29,18 @@ class InputObject(BaseModel):
     max_frames: int | None = Field(None, ge=2, le=768)
 
 
+FINGERPRINT_FIELD = Field(None, min_length=1, max_length=128,
+                          description="Refuse (409 model_mismatch) unless the daemon serves the model of this "
+                                      "fingerprint (the X-Model-Fingerprint header of earlier replies)")
+
+
 class EmbedBody(BaseModel):
     texts: list[str] | None = Field(None, description="Texts to embed (the sidecar contract)")
     inputs: list[Union[str, InputObject]] | None = Field(None, description="Multimodal inputs instead of texts")
     instruction: str | None = None
     dimension: int | None = Field(None, ge=1)
     normalize: bool = True
+    expect_fingerprint: str | None = FINGERPRINT_FIELD
 
 
 class EmbedResponse(BaseModel):
@@ -47,6 +53,7 @@ class RerankBody(BaseModel):
     query: Union[str, InputObject]
     documents: list[Union[str, InputObject]]
     instruction: str | None = None
+    expect_fingerprint: str | None = FINGERPRINT_FIELD
 
 
 class RerankResponse(BaseModel):
@@ -64,18 +71,26 @@ class HealthResponse(BaseModel):
     embedding_dim: int | None = None
 
 
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
+
+
 class OpenAIEmbeddingsBody(BaseModel):
     input: str | list[str]
     model: str | None = None
     dimensions: int | None = Field(None, ge=1)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
+    embedding_type: EmbeddingType = Field(
+        "float", description="Extension (Cohere's names): int8/uint8 per component, binary/ubinary the packed "
+                             "sign bits (dimensions/8 bytes). With encoding_format float: a list of integers; "
+                             "base64: the raw bytes")
+    expect_fingerprint: str | None = FINGERPRINT_FIELD
 
 
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
 
 
 class OpenAIUsage(BaseModel):
@@ -90,6 +105,34 @@ class OpenAIEmbeddingsResponse(BaseModel):
     usage: OpenAIUsage
 
 
+class CohereRerankBody(BaseModel):
+    """Cohere's and Jina's rerank body: `POST /v1/rerank`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="Informational: the daemon's reranker answers")
+    query: Union[str, InputObject]
+    documents: list[Union[str, InputObject]] = Field(description="Texts, {\"text\"} or multimodal input objects")
+    top_n: int | None = Field(None, ge=1, description="Return the best top_n results (default: all)")
+    return_documents: bool = False
+    instruction: str | None = None
+    expect_fingerprint: str | None = FINGERPRINT_FIELD
+    rank_fields: list[str] | None = Field(None, description="Not supported: give documents as text or input objects")
+    max_chunks_per_doc: int | None = Field(None, description="Not supported: long documents are truncated")
+
+
+class CohereRerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: dict[str, Any] | None = None
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereRerankResult] = Field(description="By descending relevance_score, ties by index")
+    model: str
+    meta: dict[str, Any] | None = None
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -99,7 +142,7 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 422, 429, 500, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 409, 413, 422, 429, 500, 503, 504)}
 
 
 # -- conversions to the daemon's inputs ------------------------------------------------------------

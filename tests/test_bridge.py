@@ -124,8 +124,58 @@ def test_metrics_exposes_bridge_and_daemon_counters(http):
 
 def test_openapi_document_describes_every_route(http):
     spec = http.get("/openapi.json").json()
-    assert {"/embed", "/rerank", "/health", "/v1/embeddings", "/metrics"} <= set(spec["paths"])
+    assert {"/embed", "/rerank", "/health", "/v1/embeddings", "/v1/rerank", "/metrics"} <= set(spec["paths"])
     assert "413" in spec["paths"]["/embed"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("path, body, kind", [
+    ("/embed", {"texts": ["x"]}, "embedding"),
+    ("/rerank", {"query": "q", "documents": ["d"]}, "reranker"),
+    ("/v1/embeddings", {"input": "x"}, "embedding"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"]}, "reranker"),
+])
+def test_every_model_route_names_its_model_in_a_header_and_takes_a_pin(http, client, path, body, kind):
+    served = client.health()[kind]["fingerprint"]
+    r = http.post(path, json=body)
+    assert r.status_code == 200 and r.headers["x-model-fingerprint"] == served
+    assert http.post(path, json={**body, "expect_fingerprint": served}).status_code == 200
+    r = http.post(path, json={**body, "expect_fingerprint": "0" * 20})
+    assert r.status_code == 409
+    assert r.json()["error"] == {"code": "model_mismatch", "message": r.json()["error"]["message"],
+                                 "expected": "0" * 20, "actual": served}
+
+
+def test_the_sidecar_routes_keep_their_exact_response_bodies(http):
+    assert set(http.post("/embed", json={"texts": ["x"]}).json()) == {"embeddings", "dimension", "model"}
+    assert set(http.post("/rerank", json={"query": "q", "documents": ["d"]}).json()) == {"scores", "model"}
+
+
+def test_v1_rerank_takes_multimodal_documents_and_returns_them_as_given(http, client):
+    image = data_url(gradient_png(3))
+    documents = ["text", {"text": "caption", "image": image}]
+    r = http.post("/v1/rerank", json={"query": "q", "documents": documents, "return_documents": True})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    scores = client.rerank("q", ["text", {"text": "caption", "image": [gradient_png(3)]}]).scores
+    assert {x["index"]: x["document"] for x in results} == {0: {"text": "text"}, 1: documents[1]}
+    np.testing.assert_allclose([x["relevance_score"] for x in results], sorted(scores, reverse=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"query": "q", "documents": []}, 422, "documents: must not be empty"),
+    ({"query": "q", "documents": ["d"], "top_n": 0}, 422, "top_n"),
+    ({"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 400, "rank_fields: not supported"),
+    ({"query": "q", "documents": ["d"], "temperature": 1}, 422, "temperature"),
+    ({"query": "q", "documents": [{"txt": "typo"}]}, 422, "documents.0"),
+])
+def test_v1_rerank_refuses_what_it_cannot_do_by_name(http, body, status, fragment):
+    r = http.post("/v1/rerank", json=body)
+    assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
+
+
+def test_v1_embeddings_names_its_own_fields_in_errors(http):
+    r = http.post("/v1/embeddings", json={"input": "x", "dimensions": 12, "embedding_type": "binary"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("dimensions: binary packs")
 
 
 def test_unreachable_daemon_is_503_and_health_says_so(tmp_path):
@@ -274,7 +324,8 @@ def test_property_based_run_of_the_openapi_document_finds_no_server_error(bridge
         run()
     assert not failures, failures[:3]
     paths = {path for path, _ in calls}
-    assert {"/embed", "/rerank", "/health", "/v1/embeddings", "/metrics"} <= paths and len(calls) >= 5 * len(paths)
+    assert {"/embed", "/rerank", "/health", "/v1/embeddings", "/v1/rerank", "/metrics"} <= paths
+    assert len(calls) >= 5 * len(paths)
 
 
 @pytest.mark.parametrize("body", [
