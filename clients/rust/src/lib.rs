@@ -14,6 +14,11 @@
 //! (ZMQ_IMMEDIATE): the call fails with `Unavailable` after `connect_timeout`, not the whole timeout.
 //! Every embed and rerank carries the time the caller has left as `deadline_ms`, so the daemon
 //! drops work nobody waits for any more.
+//!
+//! Every embedding and score comes with the fingerprint of the model that made it; pin one with
+//! `EmbedOptions::expect_fingerprint` / `RerankOptions::expect_fingerprint` and a daemon serving
+//! another model answers `Error::ModelMismatch` instead of vectors that do not belong in your index.
+//! `embed_with` also returns compact vectors (`Encoding::Int8`, `Uint8`, `Binary`, `Ubinary`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -45,6 +50,9 @@ pub enum Error {
     DeadlineExceeded(String),
     #[error("internal: {0}")]
     Internal(String),
+    /// The request's `expect_fingerprint` is not the fingerprint of the model the daemon serves.
+    #[error("model_mismatch: {message}")]
+    ModelMismatch { expected: String, actual: Option<String>, message: String },
     #[error("{code}: {message}")]
     Other { code: String, message: String },
     #[error("no reply from {endpoint} within {timeout:?}")]
@@ -55,6 +63,17 @@ pub enum Error {
     Transport(#[from] zmq::Error),
     #[error("malformed message: {0}")]
     Protocol(String),
+}
+
+impl Error {
+    /// The typed error of a reply's error map (`model_mismatch` carries both fingerprints).
+    fn from_body(body: ErrorBody) -> Error {
+        if body.code == "model_mismatch" {
+            return Error::ModelMismatch { expected: body.expected.unwrap_or_default(), actual: body.actual,
+                                          message: body.message };
+        }
+        Error::from_code(&body.code, body.message)
+    }
 }
 
 impl Error {
@@ -130,6 +149,64 @@ impl From<&str> for Input {
     }
 }
 
+/// How embeddings come back: float32, or a compact type (PROTOCOL.md, "Compact embeddings").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    #[default]
+    Float32,
+    /// One signed byte per component (`Vectors::Int8`).
+    Int8,
+    /// One unsigned byte per component: int8 + 128.
+    Uint8,
+    /// The sign bits packed 8 per byte, minus 128, as i8 (dimension / 8 per vector).
+    Binary,
+    /// The sign bits packed 8 per byte, first component in the most significant bit.
+    Ubinary,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Float32 => "float32",
+            Encoding::Int8 => "int8",
+            Encoding::Uint8 => "uint8",
+            Encoding::Binary => "binary",
+            Encoding::Ubinary => "ubinary",
+        }
+    }
+
+    /// Bytes per vector of `dimension` components.
+    pub fn row_bytes(self, dimension: usize) -> usize {
+        match self {
+            Encoding::Float32 => 4 * dimension,
+            Encoding::Int8 | Encoding::Uint8 => dimension,
+            Encoding::Binary | Encoding::Ubinary => dimension / 8,
+        }
+    }
+}
+
+/// Everything an embed request can say; `Default` is the daemon's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct EmbedOptions<'a> {
+    /// Keep the first components (Matryoshka); `None`: the daemon's default.
+    pub dimension: Option<u32>,
+    pub instruction: Option<&'a str>,
+    pub encoding: Encoding,
+    /// `Some(false)` returns the raw pooled vectors (float32 and binary types only).
+    pub normalize: Option<bool>,
+    /// Refuse with `Error::ModelMismatch` unless the daemon serves the model of this fingerprint.
+    pub expect_fingerprint: Option<&'a str>,
+}
+
+/// Everything a rerank request can say; `Default` is the daemon's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RerankOptions<'a> {
+    pub instruction: Option<&'a str>,
+    /// Also return `top`: the best `top_n` documents' indices, by descending score (ties by index).
+    pub top_n: Option<u32>,
+    pub expect_fingerprint: Option<&'a str>,
+}
+
 #[derive(Serialize)]
 struct EmbedRequest<'a> {
     op: &'static str,
@@ -139,6 +216,8 @@ struct EmbedRequest<'a> {
     normalize: bool,
     encoding: &'static str,
     deadline_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expect_fingerprint: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -148,6 +227,10 @@ struct RerankRequest<'a> {
     documents: &'a [Input],
     instruction: Option<&'a str>,
     deadline_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_n: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expect_fingerprint: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -160,6 +243,10 @@ struct ErrorBody {
     code: String,
     #[serde(default)]
     message: String,
+    #[serde(default)]
+    expected: Option<String>,
+    #[serde(default)]
+    actual: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +263,10 @@ struct EmbedReply {
     count: usize,
     model: String,
     tokens: u64,
+    #[serde(default)]
+    fingerprint: Option<String>,
+    #[serde(default)]
+    quantization: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +274,10 @@ struct RerankReply {
     scores: Vec<f64>,
     model: String,
     tokens: u64,
+    #[serde(default)]
+    fingerprint: Option<String>,
+    #[serde(default)]
+    top: Option<Vec<usize>>,
 }
 
 /// Embeddings of one request: `count` rows of `dimension` floats, in input order.
@@ -192,6 +287,33 @@ pub struct Embeddings {
     pub dimension: usize,
     pub model: String,
     pub tokens: u64,
+    /// The fingerprint of the model that made them (`Health`'s).
+    pub fingerprint: Option<String>,
+}
+
+/// The vectors of one request in the encoding asked for, one row per input, in input order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Vectors {
+    Float32(Vec<Vec<f32>>),
+    Int8(Vec<Vec<i8>>),
+    Uint8(Vec<Vec<u8>>),
+    /// Packed sign bits minus 128: dimension / 8 per row.
+    Binary(Vec<Vec<i8>>),
+    /// Packed sign bits: dimension / 8 per row.
+    Ubinary(Vec<Vec<u8>>),
+}
+
+/// What `embed_with` returns.
+#[derive(Debug, Clone)]
+pub struct EncodedEmbeddings {
+    pub vectors: Vectors,
+    /// Components per vector (before packing).
+    pub dimension: usize,
+    pub model: String,
+    pub tokens: u64,
+    pub fingerprint: Option<String>,
+    /// int8/uint8: the map's name (`fixed` or `calibrated:<id>`).
+    pub quantization: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +321,9 @@ pub struct Scores {
     pub scores: Vec<f32>,
     pub model: String,
     pub tokens: u64,
+    pub fingerprint: Option<String>,
+    /// With `RerankOptions::top_n`: document indices by descending score, ties by index.
+    pub top: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,6 +336,12 @@ pub struct ModelHealth {
     pub dimension: Option<u32>,
     #[serde(default)]
     pub max_dimension: Option<u32>,
+    /// The fingerprint of the loaded model's files; `None` until loaded.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Embedding only: how int8/uint8 are scaled (`fixed` or `calibrated:<id>`).
+    #[serde(default)]
+    pub quantization: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,21 +498,24 @@ impl Client {
 
     /// Embed inputs; `dimension` keeps the first components (Matryoshka), `None` the daemon default.
     pub fn embed(&self, inputs: &[Input], dimension: Option<u32>, instruction: Option<&str>) -> Result<Embeddings> {
-        let reply: EmbedReply = self.call(|left_ms| encode(&EmbedRequest {
-            op: "embed", inputs, instruction, dimension, normalize: true, encoding: "float32",
-            deadline_ms: Some(left_ms),
-        }))?;
-        let floats = reply.embeddings.len() / 4;
-        if floats != reply.count * reply.dimension || reply.embeddings.len() % 4 != 0 {
-            return Err(Error::Protocol(format!("{} bytes for {}x{} floats", reply.embeddings.len(), reply.count,
-                                               reply.dimension)));
+        let got = self.embed_with(inputs, &EmbedOptions { dimension, instruction, ..Default::default() })?;
+        match got.vectors {
+            Vectors::Float32(vectors) => Ok(Embeddings { vectors, dimension: got.dimension, model: got.model,
+                                                         tokens: got.tokens, fingerprint: got.fingerprint }),
+            _ => Err(Error::Protocol("float32 asked, another encoding answered".into())),
         }
-        let all: Vec<f32> = reply.embeddings.chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let vectors = if reply.dimension == 0 { Vec::new() } else {
-            all.chunks(reply.dimension).map(<[f32]>::to_vec).collect()
-        };
-        Ok(Embeddings { vectors, dimension: reply.dimension, model: reply.model, tokens: reply.tokens })
+    }
+
+    /// Embed inputs with every option: compact encodings, a pinned model fingerprint, raw vectors.
+    pub fn embed_with(&self, inputs: &[Input], options: &EmbedOptions) -> Result<EncodedEmbeddings> {
+        let reply: EmbedReply = self.call(|left_ms| encode(&EmbedRequest {
+            op: "embed", inputs, instruction: options.instruction, dimension: options.dimension,
+            normalize: options.normalize.unwrap_or(true), encoding: options.encoding.as_str(),
+            deadline_ms: Some(left_ms), expect_fingerprint: options.expect_fingerprint,
+        }))?;
+        let vectors = split_rows(&reply, options.encoding)?;
+        Ok(EncodedEmbeddings { vectors, dimension: reply.dimension, model: reply.model, tokens: reply.tokens,
+                               fingerprint: reply.fingerprint, quantization: reply.quantization })
     }
 
     /// Embed texts: one vector per text.
@@ -392,11 +526,17 @@ impl Client {
 
     /// Score documents against a query; one score per document, in document order.
     pub fn rerank_inputs(&self, query: &Input, documents: &[Input], instruction: Option<&str>) -> Result<Scores> {
+        self.rerank_with(query, documents, &RerankOptions { instruction, ..Default::default() })
+    }
+
+    /// Score documents with every option: `top_n` (the best documents' indices), a pinned fingerprint.
+    pub fn rerank_with(&self, query: &Input, documents: &[Input], options: &RerankOptions) -> Result<Scores> {
         let reply: RerankReply = self.call(|left_ms| encode(&RerankRequest {
-            op: "rerank", query, documents, instruction, deadline_ms: Some(left_ms),
+            op: "rerank", query, documents, instruction: options.instruction, deadline_ms: Some(left_ms),
+            top_n: options.top_n, expect_fingerprint: options.expect_fingerprint,
         }))?;
         Ok(Scores { scores: reply.scores.into_iter().map(|s| s as f32).collect(), model: reply.model,
-                    tokens: reply.tokens })
+                    tokens: reply.tokens, fingerprint: reply.fingerprint, top: reply.top })
     }
 
     pub fn rerank(&self, query: &str, documents: &[&str], instruction: Option<&str>) -> Result<Vec<f32>> {
@@ -415,6 +555,25 @@ impl Client {
     }
 }
 
+/// The reply's bytes as `count` rows of the encoding's type, after checking their length.
+fn split_rows(reply: &EmbedReply, encoding: Encoding) -> Result<Vectors> {
+    let row = encoding.row_bytes(reply.dimension);
+    let bytes = &reply.embeddings[..];
+    if bytes.len() != reply.count * row || (row == 0 && reply.count > 0) {
+        return Err(Error::Protocol(format!("{} bytes for {} vectors of {} {} components", bytes.len(), reply.count,
+                                           reply.dimension, encoding.as_str())));
+    }
+    let rows = || bytes.chunks_exact(row.max(1));
+    Ok(match encoding {
+        Encoding::Float32 => Vectors::Float32(rows().map(|r| r.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()).collect()),
+        Encoding::Int8 => Vectors::Int8(rows().map(|r| r.iter().map(|&b| b as i8).collect()).collect()),
+        Encoding::Binary => Vectors::Binary(rows().map(|r| r.iter().map(|&b| b as i8).collect()).collect()),
+        Encoding::Uint8 => Vectors::Uint8(rows().map(<[u8]>::to_vec).collect()),
+        Encoding::Ubinary => Vectors::Ubinary(rows().map(<[u8]>::to_vec).collect()),
+    })
+}
+
 fn encode(request: &impl Serialize) -> Result<Vec<u8>> {
     rmp_serde::to_vec_named(request).map_err(|e| Error::Protocol(e.to_string()))
 }
@@ -424,7 +583,7 @@ fn decode<T: for<'de> Deserialize<'de>>(reply: &[u8]) -> Result<T> {
     let envelope: Envelope = rmp_serde::from_slice(reply).map_err(|e| Error::Protocol(e.to_string()))?;
     if !envelope.ok {
         let error = envelope.error.ok_or_else(|| Error::Protocol("error reply without error".into()))?;
-        return Err(Error::from_code(&error.code, error.message));
+        return Err(Error::from_body(error));
     }
     rmp_serde::from_slice(reply).map_err(|e| Error::Protocol(e.to_string()))
 }
@@ -454,10 +613,38 @@ mod tests {
     fn inputs_serialize_as_the_protocol_says() {
         let value: rmpv_like::Value = rmpv_like::decode(&rmp_serde::to_vec_named(&EmbedRequest {
             op: "embed", inputs: &[Input::text("a"), Input::image(vec![1u8, 2])], instruction: None,
-            dimension: Some(8), normalize: true, encoding: "float32", deadline_ms: Some(1500),
+            dimension: Some(8), normalize: true, encoding: "float32", deadline_ms: Some(1500), expect_fingerprint: None,
         }).unwrap());
         assert_eq!(value.0, "op=embed;inputs=[a,{image=[bin2]}];instruction=nil;dimension=8;normalize=true;\
                              encoding=float32;deadline_ms=1500");
+    }
+
+    #[test]
+    fn a_model_mismatch_carries_both_fingerprints() {
+        let body = ErrorBody { code: "model_mismatch".into(), message: "m".into(), expected: Some("aa".into()),
+                               actual: Some("bb".into()) };
+        match Error::from_body(body) {
+            Error::ModelMismatch { expected, actual, message } => {
+                assert_eq!((expected.as_str(), actual.as_deref(), message.as_str()), ("aa", Some("bb"), "m"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!Error::ModelMismatch { expected: String::new(), actual: None, message: String::new() }.is_retryable());
+    }
+
+    #[test]
+    fn compact_rows_are_split_by_their_encodings_size() {
+        let reply = |bytes: Vec<u8>, count, dimension| EmbedReply {
+            embeddings: ByteBuf::from(bytes), dimension, count, model: String::new(), tokens: 0, fingerprint: None,
+            quantization: None,
+        };
+        assert_eq!(split_rows(&reply(vec![0x80, 0x01], 2, 8), Encoding::Ubinary).unwrap(),
+                   Vectors::Ubinary(vec![vec![0x80], vec![0x01]]));
+        assert_eq!(split_rows(&reply(vec![0xff, 0x7f], 1, 2), Encoding::Int8).unwrap(), Vectors::Int8(vec![vec![-1, 127]]));
+        assert_eq!(split_rows(&reply(vec![0, 0, 0x80, 0x3f], 1, 1), Encoding::Float32).unwrap(),
+                   Vectors::Float32(vec![vec![1.0]]));
+        assert!(matches!(split_rows(&reply(vec![1, 2, 3], 1, 2), Encoding::Uint8), Err(Error::Protocol(_))));
+        assert!(matches!(split_rows(&reply(vec![], 1, 4), Encoding::Binary), Err(Error::Protocol(_))));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use qwen3vl_client::adapter::{DaemonPipeline, EmbeddingPipeline, RerankerPipeline};
-use qwen3vl_client::{Client, Error, Input};
+use qwen3vl_client::{Client, EmbedOptions, Encoding, Error, Input, RerankOptions, Vectors};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -42,7 +42,9 @@ impl Daemon {
         let mut cmd = Command::new(env("QWEN3VL_TEST_PYTHON"));
         cmd.args(["-m", "daemon", "serve", "--endpoint", &endpoint, "--embedding-model", &ckpt,
                   "--reranker-model", &ckpt, "--log-level", "warning"])
-            .args(&args).env("HF_HUB_OFFLINE", "1").stdout(Stdio::null()).stderr(Stdio::null());
+            .args(&args).env("HF_HUB_OFFLINE", "1")
+            .env("QWEN3VL_FINGERPRINT_CACHE", scratch().join("fingerprints.json"))
+            .stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().expect("start the daemon");
         let daemon = Daemon { child: Some(child), endpoint, args };
         daemon.wait_ready();
@@ -353,4 +355,76 @@ fn the_client_timeout_travels_as_a_deadline_so_abandoned_work_is_dropped() {
         assert!(Instant::now() < deadline, "the daemon kept computing for a caller that had given up");
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn ints(value: &serde_json::Value) -> Vec<i64> {
+    value.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+}
+
+#[test]
+fn compact_encodings_match_the_python_client_and_the_float_signs() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client(60);
+    let texts = [Input::text("hello world"), Input::text("second text")];
+    let floats = client.embed(&texts, None, None).unwrap().vectors;
+    for (encoding, name) in [(Encoding::Int8, "int8"), (Encoding::Uint8, "uint8"), (Encoding::Binary, "binary"),
+                             (Encoding::Ubinary, "ubinary")] {
+        let got = client.embed_with(&texts, &EmbedOptions { encoding, ..Default::default() }).unwrap();
+        let want = python_cli(&daemon, &["embed", "hello world", "second text", "--encoding", name]);
+        let rows: Vec<Vec<i64>> = match &got.vectors {
+            Vectors::Int8(r) | Vectors::Binary(r) => r.iter().map(|v| v.iter().map(|&x| x as i64).collect()).collect(),
+            Vectors::Uint8(r) | Vectors::Ubinary(r) => r.iter().map(|v| v.iter().map(|&x| x as i64).collect()).collect(),
+            Vectors::Float32(_) => panic!("{name}: floats"),
+        };
+        for (row, expected) in rows.iter().zip(want["embeddings"].as_array().unwrap()) {
+            assert_eq!(row, &ints(expected), "{name}");
+        }
+        assert_eq!(got.dimension, 64);
+        assert_eq!(got.quantization.is_some(), matches!(encoding, Encoding::Int8 | Encoding::Uint8), "{name}");
+        if let Vectors::Ubinary(bits) = &got.vectors {
+            for (packed, row) in bits.iter().zip(&floats) {
+                for (i, x) in row.iter().enumerate() {
+                    assert_eq!(packed[i / 8] >> (7 - i % 8) & 1 == 1, *x > 0.0, "component {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn replies_carry_the_fingerprint_and_a_pin_to_another_model_is_a_typed_mismatch() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client(30);
+    let health = client.health().unwrap();
+    let served = health.embedding.fingerprint.clone().expect("a fingerprint once loaded");
+    assert_eq!(health.reranker.fingerprint.as_deref(), Some(served.as_str()));  // the same files serve both
+    assert_eq!(health.embedding.quantization.as_deref(), Some("fixed"));
+    let inputs = [Input::text("x")];
+    let pinned = EmbedOptions { expect_fingerprint: Some(&served), ..Default::default() };
+    assert_eq!(client.embed_with(&inputs, &pinned).unwrap().fingerprint.as_deref(), Some(served.as_str()));
+    let other = EmbedOptions { expect_fingerprint: Some("0123456789abcdef0123"), ..Default::default() };
+    match client.embed_with(&inputs, &other) {
+        Err(Error::ModelMismatch { expected, actual, message }) => {
+            assert_eq!(expected, "0123456789abcdef0123");
+            assert_eq!(actual.as_deref(), Some(served.as_str()));
+            assert!(message.contains(&served), "{message}");
+        }
+        other => panic!("expected ModelMismatch, got {other:?}"),
+    }
+    let rerank = RerankOptions { expect_fingerprint: Some("0123456789abcdef0123"), ..Default::default() };
+    assert!(matches!(client.rerank_with(&Input::text("q"), &inputs, &rerank), Err(Error::ModelMismatch { .. })));
+}
+
+#[test]
+fn rerank_top_n_lists_the_best_documents_by_descending_score() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client(30);
+    let docs: Vec<Input> = ["apples", "the market", "pears", "rain"].iter().map(|d| Input::text(*d)).collect();
+    let got = client.rerank_with(&Input::text("fruit"), &docs, &RerankOptions { top_n: Some(2), ..Default::default() })
+        .unwrap();
+    let mut order: Vec<usize> = (0..docs.len()).collect();
+    order.sort_by(|&a, &b| got.scores[b].partial_cmp(&got.scores[a]).unwrap().then(a.cmp(&b)));
+    assert_eq!(got.top, Some(order[..2].to_vec()));
+    assert_eq!(got.scores.len(), 4);
+    assert_eq!(client.rerank_inputs(&Input::text("fruit"), &docs, None).unwrap().top, None);
 }
