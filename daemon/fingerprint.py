@@ -66,8 +66,9 @@ def model_directory(name: str) -> Path:
 
 def model_files(directory: Path) -> list[Path]:
     """The files of `directory` that loading reads, by name (top level only, as loading reads them)."""
-    return sorted(p for p in directory.iterdir()
-                  if (p.name in MODEL_FILES or p.name.endswith(WEIGHTS_SUFFIX)) and p.is_file())
+    return sorted((p for p in directory.iterdir()
+                   if (p.name in MODEL_FILES or p.name.endswith(WEIGHTS_SUFFIX)) and p.is_file()),
+                  key=lambda p: p.name.encode())
 
 
 class DigestCache:

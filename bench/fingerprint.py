@@ -1,0 +1,95 @@
+"""What model fingerprints cost at start, on the Qwen3-VL-2B shapes.
+
+    .venv/bin/python -m bench.fingerprint [--checkpoint DIR] [--runs 3]
+
+Builds the 2B-shaped random-weight checkpoint (bf16, Qwen3's tokenizer; as bench.startup does) unless
+given one, then measures, with the files in the page cache (as right after a load):
+- in process: a first start (no digest cache: every file is read and hashed), a repeated start (the
+  digest cache answers), and the same files laid out as a hub snapshot (links to blobs named by their
+  sha256: the weights are never read) without a digest cache;
+- the daemon (both models on the checkpoint): `health`'s `load.fingerprint_s` and `total_s` on a first
+  start with an empty digest cache, then on a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.harness import Servers
+from daemon.client import Client
+from daemon.fingerprint import DigestCache, fingerprint_directory
+from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
+
+
+def hub_layout(ckpt: Path, hub: Path) -> Path:
+    """`ckpt` as huggingface_hub lays a snapshot out: blobs (hard links here, no copy of the weights)
+    named by sha256 for LFS files (the weights), by git's sha1 for the others."""
+    blobs, snapshot = hub / "blobs", hub / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        data = f.read_bytes()
+        digest = (hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors"
+                  else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        os.link(f, blobs / digest)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    return snapshot
+
+
+def timed(fn, runs: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(runs):
+        t0 = time.monotonic()
+        result = fn()
+        times.append(time.monotonic() - t0)
+    return statistics.median(times), result
+
+
+def daemon_start(servers: Servers, work: Path, name: str, ckpt: Path, cache: Path) -> dict:
+    endpoint = servers.daemon(work, name, ckpt, "--fingerprint-cache", str(cache))
+    with Client(endpoint, timeout=60) as c:
+        load = c.health()["load"]
+    servers.by_name[name].terminate()
+    servers.by_name[name].wait(60)
+    return load
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="qwen3vl-fp-"))
+    ckpt = args.checkpoint or build_tiny_checkpoint(work / "ckpt", QWEN3VL_2B_SPEC)
+    size = sum(f.stat().st_size for f in ckpt.iterdir())
+    fingerprint_directory(ckpt, DigestCache(None))  # the files into the page cache, as after a load
+
+    first, found = timed(lambda: fingerprint_directory(ckpt, DigestCache(None)), args.runs)
+    cache = work / "warm.json"
+    fingerprint_directory(ckpt, DigestCache(cache))
+    repeated, _ = timed(lambda: fingerprint_directory(ckpt, DigestCache(cache)), args.runs)
+    snapshot = hub_layout(ckpt, work / "hub")
+    hub, hub_found = timed(lambda: fingerprint_directory(snapshot, DigestCache(None)), args.runs)
+    assert hub_found.value == found.value
+    print(f"checkpoint {ckpt}: {found.files} files, {size / 1e9:.2f} GB, fingerprint {found.value}")
+    print(f"in process, median of {args.runs}, files in the page cache:")
+    print(f"  first start (hash every file)      {first:8.3f} s  ({size / first / 1e9:.2f} GB/s)")
+    print(f"  repeated start (digest cache)      {repeated * 1000:8.1f} ms")
+    print(f"  hub snapshot, no digest cache      {hub * 1000:8.1f} ms  (hashed {hub_found.hashed_bytes / 1e6:.1f} MB)")
+    with Servers() as servers:
+        cold = daemon_start(servers, work, "daemon", ckpt, work / "daemon.json")
+        warm = daemon_start(servers, work, "daemon", ckpt, work / "daemon.json")
+    print("daemon, both models on the checkpoint (health's load map):")
+    for name, load in (("first start", cold), ("restart", warm)):
+        print(f"  {name:<14} fingerprint {load['fingerprint_s']:6.3f} s of {load['total_s']:5.1f} s to ready "
+              f"(weights {load['weights_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
