@@ -30,7 +30,8 @@ from .quantize import PACKED, SCALED, Quantizer, quantize
 # handoff. Bounded in characters too, so the socket thread's work never grows with a client's input.
 INLINE_MAX_UNITS, INLINE_MAX_CHARS = 4, 2048
 # Replies up to this many floats are encoded on the socket thread (as float32 bytes: one copy of at
-# most 1 MiB; as lists, each float is a Python object, so far fewer); larger ones on the reply thread.
+# most 1 MiB; as lists, each float is a Python object, and quantized, each passes through several numpy
+# steps, so far fewer); larger ones on the reply thread.
 INLINE_REPLY_FLOATS, INLINE_REPLY_LIST_FLOATS = 1 << 18, 1 << 12
 
 

@@ -413,3 +413,12 @@ def test_unknown_route_is_404_in_the_bridge_error_shape(guarded):
     with guarded.http() as http:
         r = http.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("body", [
+    {"query": "q", "documents": ["d"], "top_n": 10**30},
+    {"query": "q", "documents": ["d"], "expect_fingerprint": "x" * 129},
+])
+def test_v1_rerank_values_msgpack_or_the_daemon_cannot_take_are_client_errors(http, body):
+    r = http.post("/v1/rerank", json=body)
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_request", r.text
