@@ -334,7 +334,8 @@ def test_health_and_metrics_are_answered_without_the_model_thread(running):
     release.set()
     assert health["status"] == "ready" and health["queue_depth"] == 1 and health["protocol"] == 1
     assert health["embedding"] == {"name": DaemonConfig().embedding.name, "enabled": True, "loaded": True,
-                                   "dimension": 8, "max_dimension": 8}
+                                   "dimension": 8, "max_dimension": 8, "fingerprint": None,
+                                   "quantization": "fixed", "calibrated_dimensions": None}
     assert health["reranker"]["loaded"] is False and health["device"] == "cpu"
     assert metrics["queue_depth"] == 1 and set(metrics) >= {"requests", "errors", "latency_s", "batch_size"}
 

@@ -40,7 +40,7 @@ def test_disabled_model_answers_not_loaded(limited):
         reply = c.request({"op": "rerank", "query": "q", "documents": ["d"]})
         health = c.health()
     assert reply["error"]["code"] == "not_loaded" and "reranker" in reply["error"]["message"]
-    assert health["reranker"] == {"name": None, "enabled": False, "loaded": False}
+    assert health["reranker"] == {"name": None, "enabled": False, "loaded": False, "fingerprint": None}
 
 
 def test_too_many_inputs_is_too_large_naming_the_limit(limited):
