@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from bench.harness import png_bytes
 
 # Codes a fuzzed request may get. `internal` (a fault inside the daemon) and `shutting_down` may not.
-EXPECTED_ERRORS = frozenset({"invalid_request", "unsupported", "input_error", "too_large", "not_loaded", "overloaded"})
+EXPECTED_ERRORS = frozenset({"invalid_request", "unsupported", "input_error", "too_large", "not_loaded", "overloaded",
+                             "model_mismatch"})
 
 
 def seed_requests() -> list[dict]:
@@ -34,6 +35,9 @@ def seed_requests() -> list[dict]:
          "encoding": "list"},
         {"op": "rerank", "id": 5, "query": "which is red?", "documents": ["red", {"image": red}, {"image": blue}]},
         {"op": "rerank", "id": 6, "query": {"image": red}, "documents": ["a", "b"], "instruction": "Match."},
+        {"op": "embed", "id": 7, "inputs": ["int8 please", "and me"], "encoding": "int8", "dimension": 32},
+        {"op": "embed", "id": 8, "inputs": ["bits"], "encoding": "ubinary", "expect_fingerprint": "0" * 20},
+        {"op": "rerank", "id": 9, "query": "q", "documents": ["a", "b", "c"], "top_n": 2},
     ]
 
 
@@ -45,7 +49,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)
 fields = st.sampled_from(["inputs", "query", "documents", "instruction", "dimension", "normalize", "encoding", "id",
-                          "text", "image", "video", "fps", "max_frames"])
+                          "text", "image", "video", "fps", "max_frames", "top_n", "expect_fingerprint"])
 requests = st.builds(lambda op, extra: {"op": op, **extra},
                      st.one_of(st.sampled_from(["embed", "rerank", "health", "metrics"]), values),
                      st.dictionaries(fields, values, max_size=4))
