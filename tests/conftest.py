@@ -105,6 +105,14 @@ def daemon(tmp_path_factory, tiny_dir, media_dir) -> DaemonProcess:
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def bridge(daemon) -> "Bridge":
+    """A bridge in front of the main daemon, one per test module."""
+    b = Bridge(daemon.endpoint)
+    yield b
+    b.stop()
+
+
 @pytest.fixture
 def client(daemon) -> Client:
     with daemon.client() as c:

@@ -25,13 +25,6 @@ def bridge_client(endpoint: str, *args: str):
         yield http
 
 
-@pytest.fixture(scope="module")
-def bridge(daemon):
-    b = Bridge(daemon.endpoint)
-    yield b
-    b.stop()
-
-
 @pytest.fixture
 def http(bridge):
     with bridge.http() as c:

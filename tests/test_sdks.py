@@ -10,14 +10,6 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import Bridge
-
-
-@pytest.fixture(scope="module")
-def bridge(daemon):
-    b = Bridge(daemon.endpoint)
-    yield b
-    b.stop()
 
 
 @pytest.fixture
