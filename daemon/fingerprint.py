@@ -109,7 +109,8 @@ class DigestCache:
     def save(self) -> None:
         if self.path is None or not self._learned:
             return
-        entries = {**self._read(), **self._learned}
+        # Entries of files that are gone (a deleted checkpoint) go too, so the file only holds the living.
+        entries = {path: entry for path, entry in {**self._read(), **self._learned}.items() if os.path.exists(path)}
         if len(entries) > CACHE_ENTRIES_MAX:  # keep the newest: what this daemon just learned last
             entries = dict(list(entries.items())[-CACHE_ENTRIES_MAX:])
         try:

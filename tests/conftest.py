@@ -22,6 +22,13 @@ from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 from daemon.tiny import TinySpec, build_tiny_checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_fingerprint_cache(tmp_path_factory):
+    """Every daemon the tests start, however started, keeps model digests in the run's own folder,
+    never in the user's ~/.cache."""
+    os.environ["QWEN3VL_FINGERPRINT_CACHE"] = str(tmp_path_factory.mktemp("fingerprints") / "fingerprints.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
@@ -54,9 +61,7 @@ def start_daemon(tmp: Path, *args: str, env: dict | None = None, wait: bool = Tr
     tmp.mkdir(parents=True, exist_ok=True)
     endpoint = endpoint or f"ipc://{tmp}/sock/daemon.sock"
     log = tmp / "daemon.log"
-    # Model file digests are kept in the test's own folder, never in the user's ~/.cache.
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "QWEN3VL_FINGERPRINT_CACHE": str(tmp / "fingerprints.json"),
-                **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--log-level", "warning", *args],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec,

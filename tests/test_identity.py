@@ -182,3 +182,13 @@ def test_two_daemons_serving_copies_of_the_same_files_agree(daemon, client, copy
             assert c.health()["embedding"]["fingerprint"] == client.health()["embedding"]["fingerprint"]
     finally:
         other.stop()
+
+
+def test_the_cache_forgets_files_that_are_gone(tiny_dir, tmp_path):
+    cache = tmp_path / "fp.json"
+    gone = Path(shutil.copytree(tiny_dir, tmp_path / "gone"))
+    fingerprint(gone, cache)
+    shutil.rmtree(gone)
+    fingerprint(tiny_dir, cache)
+    kept = json.loads(cache.read_text())["files"]
+    assert kept and all(path.startswith(str(tiny_dir.resolve())) for path in kept)

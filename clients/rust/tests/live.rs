@@ -293,7 +293,8 @@ fn a_non_finite_output_is_a_typed_internal_error() {
     let mut child = Command::new(env("QWEN3VL_TEST_PYTHON"))
         .args(["-m", "daemon", "serve", "--endpoint", &endpoint, "--embedding-model", dir.to_str().unwrap(),
                "--reranker-model", "none", "--log-level", "warning"])
-        .env("HF_HUB_OFFLINE", "1").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        .env("HF_HUB_OFFLINE", "1").env("QWEN3VL_FINGERPRINT_CACHE", scratch().join("fingerprints.json"))
+        .stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let daemon = Daemon { child: None, endpoint: endpoint.clone(), args: vec![] };
     daemon.wait_ready();
     let result = daemon.client(30).embed_batch(&["x"], None, None);
