@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import start_daemon
-from daemon.client import ModelMismatch
+from daemon.client import AsyncClient, ModelMismatch
 from daemon.errors import ModelLoadError
 from daemon.fingerprint import DigestCache, fingerprint_directory, model_directory
 
@@ -192,3 +195,26 @@ def test_the_cache_forgets_files_that_are_gone(tiny_dir, tmp_path):
     fingerprint(tiny_dir, cache)
     kept = json.loads(cache.read_text())["files"]
     assert kept and all(path.startswith(str(tiny_dir.resolve())) for path in kept)
+
+
+def test_the_async_client_pins_and_ranks_too(daemon, client):
+    served = client.health()["reranker"]["fingerprint"]
+
+    async def run():
+        async with AsyncClient(daemon.endpoint, timeout=60) as c:
+            ranked = await c.rerank("q", ["a", "b", "c"], top_n=2, expect_fingerprint=served)
+            with pytest.raises(ModelMismatch):
+                await c.embed(["x"], encoding="int8", expect_fingerprint="0" * 20)
+            return ranked, await c.embed(["x"], encoding="ubinary")
+
+    ranked, bits = asyncio.run(run())
+    assert len(ranked.top) == 2 and ranked.fingerprint == served and bits.embeddings.shape == (1, 8)
+
+
+def test_the_command_line_pins_and_ranks(daemon, client):
+    served = client.health()["reranker"]["fingerprint"]
+    command = [sys.executable, "-m", "daemon", "rerank", "q", "a", "b", "c", "--top-n", "2", "--endpoint", daemon.endpoint]
+    done = subprocess.run([*command, "--expect-fingerprint", served], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and len(json.loads(done.stdout)["top"]) == 2
+    done = subprocess.run([*command, "--expect-fingerprint", "0" * 20], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "model_mismatch" in done.stderr and served in done.stderr
