@@ -27,12 +27,16 @@ from daemon.fingerprint import DigestCache, fingerprint_directory
 from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 
-def hub_layout(ckpt: Path, hub: Path) -> Path:
-    """`ckpt` as huggingface_hub lays a snapshot out: blobs (hard links here, no copy of the weights)
-    named by sha256 for LFS files (the weights), by git's sha1 for the others."""
-    blobs, snapshot = hub / "blobs", hub / "snapshots" / ("0" * 40)
+def hub_snapshot(ckpt: Path, hub: Path, repo: str = "org/model") -> Path:
+    """`ckpt` cached as huggingface_hub caches repo `repo` under `hub`: `refs/main` names a snapshot
+    whose files link to blobs, named by sha256 for LFS files (the weights) and by git's blob sha1 for
+    the others. The blobs are hard links to `ckpt`'s files (no copy of the weights)."""
+    base, revision = hub / f"models--{repo.replace('/', '--')}", "0" * 40
+    blobs, snapshot = base / "blobs", base / "snapshots" / revision
     blobs.mkdir(parents=True)
     snapshot.mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(revision)
     for f in ckpt.iterdir():
         data = f.read_bytes()
         digest = (hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors"
@@ -74,7 +78,7 @@ def main() -> None:
     cache = work / "warm.json"
     fingerprint_directory(ckpt, DigestCache(cache))
     repeated, _ = timed(lambda: fingerprint_directory(ckpt, DigestCache(cache)), args.runs)
-    snapshot = hub_layout(ckpt, work / "hub")
+    snapshot = hub_snapshot(ckpt, work / "hub")
     hub, hub_found = timed(lambda: fingerprint_directory(snapshot, DigestCache(None)), args.runs)
     assert hub_found.value == found.value
     print(f"checkpoint {ckpt}: {found.files} files, {size / 1e9:.2f} GB, fingerprint {found.value}")

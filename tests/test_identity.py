@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.fingerprint import hub_snapshot
 from conftest import start_daemon
 from daemon.client import AsyncClient, ModelMismatch
 from daemon.errors import ModelLoadError
@@ -106,23 +106,6 @@ def test_an_unwritable_cache_location_only_costs_the_hashing(tiny_dir, copy, tmp
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert fingerprint(copy, blocked / "sub" / "fp.json") == fingerprint(tiny_dir)
-
-
-def hub_snapshot(tiny_dir: Path, hub: Path, repo: str = "org/model") -> Path:
-    """`tiny_dir` laid out as huggingface_hub caches it: snapshot links to blobs, LFS blobs named by sha256."""
-    base = hub / f"models--{repo.replace('/', '--')}"
-    snapshot = base / "snapshots" / ("a" * 40)
-    (base / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text("a" * 40)
-    for f in tiny_dir.iterdir():
-        data = f.read_bytes()
-        lfs = f.suffix == ".safetensors"
-        name = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(data).hexdigest()
-        (base / "blobs" / name).write_bytes(data)
-        (snapshot / f.name).symlink_to(Path("../../blobs") / name)
-    return snapshot
 
 
 def test_a_hub_snapshot_takes_the_weights_digest_from_the_blob_name(tiny_dir, tmp_path, monkeypatch):
