@@ -15,13 +15,16 @@ SOCKET_DIR_NAME = "qwen3vl"
 SOCKET_FILE_NAME = "daemon.sock"
 
 
-def default_socket_path(env: dict[str, str] | None = None) -> Path:
-    """`qwen3vl/daemon.sock` under $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir.
+def _systemd_directory(env: dict[str, str], name: str) -> str:
+    """The directory systemd gave the service in $`name` (RUNTIME_DIRECTORY, CACHE_DIRECTORY), or "".
+    systemd may list several, separated by ':'; the first is ours."""
+    return env.get(name, "").split(":")[0]
 
-    systemd may list several runtime directories separated by ':'; the first is ours.
-    """
+
+def default_socket_path(env: dict[str, str] | None = None) -> Path:
+    """`qwen3vl/daemon.sock` under $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir."""
     env = os.environ if env is None else env
-    base = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or env.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    base = _systemd_directory(env, "RUNTIME_DIRECTORY") or env.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return Path(base) / SOCKET_DIR_NAME / SOCKET_FILE_NAME
 
 
@@ -49,7 +52,7 @@ def client_endpoint(env: dict[str, str] | None = None, system_socket: Path = SYS
 def default_fingerprint_cache(env: dict[str, str] | None = None) -> Path:
     """`fingerprints.json` under systemd's $CACHE_DIRECTORY, else $XDG_CACHE_HOME or ~/.cache/qwen3vl-daemon."""
     env = os.environ if env is None else env
-    base = env.get("CACHE_DIRECTORY", "").split(":")[0]
+    base = _systemd_directory(env, "CACHE_DIRECTORY")
     if base:
         return Path(base) / "fingerprints.json"
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3vl-daemon" / "fingerprints.json"
@@ -140,5 +143,5 @@ class DaemonConfig:
     curve_secret_key: Path | None = None
     curve_authorized_keys: Path | None = None
     # Where model files' digests are kept between starts (fingerprint.py); None: hash every start.
-    fingerprint_cache: Path | None = field(default_factory=lambda: default_fingerprint_cache())
+    fingerprint_cache: Path | None = field(default_factory=default_fingerprint_cache)
     int8_calibration: Path | None = None  # per-dimension int8/uint8 ranges (`calibrate`); None: the fixed scale

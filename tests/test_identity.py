@@ -15,6 +15,7 @@ import pytest
 from bench.fingerprint import hub_snapshot
 from conftest import start_daemon
 from daemon.client import AsyncClient, ModelMismatch
+from daemon.config import default_fingerprint_cache
 from daemon.errors import ModelLoadError
 from daemon.fingerprint import DigestCache, fingerprint_directory, model_directory
 
@@ -201,3 +202,10 @@ def test_the_command_line_pins_and_ranks(daemon, client):
     assert done.returncode == 0 and len(json.loads(done.stdout)["top"]) == 2
     done = subprocess.run([*command, "--expect-fingerprint", "0" * 20], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "model_mismatch" in done.stderr and served in done.stderr
+
+
+def test_the_digest_cache_lives_in_systemds_cache_directory_else_the_users():
+    assert default_fingerprint_cache({"CACHE_DIRECTORY": "/var/cache/qwen3vl:/other"}) == Path(
+        "/var/cache/qwen3vl/fingerprints.json")
+    assert default_fingerprint_cache({"XDG_CACHE_HOME": "/home/u/.c"}) == Path(
+        "/home/u/.c/qwen3vl-daemon/fingerprints.json")
