@@ -293,7 +293,7 @@ class EmbedReply:
             vectors = np.asarray(body["embeddings"], dtype=np.float32).reshape(count, dim)
         else:
             vectors = np.frombuffer(body["embeddings"], dtype=ENCODING_DTYPES[encoding]).reshape(
-                count, row_bytes(encoding, dim) if encoding in COMPACT else dim)
+                count, row_bytes(encoding, dim))
         return cls(vectors, dim, body["model"], body["tokens"], encoding, body.get("fingerprint"),
                    body.get("quantization"))
 

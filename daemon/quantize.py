@@ -70,6 +70,7 @@ def dequantize(codes: np.ndarray, encoding: str, scale: Scale) -> np.ndarray:
 
 
 def row_bytes(encoding: str, dimension: int) -> int:
+    """Elements per row of `encoding` (packed types: bytes; the others: components)."""
     return dimension // 8 if encoding in PACKED else dimension
 
 
@@ -99,9 +100,13 @@ class Calibration:
             ranges[d] = (cut.min(axis=0).astype(np.float64), cut.max(axis=0).astype(np.float64))
         return cls(fingerprint, model, int(raw.shape[0]), ranges, _ranges_id(ranges))
 
+    @property
+    def label(self) -> str:
+        return f"calibrated:{self.id}"
+
     def scale(self, dimension: int) -> Scale | None:
         found = self.ranges.get(dimension)
-        return Scale.from_range(*found, f"calibrated:{self.id}") if found else None
+        return Scale.from_range(*found, self.label) if found else None
 
     def to_json(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": 1, "model": self.model, "fingerprint": self.fingerprint,
@@ -171,7 +176,7 @@ class Quantizer:
 
     @property
     def label(self) -> str:
-        return f"calibrated:{self.calibration.id}" if self.calibration else "fixed"
+        return self.calibration.label if self.calibration else "fixed"
 
     def scale(self, dimension: int) -> Scale | None:
         """The int8/uint8 map for `dimension`; None when a calibration does not cover it."""
