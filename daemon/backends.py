@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .config import DaemonConfig
 from .errors import ModelLoadError
-from .fingerprint import fingerprint_model
+from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory
 from .inputs import InputItem
 from .quantize import Calibration
 
@@ -125,7 +126,7 @@ class RerankerBackend(_TorchBackend):
 
 def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None],
                         calibration: Calibration | None = None) -> None:
-    """Put the configured models into `backends` as each is loaded and fingerprinted, then warm them
+    """Put the configured models into `backends` as each is fingerprinted and loaded, then warm them
     up. `step(what, stage)` is called before each step, with the stage its time counts in (import,
     weights, fingerprint, warmup); it raises to stop loading between two steps. A model that cannot
     load raises ModelLoadError, and so does an int8 `calibration` made with another embedding model."""
@@ -137,15 +138,15 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
     import_libraries()
     media = MediaReader(config.media)
     if config.embedding is not None:
-        step(f"loading embedding model {config.embedding.name}", "weights")
-        backend = EmbeddingBackend(EmbeddingModel(config.embedding, media))
-        _check_dimension_setting(config, backend.info)
-        backends[EMBEDDING] = _fingerprinted(backend, config, step)
+        backends[EMBEDDING] = _load_fingerprinted(config, config.embedding, EMBEDDING, step,
+                                                  lambda files: EmbeddingBackend(EmbeddingModel(config.embedding,
+                                                                                                media, files)))
+        _check_dimension_setting(config, backends[EMBEDDING].info)
         _check_calibration(calibration, backends[EMBEDDING].info)
     if config.reranker is not None:
-        step(f"loading reranker model {config.reranker.name}", "weights")
-        backend = RerankerBackend(RerankerModel(config.reranker, media))
-        backends[RERANKER] = _fingerprinted(backend, config, step)
+        backends[RERANKER] = _load_fingerprinted(config, config.reranker, RERANKER, step,
+                                                 lambda files: RerankerBackend(RerankerModel(config.reranker,
+                                                                                             media, files)))
     _tokenizer_threads(backends)
     if config.warmup:
         for kind, backend in backends.items():
@@ -153,21 +154,38 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
             backend.warmup()
 
 
-def _fingerprinted(backend: "_TorchBackend", config: DaemonConfig, step: Callable[..., None]):
-    """The backend, its info carrying the fingerprint of the files it was loaded from."""
-    step(f"fingerprinting {backend.info.name}", "fingerprint")
-    found = fingerprint_model(backend.info.name, config.fingerprint_cache)
-    log.info("%s: fingerprint %s (%d files, %.2f GB, %.2f GB hashed now, %.2f s)", backend.info.name, found.value,
-             found.files, found.bytes / 1e9, found.hashed_bytes / 1e9, found.seconds)
+def _load_fingerprinted(config: DaemonConfig, settings, kind: str, step: Callable[..., None],
+                        build: Callable[[Path], "_TorchBackend"]) -> "_TorchBackend":
+    """The backend built by `build` from the model's files, its info carrying their fingerprint: the
+    files are hashed first, loaded from that very directory, and checked unchanged once loaded."""
+    step(f"finding the files of the {kind} model {settings.name}", "weights")
+    files = model_directory(settings.name, settings.local_files_only)
+    step(f"fingerprinting {settings.name}", "fingerprint")
+    found = fingerprint_directory(files, DigestCache(config.fingerprint_cache))
+    _log_fingerprint(settings.name, found)
+    step(f"loading {kind} model {settings.name}", "weights")
+    backend = build(files)
+    found.check_unchanged()
     backend.info = replace(backend.info, fingerprint=found.value)
     return backend
 
 
+def _log_fingerprint(name: str, found: Fingerprint) -> None:
+    log.info("%s: fingerprint %s (%d files, %.2f GB, %.2f GB hashed now, %.2f s)", name, found.value,
+             found.files, found.bytes / 1e9, found.hashed_bytes / 1e9, found.seconds)
+
+
 def _check_calibration(calibration: Calibration | None, info: BackendInfo) -> None:
-    if calibration is not None and calibration.fingerprint != info.fingerprint:
+    if calibration is None:
+        return
+    if calibration.fingerprint != info.fingerprint:
         raise ModelLoadError(
             f"the int8 calibration was made with embedding model fingerprint {calibration.fingerprint}, but "
             f"{info.name} has fingerprint {info.fingerprint}; run `qwen3vl-daemon calibrate` again for this model")
+    beyond = [d for d in calibration.ranges if d > info.hidden_size]
+    if beyond:
+        raise ModelLoadError(f"the int8 calibration has ranges for dimension {beyond[0]}, but {info.name} returns at "
+                             f"most {info.hidden_size}; run `qwen3vl-daemon calibrate` again for this model")
 
 
 def _tokenizer_threads(backends: dict[str, Backend]) -> None:

@@ -21,15 +21,20 @@ RECOMMENDED_SAMPLES = 1000
 
 def read_sample(path: Path) -> list:
     """One input per non-empty line: a JSON object is a protocol input (text, image, video), any
-    other line is a text."""
+    other line is a text. A line that is not UTF-8, or not a JSON object though it starts with '{'
+    (nested past the parser's depth included), is a ValueError naming the file and the line."""
     inputs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
                 inputs.append(json.loads(line))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ValueError(f"{path}:{number}: a line starting with '{{' must be a JSON input object") from None
         else:
             inputs.append(line)

@@ -181,6 +181,7 @@ class FairQueue:
             return chunk
 
 
+LOAD_POLL_S = 0.1  # how often a load in progress looks for a SIGTERM
 LOAD_STAGES = ("import", "weights", "fingerprint", "warmup")  # where the time to READY goes
 
 
@@ -236,6 +237,23 @@ class Engine:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> None:
+        """Run the loader on its own thread and wait for it. A SIGTERM while it runs (the state is
+        `draining`) returns within LOAD_POLL_S wherever loading is, leaving the loader behind on its
+        daemon thread: a step may block for long (a weight file on a slow or hung mount, a FIFO in
+        a setting's place) and loading holds nothing worth waiting for."""
+        loader = threading.Thread(target=self._load, name="qwen3vl-load", daemon=True)
+        loader.start()
+        while not self._loaded.wait(LOAD_POLL_S):
+            if self.state is EngineState.DRAINING:
+                log.info("stopped while loading (%s)", self.loading)
+                return
+
+    @property
+    def loader_running(self) -> bool:
+        """Whether `load` returned on a SIGTERM while the loader's thread was still inside a step."""
+        return not self._loaded.is_set() and self.state is EngineState.DRAINING
+
+    def _load(self) -> None:
         try:
             self._loader(self.backends, self._step)
             self._step(None)
@@ -246,7 +264,9 @@ class Engine:
             log.info("stopped while loading (%s)", self.loading)
         else:
             self._size_batches()
-            self.state = EngineState.READY
+            with self._lock:  # a drain that came after the last step wins
+                if self.state is EngineState.LOADING:
+                    self.state = EngineState.READY
         finally:
             self._loaded.set()
 
@@ -285,8 +305,9 @@ class Engine:
 
     def drain(self) -> None:
         """Take no new work; admitted work is still completed."""
-        if self.state in (EngineState.READY, EngineState.LOADING):
-            self.state = EngineState.DRAINING
+        with self._lock:
+            if self.state in (EngineState.READY, EngineState.LOADING):
+                self.state = EngineState.DRAINING
 
     def stop(self) -> None:
         """Make `run` return once the batch in progress is done; queued work is dropped."""
@@ -436,7 +457,7 @@ class Engine:
         (torch's OpenMP teams)."""
         if not self._loaded.is_set():
             self.load()
-        if self.state is EngineState.FAILED:
+        if not self._loaded.is_set() or self.state is EngineState.FAILED:  # stopped while loading, or failed
             return
         while True:
             # A bounded wait, so the main thread regularly runs Python's signal handlers.

@@ -1,4 +1,5 @@
-"""Files a client may name, opened once and race-free under the operator's allowed directories.
+"""Files a client may name, opened once and race-free under the operator's allowed directories; and
+the operator's own setting files (caches, calibrations), which are opened without ever blocking.
 
 A path is checked and opened in one walk: from the allowed directory, each component is opened
 relative to the one before (openat) with O_NOFOLLOW, so no symbolic link is followed anywhere below
@@ -21,6 +22,38 @@ from .errors import input_error, invalid, too_large
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused right after, by fstat).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+
+
+class SettingFileError(Exception):
+    """A setting file that is not a regular file, too large, or not private; the message names it."""
+
+
+def open_regular(path: Path, private: bool = False):
+    """`path` opened for reading in binary, refused unless it is a regular file (a FIFO or a device
+    named as a cache or a calibration would block the start forever: it is opened without waiting,
+    and refused by its descriptor's type). `private`: also refused unless it belongs to this process's
+    user and no one else may write it (a digest cache is trusted with what the fingerprint says)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SettingFileError(f"{path}: not a regular file")
+        if private and (info.st_uid != os.geteuid() or info.st_mode & 0o022):
+            raise SettingFileError(f"{path}: owned by another user or writable by others")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_setting_file(path: Path, max_bytes: int, private: bool = False) -> bytes:
+    """The whole content of a regular file of at most `max_bytes` (see `open_regular`)."""
+    with open_regular(path, private) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SettingFileError(f"{path}: larger than {max_bytes} bytes")
+    return data
 
 
 def descriptor_path(fd: int) -> str:

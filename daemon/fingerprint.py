@@ -5,10 +5,14 @@ chat template changes, and is equal wherever the same files are served: it diges
 content (sha256) by name, never a path, a time or a host. Two indexes built under the same
 fingerprint hold comparable vectors; a client pins one with `expect_fingerprint`.
 
-Cheap on a repeated start: a file in a Hugging Face hub snapshot is a link to a blob that the hub
-names by its content's sha256 (LFS files: the weights), so that name is taken as it is; any other file
-is hashed once and its digest kept in a small cache keyed by its real path and by its size, mtime,
-ctime, inode and device, so that a changed or replaced file is hashed again.
+It vouches for the bytes the model is built from, so no name is taken at its word: every file is read
+and hashed (a hub blob's sha256 name is checked against its content, and a blob that does not match
+is refused), before the weights are loaded, and `Fingerprint.check_unchanged` after loading confirms
+that every file still has the identity it had when hashed (a file replaced or written meanwhile
+stops the start). Cheap on a repeated start all the same: a digest is kept in a small cache keyed by
+the file's real path and its size, mtime, ctime, inode and device, so a changed or replaced file is
+hashed again. Whoever can write the model files or that cache can change what a fingerprint vouches
+for: the cache is trusted only when the daemon's own user owns it and nobody else can write it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .files import SettingFileError, open_regular, read_setting_file
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ CACHE_ENTRIES_MAX = 4096
 HASH_CHUNK = 8 << 20
 
 
+Identity = tuple[str, tuple[int, ...]]  # a file's real path, and its size, mtime, ctime, inode, device
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     value: str  # FINGERPRINT_HEX lowercase hex digits
@@ -50,18 +58,47 @@ class Fingerprint:
     bytes: int  # their size in all
     hashed_bytes: int  # bytes read and hashed now (0 when every digest was known)
     seconds: float
+    directory: Path | None = None  # where the files are
+    identities: tuple[tuple[str, Identity], ...] = ()  # (name, identity) of each file, as it was hashed
+
+    def check_unchanged(self) -> None:
+        """Raise ModelLoadError, naming the file, unless the directory still holds exactly the files
+        that were hashed, each with the identity it had then. Called once the model is loaded: a file
+        replaced or rewritten meanwhile may be what was loaded, and the fingerprint would not be its."""
+        now = {path.name: path for path in model_files(self.directory)}
+        for name, identity in self.identities:
+            path = now.pop(name, None)
+            try:
+                changed = path is None or _identity(path) != identity
+            except OSError:
+                changed = True
+            if changed:
+                raise ModelLoadError(f"{self.directory / name} changed while the model was loading; start again "
+                                     "once the model's files are written")
+        if now:
+            raise ModelLoadError(f"{next(iter(now.values()))} appeared while the model was loading; start again "
+                                 "once the model's files are written")
 
 
-def model_directory(name: str) -> Path:
-    """The directory a model's files were loaded from: `name` itself, or its hub snapshot."""
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import try_to_load_from_cache
+def _identity(path: Path) -> Identity:
+    return os.path.realpath(path), tuple(DigestCache.identity(os.stat(path)))
 
-    found = try_to_load_from_cache(name, "config.json")
-    if not isinstance(found, str):
-        raise ModelLoadError(f"cannot fingerprint model {name!r}: its files are not in the hub cache")
-    return Path(found).parent
+
+def model_directory(name: str, local_files_only: bool = False) -> Path:
+    """The directory a model is loaded from: `name` itself, or its hub snapshot (fetched into the hub
+    cache first, unless `local_files_only`, when it is not complete there yet), so that the files are
+    fingerprinted before the weights are loaded, and loaded from the very directory that was."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=local_files_only,
+                                      allow_patterns=[*MODEL_FILES, f"*{WEIGHTS_SUFFIX}"]))
+    except Exception as exc:  # offline, not in the cache, no such repository: one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelLoadError(f"cannot load model {name!r}: its files are not in the hub cache and could not be "
+                             f"downloaded ({reason}); pass a local checkpoint directory") from None
 
 
 def model_files(directory: Path) -> list[Path]:
@@ -83,13 +120,19 @@ class DigestCache:
         self._learned: dict[str, dict] = {}
 
     def _read(self) -> dict:
+        """The cache's entries; none when it is missing, not a regular file (a FIFO is never waited
+        on), writable by others than the daemon's user, too large, or not the JSON we write (of any
+        depth: RecursionError too)."""
         try:
-            with open(self.path, "rb") as f:
-                data = json.loads(f.read(CACHE_FILE_MAX_BYTES + 1) or b"{}")
-        except (OSError, ValueError):
+            data = json.loads(read_setting_file(self.path, CACHE_FILE_MAX_BYTES, private=True) or b"{}")
+        except FileNotFoundError:
+            return {}
+        except (OSError, SettingFileError, ValueError, RecursionError) as exc:
+            log.info("fingerprint cache %s ignored (%s); digests are recomputed", self.path, str(exc)[:120])
             return {}
         entries = data.get("files") if isinstance(data, dict) else None
-        return entries if isinstance(entries, dict) else {}
+        return {path: entry for path, entry in entries.items() if isinstance(entry, dict)} \
+            if isinstance(entries, dict) else {}
 
     @staticmethod
     def identity(st: os.stat_result) -> list[int]:
@@ -124,14 +167,11 @@ class DigestCache:
                      self.path, exc.strerror or exc)
 
 
-def _hub_blob_digest(path: Path) -> str | None:
-    """The sha256 a hub snapshot's link names: its target is `blobs/<sha256>` for LFS files."""
-    if not path.is_symlink():
-        return None
-    target = path.resolve()
-    if target.parent.name == "blobs" and _SHA256_NAME.fullmatch(target.name):
-        return target.name
-    return None
+def _hub_blob_name(real: str) -> str | None:
+    """The sha256 that a hub blob's name claims: the hub stores LFS files (the weights) as
+    `blobs/<sha256>`. A claim only: it is checked against the content, never trusted."""
+    path = Path(real)
+    return path.name if path.parent.name == "blobs" and _SHA256_NAME.fullmatch(path.name) else None
 
 
 def _sha256(f) -> str:
@@ -146,7 +186,11 @@ def _sha256(f) -> str:
 def _hash_file(path: Path) -> tuple[str, os.stat_result]:
     """sha256 of the file read through one descriptor, with that descriptor's identity; a file that
     changes while it is read is refused (the digest would describe neither version)."""
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path)
+    except SettingFileError as exc:
+        raise ModelLoadError(f"cannot fingerprint {exc}") from None
+    with f:
         before = os.fstat(f.fileno())
         digest = _sha256(f)
         after = os.fstat(f.fileno())
@@ -155,21 +199,21 @@ def _hash_file(path: Path) -> tuple[str, os.stat_result]:
     return digest, before
 
 
-def file_digest(path: Path, cache: DigestCache) -> tuple[str, int, int]:
-    """(sha256, size, bytes hashed now) of one model file."""
-    blob = _hub_blob_digest(path)
-    st = os.stat(path)
+def file_digest(path: Path, cache: DigestCache) -> tuple[str, int, int, Identity]:
+    """(sha256, size, bytes hashed now, identity) of one model file."""
+    real, st = os.path.realpath(path), os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ModelLoadError(f"{path} is not a regular file")
-    if blob is not None:
-        return blob, st.st_size, 0
-    real = os.path.realpath(path)
-    known = cache.get(real, st)
-    if known is not None:
-        return known, st.st_size, 0
-    digest, st = _hash_file(path)
-    cache.put(real, st, digest)
-    return digest, st.st_size, st.st_size
+    digest, hashed = cache.get(real, st), 0
+    if digest is None:
+        digest, st = _hash_file(path)
+        claimed = _hub_blob_name(real)
+        if claimed is not None and claimed != digest:
+            raise ModelLoadError(f"{path} links to hub blob {real}, whose content has sha256 {digest}, not the one "
+                                 "its name says: the blob is corrupt or was edited; delete it and download it again")
+        cache.put(real, st, digest)
+        hashed = st.st_size
+    return digest, st.st_size, hashed, (real, tuple(DigestCache.identity(st)))
 
 
 def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
@@ -178,17 +222,15 @@ def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
     files = model_files(directory)
     if not any(f.name.endswith(WEIGHTS_SUFFIX) for f in files):
         raise ModelLoadError(f"cannot fingerprint {directory}: it holds no *.safetensors weights")
-    manifest, total, hashed = hashlib.sha256(), 0, 0
+    manifest, total, hashed, identities = hashlib.sha256(), 0, 0, []
     for path in files:
         try:
-            digest, size, read = file_digest(path, cache)
+            digest, size, read, identity = file_digest(path, cache)
         except OSError as exc:
             raise ModelLoadError(f"cannot fingerprint {path}: {exc.strerror or exc}") from None
         manifest.update(f"{path.name}\t{digest}\n".encode())
         total, hashed = total + size, hashed + read
+        identities.append((path.name, identity))
     cache.save()
-    return Fingerprint(manifest.hexdigest()[:FINGERPRINT_HEX], len(files), total, hashed, time.monotonic() - began)
-
-
-def fingerprint_model(name: str, cache_path: Path | None) -> Fingerprint:
-    return fingerprint_directory(model_directory(name), DigestCache(cache_path))
+    return Fingerprint(manifest.hexdigest()[:FINGERPRINT_HEX], len(files), total, hashed, time.monotonic() - began,
+                       directory, tuple(identities))

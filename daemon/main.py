@@ -168,6 +168,10 @@ def serve(log_level: str, **opts) -> None:
     except (SettingsError, StartupError) as exc:
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
         sys.exit(1)
+    if server.engine.loader_running:  # stopped mid-step: exit now, not when (or if) that step ends
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -16,6 +16,7 @@ import itertools
 import logging
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,11 +140,12 @@ def _embedding_class():
     return Qwen3VLForEmbedding
 
 
-def _load(cls, settings: ModelSettings, device, dtype):
-    """from_pretrained, turning every failure into one line and refusing missing base weights."""
+def _load(cls, settings: ModelSettings, files: str, device, dtype):
+    """from_pretrained from `files` (the directory, or the hub id), turning every failure into one
+    line and refusing missing base weights."""
     try:
         model, info = cls.from_pretrained(
-            settings.name,
+            files,
             dtype=dtype,
             attn_implementation=settings.attn_implementation,
             local_files_only=settings.local_files_only,
@@ -164,12 +166,12 @@ def _load(cls, settings: ModelSettings, device, dtype):
     return model, info
 
 
-def _load_processor(settings: ModelSettings, padding_side: str):
+def _load_processor(settings: ModelSettings, files: str, padding_side: str):
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(
-            settings.name, padding_side=padding_side, local_files_only=settings.local_files_only,
+            files, padding_side=padding_side, local_files_only=settings.local_files_only,
             trust_remote_code=False,
         )
     except OSError as exc:
@@ -255,18 +257,20 @@ class _QwenVL:
 
     padding_side = "right"
 
-    def __init__(self, settings: ModelSettings, media: MediaReader, model_cls):
+    def __init__(self, settings: ModelSettings, media: MediaReader, model_cls, files: Path | None = None):
+        """`files`: the directory to load from (the one that was fingerprinted); default settings.name."""
         import torch
 
+        source = str(files) if files is not None else settings.name
         self.settings = settings
         self.name = settings.name
         self.media = media
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         use_torchcodec_only()
-        self.processor = _load_processor(settings, self.padding_side)
+        self.processor = _load_processor(settings, source, self.padding_side)
         self.tokenizer = self.processor.tokenizer
-        self.full_model, self.load_info = _load(model_cls, settings, self.device, self.dtype)
+        self.full_model, self.load_info = _load(model_cls, settings, source, self.device, self.dtype)
         self.full_model.to(self.device).eval()
         self.model = self.full_model.model
         self.config = self.full_model.config
@@ -510,8 +514,8 @@ class EmbeddingModel(_QwenVL):
     padding_side = "right"
     limit_name = "embedding_max_length"
 
-    def __init__(self, settings: ModelSettings, media: MediaReader):
-        super().__init__(settings, media, _embedding_class())
+    def __init__(self, settings: ModelSettings, media: MediaReader, files: Path | None = None):
+        super().__init__(settings, media, _embedding_class(), files)
         self.fast = build_fast_path(self.processor, None, lambda system, user: self._process(
             [{"role": "system", "content": [{"type": "text", "text": system}]},
              {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
@@ -570,10 +574,10 @@ class RerankerModel(_QwenVL):
     padding_side = "left"
     limit_name = "reranker_max_length"
 
-    def __init__(self, settings: ModelSettings, media: MediaReader):
+    def __init__(self, settings: ModelSettings, media: MediaReader, files: Path | None = None):
         from transformers import Qwen3VLForConditionalGeneration
 
-        super().__init__(settings, media, Qwen3VLForConditionalGeneration)
+        super().__init__(settings, media, Qwen3VLForConditionalGeneration, files)
         vocab = self.tokenizer.get_vocab()
         if "yes" not in vocab or "no" not in vocab:
             raise ModelLoadError(f"the tokenizer of {settings.name!r} has no single 'yes'/'no' tokens")

@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 
 from .config import DaemonConfig, ModelSettings
+from .files import SettingFileError, read_setting_file
 
 DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+CONFIG_MAX_BYTES = 16 << 20  # a model's config.json is a few kB
 
 
 class SettingsError(Exception):
@@ -31,6 +33,7 @@ def check_config(config: DaemonConfig) -> None:
     if not models:
         raise SettingsError("both models are disabled (--embedding-model and --reranker-model are 'none'): "
                             "enable at least one")
+    _check_calibration(config)  # first: it needs no library, so a wrong file costs milliseconds
     for flag, settings in models:
         _check_dtype(settings.dtype)
         _check_device(settings.device)
@@ -41,6 +44,20 @@ def check_config(config: DaemonConfig) -> None:
         if size is not None and not 1 <= config.embedding_dim <= size:
             raise SettingsError(f"--embedding-dim {config.embedding_dim} is outside 1..{size}, the size of "
                                 f"{config.embedding.name}: pass at most {size}, or leave it unset for {size}")
+
+
+def _check_calibration(config: DaemonConfig) -> None:
+    """The whole int8 calibration file, against the embedding checkpoint's size where it is local."""
+    from .quantize import Calibration, CalibrationError
+
+    if config.int8_calibration is None:
+        return
+    embedding = config.embedding
+    size = hidden_size(Path(embedding.name).expanduser()) if embedding and looks_local(embedding.name) else None
+    try:
+        Calibration.load(config.int8_calibration, size)
+    except CalibrationError as exc:
+        raise SettingsError(f"--int8-calibration {exc}") from None
 
 
 def _check_dtype(spec: str) -> None:
@@ -91,9 +108,13 @@ def _check_checkpoint(flag: str, settings: ModelSettings) -> None:
 
 def _read_json(file: Path, where: str) -> dict:
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(read_setting_file(file, CONFIG_MAX_BYTES).decode("utf-8"))
     except PermissionError:
         raise SettingsError(f"{where}: {file.name} cannot be read (permission denied)") from None
+    except SettingFileError as exc:  # a FIFO in its place would hang the start: refused unopened
+        raise SettingsError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise SettingsError(f"{where}: {file.name} is not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise SettingsError(f"{where}: {file.name} is not valid JSON ({str(exc).splitlines()[0][:80]})") from None
     if not isinstance(data, dict):
@@ -104,8 +125,8 @@ def _read_json(file: Path, where: str) -> dict:
 def hidden_size(path: Path) -> int | None:
     """The model's output size from its config.json (Qwen3-VL keeps it in text_config), if stated."""
     try:
-        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(read_setting_file(path / "config.json", CONFIG_MAX_BYTES))
         size = (data.get("text_config") or {}).get("hidden_size", data.get("hidden_size"))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, SettingFileError, ValueError, RecursionError, AttributeError):
         return None
     return size if isinstance(size, int) and not isinstance(size, bool) else None

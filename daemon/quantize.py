@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import SettingFileError, read_setting_file
+
 COMPACT = ("int8", "uint8", "binary", "ubinary")
 SCALED = ("int8", "uint8")  # the ones that need a per-dimension map
 PACKED = ("binary", "ubinary")  # the ones that pack 8 components into a byte
@@ -31,6 +33,7 @@ FIXED_SPREAD = 16.0  # the fixed map's range, in units of 1/sqrt(d) (a random un
 MIN_STEP = 1e-9  # a calibrated dimension that never varied in the sample still gets a usable step
 CALIBRATION_FORMAT = "qwen3vl-int8-calibration"
 CALIBRATION_MAX_BYTES = 256 << 20
+UNIT_BOUND = 1.0 + 1e-6  # |component| of an L2-normalised float32 vector, with float rounding
 
 
 @dataclass(frozen=True)
@@ -117,46 +120,67 @@ class Calibration:
         path.write_text(json.dumps(self.to_json()))
 
     @classmethod
-    def load(cls, path: Path) -> "Calibration":
+    def load(cls, path: Path, hidden_size: int | None = None) -> "Calibration":
+        """The calibration in `path`, checked whole (CalibrationError names what is wrong); with
+        `hidden_size`, every dimension must be one the model can return."""
         try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read(CALIBRATION_MAX_BYTES + 1))
-        except OSError as exc:
-            raise CalibrationError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-        except ValueError:
+            data = json.loads(read_setting_file(path, CALIBRATION_MAX_BYTES))
+        except (OSError, SettingFileError) as exc:
+            raise CalibrationError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        except (ValueError, RecursionError):  # not JSON, or JSON nested past the parser's depth
             raise CalibrationError(f"{path}: not JSON (write it with `qwen3vl-daemon calibrate`)") from None
-        return cls.from_json(data, str(path))
+        return cls.from_json(data, str(path), hidden_size)
 
     @classmethod
-    def from_json(cls, data: object, where: str) -> "Calibration":
+    def from_json(cls, data: object, where: str, hidden_size: int | None = None) -> "Calibration":
         if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT or data.get("version") != 1:
             raise CalibrationError(f"{where}: not a version 1 {CALIBRATION_FORMAT} file")
-        fingerprint, ranges = data.get("fingerprint"), data.get("ranges")
+        fingerprint, ranges, samples = data.get("fingerprint"), data.get("ranges"), data.get("samples", 0)
         if not isinstance(fingerprint, str) or not isinstance(ranges, dict) or not ranges:
             raise CalibrationError(f"{where}: needs 'fingerprint' (a string) and 'ranges' (per dimension)")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+            raise CalibrationError(f"{where}: 'samples' must be a whole number of inputs, not {_shown(samples)}")
+        model = data.get("model", "")
+        if not isinstance(model, str):
+            raise CalibrationError(f"{where}: 'model' must be a string, not {_shown(model)}")
         parsed = {}
         for key, value in ranges.items():
-            dimension = _dimension_key(key, where)
+            dimension = _dimension_key(key, where, hidden_size)
             parsed[dimension] = _range(value, dimension, f"{where}: ranges[{key}]")
-        return cls(fingerprint, str(data.get("model", "")), int(data.get("samples") or 0), parsed, _ranges_id(parsed))
+        return cls(fingerprint, model, samples, parsed, _ranges_id(parsed))
 
 
-def _dimension_key(key: str, where: str) -> int:
-    if not (isinstance(key, str) and key.isdigit() and int(key) > 0):
-        raise CalibrationError(f"{where}: ranges key {key!r} is not a dimension")
+def _shown(value: object) -> str:
+    return type(value).__name__ if isinstance(value, (dict, list)) else repr(value)[:40]
+
+
+def _dimension_key(key: str, where: str, hidden_size: int | None) -> int:
+    """A dimension as `calibrate` writes it: decimal digits with no sign, no leading zero, no space."""
+    if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9 and str(int(key)) == key
+            and int(key) > 0):
+        raise CalibrationError(f"{where}: ranges key {key[:40]!r} is not a dimension (a positive whole number "
+                               "written without leading zeros)")
+    if hidden_size is not None and int(key) > hidden_size:
+        raise CalibrationError(f"{where}: ranges for dimension {key}, but the embedding model returns at most "
+                               f"{hidden_size}; was the file made for another model?")
     return int(key)
 
 
 def _range(value: object, dimension: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        low = np.asarray(value["min"], dtype=np.float64)
-        high = np.asarray(value["max"], dtype=np.float64)
-    except (TypeError, KeyError, ValueError):
-        raise CalibrationError(f"{where}: expected {{'min': [numbers], 'max': [numbers]}}") from None
-    if low.shape != (dimension,) or high.shape != (dimension,):
+    bounds = [value.get(name) for name in ("min", "max")] if isinstance(value, dict) else None
+    if bounds is None or not all(isinstance(b, list) for b in bounds):
+        raise CalibrationError(f"{where}: expected {{'min': [numbers], 'max': [numbers]}}")
+    if not all(len(b) == dimension for b in bounds):
         raise CalibrationError(f"{where}: 'min' and 'max' need {dimension} numbers each")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for b in bounds for x in b):
+        raise CalibrationError(f"{where}: 'min' and 'max' must hold numbers only")
+    low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
+    # Components of unit vectors lie within [-1, 1]: a range beyond that is not one `calibrate` wrote,
+    # and would make a step so coarse (or infinite) that every code is the same.
     if not (np.isfinite(low).all() and np.isfinite(high).all() and (low <= high).all()):
         raise CalibrationError(f"{where}: values must be finite, with min <= max")
+    if (low < -UNIT_BOUND).any() or (high > UNIT_BOUND).any():
+        raise CalibrationError(f"{where}: values must lie within [-1, 1] (components of unit vectors)")
     return low, high
 
 

@@ -13,13 +13,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import pytest
-from PIL import Image
+# No test reaches a model hub: huggingface_hub reads this once, when it is first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.harness import free_port, png_bytes
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
-from daemon.tiny import TinySpec, build_tiny_checkpoint
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.harness import free_port, png_bytes  # noqa: E402
+from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
+from daemon.tiny import TinySpec, build_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 from conftest import start_daemon
 from daemon.client import DaemonError
+from daemon.errors import ModelLoadError
 from daemon.quantize import Calibration, Quantizer, Scale, dequantize, quantize
 
 TEXTS = ["a red apple", "the stock market fell sharply today", "x", "green pears and " * 12, "ok"]
@@ -191,6 +192,12 @@ def test_a_calibration_from_another_model_stops_the_start(tmp_path, calibration_
     assert "calibrate` again" in proc.log.read_text() and "0" * 20 in proc.log.read_text()
 
 
+def _calibration_with(samples: str = "3", model: str = '"m"', key: str = "1", low: str = "0", high: str = "0.5") -> str:
+    """A calibration file's text with one field replaced by raw JSON."""
+    return ('{"format": "qwen3vl-int8-calibration", "version": 1, "fingerprint": "f", "model": %s, "samples": %s, '
+            '"ranges": {"%s": {"min": [%s], "max": [%s]}}}' % (model, samples, key, low, high))
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("not json", "not JSON"),
     ('{"format": "other"}', "not a version 1"),
@@ -201,10 +208,46 @@ def test_a_calibration_from_another_model_stops_the_start(tmp_path, calibration_
      '"ranges": {"1": {"min": [1], "max": [0]}}}', "min <= max"),
     ('{"format": "qwen3vl-int8-calibration", "version": 1, "fingerprint": "f", '
      '"ranges": {"1": {"min": [NaN], "max": [0]}}}', "finite"),
+    *[(_calibration_with(samples=value), "'samples' must be a whole number")
+      for value in ('"abc"', "1e999", "[1]", "-1", "true", "1.5", "[" * 50 + "]" * 50)],
+    ("[" * 5000, "not JSON"),
+    (_calibration_with(samples="[" * 3000 + "]" * 3000), "not JSON"),  # deeper than the parser goes
+    (_calibration_with(model="[1]"), "'model' must be a string"),
+    *[(_calibration_with(key=key), "not a dimension") for key in ("0064", "+1", " 1", "1 ", "\\u0661", "0", "-1")],
+    (_calibration_with(key="100000"), "returns at most 64"),
+    (_calibration_with(key="65"), "returns at most 64"),
+    (_calibration_with(low="-1e308", high="1e308"), "within [-1, 1]"),
+    (_calibration_with(low="0", high="1.5"), "within [-1, 1]"),
+    (_calibration_with(low='"0"', high="1"), "numbers only"),
+    (_calibration_with(low="true", high="1"), "numbers only"),
 ])
 def test_a_broken_calibration_file_is_refused_before_loading(tmp_path, tiny_dir, content, fragment):
     (tmp_path / "c.json").write_text(content)
     proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", "none",
                         "--int8-calibration", str(tmp_path / "c.json"), wait=False)
     assert proc.process.wait(60) == 1
-    assert fragment in proc.log.read_text() and "--int8-calibration" in proc.log.read_text()
+    lines = [line for line in proc.log.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "--int8-calibration" in lines[0], lines
+
+
+def test_a_calibration_beyond_a_hub_models_size_is_refused_once_it_is_loaded(calibration_file, tiny_dir):
+    from daemon.backends import BackendInfo, _check_calibration
+
+    calibration = Calibration.load(calibration_file)
+    info = BackendInfo("m", "cpu", "float32", 64, hidden_size=32, fingerprint=calibration.fingerprint)
+    with pytest.raises(ModelLoadError, match="dimension 64, but m returns at most 32"):
+        _check_calibration(calibration, info)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    (b"caf\xe9 au lait", ":3: not UTF-8 text (byte 4 of the line)"),
+    (b"{" * 3000, ":3: a line starting with '{' must be a JSON input object"),
+    (b'{"text": ' + b"[" * 5000 + b"}", ":3: a line starting with '{' must be a JSON input object"),
+])
+def test_a_bad_sample_line_is_named_by_file_and_line(tmp_path, line, fragment):
+    sample = tmp_path / "sample.txt"
+    sample.write_bytes(b"first text\nsecond text\n" + line + b"\nlast\n")
+    done = subprocess.run([sys.executable, "-m", "daemon", "calibrate", str(sample), "--out", str(tmp_path / "c.json"),
+                           "--endpoint", f"ipc://{tmp_path}/none.sock"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"{sample}{fragment}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

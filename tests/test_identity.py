@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -14,8 +15,9 @@ import pytest
 
 from bench.fingerprint import hub_snapshot
 from conftest import start_daemon
+from daemon.backends import load_model_backends
 from daemon.client import AsyncClient, ModelMismatch
-from daemon.config import default_fingerprint_cache
+from daemon.config import DaemonConfig, ModelSettings, default_fingerprint_cache
 from daemon.errors import ModelLoadError
 from daemon.fingerprint import DigestCache, fingerprint_directory, model_directory
 
@@ -109,16 +111,43 @@ def test_an_unwritable_cache_location_only_costs_the_hashing(tiny_dir, copy, tmp
     assert fingerprint(copy, blocked / "sub" / "fp.json") == fingerprint(tiny_dir)
 
 
-def test_a_hub_snapshot_takes_the_weights_digest_from_the_blob_name(tiny_dir, tmp_path, monkeypatch):
+def test_a_hub_snapshot_is_hashed_once_like_any_directory(tiny_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     snapshot = hub_snapshot(tiny_dir, tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert model_directory("org/model") == snapshot
-    found = fingerprint_directory(snapshot, DigestCache(None))
-    weights = (tiny_dir / "model.safetensors").stat().st_size
-    assert found.value == fingerprint(tiny_dir)  # the same files as a plain directory
-    assert found.hashed_bytes == found.bytes - weights  # the weights were never read
+    assert model_directory("org/model", local_files_only=True) == snapshot
+    cache = tmp_path / "fp.json"
+    first = fingerprint_directory(snapshot, DigestCache(cache))
+    again = fingerprint_directory(snapshot, DigestCache(cache))
+    assert first.value == again.value == fingerprint(tiny_dir)  # the same files as a plain directory
+    assert first.hashed_bytes == first.bytes and again.hashed_bytes == 0  # read once, then known
+
+
+def test_a_link_to_a_hub_blob_whose_content_is_not_its_name_is_refused(tiny_dir, copy, tmp_path):
+    """The blob's name claims checkpoint A's weights; its bytes are another checkpoint's."""
+    weights_a = hashlib.sha256((tiny_dir / "model.safetensors").read_bytes()).hexdigest()
+    flip_last_byte(copy / "model.safetensors")
+    blobs = tmp_path / "models--org--m" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.move(copy / "model.safetensors", blobs / weights_a)
+    (copy / "model.safetensors").symlink_to(blobs / weights_a)
+    with pytest.raises(ModelLoadError, match="not the one its name says"):
+        fingerprint_directory(copy, DigestCache(tmp_path / "fp.json"))
+
+
+def test_a_hub_blob_edited_in_place_after_it_was_cached_is_refused(tiny_dir, tmp_path):
+    snapshot = hub_snapshot(tiny_dir, tmp_path / "hub")
+    cache = tmp_path / "fp.json"
+    fingerprint(snapshot, cache)
+    blob = (snapshot / "model.safetensors").resolve()
+    st = blob.stat()
+    os.unlink(blob)  # the blob is a hard link to the test checkpoint: write a copy of its own
+    shutil.copyfile(tiny_dir / "model.safetensors", blob)
+    flip_last_byte(blob)
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelLoadError, match="corrupt or was edited"):
+        fingerprint(snapshot, cache)
 
 
 def test_a_model_missing_from_the_hub_cache_cannot_be_fingerprinted(tmp_path, monkeypatch):
@@ -126,7 +155,67 @@ def test_a_model_missing_from_the_hub_cache_cannot_be_fingerprinted(tmp_path, mo
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadError, match="not in the hub cache"):
-        model_directory("org/absent")
+        model_directory("org/absent", local_files_only=True)
+
+
+def replace_file(path: Path) -> None:
+    """A new file under the old name (as `mv` or a download tool would leave it)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    (path.parent / "new").write_bytes(bytes(data))
+    os.replace(path.parent / "new", path)
+
+
+@pytest.mark.parametrize("change", ["replaced", "rewritten", "deleted", "shard added", "relinked"])
+def test_a_file_changed_after_it_was_hashed_fails_the_unchanged_check_naming_it(tiny_dir, copy, tmp_path, change):
+    (tmp_path / "elsewhere").mkdir()
+    weights = copy / "model.safetensors"
+    shutil.copy(weights, tmp_path / "elsewhere" / "w.safetensors")
+    os.replace(weights, tmp_path / "real.safetensors")
+    weights.symlink_to(tmp_path / "real.safetensors")  # relinked: the same bytes under another real path
+    found = fingerprint_directory(copy, DigestCache(None))
+    found.check_unchanged()  # nothing changed yet
+    if change == "replaced":
+        replace_file(copy / "config.json")
+    elif change == "rewritten":
+        flip_last_byte(tmp_path / "real.safetensors")
+    elif change == "deleted":
+        (copy / "tokenizer.json").unlink()
+    elif change == "shard added":
+        shutil.copy(tmp_path / "elsewhere" / "w.safetensors", copy / "model-2.safetensors")
+    else:
+        weights.unlink()
+        weights.symlink_to(tmp_path / "elsewhere" / "w.safetensors")
+    with pytest.raises(ModelLoadError, match="while the model was loading") as err:
+        found.check_unchanged()
+    assert str(copy) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_weights_replaced_while_loading_stop_the_start_in_one_line(tiny_dir, copy, tmp_path):
+    """The real loader, with the weights swapped for other bytes at the moment loading begins: the
+    model may hold either version, so no fingerprint may be given to it."""
+    other = tmp_path / "other.safetensors"
+    shutil.copy(copy / "model.safetensors", other)
+    flip_last_byte(other)
+
+    def step(what, stage="weights"):
+        if what and what.startswith("loading embedding model"):
+            os.replace(other, copy / "model.safetensors")
+
+    config = DaemonConfig(embedding=ModelSettings(str(copy)), reranker=None, warmup=False,
+                          fingerprint_cache=tmp_path / "fp.json")
+    with pytest.raises(ModelLoadError, match="model.safetensors changed while the model was loading"):
+        load_model_backends(config, {}, step)
+
+
+def test_the_files_are_fingerprinted_before_the_weights_load(tiny_dir, copy, tmp_path):
+    steps = []
+    config = DaemonConfig(embedding=ModelSettings(str(copy)), reranker=None, warmup=False,
+                          fingerprint_cache=tmp_path / "fp.json")
+    backends = {}
+    load_model_backends(config, backends, lambda what, stage="weights": steps.append(stage))
+    assert steps.index("fingerprint") < len(steps) - 1 - steps[::-1].index("weights")
+    assert backends["embedding"].info.fingerprint == fingerprint(tiny_dir)
 
 
 def test_every_reply_names_the_model_that_made_it(client):
@@ -209,3 +298,31 @@ def test_the_digest_cache_lives_in_systemds_cache_directory_else_the_users():
         "/var/cache/qwen3vl/fingerprints.json")
     assert default_fingerprint_cache({"XDG_CACHE_HOME": "/home/u/.c"}) == Path(
         "/home/u/.c/qwen3vl-daemon/fingerprints.json")
+
+
+@pytest.mark.parametrize("content", [
+    b"[" * 5000, b'{"files": ' + b"[" * 100000 + b"]" * 100000 + b"}", b'{"version": 1, "files": {"/x": "y"}}',
+    b'{"files": {"/a": {"id": "x", "sha256": 5}}}', b"\xef\xbb\xbf{}", b"0" * (5 << 20), b"1e999", b'"\\ud800"'])
+def test_any_content_of_the_cache_file_is_ignored_and_the_digests_recomputed(tiny_dir, copy, tmp_path, content):
+    cache = tmp_path / "fp.json"
+    cache.write_bytes(content)
+    cache.chmod(0o600)
+    found = fingerprint_directory(copy, DigestCache(cache))
+    assert found.value == fingerprint(tiny_dir) and found.hashed_bytes == found.bytes
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "world-writable", "another user's"])
+def test_a_cache_that_is_not_a_private_regular_file_is_never_read(tiny_dir, copy, tmp_path, kind):
+    cache = tmp_path / "fp.json"
+    fingerprint(copy, cache)  # a cache that knows every digest
+    if kind in ("fifo", "directory"):
+        cache.unlink()
+        os.mkfifo(cache) if kind == "fifo" else cache.mkdir()
+    elif kind == "world-writable":
+        cache.chmod(0o666)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(cache, 65534, 65534)
+    found = fingerprint_directory(copy, DigestCache(cache))  # a FIFO would block here if it were opened to wait
+    assert found.value == fingerprint(tiny_dir) and found.hashed_bytes == found.bytes
