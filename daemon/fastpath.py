@@ -15,6 +15,8 @@ import logging
 import threading
 from collections import OrderedDict
 
+from .pieces import PieceCutter
+
 log = logging.getLogger(__name__)
 
 SYSTEM_MARK = "\ue000qwen3vl-system\ue001"
@@ -37,6 +39,7 @@ class TextFastPath:
         # The Rust tokenizer itself: the same ids as the Python wrapper without its per-call work
         # (the probes below check that, as they check the whole fast path).
         self.backend = self.tokenizer.backend_tokenizer
+        self.cutter = PieceCutter.for_tokenizer(self.backend)  # None: long texts are tokenised whole
         self.fixed_system = fixed_system
         self.cache_size = cache_size
         self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
@@ -81,10 +84,23 @@ class TextFastPath:
         """`ids` of many conversations, their user turns tokenised in one call of the Rust tokenizer
         (which releases the GIL for the whole batch)."""
         # encode_batch even for one text: unlike encode, it lets other threads run meanwhile.
-        tails = self.backend.encode_batch([self.p1_tail + text + self.p2 for text in user_texts],
-                                          add_special_tokens=False)
+        pieces, owners = [], []
+        for k, text in enumerate(user_texts):
+            for piece in self._pieces(self.p1_tail + text + self.p2):
+                pieces.append(piece)
+                owners.append(k)
+        encodings = self.backend.encode_batch(pieces, add_special_tokens=False)
+        tails: list[list[int]] = [[] for _ in user_texts]
+        for j, k in enumerate(owners):
+            tails[k].extend(encodings[j].ids)
+            # Freeing an encoding holds the GIL throughout: one piece at a time, so that the socket
+            # thread runs between two (see pieces.py).
+            encodings[j] = None
         fixed = self.fixed_system is not None
-        return [self._prefix("" if fixed else system) + tail.ids for system, tail in zip(systems, tails)]
+        return [self._prefix("" if fixed else system) + tail for system, tail in zip(systems, tails)]
+
+    def _pieces(self, text: str) -> list[str]:
+        return self.cutter.pieces(text) if self.cutter is not None else [text]
 
 
 def build_fast_path(processor, fixed_system: str | None, reference) -> TextFastPath | None:
