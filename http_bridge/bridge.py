@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from daemon import __version__
 from daemon.client import AsyncClient, CurveKeys
 
-from .errors import HTTP_ERROR_CODES, BridgeError, error_response
+from .errors import HTTP_ERROR_CODES, INVALID_STATUS, BridgeError, error_response
 from .guard import BodyGuard
 from .metrics import BridgeMetrics, Measure
 from .routes import DaemonGateway, build_router
@@ -68,11 +68,13 @@ def create_app(config: BridgeConfig):
         errors = exc.errors() or [{"loc": (), "msg": "invalid body"}]
         worst = max(errors, key=lambda e: len(e.get("loc", ())))
         where = ".".join(str(p) for p in worst.get("loc", ()) if p != "body" and not _union_tag(p))
-        return error_response(422, "invalid_request", f"{where or 'body'}: {worst.get('msg')}")
+        return error_response(INVALID_STATUS, "invalid_request", f"{where or 'body'}: {worst.get('msg')}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
         # FastAPI's own refusals (a body it cannot parse, an unknown route) in the bridge's error shape.
+        if exc.status_code == 400:  # a body its parser gave up on (nested too deeply): as any body that is not JSON
+            return error_response(INVALID_STATUS, "invalid_request", f"body: {exc.detail}")
         code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 

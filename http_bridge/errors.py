@@ -6,13 +6,24 @@ from fastapi.responses import JSONResponse
 
 from daemon.protocol import ErrorCode
 
-# FastAPI's own refusals (unparseable body, unknown route, wrong method) as error codes.
-HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
-# Daemon error codes as HTTP statuses.
-STATUS_BY_CODE = {ErrorCode.INVALID_REQUEST: 400, ErrorCode.UNSUPPORTED: 400, ErrorCode.INPUT_ERROR: 422,
+# FastAPI's own refusals (unknown route, wrong method) as error codes; its 400 (a body it could not
+# parse) is answered as invalid_request.
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+# Each error code has one status on every route, whoever finds the error (the bridge's schema, the
+# bridge, or the daemon): invalid_request is 422, as FastAPI (the sidecar this bridge replaces)
+# answered a body it would not take; unsupported (a valid request for what is not offered) is 400.
+INVALID_STATUS = 422
+UNSUPPORTED_STATUS = 400
+MODEL_NOT_FOUND = "model_not_found"  # the bridge's own code: a `model` that is not the served one (404)
+STATUS_BY_CODE = {ErrorCode.INVALID_REQUEST: INVALID_STATUS, ErrorCode.UNSUPPORTED: UNSUPPORTED_STATUS,
+                  ErrorCode.INPUT_ERROR: 422,
                   ErrorCode.TOO_LARGE: 413, ErrorCode.OVERLOADED: 429, ErrorCode.NOT_LOADED: 503,
                   ErrorCode.SHUTTING_DOWN: 503, ErrorCode.DEADLINE_EXCEEDED: 504, ErrorCode.INTERNAL: 500,
                   ErrorCode.MODEL_MISMATCH: 409}
+
+
+def invalid_request(message: str) -> "BridgeError":
+    return BridgeError(INVALID_STATUS, ErrorCode.INVALID_REQUEST.value, message)
 
 
 class BridgeError(Exception):

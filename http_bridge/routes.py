@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from pathlib import PurePosixPath
 
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -14,7 +15,7 @@ from daemon.client import AsyncClient, DaemonTimeout, DaemonUnavailable
 from daemon.protocol import (EmbedReply, ErrorCode, HealthReply, MetricsReply, RerankReply, embed_request,
                              health_request, metrics_request, rerank_request)
 
-from .errors import BridgeError
+from .errors import MODEL_NOT_FOUND, UNSUPPORTED_STATUS, BridgeError, invalid_request
 from .metrics import BridgeMetrics, exposition
 from .schemas import (ERRORS, CohereRerankBody, CohereRerankResponse, EmbedBody, EmbedResponse, HealthResponse,
                       InputObject, OpenAIEmbeddingsBody, OpenAIEmbeddingsResponse, RerankBody, RerankResponse,
@@ -38,7 +39,7 @@ class DaemonGateway:
             reply = await self.client.request(payload, timeout)
         except (ValueError, OverflowError, TypeError) as exc:
             # JSON can carry what msgpack cannot: lone surrogates, integers beyond 64 bits.
-            raise BridgeError(400, "invalid_request", f"the request cannot be encoded: {str(exc)[:120]}") from None
+            raise invalid_request(f"the request cannot be encoded: {str(exc)[:120]}") from None
         except DaemonUnavailable as exc:
             raise BridgeError(503, "unavailable", str(exc)) from None
         except DaemonTimeout as exc:
@@ -69,6 +70,21 @@ def embedding_json(row: np.ndarray, encoding_format: str):
     return row.tolist()
 
 
+def served_names(name: str, fingerprint: str | None) -> set[str]:
+    """What a client may call the served model: its name as the daemon loaded it (a hub id or a
+    directory), that name's last component, or its fingerprint."""
+    return {n for n in (name, PurePosixPath(name).name, fingerprint) if n}
+
+
+def check_model(requested: str | None, name: str, fingerprint: str | None) -> None:
+    """A `model` other than the served one is refused, never answered by another model (OpenAI's
+    404). Checked against the reply, which names the model that made it: the daemon may have been
+    restarted with another model since any earlier look."""
+    if requested is not None and requested not in served_names(name, fingerprint):
+        raise BridgeError(404, MODEL_NOT_FOUND, f"model: {requested!r} is not served here; this daemon serves "
+                                                f"{name!r} (fingerprint {fingerprint}); pass that, or leave model out")
+
+
 def document_json(document: str | InputObject) -> dict:
     return {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
 
@@ -81,7 +97,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
     async def embed(body: EmbedBody):
         """Embed texts (`texts`, the sidecar contract) or multimodal `inputs`."""
         if (body.texts is None) == (body.inputs is None):
-            raise BridgeError(422, "invalid_request", "body: give exactly one of texts and inputs")
+            raise invalid_request("body: give exactly one of texts and inputs")
         inputs = list(body.texts) if body.texts is not None else [
             to_protocol_input(item, f"inputs[{i}]") for i, item in enumerate(body.inputs)]
         payload = embed_request(inputs, body.instruction, body.dimension, body.normalize,
@@ -104,13 +120,14 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         """Cohere- and Jina-compatible reranking: results by descending relevance, at most top_n."""
         for name in ("rank_fields", "max_chunks_per_doc"):
             if getattr(body, name) is not None:
-                raise BridgeError(400, "invalid_request", f"{name}: not supported by this server")
+                raise BridgeError(UNSUPPORTED_STATUS, ErrorCode.UNSUPPORTED.value, f"{name}: not supported by this server")
         if not body.documents:
-            raise BridgeError(422, "invalid_request", "documents: must not be empty")
+            raise invalid_request("documents: must not be empty")
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
         payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
                                  top_n=body.top_n or len(documents), expect_fingerprint=body.expect_fingerprint)
         result = RerankReply.from_wire(await gateway.call(payload))
+        check_model(body.model, result.model, result.fingerprint)
         results = [{"index": i, "relevance_score": result.scores[i],
                     **({"document": document_json(body.documents[i])} if body.return_documents else {})}
                    for i in result.top]
@@ -139,15 +156,16 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
 
     @router.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, responses=ERRORS, dependencies=guarded)
     async def openai_embeddings(body: OpenAIEmbeddingsBody):
-        """OpenAI-compatible embeddings (text input). `model` is informational: the daemon's model answers.
+        """OpenAI-compatible embeddings (text input). `model`, when given, must name the served model.
         The extension field `embedding_type` asks for int8, uint8, binary or ubinary vectors."""
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
-            raise BridgeError(422, "invalid_request", "input: must not be empty")
+            raise invalid_request("input: must not be empty")
         encoding = None if body.embedding_type == "float" else body.embedding_type
         payload = embed_request(texts, dimension=body.dimensions, encoding=encoding,
                                 expect_fingerprint=body.expect_fingerprint)
         result = EmbedReply.from_wire(await gateway.call(payload, fields=OPENAI_FIELDS))
+        check_model(body.model, result.model, result.fingerprint)
         data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}
                 for i, row in enumerate(result.embeddings)]
         return answer({"object": "list", "data": data, "model": result.model,

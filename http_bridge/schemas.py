@@ -7,9 +7,9 @@ import base64
 import binascii
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from .errors import BridgeError
+from .errors import BridgeError, invalid_request
 
 # -- request and response bodies -------------------------------------------------------------------
 MediaRef = Union[str, dict[str, str]]  # data URL or base64 string; or {"path": ...} / {"url": ...}
@@ -25,8 +25,9 @@ class InputObject(BaseModel):
     video: dict[str, Any] | list[dict[str, Any]] | None = Field(
         None, description="{\"frames\": [image, ...]}, {\"data\": data URL of a video file}, {\"path\"} or {\"url\"}")
     instruction: str | None = None
-    fps: float | None = Field(None, ge=0.01, le=60)  # the daemon's range
-    max_frames: int | None = Field(None, ge=2, le=768)
+    # Strict, as the socket is: no true for 1, 2.0 for 2, or "2" for 2 (an int is a float, as in msgpack).
+    fps: StrictFloat | None = Field(None, ge=0.01, le=60)  # the daemon's range
+    max_frames: StrictInt | None = Field(None, ge=2, le=768)
 
 
 FINGERPRINT_FIELD = Field(None, min_length=1, max_length=128,
@@ -38,8 +39,8 @@ class EmbedBody(BaseModel):
     texts: list[str] | None = Field(None, description="Texts to embed (the sidecar contract)")
     inputs: list[Union[str, InputObject]] | None = Field(None, description="Multimodal inputs instead of texts")
     instruction: str | None = None
-    dimension: int | None = Field(None, ge=1)
-    normalize: bool = True
+    dimension: StrictInt | None = Field(None, ge=1)
+    normalize: StrictBool | None = Field(True, description="null means true, as on the socket")
     expect_fingerprint: str | None = FINGERPRINT_FIELD
 
 
@@ -76,8 +77,9 @@ EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 
 class OpenAIEmbeddingsBody(BaseModel):
     input: str | list[str]
-    model: str | None = None
-    dimensions: int | None = Field(None, ge=1)
+    model: str | None = Field(None, description="The served embedding model's name (or its last path component, "
+                                                "or its fingerprint); another is refused with 404 model_not_found")
+    dimensions: StrictInt | None = Field(None, ge=1)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
     embedding_type: EmbeddingType = Field(
@@ -109,15 +111,17 @@ class CohereRerankBody(BaseModel):
     """Cohere's and Jina's rerank body: `POST /v1/rerank`."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="Informational: the daemon's reranker answers")
+    model: str | None = Field(None, description="The served reranker's name (or its last path component, or its "
+                                                "fingerprint); another is refused with 404 model_not_found")
     query: Union[str, InputObject]
     documents: list[Union[str, InputObject]] = Field(description="Texts, {\"text\"} or multimodal input objects")
-    top_n: int | None = Field(None, ge=1, description="Return the best top_n results (default: all)")
-    return_documents: bool = False
+    top_n: StrictInt | None = Field(None, ge=1, description="Return the best top_n results (default: all)")
+    return_documents: StrictBool = False
     instruction: str | None = None
     expect_fingerprint: str | None = FINGERPRINT_FIELD
-    rank_fields: list[str] | None = Field(None, description="Not supported: give documents as text or input objects")
-    max_chunks_per_doc: int | None = Field(None, description="Not supported: long documents are truncated")
+    # Any value of these is refused by name (400 unsupported), whatever its type.
+    rank_fields: Any = Field(None, description="Not supported: give documents as text or input objects")
+    max_chunks_per_doc: Any = Field(None, description="Not supported: long documents are truncated")
 
 
 class CohereRerankResult(BaseModel):
@@ -142,12 +146,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 409, 413, 422, 429, 500, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503, 504)}
 
 
 # -- conversions to the daemon's inputs ------------------------------------------------------------
 def _bad_input(message: str) -> BridgeError:
-    return BridgeError(400, "invalid_request", message)
+    return invalid_request(message)
 
 
 def _decode_b64(value: str, where: str) -> bytes:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -80,7 +81,7 @@ def test_multimodal_inputs_as_data_urls(http, client):
 
 
 def test_openai_embeddings_float_and_base64(http, client):
-    r = http.post("/v1/embeddings", json={"input": ["a", "b"], "model": "anything", "dimensions": 8})
+    r = http.post("/v1/embeddings", json={"input": ["a", "b"], "dimensions": 8})
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["total_tokens"] > 0
@@ -95,9 +96,9 @@ def test_openai_embeddings_float_and_base64(http, client):
     (b"{not json", 422, "invalid_request"),
     (json.dumps({"texts": "not a list"}).encode(), 422, "invalid_request"),
     (json.dumps({"texts": ["a"], "dimension": 0}).encode(), 422, "invalid_request"),
-    (json.dumps({"texts": ["a"], "dimension": 65}).encode(), 400, "invalid_request"),
+    (json.dumps({"texts": ["a"], "dimension": 65}).encode(), 422, "invalid_request"),
     (json.dumps({}).encode(), 422, "invalid_request"),
-    (json.dumps({"inputs": [{"image": "!!not base64!!"}]}).encode(), 400, "invalid_request"),
+    (json.dumps({"inputs": [{"image": "!!not base64!!"}]}).encode(), 422, "invalid_request"),
     (json.dumps({"inputs": [{"image": base64.b64encode(b"garbage").decode()}]}).encode(), 422, "input_error"),
     (json.dumps({"texts": ["a"] * 1025}).encode(), 413, "too_large"),
 ])
@@ -158,6 +159,8 @@ def test_v1_rerank_takes_multimodal_documents_and_returns_them_as_given(http, cl
     ({"query": "q", "documents": []}, 422, "documents: must not be empty"),
     ({"query": "q", "documents": ["d"], "top_n": 0}, 422, "top_n"),
     ({"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 400, "rank_fields: not supported"),
+    ({"query": "q", "documents": ["d"], "rank_fields": "title"}, 400, "rank_fields: not supported"),
+    ({"query": "q", "documents": ["d"], "max_chunks_per_doc": "3"}, 400, "max_chunks_per_doc: not supported"),
     ({"query": "q", "documents": ["d"], "temperature": 1}, 422, "temperature"),
     ({"query": "q", "documents": [{"txt": "typo"}]}, 422, "documents.0"),
 ])
@@ -168,7 +171,7 @@ def test_v1_rerank_refuses_what_it_cannot_do_by_name(http, body, status, fragmen
 
 def test_v1_embeddings_names_its_own_fields_in_errors(http):
     r = http.post("/v1/embeddings", json={"input": "x", "dimensions": 12, "embedding_type": "binary"})
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("dimensions: binary packs")
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("dimensions: binary packs")
 
 
 def test_unreachable_daemon_is_503_and_health_says_so(tmp_path):
@@ -240,7 +243,7 @@ def test_fps_range_is_the_daemons(http):
 
 def test_openai_errors_name_the_openai_fields(http):
     r = http.post("/v1/embeddings", json={"input": ["x"], "dimensions": 100000})
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("dimensions:"), r.json()
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("dimensions:"), r.json()
 
 
 def test_body_over_the_limit_is_413(daemon):
@@ -326,11 +329,10 @@ def test_property_based_run_of_the_openapi_document_finds_no_server_error(bridge
     b'{"input": "x", "dimensions": 100000000000000000000000000000}',
     b'{"texts": ["x"], "dimension": 100000000000000000000000000000}',
 ])
-def test_json_that_msgpack_cannot_carry_is_a_400_not_a_server_error(http, body):
+def test_json_that_msgpack_cannot_carry_is_a_422_not_a_server_error(http, body):
     path = "/v1/embeddings" if b'"input"' in body else "/embed"
     r = http.post(path, content=body, headers={"content-type": "application/json"})
-    assert r.status_code in (400, 422), r.text
-    assert r.json()["error"]["code"] == "invalid_request"
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
 
 
 # -- hostile and broken HTTP clients -------------------------------------------------------------------
@@ -386,7 +388,7 @@ def test_streamed_body_over_the_limit_is_413_without_a_declared_length(guarded):
 def test_body_that_is_not_json_gets_a_4xx_in_the_bridge_error_shape(guarded, body):
     with guarded.http() as http:
         r = http.post("/embed", content=body, headers={"content-type": "application/json"})
-    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_request", r.text
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
 
 
 @pytest.mark.parametrize("body, field", [
@@ -398,7 +400,7 @@ def test_wrong_types_name_the_field(guarded, body, field):
     path = "/rerank" if "query" in body else "/embed"
     with guarded.http() as http:
         r = http.post(path, json=body)
-    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_request", r.text
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
     assert r.json()["error"]["message"].startswith(field), r.text
 
 
@@ -414,4 +416,59 @@ def test_unknown_route_is_404_in_the_bridge_error_shape(guarded):
 ])
 def test_v1_rerank_values_msgpack_or_the_daemon_cannot_take_are_client_errors(http, body):
     r = http.post("/v1/rerank", json=body)
-    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_request", r.text
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+
+
+# Every field the socket is strict about, with the values lax parsing would have let through.
+STRICT_FIELDS = [
+    ("/v1/rerank", {"query": "q", "documents": ["d"]}, "top_n", [True, 1.0, "1"]),
+    ("/v1/rerank", {"query": "q", "documents": ["d"]}, "return_documents", [1, "true", "yes"]),
+    ("/embed", {"texts": ["a"]}, "dimension", [True, 8.0, "8"]),
+    ("/embed", {"texts": ["a"]}, "normalize", [1, 0, "true", "on"]),
+    ("/v1/embeddings", {"input": "a"}, "dimensions", [True, 8.0, "8"]),
+    ("/embed", {"inputs": [{"text": "a", "max_frames": None}]}, "inputs.0.max_frames", [True, 4.0, "4"]),
+    ("/embed", {"inputs": [{"text": "a", "fps": None}]}, "inputs.0.fps", [True, "1.5"]),
+]
+
+
+@pytest.mark.parametrize("path, base, field, value", [
+    (path, base, field, value) for path, base, field, values in STRICT_FIELDS for value in values])
+def test_a_value_of_the_wrong_type_is_refused_as_the_socket_refuses_it(http, path, base, field, value):
+    if "." in field:  # a field of the first input object
+        body = {"inputs": [{**base["inputs"][0], field.rsplit(".", 1)[1]: value}]}
+    else:
+        body = {**base, field: value}
+    r = http.post(path, json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+    assert r.json()["error"]["message"].startswith(field), r.text
+
+
+def test_strict_fields_still_take_their_own_types(http):
+    assert http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"], "top_n": 1}).json()["results"]
+    assert http.post("/embed", json={"texts": ["a"], "dimension": 8, "normalize": None}).status_code == 200
+    frames = {"frames": [data_url(gradient_png(1)), data_url(gradient_png(2))]}
+    for fps in (1, 1.5):  # an integer is a number, as on the socket
+        assert http.post("/embed", json={"inputs": [{"video": frames, "fps": fps, "max_frames": 2}]}).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, kind", [
+    ("/v1/embeddings", {"input": "x"}, "embedding"), ("/v1/rerank", {"query": "q", "documents": ["d"]}, "reranker")])
+def test_the_model_field_takes_the_served_model_and_refuses_another_naming_it(http, client, path, body, kind):
+    served = client.health()[kind]
+    for name in (served["name"], Path(served["name"]).name, served["fingerprint"]):
+        assert http.post(path, json={**body, "model": name}).status_code == 200, name
+    r = http.post(path, json={**body, "model": "Qwen/other"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    assert "'Qwen/other'" in r.json()["error"]["message"] and served["name"] in r.json()["error"]["message"]
+
+
+def test_each_error_code_has_one_status_on_every_route(http):
+    """invalid_request is 422 whoever finds it: the schema, the bridge, or the daemon."""
+    found = {
+        "schema": http.post("/embed", json={"texts": ["a"], "dimension": 0}),
+        "bridge": http.post("/v1/embeddings", json={"input": []}),
+        "daemon": http.post("/embed", json={"texts": ["a"], "dimension": 65}),
+        "encoding": http.post("/embed", json={"texts": ["a"], "dimension": 10**30}),
+    }
+    assert {k: (r.status_code, r.json()["error"]["code"]) for k, r in found.items()} == dict.fromkeys(
+        found, (422, "invalid_request"))
