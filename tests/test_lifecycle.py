@@ -484,3 +484,26 @@ def test_the_log_says_ready_and_holds_no_progress_bars(tmp_path, tiny_dir):
     log = proc.log.read_text()
     assert "ready on " in log and "s after start" in log, log
     assert "it/s" not in log and "\r" not in log and "qwen-vl-utils using" not in log, log
+
+
+# What `serve` has set by the time its first check runs (torch, and its OpenMP runtime, come after).
+PRINT_OMP = """
+import os, sys
+import daemon.preflight
+def report(config):
+    print("OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "<unset>"), "torch" in sys.modules)
+    sys.exit(0)
+daemon.preflight.check_config = report
+from daemon.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_openmp_threads_sleep_unless_the_operator_says_otherwise(tmp_path, tiny_dir, given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run([sys.executable, "-c", PRINT_OMP, "serve", "--endpoint", f"ipc://{tmp_path}/d.sock",
+                           "--embedding-model", str(tiny_dir)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == [f"OMP_WAIT_POLICY={expected}", "False"], done.stdout + done.stderr

@@ -347,7 +347,7 @@ def test_special_files_and_directories_are_refused_without_blocking(tree):
     assert "not a regular file" in _refusal(files, str(allowed / "fifo.png")).message
     assert "not a regular file" in _refusal(files, str(allowed / "sub")).message
     assert "not a regular file" in _refusal(files, str(allowed)).message
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 10  # the defect is an open that waits forever for a writer
 
 
 def test_swapping_a_file_for_a_link_never_reads_outside(tree):

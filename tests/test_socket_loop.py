@@ -64,8 +64,10 @@ def test_health_and_watchdog_keep_time_while_huge_inline_sized_requests_run(watc
     pings = [t for t in notify.times("WATCHDOG") if started <= t <= finished]
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert len(latencies) > 50
-    assert max(latencies) < 0.25, sorted(latencies)[-5:]  # measured ~1-30 ms; bound for a loaded CI
-    assert sorted(latencies)[len(latencies) // 2] < 0.02
+    # The defect this guards is a stall of seconds (10.6 s once); a shared 2-core CI adds noise of a
+    # few hundred ms, so the bounds sit between the two. Measured figures: bench.hostile.
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    assert sorted(latencies)[len(latencies) // 2] < 0.1
     assert gaps and max(gaps) < WATCHDOG_S, gaps  # pings due every 1 s; systemd kills at 2 s
 
 
