@@ -19,3 +19,4 @@ echo "== health";  "$BIN" health
 echo "== embed (dimension 8)"; "$BIN" embed "A cat sits on the mat." "Stocks fell sharply." --dimension 8
 echo "== rerank";  "$BIN" rerank "Where is the cat?" "A cat sits on the mat." "Stocks fell sharply."
 echo "(random weights: the numbers show the path works, not model quality)"
+echo "(to go on: '. .venv/bin/activate', then the commands under 'Using it' in README.md)"

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv with everything the daemon,
 # the bridge and the tests need, at the versions pinned in constraints.txt. Idempotent.
+# One line per step; on a terminal pip shows its own progress, elsewhere (CI, logs) it is quiet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+step() { echo "setup: [$1/4] $2" >&2; }
 
+step 1 "ffmpeg (video decoding)"
 if ! command -v ffmpeg >/dev/null 2>&1; then
   # torchcodec decodes video files through FFmpeg's libraries.
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -16,11 +19,21 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
   fi
 fi
 
+step 2 "virtual environment $VENV"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+pip_install() {
+  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check install -c constraints.txt)
+  if [ -t 2 ]; then
+    "${pip[@]}" "$@"  # on a terminal: pip's own progress bars
+  else
+    "${pip[@]}" -q "$@" 2>&1 | grep -v "is ignored" || true  # logs: quiet, without pip's index warnings
+  fi
+}
 # torch first, pinned: this build runs on CUDA and on the CPU.
-"${PIP[@]}" install -c constraints.txt "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
-"${PIP[@]}" install -c constraints.txt -e ".[bridge,test]" 2>&1 | grep -v "is ignored" || true
+step 3 "torch 2.14.1 and torchvision 0.29.1 (the largest download: a few minutes on a first run)"
+pip_install "torch==2.14.1" "torchvision==0.29.1"
+step 4 "the daemon, the bridge and the test tools (pinned in constraints.txt)"
+pip_install -e ".[bridge,test]"
 "$VENV/bin/python" -c "import daemon, torch, transformers, zmq, qwen_vl_utils, torchcodec" \
   || { echo "setup: the environment is incomplete" >&2; exit 1; }
-echo "setup: ready ($VENV)" >&2
+echo "setup: ready ($VENV; run '. $VENV/bin/activate' to put qwen3vl-daemon on the PATH)" >&2
