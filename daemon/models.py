@@ -14,6 +14,7 @@ import functools
 import io
 import itertools
 import logging
+import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,39 @@ def _load_processor(settings: ModelSettings, files: str, padding_side: str):
         raise ModelLoadError(f"cannot load the processor of {settings.name!r}: {_first_line(exc)}") from None
 
 
+def own_the_weights(model, files: str) -> int:
+    """Copy into the process's own memory every weight that still lives in a mapping of one of the
+    weight files in the directory `files` (safetensors maps the file; on the CPU, in the file's own
+    dtype, the loaded tensors are views of that mapping). A mapped weight changes with the file: a
+    checkpoint copied over the old one in place would change the served model under its
+    fingerprint, and a truncated file would kill the process (SIGBUS). Returns the tensors copied."""
+    mapped = _mappings_of({os.path.realpath(p) for p in Path(files).glob("*.safetensors")})
+    copied = 0
+    for tensor in [*model.parameters(), *model.buffers()] if mapped else ():
+        start = tensor.data_ptr()
+        if tensor.device.type == "cpu" and any(low <= start < high for low, high in mapped):
+            tensor.data = tensor.data.clone()
+            copied += 1
+    return copied
+
+
+def _mappings_of(paths: set[str]) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `paths` (real paths), from /proc/self/maps;
+    none where that is missing (not Linux: there, weights on MPS or CUDA are copies anyway)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in paths:
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
@@ -272,6 +306,9 @@ class _QwenVL:
         self.tokenizer = self.processor.tokenizer
         self.full_model, self.load_info = _load(model_cls, settings, source, self.device, self.dtype)
         self.full_model.to(self.device).eval()
+        if Path(source).is_dir():
+            log.debug("%s: %d weights copied out of their files' mappings", settings.name,
+                      own_the_weights(self.full_model, source))
         self.model = self.full_model.model
         self.config = self.full_model.config
         self.max_length = settings.max_length

@@ -326,3 +326,30 @@ def test_a_cache_that_is_not_a_private_regular_file_is_never_read(tiny_dir, copy
         os.chown(cache, 65534, 65534)
     found = fingerprint_directory(copy, DigestCache(cache))  # a FIFO would block here if it were opened to wait
     assert found.value == fingerprint(tiny_dir) and found.hashed_bytes == found.bytes
+
+
+def _zero_weights_in_place(path: Path) -> None:
+    """Every weight byte zeroed, in the same inode (as `cp new old` writes), then the file cut short."""
+    import struct
+
+    header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+    with open(path, "r+b") as f:
+        f.seek(header)
+        f.write(b"\0" * (path.stat().st_size - header))
+        f.flush()
+        f.truncate(header)
+
+
+def test_weights_written_over_in_place_after_loading_change_nothing_served(copy):
+    """The loaded weights are the daemon's own copy, not a view of the file: the model keeps giving
+    the vectors its fingerprint names, and a truncated file does not kill it (SIGBUS)."""
+    from daemon.config import MediaPolicy
+    from daemon.inputs import InputItem, MediaReader
+    from daemon.models import EmbeddingModel
+
+    model = EmbeddingModel(ModelSettings(str(copy), dtype="float32"), MediaReader(MediaPolicy()))
+    item = InputItem(where="inputs[0]", texts=("the same text",))
+    before = model.embed([model.prepare(item, None)]).numpy()
+    _zero_weights_in_place(copy / "model.safetensors")
+    after = model.embed([model.prepare(item, None)]).numpy()
+    assert (before == after).all()
