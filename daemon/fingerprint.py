@@ -65,7 +65,7 @@ class Fingerprint:
         """Raise ModelLoadError, naming the file, unless the directory still holds exactly the files
         that were hashed, each with the identity it had then. Called once the model is loaded: a file
         replaced or rewritten meanwhile may be what was loaded, and the fingerprint would not be its."""
-        now = {path.name: path for path in model_files(self.directory)}
+        now = model_files(self.directory)
         for name, identity in self.identities:
             path = now.pop(name, None)
             try:
@@ -101,11 +101,46 @@ def model_directory(name: str, local_files_only: bool = False) -> Path:
                              f"downloaded ({reason}); pass a local checkpoint directory") from None
 
 
-def model_files(directory: Path) -> list[Path]:
-    """The files of `directory` that loading reads, by name (top level only, as loading reads them)."""
-    return sorted((p for p in directory.iterdir()
-                   if (p.name in MODEL_FILES or p.name.endswith(WEIGHTS_SUFFIX)) and p.is_file()),
-                  key=lambda p: p.name.encode())
+INDEX_FILE = "model.safetensors.index.json"
+TEMPLATES_DIR = "additional_chat_templates"  # transformers loads these chat templates too
+INDEX_MAX_BYTES = 64 << 20
+
+
+def model_files(directory: Path) -> dict[str, Path]:
+    """The files of `directory` that loading reads, by their path relative to it: the top level's
+    model files, the chat templates in `additional_chat_templates/`, and every weight file the
+    index names (at any depth, but never outside `directory`)."""
+    found = {p.name: p for p in directory.iterdir()
+             if (p.name in MODEL_FILES or p.name.endswith(WEIGHTS_SUFFIX)) and p.is_file()}
+    templates = directory / TEMPLATES_DIR
+    if templates.is_dir():
+        found.update({f"{TEMPLATES_DIR}/{p.name}": p for p in templates.iterdir() if p.is_file()})
+    for name in _indexed_weights(directory):
+        found[name] = directory / name
+    return dict(sorted(found.items(), key=lambda item: item[0].encode()))
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """Every weight file loading may read from `directory` (see `model_files`)."""
+    return [path for name, path in model_files(directory).items() if name.endswith(WEIGHTS_SUFFIX)]
+
+
+def _indexed_weights(directory: Path) -> set[str]:
+    """The weight files a sharded checkpoint's index names, as relative paths."""
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        return set()
+    try:
+        data = json.loads(read_setting_file(index, INDEX_MAX_BYTES))
+        names = set((data.get("weight_map") or {}).values())
+    except (OSError, SettingFileError, ValueError, RecursionError, AttributeError, TypeError) as exc:
+        raise ModelLoadError(f"{index}: not a safetensors index ({str(exc)[:80]})") from None
+    for name in names:
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if not parts or Path(name).is_absolute() or ".." in parts or not name.endswith(WEIGHTS_SUFFIX):
+            raise ModelLoadError(f"{index}: names {str(name)[:80]!r} as a weight file; only *.safetensors "
+                                 f"inside {directory} are loaded")
+    return names
 
 
 class DigestCache:
@@ -167,11 +202,24 @@ class DigestCache:
                      self.path, exc.strerror or exc)
 
 
-def _hub_blob_name(real: str) -> str | None:
+def _hub_blob_name(path: str) -> str | None:
     """The sha256 that a hub blob's name claims: the hub stores LFS files (the weights) as
     `blobs/<sha256>`. A claim only: it is checked against the content, never trusted."""
-    path = Path(real)
+    path = Path(path)
     return path.name if path.parent.name == "blobs" and _SHA256_NAME.fullmatch(path.name) else None
+
+
+def _blob_claims(path: Path) -> set[str]:
+    """What every blob name along `path`'s chain of links claims (a link to a blob that is itself a
+    link claims as much as the blob it ends at), and the final file's name."""
+    claims, current = set(), str(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        claims.add(_hub_blob_name(current))
+        if not os.path.islink(current):
+            break
+        current = os.path.normpath(os.path.join(os.path.dirname(current), os.readlink(current)))
+    claims.add(_hub_blob_name(os.path.realpath(path)))
+    return claims - {None}
 
 
 def _sha256(f) -> str:
@@ -207,10 +255,11 @@ def file_digest(path: Path, cache: DigestCache) -> tuple[str, int, int, Identity
     digest, hashed = cache.get(real, st), 0
     if digest is None:
         digest, st = _hash_file(path)
-        claimed = _hub_blob_name(real)
-        if claimed is not None and claimed != digest:
-            raise ModelLoadError(f"{path} links to hub blob {real}, whose content has sha256 {digest}, not the one "
-                                 "its name says: the blob is corrupt or was edited; delete it and download it again")
+        wrong = sorted(_blob_claims(path) - {digest})
+        if wrong:
+            raise ModelLoadError(f"{path} links to a hub blob named {wrong[0]}, but its content ({real}) has sha256 "
+                                 f"{digest}, not the one its name says: the blob is corrupt or was edited; delete it "
+                                 "and download it again")
         cache.put(real, st, digest)
         hashed = st.st_size
     return digest, st.st_size, hashed, (real, tuple(DigestCache.identity(st)))
@@ -220,17 +269,17 @@ def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
     """The fingerprint of the model files in `directory`: sha256 over their names and digests."""
     began = time.monotonic()
     files = model_files(directory)
-    if not any(f.name.endswith(WEIGHTS_SUFFIX) for f in files):
+    if not any(name.endswith(WEIGHTS_SUFFIX) for name in files):
         raise ModelLoadError(f"cannot fingerprint {directory}: it holds no *.safetensors weights")
     manifest, total, hashed, identities = hashlib.sha256(), 0, 0, []
-    for path in files:
+    for name, path in files.items():
         try:
             digest, size, read, identity = file_digest(path, cache)
         except OSError as exc:
             raise ModelLoadError(f"cannot fingerprint {path}: {exc.strerror or exc}") from None
-        manifest.update(f"{path.name}\t{digest}\n".encode())
+        manifest.update(f"{name}\t{digest}\n".encode())
         total, hashed = total + size, hashed + read
-        identities.append((path.name, identity))
+        identities.append((name, identity))
     cache.save()
     return Fingerprint(manifest.hexdigest()[:FINGERPRINT_HEX], len(files), total, hashed, time.monotonic() - began,
                        directory, tuple(identities))

@@ -183,11 +183,13 @@ def _load_processor(settings: ModelSettings, files: str, padding_side: str):
 
 def own_the_weights(model, files: str) -> int:
     """Copy into the process's own memory every weight that still lives in a mapping of one of the
-    weight files in the directory `files` (safetensors maps the file; on the CPU, in the file's own
+    weight files of the directory `files` (any that loading may read; safetensors maps the file; on the CPU, in the file's own
     dtype, the loaded tensors are views of that mapping). A mapped weight changes with the file: a
     checkpoint copied over the old one in place would change the served model under its
     fingerprint, and a truncated file would kill the process (SIGBUS). Returns the tensors copied."""
-    mapped = _mappings_of({os.path.realpath(p) for p in Path(files).glob("*.safetensors")})
+    from .fingerprint import weight_files
+
+    mapped = _mappings_of({os.path.realpath(p) for p in weight_files(Path(files))})
     copied = 0
     for tensor in [*model.parameters(), *model.buffers()] if mapped else ():
         start = tensor.data_ptr()

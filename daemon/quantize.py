@@ -133,7 +133,9 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: object, where: str, hidden_size: int | None = None) -> "Calibration":
-        if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT or data.get("version") != 1:
+        version = data.get("version") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT or type(version) is not int \
+                or version != 1:
             raise CalibrationError(f"{where}: not a version 1 {CALIBRATION_FORMAT} file")
         fingerprint, ranges, samples = data.get("fingerprint"), data.get("ranges"), data.get("samples", 0)
         if not isinstance(fingerprint, str) or not isinstance(ranges, dict) or not ranges:
@@ -174,7 +176,10 @@ def _range(value: object, dimension: int, where: str) -> tuple[np.ndarray, np.nd
         raise CalibrationError(f"{where}: 'min' and 'max' need {dimension} numbers each")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for b in bounds for x in b):
         raise CalibrationError(f"{where}: 'min' and 'max' must hold numbers only")
-    low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
+    try:
+        low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
+    except OverflowError:  # an integer past float64's range
+        raise CalibrationError(f"{where}: values must be finite, with min <= max") from None
     # Components of unit vectors lie within [-1, 1]: a range beyond that is not one `calibrate` wrote,
     # and would make a step so coarse (or infinite) that every code is the same.
     if not (np.isfinite(low).all() and np.isfinite(high).all() and (low <= high).all()):

@@ -220,6 +220,9 @@ def _calibration_with(samples: str = "3", model: str = '"m"', key: str = "1", lo
     (_calibration_with(low="0", high="1.5"), "within [-1, 1]"),
     (_calibration_with(low='"0"', high="1"), "numbers only"),
     (_calibration_with(low="true", high="1"), "numbers only"),
+    (_calibration_with(low="9" * 400, high="1"), "finite"),
+    (_calibration_with().replace('"version": 1', '"version": true'), "not a version 1"),
+    (_calibration_with().replace('"version": 1', '"version": 1.0'), "not a version 1"),
 ])
 def test_a_broken_calibration_file_is_refused_before_loading(tmp_path, tiny_dir, content, fragment):
     (tmp_path / "c.json").write_text(content)

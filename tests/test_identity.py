@@ -353,3 +353,67 @@ def test_weights_written_over_in_place_after_loading_change_nothing_served(copy)
     _zero_weights_in_place(copy / "model.safetensors")
     after = model.embed([model.prepare(item, None)]).numpy()
     assert (before == after).all()
+
+
+def _shard_into(copy: Path, relative: str) -> Path:
+    """The weights moved to `relative` (inside or outside the checkpoint), named by an index."""
+    from safetensors import safe_open
+
+    with safe_open(str(copy / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    target = copy / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(copy / "model.safetensors", target)
+    (copy / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, relative)}))
+    return target
+
+
+def test_weights_an_index_names_in_a_subdirectory_are_fingerprinted_loaded_and_owned(copy, tmp_path):
+    shard = _shard_into(copy, "sub/model.safetensors")
+    (copy / "decoy.safetensors").write_bytes(b"decoy")  # a top-level file, so the directory still has one
+    before = fingerprint(copy)
+    files = fingerprint_directory(copy, DigestCache(None))
+    assert "sub/model.safetensors" in dict(files.identities)
+    from daemon.config import MediaPolicy
+    from daemon.inputs import InputItem, MediaReader
+    from daemon.models import EmbeddingModel
+
+    model = EmbeddingModel(ModelSettings(str(copy), dtype="float32"), MediaReader(MediaPolicy()), copy)
+    item = InputItem(where="inputs[0]", texts=("the same text",))
+    served = model.embed([model.prepare(item, None)]).numpy()
+    _zero_weights_in_place(shard)  # the loaded shard is the daemon's own copy
+    assert (model.embed([model.prepare(item, None)]).numpy() == served).all()
+    assert fingerprint(copy) != before  # and the shard's bytes are in the fingerprint
+
+
+@pytest.mark.parametrize("relative", ["../outside.safetensors", "/abs/model.safetensors", "sub/weights.bin"])
+def test_an_index_naming_a_file_outside_the_checkpoint_or_not_safetensors_is_refused(copy, relative):
+    from safetensors import safe_open
+
+    with safe_open(str(copy / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (copy / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, relative)}))
+    with pytest.raises(ModelLoadError, match="only \\*.safetensors inside"):
+        fingerprint(copy)
+
+
+def test_a_chat_template_in_additional_chat_templates_is_part_of_it(tiny_dir, copy):
+    (copy / "additional_chat_templates").mkdir()
+    os.replace(copy / "chat_template.jinja", copy / "additional_chat_templates" / "default.jinja")
+    before = fingerprint(copy)
+    (copy / "additional_chat_templates" / "default.jinja").write_text("{{ 'changed' }}")
+    assert fingerprint(copy) != before
+
+
+def test_a_hub_blob_that_is_itself_a_link_to_other_bytes_is_refused(tiny_dir, tmp_path):
+    snapshot = hub_snapshot(tiny_dir, tmp_path / "hub")
+    blob = (snapshot / "model.safetensors").resolve()
+    elsewhere = tmp_path / "elsewhere.bin"
+    shutil.copyfile(blob, elsewhere)
+    flip_last_byte(elsewhere)
+    blob.unlink()
+    blob.symlink_to(elsewhere)  # blobs/<sha256 of A> -> a file holding other bytes
+    with pytest.raises(ModelLoadError, match="corrupt or was edited"):
+        fingerprint(snapshot)
