@@ -8,22 +8,37 @@ cut and normalised as the daemon returns them, and each component's least and gr
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .client import Client
+from .client import Client, DaemonError
 from .quantize import Calibration
 
 MIN_SAMPLES = 2
 RECOMMENDED_SAMPLES = 1000
+_INPUT_INDEX = re.compile(r"inputs\[(\d+)\]")  # how the daemon names an input in its errors
 
 
-def read_sample(path: Path) -> list:
+@dataclass(frozen=True)
+class Sample:
+    """The inputs of a sample file, each with the line it came from (errors name the line)."""
+
+    path: Path
+    inputs: list
+    lines: list[int]
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{self.lines[index]}"
+
+
+def read_sample(path: Path) -> Sample:
     """One input per non-empty line: a JSON object is a protocol input (text, image, video), any
     other line is a text. A line that is not UTF-8, or not a JSON object though it starts with '{'
     (nested past the parser's depth included), is a ValueError naming the file and the line."""
-    inputs = []
+    inputs, lines = [], []
     for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         try:
             line = raw.decode("utf-8").removesuffix("\r")
@@ -38,9 +53,10 @@ def read_sample(path: Path) -> list:
                 raise ValueError(f"{path}:{number}: a line starting with '{{' must be a JSON input object") from None
         else:
             inputs.append(line)
+        lines.append(number)
     if len(inputs) < MIN_SAMPLES:
         raise ValueError(f"{path}: {len(inputs)} inputs; calibration needs at least {MIN_SAMPLES}")
-    return inputs
+    return Sample(path, inputs, lines)
 
 
 def default_dimensions(full: int, default: int | None) -> list[int]:
@@ -53,7 +69,7 @@ def default_dimensions(full: int, default: int | None) -> list[int]:
     return sorted(dims)
 
 
-def calibrate(client: Client, inputs: list, dimensions: list[int] | None, instruction: str | None,
+def calibrate(client: Client, sample: Sample, dimensions: list[int] | None, instruction: str | None,
               batch: int = 64) -> Calibration:
     health = client.health()["embedding"]
     fingerprint, full = health.get("fingerprint"), health.get("max_dimension")
@@ -63,6 +79,20 @@ def calibrate(client: Client, inputs: list, dimensions: list[int] | None, instru
     wrong = [d for d in dims if not 1 <= d <= full]
     if wrong:
         raise ValueError(f"--dimension {wrong[0]} is outside 1..{full}")
-    raw = [client.embed(inputs[i:i + batch], instruction, full, normalize=False,
-                        expect_fingerprint=fingerprint).embeddings for i in range(0, len(inputs), batch)]
+    raw = [_embed(client, sample, start, start + batch, instruction, full, fingerprint)
+           for start in range(0, len(sample.inputs), batch)]
     return Calibration.compute(np.concatenate(raw), dims, fingerprint, health.get("name") or "")
+
+
+def _embed(client: Client, sample: Sample, start: int, end: int, instruction: str | None, full: int,
+           fingerprint: str) -> np.ndarray:
+    """Raw vectors of sample.inputs[start:end]; an input the daemon refuses is named by its line."""
+    try:
+        return client.embed(sample.inputs[start:end], instruction, full, normalize=False,
+                            expect_fingerprint=fingerprint).embeddings
+    except DaemonError as exc:
+        found = _INPUT_INDEX.match(exc.message)
+        if found is None:
+            raise
+        raise ValueError(f"{sample.where(start + int(found.group(1)))}: {exc.code}: "
+                         f"{exc.message[found.end():].lstrip('.: ')}") from None

@@ -396,9 +396,9 @@ def calibrate(sample, out, dimensions, instruction, batch, endpoint, timeout, cu
         inputs = read_sample(sample)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if len(inputs) < RECOMMENDED_SAMPLES:
-        click.echo(f"qwen3vl-daemon: note: {len(inputs)} inputs; ranges from fewer than {RECOMMENDED_SAMPLES} "
-                   "may clip values the sample did not show", err=True)
+    if len(inputs.inputs) < RECOMMENDED_SAMPLES:
+        click.echo(f"qwen3vl-daemon: note: {len(inputs.inputs)} inputs; ranges from fewer than "
+                   f"{RECOMMENDED_SAMPLES} may clip values the sample did not show", err=True)
 
     def call(client):
         try:

@@ -254,3 +254,16 @@ def test_a_bad_sample_line_is_named_by_file_and_line(tmp_path, line, fragment):
                            "--endpoint", f"ipc://{tmp_path}/none.sock"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and f"{sample}{fragment}" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"text": 5}', "invalid_request: text[0]: expected a string"),
+    ('{"instruction": 7, "text": "x"}', "invalid_request"),
+])
+def test_a_sample_input_the_daemon_refuses_is_named_by_file_and_line(daemon, tmp_path, line, fragment):
+    sample = tmp_path / "sample.txt"
+    sample.write_text("\n".join(["first text", "", "second text", line, "last"]) + "\n")
+    done = subprocess.run([sys.executable, "-m", "daemon", "calibrate", str(sample), "--out", str(tmp_path / "c.json"),
+                           "--endpoint", daemon.endpoint, "--batch", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{sample}:4: " in done.stderr and fragment in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "c.json").exists()
