@@ -168,8 +168,10 @@ def serve(log_level: str, **opts) -> None:
     quiet_libraries()
     config = config_from_options(opts)
     try:
-        check_config(config)
+        # The server first: it binds nothing yet, and it reads the int8 calibration, which needs no
+        # library, so a wrong file costs milliseconds, not check_config's import of torch.
         server = Server(config)
+        check_config(config)
         server.install_signal_handlers()
         code = server.serve()
     except (SettingsError, StartupError) as exc:
@@ -393,16 +395,16 @@ def calibrate(sample, out, dimensions, instruction, batch, endpoint, timeout, cu
     from .calibrate import RECOMMENDED_SAMPLES, calibrate as run, read_sample
 
     try:
-        inputs = read_sample(sample)
+        found = read_sample(sample)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if len(inputs.inputs) < RECOMMENDED_SAMPLES:
-        click.echo(f"qwen3vl-daemon: note: {len(inputs.inputs)} inputs; ranges from fewer than "
+    if len(found.inputs) < RECOMMENDED_SAMPLES:
+        click.echo(f"qwen3vl-daemon: note: {len(found.inputs)} inputs; ranges from fewer than "
                    f"{RECOMMENDED_SAMPLES} may clip values the sample did not show", err=True)
 
     def call(client):
         try:
-            return run(client, inputs, list(dimensions) or None, instruction, batch)
+            return run(client, found, list(dimensions) or None, instruction, batch)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
 

@@ -33,7 +33,6 @@ def check_config(config: DaemonConfig) -> None:
     if not models:
         raise SettingsError("both models are disabled (--embedding-model and --reranker-model are 'none'): "
                             "enable at least one")
-    _check_calibration(config)  # first: it needs no library, so a wrong file costs milliseconds
     for flag, settings in models:
         _check_dtype(settings.dtype)
         _check_device(settings.device)
@@ -44,20 +43,6 @@ def check_config(config: DaemonConfig) -> None:
         if size is not None and not 1 <= config.embedding_dim <= size:
             raise SettingsError(f"--embedding-dim {config.embedding_dim} is outside 1..{size}, the size of "
                                 f"{config.embedding.name}: pass at most {size}, or leave it unset for {size}")
-
-
-def _check_calibration(config: DaemonConfig) -> None:
-    """The whole int8 calibration file, against the embedding checkpoint's size where it is local."""
-    from .quantize import Calibration, CalibrationError
-
-    if config.int8_calibration is None:
-        return
-    embedding = config.embedding
-    size = hidden_size(Path(embedding.name).expanduser()) if embedding and looks_local(embedding.name) else None
-    try:
-        Calibration.load(config.int8_calibration, size)
-    except CalibrationError as exc:
-        raise SettingsError(f"--int8-calibration {exc}") from None
 
 
 def _check_dtype(spec: str) -> None:

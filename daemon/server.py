@@ -37,6 +37,7 @@ from .handlers import Context, Handler, build_handlers
 from .logs import TracebackLimiter
 from .metrics import Metrics
 from .notify import LoadProgress, Notifier
+from .preflight import hidden_size, looks_local
 from .protocol import OPS, Request, decode_payload, encode_error, encode_reply, parse_request
 from .quantize import Calibration, CalibrationError, Quantizer
 
@@ -196,11 +197,14 @@ class Outbox:
 
 
 def _calibration(config: DaemonConfig) -> Calibration | None:
-    """The operator's int8 calibration, read before any model loads, so that a bad file fails at once."""
+    """The operator's int8 calibration, read once, whole, before any model loads (against a local
+    embedding checkpoint's size), so that a bad file fails at once."""
     if config.int8_calibration is None:
         return None
+    embedding = config.embedding
+    size = hidden_size(Path(embedding.name).expanduser()) if embedding and looks_local(embedding.name) else None
     try:
-        return Calibration.load(config.int8_calibration)
+        return Calibration.load(config.int8_calibration, size)
     except CalibrationError as exc:
         raise StartupError(f"--int8-calibration {exc}") from None
 
