@@ -183,10 +183,11 @@ def _load_processor(settings: ModelSettings, files: str, padding_side: str):
 
 def own_the_weights(model, files: str) -> int:
     """Copy into the process's own memory every weight that still lives in a mapping of one of the
-    weight files of the directory `files` (any that loading may read; safetensors maps the file; on the CPU, in the file's own
-    dtype, the loaded tensors are views of that mapping). A mapped weight changes with the file: a
-    checkpoint copied over the old one in place would change the served model under its
-    fingerprint, and a truncated file would kill the process (SIGBUS). Returns the tensors copied."""
+    weight files of the directory `files` (any that loading may read). safetensors maps the file;
+    on the CPU, in the file's own dtype, the loaded tensors are views of that mapping, and a mapped
+    weight changes with the file: a checkpoint copied over the old one in place would change the
+    served model under its fingerprint, and a truncated file would kill the process (SIGBUS).
+    Returns the tensors copied."""
     from .fingerprint import weight_files
 
     mapped = _mappings_of({os.path.realpath(p) for p in weight_files(Path(files))})
@@ -201,7 +202,8 @@ def own_the_weights(model, files: str) -> int:
 
 def _mappings_of(paths: set[str]) -> list[tuple[int, int]]:
     """Address ranges of this process's mappings of `paths` (real paths), from /proc/self/maps;
-    none where that is missing (not Linux: there, weights on MPS or CUDA are copies anyway)."""
+    none where that is missing (not Linux: weights on MPS are copies anyway, but a macOS CPU model
+    stays mapped)."""
     try:
         with open("/proc/self/maps") as maps:
             lines = maps.read().splitlines()
