@@ -35,6 +35,18 @@ def png_bytes(color=(255, 0, 0), size=(64, 48)) -> bytes:
     return buf.getvalue()
 
 
+def gradient_png(seed: int, size=(72, 56)) -> bytes:
+    """An image with structure (not one flat color), different per seed."""
+    from PIL import Image
+
+    img = Image.new("RGB", size)
+    img.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x * y + seed) % 256)
+                 for y in range(size[1]) for x in range(size[0])])
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process in KiB (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -79,6 +79,7 @@ class ModelSettings:
     attn_implementation: str = "sdpa"
     max_length: int = EMBEDDING_MAX_LENGTH
     local_files_only: bool = False
+    quantize: str = "none"  # none | int8 | nf4 | fp8: the language model's linear layers (weights.py)
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,7 @@ class DaemonConfig:
     # Where model files' digests are kept between starts (fingerprint.py); None: hash every start.
     fingerprint_cache: Path | None = field(default_factory=default_fingerprint_cache)
     int8_calibration: Path | None = None  # per-dimension int8/uint8 ranges (`calibrate`); None: the fixed scale
+    # Before loading, the models' memory estimated from their files (fit.py) is compared with what the
+    # device has free and with this budget (bytes, None: no budget of its own); over either, the start stops.
+    memory_budget: int | None = None
+    fit_check: bool = True

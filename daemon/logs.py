@@ -21,6 +21,8 @@ def quiet_libraries(cpu_count: int | None = None) -> None:
     # falling back); the daemon answers each failure itself.
     logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
     logging.getLogger("qwen_vl_utils.vision_process").setLevel(logging.ERROR)
+    # torchao's import registers enums with torch's pytree, which warns on each (two lines per start).
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()

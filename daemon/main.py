@@ -24,11 +24,12 @@ from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_
 from .logs import quiet_libraries
 
 
-def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool) -> ModelSettings | None:
+def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool,
+           quantize: str) -> ModelSettings | None:
     if is_disabled(name):
         return None
     return ModelSettings(name=name, device=device, dtype=dtype, attn_implementation=attn,
-                         max_length=max_length, local_files_only=offline)
+                         max_length=max_length, local_files_only=offline, quantize=quantize)
 
 
 OMP_WAIT_POLICY = "PASSIVE"  # the daemon's default (see `serve`)
@@ -95,7 +96,19 @@ def _limit_options(fn):
 @click.option("--device", envvar=["QWEN3VL_DEVICE", "DEVICE"], default=ModelSettings.device, show_default=True,
               help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", envvar="QWEN3VL_DTYPE", default=ModelSettings.dtype, show_default=True,
-              help="auto (bfloat16 where supported, else float32), bfloat16, float32 or float16.")
+              help="auto (bfloat16 on CUDA, MPS and CPUs with native bf16 (AVX512-BF16, AMX), else float32), "
+                   "bfloat16, float32 or float16.")
+@click.option("--quantize", envvar="QWEN3VL_QUANTIZE", default=ModelSettings.quantize, show_default=True,
+              help="Language model weights: none (the dtype), int8, nf4, or fp8 (CUDA 8.9+); needs the [quant] extra.")
+@click.option("--embedding-quantize", envvar="QWEN3VL_EMBEDDING_QUANTIZE", default=None,
+              help="--quantize for the embedding model only.")
+@click.option("--reranker-quantize", envvar="QWEN3VL_RERANKER_QUANTIZE", default=None,
+              help="--quantize for the reranker only.")
+@click.option("--memory-budget", envvar="QWEN3VL_MEMORY_BUDGET", default=None,
+              help="Most memory the models may take on their device (bytes, or 12G, 512M); the start stops "
+                   "before loading when the estimate exceeds it or the device's free memory.")
+@click.option("--fit-check/--no-fit-check", envvar="QWEN3VL_FIT_CHECK", default=DaemonConfig.fit_check,
+              show_default=True, help="Compare the models' estimated memory with what is free before loading.")
 @click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default=ModelSettings.attn_implementation,
               show_default=True,
               help="Attention kernels: sdpa, eager, or flash_attention_2 where installed.")
@@ -189,8 +202,9 @@ show_envvars(serve)
 
 def config_from_options(o: dict) -> DaemonConfig:
     """The typed configuration from `serve`'s options (named as click passes them)."""
-    def model(name: str, max_length: int) -> ModelSettings | None:
-        return _model(name, o["device"], o["dtype"], o["attn_implementation"], max_length, o["offline"])
+    def model(name: str, max_length: int, quantize: str | None) -> ModelSettings | None:
+        return _model(name, o["device"], o["dtype"], o["attn_implementation"], max_length, o["offline"],
+                      quantize or o["quantize"])
 
     roots = tuple(Path(p) for entry in o["allow_paths"] for p in str(entry).split(":") if p)
     media = MediaPolicy(
@@ -207,8 +221,9 @@ def config_from_options(o: dict) -> DaemonConfig:
                         **({"prep_workers": o["prep_workers"]} if o["prep_workers"] else {}))
     return DaemonConfig(
         endpoint=o["endpoint"],
-        embedding=model(o["embedding_model"], o["embedding_max_length"]),
-        reranker=model(o["reranker_model"], o["reranker_max_length"]),
+        embedding=model(o["embedding_model"], o["embedding_max_length"], o["embedding_quantize"]),
+        reranker=model(o["reranker_model"], o["reranker_max_length"], o["reranker_quantize"]),
+        memory_budget=_bytes(o["memory_budget"], "--memory-budget"), fit_check=o["fit_check"],
         embedding_dim=o["embedding_dim"], media=media, limits=limits, batching=batching, warmup=o["warmup"],
         socket_mode=_octal(o["socket_mode"]), curve_secret_key=o["curve_secret_key"],
         curve_authorized_keys=o["curve_authorized_keys"], drain_timeout_s=o["drain_timeout"],
@@ -221,6 +236,19 @@ def _fingerprint_cache(value: str | None) -> dict:
     if value is None:
         return {}
     return {"fingerprint_cache": None if is_disabled(value) else Path(value)}
+
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(text: str | None, flag: str) -> int | None:
+    """A size: plain bytes, or with K, M, G or T (binary: 12G is 12 GiB); unset or 'none': None."""
+    if text is None or is_disabled(text):
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not found or float(found.group(1)) <= 0:
+        raise click.BadParameter(f"{text!r} is not a size (bytes, or a number with K, M, G or T)", param_hint=flag)
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
 
 
 def _octal(text: str) -> int:

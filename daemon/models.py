@@ -26,6 +26,7 @@ from .config import ModelSettings
 from .errors import ModelLoadError, attempt, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, VideoSource
+from .weights import NONE, FormatError, check_format, convert, parse_format
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,19 @@ def resolve_device(spec: str):
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), as torch reports it.
+    There a forward in bfloat16 is about twice as fast as in float32 (BENCHMARKS.md, "Weight
+    formats"); without, bfloat16 is emulated and slower than float32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def resolve_dtype(spec: str, device):
-    """bfloat16 where the device supports it, else float32; never float16 unless asked for by name
-    (Qwen3 models are known to overflow to NaN in float16)."""
+    """bfloat16 where the device supports it (on a CPU: natively), else float32; never float16
+    unless asked for by name (Qwen3 models are known to overflow to NaN in float16)."""
     import torch
 
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
@@ -108,7 +119,7 @@ def resolve_dtype(spec: str, device):
             return torch.bfloat16
         except (RuntimeError, TypeError):
             return torch.float32
-    return torch.float32  # CPU: bfloat16 is slower here and loses precision
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -141,7 +152,16 @@ def _embedding_class():
     return Qwen3VLForEmbedding
 
 
-def _load(cls, settings: ModelSettings, files: str, device, dtype):
+def _checked_format(settings: ModelSettings, device) -> str:
+    try:
+        fmt = parse_format(settings.quantize)
+        check_format(fmt, device)
+    except FormatError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return fmt
+
+
+def _load(cls, settings: ModelSettings, files: str, dtype):
     """from_pretrained from `files` (the directory, or the hub id), turning every failure into one
     line and refusing missing base weights."""
     try:
@@ -305,11 +325,19 @@ class _QwenVL:
         self.media = media
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.weights_format = _checked_format(settings, self.device)
         use_torchcodec_only()
         self.processor = _load_processor(settings, source, self.padding_side)
         self.tokenizer = self.processor.tokenizer
-        self.full_model, self.load_info = _load(model_cls, settings, source, self.device, self.dtype)
-        self.full_model.to(self.device).eval()
+        if self.weights_format == NONE:
+            self.full_model, self.load_info = _load(model_cls, settings, source, self.dtype)
+            self.full_model.to(self.device)
+        else:  # in the file's own dtype, on the CPU, then converted layer by layer (weights.py)
+            self.full_model, self.load_info = _load(model_cls, settings, source, "auto")
+            converted = convert(self.full_model, self.weights_format, self.device, self.dtype)
+            log.info("%s: %d linear layers (%.2f billion weights) in %s", settings.name, converted.layers,
+                     converted.weights / 1e9, self.weights_format)
+        self.full_model.eval()
         if Path(source).is_dir():
             log.debug("%s: %d weights copied out of their files' mappings", settings.name,
                       own_the_weights(self.full_model, source))

@@ -36,6 +36,7 @@ def check_config(config: DaemonConfig) -> None:
     for flag, settings in models:
         _check_dtype(settings.dtype)
         _check_device(settings.device)
+        _check_format(flag, settings)
         if looks_local(settings.name):
             _check_checkpoint(flag, settings)
     if config.embedding is not None and config.embedding_dim is not None and looks_local(config.embedding.name):
@@ -57,6 +58,19 @@ def _check_device(spec: str) -> None:
         resolve_device(spec)
     except ModelLoadError as exc:
         raise SettingsError(str(exc).replace("use --device", "pass --device")) from None
+
+
+def _check_format(flag: str, settings: ModelSettings) -> None:
+    """--quantize (or its per-model override): a known format, its library installed, and one the
+    device runs (fp8: CUDA 8.9+), told before anything is bound or read."""
+    from .models import resolve_device
+    from .weights import FormatError, check_format, parse_format
+
+    option = flag.replace("-model", "-quantize")  # --embedding-quantize, --reranker-quantize
+    try:
+        check_format(parse_format(settings.quantize, "--quantize"), resolve_device(settings.device), "--quantize")
+    except FormatError as exc:
+        raise SettingsError(f"{exc} (the {flag[2:].replace('-', ' ')}; {option} sets it alone)") from None
 
 
 def _check_checkpoint(flag: str, settings: ModelSettings) -> None:

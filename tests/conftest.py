@@ -15,12 +15,15 @@ from pathlib import Path
 
 # No test reaches a model hub: huggingface_hub reads this once, when it is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every daemon the tests start computes in float32 unless a test says otherwise: the references
+# are float32, and `--dtype auto` is bfloat16 on CPUs with native bf16 (test_models checks that choice).
+os.environ.setdefault("QWEN3VL_DTYPE", "float32")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.harness import free_port, png_bytes  # noqa: E402
+from bench.harness import free_port, gradient_png, png_bytes  # noqa: E402,F401 (gradient_png: for the tests)
 from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
 from daemon.tiny import TinySpec, build_tiny_checkpoint  # noqa: E402
 
@@ -141,16 +144,6 @@ def exchange(endpoint: str, payloads: list[dict], timeout_s: float = 60.0) -> li
         return [msgpack.unpackb(sock.recv_multipart()[-1]) for _ in payloads]
     finally:
         sock.close()
-
-
-def gradient_png(seed: int, size=(72, 56)) -> bytes:
-    """An image with structure (not one flat color), different per seed."""
-    img = Image.new("RGB", size)
-    img.putdata([((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x * y + seed) % 256)
-                 for y in range(size[1]) for x in range(size[0])])
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def pil(data: bytes) -> Image.Image:

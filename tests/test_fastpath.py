@@ -27,12 +27,12 @@ def checkpoint(request) -> str:
 
 @pytest.fixture(scope="module")
 def embedder(checkpoint) -> EmbeddingModel:
-    return EmbeddingModel(ModelSettings(checkpoint), MediaReader(MediaPolicy()))
+    return EmbeddingModel(ModelSettings(checkpoint, dtype="float32"), MediaReader(MediaPolicy()))
 
 
 @pytest.fixture(scope="module")
 def reranker(checkpoint) -> RerankerModel:
-    return RerankerModel(ModelSettings(checkpoint), MediaReader(MediaPolicy()))
+    return RerankerModel(ModelSettings(checkpoint, dtype="float32"), MediaReader(MediaPolicy()))
 
 
 def test_fast_path_is_enabled_for_the_qwen3vl_template(embedder, reranker):
@@ -89,7 +89,7 @@ def _same_outcome(together, alone) -> None:
 
 def test_the_real_qwen3_tokenizer_counts_like_qwen3(qwen3_dir):
     """The checkpoint carries Qwen3's vocabulary: the official reranker's yes/no ids and real word pieces."""
-    model = RerankerModel(ModelSettings(str(qwen3_dir)), MediaReader(MediaPolicy()))
+    model = RerankerModel(ModelSettings(str(qwen3_dir), dtype="float32"), MediaReader(MediaPolicy()))
     vocab = model.tokenizer.get_vocab()
     assert (vocab["yes"], vocab["no"], model.pad_id) == (9693, 2152, 151643)
     assert model.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"] == [785, 3974, 13876, 38835]

@@ -31,7 +31,7 @@ def _serve_in_thread(config: DaemonConfig) -> tuple[Server, threading.Thread]:
 
 
 def test_out_of_memory_is_retried_in_smaller_batches_then_fails_only_its_batch(tiny_dir, tmp_path):
-    config = DaemonConfig(endpoint=f"ipc://{tmp_path}/s/d.sock", embedding=ModelSettings(str(tiny_dir)),
+    config = DaemonConfig(endpoint=f"ipc://{tmp_path}/s/d.sock", embedding=ModelSettings(str(tiny_dir), dtype="float32"),
                           reranker=None, batching=Batching(max_batch_size=8), warmup=False,
                           fingerprint_cache=tmp_path / "fingerprints.json")
     server, thread = _serve_in_thread(config)

@@ -202,7 +202,7 @@ def test_weights_replaced_while_loading_stop_the_start_in_one_line(tiny_dir, cop
         if what and what.startswith("loading embedding model"):
             os.replace(other, copy / "model.safetensors")
 
-    config = DaemonConfig(embedding=ModelSettings(str(copy)), reranker=None, warmup=False,
+    config = DaemonConfig(embedding=ModelSettings(str(copy), dtype="float32"), reranker=None, warmup=False,
                           fingerprint_cache=tmp_path / "fp.json")
     with pytest.raises(ModelLoadError, match="model.safetensors changed while the model was loading"):
         load_model_backends(config, {}, step)
@@ -210,7 +210,7 @@ def test_weights_replaced_while_loading_stop_the_start_in_one_line(tiny_dir, cop
 
 def test_the_files_are_fingerprinted_before_the_weights_load(tiny_dir, copy, tmp_path):
     steps = []
-    config = DaemonConfig(embedding=ModelSettings(str(copy)), reranker=None, warmup=False,
+    config = DaemonConfig(embedding=ModelSettings(str(copy), dtype="float32"), reranker=None, warmup=False,
                           fingerprint_cache=tmp_path / "fp.json")
     backends = {}
     load_model_backends(config, backends, lambda what, stage="weights": steps.append(stage))

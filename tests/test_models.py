@@ -13,7 +13,8 @@ from conftest import gradient_png
 from daemon.config import MediaPolicy, ModelSettings
 from daemon.errors import ErrorCode, RequestError
 from daemon.inputs import InputItem, MediaReader, MediaSource
-from daemon.models import EmbeddingModel, ModelLoadError, RerankerModel, resolve_device, resolve_dtype
+from daemon.models import (EmbeddingModel, ModelLoadError, RerankerModel, cpu_has_native_bf16, resolve_device,
+                           resolve_dtype)
 from reference import ReferenceReranker
 
 LONG_TEXT = "many words in a very long input that must be cut " * 60
@@ -21,16 +22,16 @@ LONG_TEXT = "many words in a very long input that must be cut " * 60
 
 @pytest.fixture(scope="module")
 def small_embedder(tiny_dir) -> EmbeddingModel:
-    return EmbeddingModel(ModelSettings(str(tiny_dir), max_length=64), MediaReader(MediaPolicy()))
+    return EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32", max_length=64), MediaReader(MediaPolicy()))
 
 
 @pytest.fixture(scope="module")
 def small_reranker(tiny_dir) -> RerankerModel:
-    return RerankerModel(ModelSettings(str(tiny_dir), max_length=64), MediaReader(MediaPolicy()))
+    return RerankerModel(ModelSettings(str(tiny_dir), dtype="float32", max_length=64), MediaReader(MediaPolicy()))
 
 
 def test_overlong_embedding_input_is_cut_to_max_length_keeping_the_template_ending(small_embedder):
-    full_model = EmbeddingModel(ModelSettings(small_embedder.name, max_length=100000), small_embedder.media)
+    full_model = EmbeddingModel(ModelSettings(small_embedder.name, dtype="float32", max_length=100000), small_embedder.media)
     item = InputItem("inputs[0]", texts=(LONG_TEXT,))
     full, cut = full_model.prepare(item).input_ids, small_embedder.prepare(item).input_ids
     assert len(full) > 64 and len(cut) == 64
@@ -70,21 +71,24 @@ def test_checkpoint_missing_base_weights_is_refused_at_start(tiny_dir, tmp_path)
     del weights[next(k for k in weights if "language_model.layers.0.mlp" in k)]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="lacks 1 base-model weight"):
-        EmbeddingModel(ModelSettings(str(broken)), MediaReader(MediaPolicy()))
+        EmbeddingModel(ModelSettings(str(broken), dtype="float32"), MediaReader(MediaPolicy()))
 
 
 def test_unfetchable_model_fails_with_one_line_saying_what_to_pass():
     with pytest.raises(ModelLoadError) as err:  # local_files_only: what a machine without network sees
-        EmbeddingModel(ModelSettings("Qwen/Qwen3-VL-Embedding-8B", local_files_only=True), MediaReader(MediaPolicy()))
+        EmbeddingModel(ModelSettings("Qwen/Qwen3-VL-Embedding-8B", dtype="float32", local_files_only=True), MediaReader(MediaPolicy()))
     message = str(err.value)
     assert "\n" not in message and "Qwen/Qwen3-VL-Embedding-8B" in message and "tiny-checkpoint" in message
 
 
-def test_auto_device_and_dtype_on_a_cpu_machine_are_cpu_float32():
+def test_auto_dtype_on_a_cpu_is_bfloat16_exactly_where_torch_reports_native_bf16():
     device = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() == native
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
 def test_unknown_device_and_dtype_are_refused():
@@ -103,7 +107,7 @@ def test_reranker_drops_the_untied_lm_head_after_taking_the_score_vector(small_r
 def test_vision_tokens_counted_from_the_header_are_what_the_processor_makes(tiny_dir, size):
     from daemon.models import image_tokens
 
-    model = EmbeddingModel(ModelSettings(str(tiny_dir), max_length=100000), MediaReader(MediaPolicy()))
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32", max_length=100000), MediaReader(MediaPolicy()))
     ids = model.prepare(InputItem("inputs[0]", images=(MediaSource("bytes", gradient_png(1, size), "x"),))).input_ids
     image_pad = model.tokenizer.convert_tokens_to_ids(model.processor.image_token)
     assert image_tokens(*size, "x") == ids.count(image_pad) + 2  # + vision start and end
@@ -132,7 +136,7 @@ def _collate_row_by_row(model, batch) -> dict:
 
 @pytest.mark.parametrize("model_cls", [EmbeddingModel, RerankerModel])
 def test_a_batch_is_collated_exactly_as_row_by_row(tiny_dir, model_cls):
-    model = model_cls(ModelSettings(str(tiny_dir)), MediaReader(MediaPolicy()))
+    model = model_cls(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy()))
     image = MediaSource("bytes", gradient_png(4, size=(64, 96)), "inputs[1].image[0]")
     items = [InputItem("inputs[0]", texts=("short",)), InputItem("inputs[1]", texts=("an image",), images=(image,)),
              InputItem("inputs[2]", texts=("a somewhat longer text " * 3,))]

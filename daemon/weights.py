@@ -1,0 +1,229 @@
+"""How a model holds its weights: in its compute dtype, or with the language model's linear layers
+quantized (int8, nf4, fp8) through torchao.
+
+Only the language model's decoder linear layers (q/k/v/o and the MLP's gate/up/down: 1.41 of the
+2B model's 2.13 billion weights) change form. The vision tower, the token embedding table, the norms
+and the reranker's yes-minus-no score vector stay in the compute dtype: the vision tower is small
+and the research on these models advises keeping it exact (BENCHMARKS.md measures both), the table
+is a lookup (no matmul to speed up), and the score vector is one row.
+
+Layers are converted one at a time from the loaded checkpoint (on the CPU, a view of the mapped
+file) and only then moved to the device, so neither host nor device ever holds the whole model at
+full precision: a format saves memory while loading, not only once loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import re
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+NONE, INT8, NF4, FP8 = "none", "int8", "nf4", "fp8"
+FORMATS = (NONE, INT8, NF4, FP8)
+QUANTIZED = (INT8, NF4, FP8)
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first with float8 tensor cores (torch._scaled_mm)
+NF4_BLOCK = 64  # weights per absmax scale (QLoRA's block)
+NF4_SCALER_BLOCK = 256  # scales per second-level scale (double quantization)
+INSTALL_HINT = "pip install 'qwen3vl-daemon[quant]' (torchao)"
+
+
+class FormatError(Exception):
+    """A weight format that cannot be used here; the message is one line naming what to pass."""
+
+
+def parse_format(spec: str | None, flag: str = "--quantize") -> str:
+    value = (spec or NONE).strip().lower()
+    if value not in FORMATS:
+        raise FormatError(f"unknown {flag} {spec!r}: use none, int8, nf4 or fp8")
+    return value
+
+
+def check_format(fmt: str, device, flag: str = "--quantize") -> None:
+    """Refuse, before any weight is read, a format this device or environment cannot run."""
+    if fmt == NONE:
+        return
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise FormatError(f"{flag} {fmt} needs torchao, which is not installed: {INSTALL_HINT}, "
+                          f"or pass {flag} none") from None
+    if fmt == FP8:
+        capability = _cuda_capability(device)
+        if capability is None or capability < FP8_MIN_CAPABILITY:
+            found = f"compute capability {capability[0]}.{capability[1]}" if capability else f"device {device}"
+            raise FormatError(f"{flag} fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                              f"this is {found}: pass {flag} int8 instead")
+
+
+def _cuda_capability(device) -> tuple[int, int] | None:
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+@dataclass(frozen=True)
+class Converted:
+    layers: int  # linear layers now in the format
+    weights: int  # weights they hold
+
+
+LANGUAGE_LAYER = re.compile(r"(^|\.)language_model\.layers\.\d+\.")
+VISION_BLOCK = re.compile(r"(^|\.)visual\.blocks\.\d+\.")
+
+
+def is_quantized_layer(name: str, module, include_vision: bool = False) -> bool:
+    """Whether the linear layer `name` of a Qwen3-VL model is one a format converts: the language
+    model's decoder layers (and, for measuring only, the vision tower's blocks)."""
+    import torch
+
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    return bool(LANGUAGE_LAYER.search(name) or (include_vision and VISION_BLOCK.search(name)))
+
+
+def convert(model, fmt: str, device, dtype, include_vision: bool = False) -> Converted:
+    """Put every parameter of `model` (a loaded Qwen3-VL model, on the CPU) on `device` in `dtype`,
+    with its language model's linear layers in `fmt`, one layer at a time. The layers are
+    converted on the device (each layer's full-precision copy there is transient)."""
+    import torch
+
+    layers = weights = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if fmt != NONE and is_quantized_layer(name, module, include_vision):
+                module.weight = torch.nn.Parameter(module.weight.detach().to(device=device, dtype=dtype),
+                                                   requires_grad=False)
+                weights += module.weight.numel()
+                _quantize(module, fmt)
+                layers += 1
+        quantized = {id(p) for p in model.parameters() if is_quantized_tensor(p)}
+        for param in model.parameters():
+            if id(param) not in quantized:
+                param.data = param.data.to(device=device, dtype=dtype if param.is_floating_point() else None)
+        for module in model.modules():  # buffers (the rotary frequencies) keep their dtype, as from_pretrained's do
+            for key, buffer in module.named_buffers(recurse=False):
+                module._buffers[key] = buffer.to(device)
+    release_freed_memory()
+    return Converted(layers, weights)
+
+
+def _quantize(layer, fmt: str) -> None:
+    """Replace the weight of `layer` (on its device, in the compute dtype) by its `fmt` form: int8
+    per output row (symmetric absmax), nf4 per block of 64 with double-quantized scales (QLoRA),
+    fp8 e4m3 per row with activations quantized per token at run time (torch._scaled_mm)."""
+    import torch
+
+    if fmt == NF4:
+        layer.weight = torch.nn.Parameter(to_nf4(layer.weight.data), requires_grad=False)
+        return
+    from torchao.quantization import quantize_
+
+    quantize_(layer, _torchao_config(fmt), filter_fn=lambda module, _name: module is layer)
+
+
+def _torchao_config(fmt: str):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+
+    if fmt == INT8:
+        # set_inductor_config: off, so that quantizing leaves torch's global compiler settings alone.
+        return Int8WeightOnlyConfig(granularity=PerRow(), set_inductor_config=False)
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
+def to_nf4(weight):
+    """torchao's NF4Tensor of `weight`, as its `to_nf4` makes it but with each weight's nearest
+    level found by bisection over the 15 midpoints (torch.bucketize), in float32, rather than by
+    16 distances per weight in the weight's dtype: 3x faster (0.2 s instead of 0.6 s for a
+    2048x6144 layer here), and the truly nearest level where bfloat16 distances tie or round."""
+    import torch
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs, \
+        get_block_absmax
+
+    numel = weight.numel()
+    blocks, scaler_block = numel // NF4_BLOCK, _scaler_block(numel)
+    scalers, factor, mean = NF4Tensor.double_quantize_scalers(weight.flatten(), NF4_BLOCK, scaler_block)
+    levels = torch.tensor(NF4_LEVELS, device=weight.device, dtype=weight.dtype)  # as dequantizing reads them
+    exact = levels.float()
+    absmax = get_block_absmax(weight.flatten(), NF4_BLOCK).float()
+    scaled = weight.reshape(blocks, NF4_BLOCK).float() / absmax.unsqueeze(-1)  # float32: the true nearest
+    codes = torch.bucketize(scaled.flatten(), (exact[1:] + exact[:-1]) / 2).to(torch.uint8)
+    packed = codes[::2] << 4 | codes[1::2]  # two weights a byte, the first in the high half
+    meta = SubclassTensorArgs(weight.size(), weight.stride(), weight.storage_offset(), weight.dtype, weight.device,
+                              False)
+    return NF4Tensor(meta, NF4_BLOCK, blocks, scaler_block, scalers, factor, mean, packed, nf4=levels)
+
+
+# QLoRA's 16 levels: quantiles of a standard normal, scaled to [-1, 1] (as torchao lists them).
+NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379,
+              0.4407, 0.5626, 0.7230, 1.0)
+
+
+def _scaler_block(numel: int) -> int:
+    """The second-level block: QLoRA's 256 scales where the layer's block count allows, else the
+    largest power of two that divides it (small test models)."""
+    blocks = numel // NF4_BLOCK
+    size = NF4_SCALER_BLOCK
+    while size > 1 and blocks % size:
+        size //= 2
+    return size
+
+
+def is_quantized_tensor(tensor) -> bool:
+    """A torchao tensor subclass (its storage is its inner tensors)."""
+    import torch
+
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    return type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__")
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes a tensor holds, counting a quantized tensor's inner tensors (data and scales)."""
+    import torch
+
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if is_quantized_tensor(data):
+        names, _ = data.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(data, name)) for name in names)
+    return data.nbytes if data.device.type != "meta" else 0
+
+
+def model_bytes(model) -> int:
+    """Bytes `model`'s parameters and buffers hold, each storage counted once (tied weights)."""
+    seen: set[tuple] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:  # each parameter once (a tied one too)
+        data = tensor.data
+        # A quantized tensor by its parameter's identity (kept alive by the model; `.data` is a new
+        # object on each access), a plain one by its memory (two views of one storage count once).
+        key = ("q", id(tensor)) if is_quantized_tensor(data) else (data.device.type, data.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor_bytes(data)
+    return total
+
+
+def weights_label(fmt: str, dtype) -> str:
+    """What `health` calls a model's weights: its format, or its dtype when unquantized."""
+    return fmt if fmt != NONE else str(dtype).replace("torch.", "")
+
+
+def release_freed_memory() -> None:
+    """Hand the full-precision layers' freed memory back to the system. glibc keeps freed chunks
+    below its mmap threshold in the heap, where resident memory would still count them."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
