@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from .config import DaemonConfig
 from .errors import ModelLoadError
-from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory
+from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
 from .inputs import InputItem
 from .quantize import Calibration
 
@@ -32,7 +32,10 @@ class BackendInfo:
     dtype: str  # float32, bfloat16, ...
     max_length: int  # tokens per input
     hidden_size: int | None = None  # the embedding's full dimension
-    fingerprint: str | None = None  # of the model's files (fingerprint.py)
+    fingerprint: str | None = None  # of the model's files and weight format (fingerprint.py)
+    weights: str = "float32"  # the weight format: the dtype (unquantized), int8, nf4 or fp8
+    memory_bytes: int = 0  # what the model's parameters and buffers hold on its device
+    memory_estimate_bytes: int | None = None  # what fit.py estimated before loading (weights only)
 
 
 class Prepared(Protocol):
@@ -79,10 +82,13 @@ class _TorchBackend:
     """What both model backends share: identity, and torch's out-of-memory handling."""
 
     def __init__(self, model, hidden_size: int | None = None):
+        from .weights import model_bytes, weights_label
+
         self.model = model
         self.info = BackendInfo(name=model.name, device=str(model.device),
                                 dtype=str(model.dtype).replace("torch.", ""), max_length=model.max_length,
-                                hidden_size=hidden_size)
+                                hidden_size=hidden_size, weights=weights_label(model.weights_format, model.dtype),
+                                memory_bytes=model_bytes(model.full_model))
 
     def warmup(self) -> None:
         self.model.warmup()
@@ -137,16 +143,22 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
 
     import_libraries()
     media = MediaReader(config.media)
-    if config.embedding is not None:
-        backends[EMBEDDING] = _load_fingerprinted(config, config.embedding, EMBEDDING, step,
-                                                  lambda files: EmbeddingBackend(EmbeddingModel(config.embedding,
-                                                                                                media, files)))
-        _check_dimension_setting(config, backends[EMBEDDING].info)
-        _check_calibration(calibration, backends[EMBEDDING].info)
-    if config.reranker is not None:
-        backends[RERANKER] = _load_fingerprinted(config, config.reranker, RERANKER, step,
-                                                 lambda files: RerankerBackend(RerankerModel(config.reranker,
-                                                                                             media, files)))
+    models = [(kind, s) for kind, s in ((EMBEDDING, config.embedding), (RERANKER, config.reranker)) if s is not None]
+    step("finding the models' files", "weights")
+    directories = {kind: model_directory(s.name, s.local_files_only) for kind, s in models}
+    estimates: dict[str, int] = {}
+    if config.fit_check:
+        step("estimating the models' memory", "weights")
+        estimates = _check_fit(config, models, directories)
+    builders = {EMBEDDING: lambda files: EmbeddingBackend(EmbeddingModel(config.embedding, media, files)),
+                RERANKER: lambda files: RerankerBackend(RerankerModel(config.reranker, media, files))}
+    for kind, settings in models:
+        backend = _load_fingerprinted(config, settings, kind, directories[kind], step, builders[kind])
+        backends[kind] = backend
+        backend.info = replace(backend.info, memory_estimate_bytes=estimates.get(kind))
+        if kind == EMBEDDING:
+            _check_dimension_setting(config, backend.info)
+            _check_calibration(calibration, backend.info)
     _tokenizer_threads(backends)
     if config.warmup:
         for kind, backend in backends.items():
@@ -154,19 +166,49 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
             backend.warmup()
 
 
-def _load_fingerprinted(config: DaemonConfig, settings, kind: str, step: Callable[..., None],
+def _check_fit(config: DaemonConfig, models: list, directories: dict[str, Path]) -> dict[str, int]:
+    """Each model's weights as estimated from its files' headers (fit.py); ModelLoadError, with
+    what would fit, when the models and a batch's working memory exceed what the device has free
+    or the operator's --memory-budget."""
+    import torch
+
+    from .engine import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
+    from .fit import Plan, check_fit, checkpoint_shape, device_free, size
+    from .models import resolve_device, resolve_dtype
+    from .weights import FP8, FormatError, check_format, parse_format
+
+    plans = []
+    for kind, settings in models:
+        device = resolve_device(settings.device)
+        dtype = str(resolve_dtype(settings.dtype, device)).replace("torch.", "")
+        plans.append(Plan(kind, checkpoint_shape(directories[kind]), parse_format(settings.quantize), dtype))
+    device = resolve_device(models[0][1].device)
+    tokens = config.batching.max_batch_tokens or (CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS)
+    try:
+        check_format(FP8, device)
+        fp8_ok = True
+    except FormatError:
+        fp8_ok = False
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    free = device_free(device)
+    estimates = check_fit(plans, tokens, free, config.memory_budget, bf16_ok, fp8_ok)
+    log.info("memory estimate: %s, and %s to run a batch of %d tokens; %s", ", ".join(
+        f"{e.kind} weights {size(e.weights_bytes)}" for e in estimates),
+        size(max(e.working_bytes for e in estimates)), tokens, free.source)
+    return {e.kind: e.weights_bytes for e in estimates}
+
+
+def _load_fingerprinted(config: DaemonConfig, settings, kind: str, files: Path, step: Callable[..., None],
                         build: Callable[[Path], "_TorchBackend"]) -> "_TorchBackend":
     """The backend built by `build` from the model's files, its info carrying their fingerprint: the
     files are hashed first, loaded from that very directory, and checked unchanged once loaded."""
-    step(f"finding the files of the {kind} model {settings.name}", "weights")
-    files = model_directory(settings.name, settings.local_files_only)
     step(f"fingerprinting {settings.name}", "fingerprint")
     found = fingerprint_directory(files, DigestCache(config.fingerprint_cache))
     _log_fingerprint(settings.name, found)
     step(f"loading {kind} model {settings.name}", "weights")
     backend = build(files)
     found.check_unchanged()
-    backend.info = replace(backend.info, fingerprint=found.value)
+    backend.info = replace(backend.info, fingerprint=weights_fingerprint(found.value, settings.quantize))
     return backend
 
 

@@ -283,3 +283,15 @@ def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
     cache.save()
     return Fingerprint(manifest.hexdigest()[:FINGERPRINT_HEX], len(files), total, hashed, time.monotonic() - began,
                        directory, tuple(identities))
+
+
+def weights_fingerprint(files: str, fmt: str) -> str:
+    """The model's fingerprint: its files' (`files`) as it is unquantized, whatever the dtype (bf16
+    and float32 are the same weights at two precisions); in a quantized format, one of its own, so
+    that vectors of int8 and of unquantized weights can never pass for each other."""
+    from .weights import NONE, parse_format
+
+    fmt = parse_format(fmt)
+    if fmt == NONE:
+        return files
+    return hashlib.sha256(f"{files}\tweights\t{fmt}\n".encode()).hexdigest()[:FINGERPRINT_HEX]

@@ -192,19 +192,36 @@ class HealthHandler(Handler):
             dtype=first.info.dtype if first is not None else None,
             embedding=ModelHealth(emb.name if emb else None, emb is not None, embedding is not None,
                                   config.embedding_dim or max_dim, max_dim, _fingerprint(embedding),
-                                  quantizer.label if emb else None, (quantizer.covered() or None) if emb else None),
+                                  quantizer.label if emb else None, (quantizer.covered() or None) if emb else None,
+                                  **_memory(embedding)),
             reranker=ModelHealth(rr.name if rr else None, rr is not None, reranker is not None,
-                                 fingerprint=_fingerprint(reranker)),
+                                 fingerprint=_fingerprint(reranker), **_memory(reranker)),
             stats={**{k: round(v, 6) for k, v in self.ctx.metrics.batching().items()},
                    "cache_hits": cache.hits if cache else 0, "cache_misses": cache.misses if cache else 0,
                    "cache_bytes": cache.size_bytes if cache else 0},
-            load={key: round(value, 3) if isinstance(value, float) else value
-                  for key, value in asdict(engine.load_report()).items()},
+            load={**{key: round(value, 3) if isinstance(value, float) else value
+                     for key, value in asdict(engine.load_report()).items()}, **memory_totals(engine.backends)},
         )
 
 
 def _fingerprint(backend) -> str | None:
     return backend.info.fingerprint if backend is not None else None
+
+
+def _memory(backend) -> dict:
+    if backend is None:
+        return {}
+    info = backend.info
+    return {"weights": info.weights, "memory_bytes": info.memory_bytes,
+            "memory_estimate_bytes": info.memory_estimate_bytes}
+
+
+def memory_totals(backends: dict) -> dict:
+    """The loaded models' memory, measured and as estimated before loading (None where not estimated)."""
+    infos = [backend.info for backend in backends.values()]
+    estimates = [info.memory_estimate_bytes for info in infos]
+    return {"memory_bytes": sum(info.memory_bytes for info in infos),
+            "memory_estimate_bytes": sum(estimates) if infos and None not in estimates else None}
 
 
 class MetricsHandler(Handler):

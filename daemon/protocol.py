@@ -333,9 +333,14 @@ class ModelHealth:
     fingerprint: str | None = None  # of the loaded model's files; nil until loaded
     quantization: str | None = None  # embedding only: int8/uint8's map ("fixed" or "calibrated:<id>")
     calibrated_dimensions: list[int] | None = None  # embedding only: the dimensions a calibration covers
+    weights: str | None = None  # bfloat16, float32, float16 (unquantized), int8, nf4 or fp8; nil until loaded
+    memory_bytes: int | None = None  # what its weights hold on its device; nil until loaded
+    memory_estimate_bytes: int | None = None  # what the start estimated from its files; nil if not estimated
 
     def to_wire(self, with_dimensions: bool) -> dict:
-        body = {"name": self.name, "enabled": self.enabled, "loaded": self.loaded, "fingerprint": self.fingerprint}
+        body = {"name": self.name, "enabled": self.enabled, "loaded": self.loaded, "fingerprint": self.fingerprint,
+                "weights": self.weights, "memory_bytes": self.memory_bytes,
+                "memory_estimate_bytes": self.memory_estimate_bytes}
         if with_dimensions:
             body.update(dimension=self.dimension, max_dimension=self.max_dimension,
                         quantization=self.quantization, calibrated_dimensions=self.calibrated_dimensions)
@@ -346,7 +351,8 @@ class ModelHealth:
         body = body or {}
         return cls(body.get("name"), bool(body.get("enabled")), bool(body.get("loaded")),
                    body.get("dimension"), body.get("max_dimension"), body.get("fingerprint"),
-                   body.get("quantization"), body.get("calibrated_dimensions"))
+                   body.get("quantization"), body.get("calibrated_dimensions"), body.get("weights"),
+                   body.get("memory_bytes"), body.get("memory_estimate_bytes"))
 
 
 @dataclass(frozen=True)
@@ -362,7 +368,8 @@ class HealthReply:
     reranker: ModelHealth
     stats: dict = field(default_factory=dict)
     protocol: int = PROTOCOL_VERSION
-    load: dict = field(default_factory=dict)  # step (str/nil), total_s, import_s, weights_s, warmup_s
+    # step (str/nil), total_s, import_s, weights_s, fingerprint_s, warmup_s, memory_bytes, memory_estimate_bytes
+    load: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return {"status": self.status, "version": self.version, "protocol": self.protocol,

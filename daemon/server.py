@@ -32,6 +32,7 @@ from .backends import load_model_backends
 from .cache import EmbeddingCache
 from .config import DaemonConfig
 from .engine import Engine, EngineState, Job, JobResult, Loader
+from .fit import describe_memory
 from .errors import ErrorCode, RequestError, too_large
 from .handlers import Context, Handler, build_handlers
 from .logs import TracebackLimiter
@@ -337,7 +338,8 @@ class Server:
             names = [backend.info.name for backend in engine.backends.values()]
             text = f"ready on {self.config.endpoint}: {', '.join(names)}"
             report = engine.load_report()
-            log.info("%s (%.1f s after start: %s)", text, report.total_s, report.describe())
+            log.info("%s (%.1f s after start: %s; %s)", text, report.total_s, report.describe(),
+                     describe_memory(engine.backends))
             self.notifier.ready(text)
         elif engine.state is EngineState.FAILED:
             self.notifier.status(f"failed: {engine.load_error}")

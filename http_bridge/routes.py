@@ -151,6 +151,9 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
             embedding_model=reply.embedding.name, reranker_model=reply.reranker.name,
             embedding_loaded=reply.embedding.loaded, reranker_loaded=reply.reranker.loaded,
             device=reply.device, embedding_dim=reply.embedding.dimension,
+            embedding_weights=reply.embedding.weights, reranker_weights=reply.reranker.weights,
+            embedding_memory_bytes=reply.embedding.memory_bytes, reranker_memory_bytes=reply.reranker.memory_bytes,
+            embedding_fingerprint=reply.embedding.fingerprint, reranker_fingerprint=reply.reranker.fingerprint,
         ).model_dump()
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 

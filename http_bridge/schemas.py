@@ -70,6 +70,14 @@ class HealthResponse(BaseModel):
     reranker_loaded: bool = False
     device: str | None = None
     embedding_dim: int | None = None
+    # Additions (the sidecar's fields above are unchanged): how each model holds its weights
+    # (bfloat16, float32, int8, nf4, fp8), their bytes on the device, and their fingerprints.
+    embedding_weights: str | None = None
+    reranker_weights: str | None = None
+    embedding_memory_bytes: int | None = None
+    reranker_memory_bytes: int | None = None
+    embedding_fingerprint: str | None = None
+    reranker_fingerprint: str | None = None
 
 
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]

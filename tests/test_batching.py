@@ -146,11 +146,13 @@ def test_flowing_traffic_lingers_for_a_fuller_batch_but_at_most_max_wait():
     assert len(batch) == 3 and 0.4 <= time.monotonic() - start < 10
 
 
-@pytest.fixture(scope="module")
-def batching_daemon(tmp_path_factory, tiny_dir):
+# Each weight format batches as the unquantized model does: an input's vector is the same alone
+# and in any batch.
+@pytest.fixture(scope="module", params=["none", "int8", "nf4"])
+def batching_daemon(request, tmp_path_factory, tiny_dir):
     proc = start_daemon(tmp_path_factory.mktemp("batching"), "--embedding-model", str(tiny_dir),
                         "--reranker-model", str(tiny_dir), "--max-batch-size", "6", "--max-wait-ms", "2",
-                        "--cache-bytes", "1000000")
+                        "--cache-bytes", "1000000", "--quantize", request.param)
     yield proc
     proc.stop()
 

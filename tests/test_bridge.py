@@ -39,8 +39,18 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def test_health_speaks_the_sidecar_contract(http, tiny_dir):
     r = http.get("/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "embedding_model": str(tiny_dir), "reranker_model": str(tiny_dir),
-                        "embedding_loaded": True, "reranker_loaded": True, "device": "cpu", "embedding_dim": 64}
+    body = r.json()
+    sidecar = {"status": "ok", "embedding_model": str(tiny_dir), "reranker_model": str(tiny_dir),
+               "embedding_loaded": True, "reranker_loaded": True, "device": "cpu", "embedding_dim": 64}
+    assert {key: body[key] for key in sidecar} == sidecar
+
+
+def test_health_adds_each_models_weights_memory_and_fingerprint(http, client):
+    body, daemon = http.get("/health").json(), client.health()
+    for kind in ("embedding", "reranker"):
+        assert body[f"{kind}_weights"] == daemon[kind]["weights"] == "float32"
+        assert body[f"{kind}_memory_bytes"] == daemon[kind]["memory_bytes"] > 0
+        assert body[f"{kind}_fingerprint"] == daemon[kind]["fingerprint"]
 
 
 def test_embed_with_the_exact_body_the_rust_client_sends(http, client):

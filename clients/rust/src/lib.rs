@@ -342,6 +342,16 @@ pub struct ModelHealth {
     /// Embedding only: how int8/uint8 are scaled (`fixed` or `calibrated:<id>`).
     #[serde(default)]
     pub quantization: Option<String>,
+    /// How the model holds its weights: `bfloat16`, `float32`, `float16` (unquantized), `int8`,
+    /// `nf4` or `fp8`; `None` until loaded (or from a daemon before this field).
+    #[serde(default)]
+    pub weights: Option<String>,
+    /// Bytes its weights hold on its device; `None` until loaded.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// Bytes the daemon estimated for its weights before loading; `None` when not estimated.
+    #[serde(default)]
+    pub memory_estimate_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

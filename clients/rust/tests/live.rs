@@ -429,3 +429,34 @@ fn rerank_top_n_lists_the_best_documents_by_descending_score() {
     assert_eq!(got.scores.len(), 4);
     assert_eq!(client.rerank_inputs(&Input::text("fruit"), &docs, None).unwrap().top, None);
 }
+
+#[test]
+fn quantized_daemons_say_how_they_hold_weights_and_serve_under_their_own_fingerprint() {
+    let plain = Daemon::start(&[]);
+    let unquantized = plain.client(30).health().unwrap();
+    assert_eq!(unquantized.embedding.weights.as_deref(), Some("float32"));
+    let plain_fingerprint = unquantized.embedding.fingerprint.clone().unwrap();
+    for format in ["int8", "nf4"] {
+        let daemon = Daemon::start(&["--quantize", format]);
+        let client = daemon.client(30);
+        let health = client.health().unwrap();
+        for model in [&health.embedding, &health.reranker] {
+            assert_eq!(model.weights.as_deref(), Some(format));
+            assert!(model.memory_bytes.unwrap() > 0 && model.memory_estimate_bytes.unwrap() > 0);
+            assert!(model.memory_bytes.unwrap() < unquantized.embedding.memory_bytes.unwrap(), "{format}");
+        }
+        let served = health.embedding.fingerprint.clone().unwrap();
+        assert_ne!(served, plain_fingerprint, "{format}");
+        let inputs = [Input::text("a quantized text"), Input::text("another")];
+        let got = client.embed(&inputs, None, None).unwrap();
+        assert_eq!(got.fingerprint.as_deref(), Some(served.as_str()));
+        let rows = got.vectors;
+        assert_eq!(rows.len(), 2);
+        let norm: f32 = rows[0].iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-4, "{format}: {norm}");
+        let pinned = EmbedOptions { expect_fingerprint: Some(&plain_fingerprint), ..Default::default() };
+        assert!(matches!(client.embed_with(&inputs, &pinned), Err(Error::ModelMismatch { .. })), "{format}");
+        let scores = client.rerank_inputs(&Input::text("q"), &inputs, None).unwrap().scores;
+        assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{format}: {scores:?}");
+    }
+}

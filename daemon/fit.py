@@ -1,0 +1,317 @@
+"""Will the models fit? Their memory estimated before any weight is read, against what the device
+has free, so that a start that cannot fit stops in a second with advice instead of swapping or
+dying of an out-of-memory error minutes into loading.
+
+The estimate comes from the checkpoint's safetensors headers (each tensor's name, dtype and shape:
+a few kB read per file) and the chosen dtype and weight format, counted as weights.py will hold
+them, plus the working memory of one full batch. What the device has free: CUDA's free memory, MPS's
+recommended maximum less what Metal already holds, on the CPU MemAvailable and the cgroup's room.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError
+from .files import SettingFileError, open_regular
+from .weights import FP8, INT8, NF4, NF4_BLOCK, NONE, QUANTIZED
+
+HEADER_MAX_BYTES = 100 << 20  # safetensors caps its own header at 100 MB
+GB = 1e9
+# Stored dtypes (safetensors names) and their bytes per element.
+STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_STORED = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+COMPUTE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANTIZED_WEIGHT = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+NOT_HELD = re.compile(r"^lm_head\.")  # the embedding model has no LM head; the reranker drops it once loaded
+# Activations of one forward per token of the batch, in units of the compute dtype: the residual
+# stream, q/k/v and attention output (~4 x hidden) and the MLP's gate, up and product (~3 x
+# intermediate), twice over for the allocator's slack and the layer that is being freed.
+ACTIVATION_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a checkpoint holds, from its headers and config: enough to estimate any format."""
+
+    tensors: tuple[tuple[str, str, int, int], ...]  # (name, stored dtype, elements, rows)
+    hidden_size: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    kind: str  # embedding, reranker
+    weights_bytes: int
+    working_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weights_bytes + self.working_bytes
+
+
+@dataclass(frozen=True)
+class Free:
+    bytes: int
+    source: str  # how it was found, for the message
+
+
+def size(n: int) -> str:
+    """Bytes for a person: GB with two decimals, MB below a GB (test models)."""
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}."""
+    try:
+        with open_regular(path) as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{path}: not a safetensors file (shorter than its header)")
+            (size,) = struct.unpack("<Q", head)
+            if size > HEADER_MAX_BYTES:
+                raise ModelLoadError(f"{path}: not a safetensors file (a header of {size} bytes)")
+            header = json.loads(f.read(size))
+    except (OSError, SettingFileError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    except (ValueError, RecursionError):
+        raise ModelLoadError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def checkpoint_shape(directory: Path) -> Shape:
+    from .files import read_setting_file
+    from .fingerprint import weight_files
+    from .preflight import CONFIG_MAX_BYTES
+
+    tensors = []
+    for file in weight_files(directory):
+        for name, entry in read_header(file).items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            shape = entry.get("shape") or []
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise ModelLoadError(f"{file}: tensor {name[:80]} has no valid shape")
+            numel = 1
+            for n in shape:
+                numel *= n
+            tensors.append((name, str(entry.get("dtype")), numel, shape[0] if shape else 1))
+    try:
+        config = json.loads(read_setting_file(directory / "config.json", CONFIG_MAX_BYTES))
+        text = config.get("text_config") or config
+        hidden, intermediate = int(text["hidden_size"]), int(text["intermediate_size"])
+    except (OSError, SettingFileError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise ModelLoadError(f"{directory}: config.json does not state hidden_size and intermediate_size") from None
+    return Shape(tuple(tensors), hidden, intermediate)
+
+
+def weights_bytes(shape: Shape, fmt: str, dtype: str) -> int:
+    """What the model's weights hold once loaded in `dtype` with its linear layers in `fmt`."""
+    compute = COMPUTE_BYTES[dtype]
+    total = 0
+    for name, stored, numel, rows in shape.tensors:
+        if NOT_HELD.search(name):
+            continue
+        if fmt in QUANTIZED and QUANTIZED_WEIGHT.search(name):
+            total += quantized_bytes(fmt, numel, rows, compute)
+        elif stored in FLOAT_STORED:
+            total += numel * compute
+        else:
+            total += numel * STORED_BYTES.get(stored, 4)
+    return total
+
+
+def quantized_bytes(fmt: str, numel: int, rows: int, compute: int) -> int:
+    """int8: a byte per weight and a scale per row; fp8 likewise (float32 scales); nf4: half a
+    byte per weight, an int8 scale per block of 64, and the scales' own float32 scale and mean."""
+    if fmt == INT8:
+        return numel + rows * compute
+    if fmt == FP8:
+        return numel + rows * 4
+    blocks = numel // NF4_BLOCK
+    return numel // 2 + blocks + (blocks // 64 + 1) * 4 + 4
+
+
+def working_bytes(shape: Shape, batch_tokens: int, dtype: str) -> int:
+    per_token = 4 * shape.hidden_size + 3 * shape.intermediate_size
+    return ACTIVATION_FACTOR * batch_tokens * per_token * COMPUTE_BYTES[dtype]
+
+
+def estimate(kind: str, shape: Shape, fmt: str, dtype: str, batch_tokens: int) -> Estimate:
+    return Estimate(kind, weights_bytes(shape, fmt, dtype), working_bytes(shape, batch_tokens, dtype))
+
+
+# -- what is free --------------------------------------------------------------------------------
+def cpu_free(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = Path("/sys/fs/cgroup"),
+             own_cgroup: Path = Path("/proc/self/cgroup")) -> Free:
+    """MemAvailable, or the room left under this process's cgroup limits where that is less
+    (its limit less its usage, its reclaimable file cache counted as room)."""
+    available = _meminfo_available(meminfo)
+    found = Free(available, f"MemAvailable {size(available)}") if available is not None else None
+    room = _cgroup_room(cgroup_root, own_cgroup)
+    if room is not None and (found is None or room.bytes < found.bytes):
+        found = room
+    return found or Free(0, "no /proc/meminfo")
+
+
+def _meminfo_available(meminfo: Path) -> int | None:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room(root: Path, own: Path) -> Free | None:
+    """The tightest room among this process's cgroup (v2) and its ancestors, or the v1 memory
+    controller's; None where no limit is set."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return None
+    best: Free | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":  # v2: the unified hierarchy
+            path = root / parts[2].lstrip("/")
+            levels = [path, *path.parents]
+            candidates = [_room(level, "memory.max", "memory.current", "inactive_file") for level in levels
+                          if level == root or root in level.parents]
+        elif "memory" in parts[1].split(","):  # v1: the memory controller
+            base = root / "memory" / parts[2].lstrip("/")
+            candidates = [_room(base, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+        else:
+            continue
+        for room in candidates:
+            if room is not None and (best is None or room.bytes < best.bytes):
+                best = room
+    return best
+
+
+def _room(directory: Path, limit_file: str, usage_file: str, inactive_key: str) -> Free | None:
+    try:
+        limit_text = (directory / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= 1 << 60:  # v1 writes "no limit" as a huge number
+            return None
+        limit, usage = int(limit_text), int((directory / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    room = max(0, limit - usage + inactive)
+    return Free(room, f"cgroup limit {size(limit)}, {size(room)} of it free")
+
+
+def device_free(device) -> Free:
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return Free(free, f"{size(free)} free of {size(total)} on {device}")
+    if device.type == "mps":
+        limit = torch.mps.recommended_max_memory()
+        room = max(0, limit - torch.mps.driver_allocated_memory())
+        return Free(room, f"MPS recommended maximum {size(limit)}, {size(room)} of it free")
+    return cpu_free()
+
+
+# -- the check -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """One model to load: what its files hold and how it is asked to hold them."""
+
+    kind: str
+    shape: Shape
+    fmt: str
+    dtype: str  # the resolved compute dtype: float32, bfloat16, float16
+
+
+def need_bytes(estimates: list[Estimate]) -> int:
+    """What the models need together: all their weights, and one batch's working memory (the engine
+    runs one batch at a time, of either model)."""
+    return sum(e.weights_bytes for e in estimates) + max((e.working_bytes for e in estimates), default=0)
+
+
+def plan_estimates(plans: list[Plan], batch_tokens: int, fmt: str | None = None,
+                   dtype: str | None = None) -> list[Estimate]:
+    """Each plan's estimate, or with every model in `fmt` / `dtype` instead (for advice)."""
+    return [estimate(p.kind, p.shape, fmt or p.fmt, dtype or p.dtype, batch_tokens) for p in plans]
+
+
+def check_fit(plans: list[Plan], batch_tokens: int, free: Free, budget: int | None,
+              bf16_ok: bool, fp8_ok: bool) -> list[Estimate]:
+    """The plans' estimates; ModelLoadError, in one line with what would fit, when their sum is
+    over what is free or over the operator's budget."""
+    estimates = plan_estimates(plans, batch_tokens)
+    need = need_bytes(estimates)
+    room, where = free.bytes, free.source
+    if budget is not None and budget < room:
+        room, where = budget, f"--memory-budget is {size(budget)} ({free.source})"
+    if need <= room:
+        return estimates
+    parts = ", ".join(f"{e.kind} {size(e.weights_bytes)}" for e in estimates)
+    advice = advise(plans, batch_tokens, room, bf16_ok, fp8_ok)
+    raise ModelLoadError(
+        f"the models will not fit: they need about {size(need)} ({parts} of weights in "
+        f"{_describe(plans)}, {size(max(e.working_bytes for e in estimates))} to run a batch), and "
+        f"{where}: {advice} (--no-fit-check skips this check)")
+
+
+def advise(plans: list[Plan], batch_tokens: int, room: int, bf16_ok: bool, fp8_ok: bool) -> str:
+    """The settings that would fit, most faithful first: bfloat16 before quantizing, int8 before nf4."""
+    options = []
+    for fmt in [NONE, INT8, *([FP8] if fp8_ok else []), NF4]:
+        for dtype in ["float32", "bfloat16"] if bf16_ok else ["float32"]:
+            if all(p.fmt == fmt and p.dtype == dtype for p in plans):
+                continue
+            if {p.dtype for p in plans} == {"bfloat16"} and dtype == "float32":
+                continue  # never advise more memory per weight than asked for
+            need = need_bytes(plan_estimates(plans, batch_tokens, fmt, dtype))
+            if need <= room:
+                flags = " ".join(f for f in (f"--dtype {dtype}" if dtype not in {p.dtype for p in plans} else "",
+                                             f"--quantize {fmt}" if fmt != NONE else "") if f)
+                options.append(f"{flags or '--quantize none'} (about {size(need)})")
+    if len(plans) > 1:
+        for plan in plans:
+            alone = need_bytes(plan_estimates([plan], batch_tokens))
+            if alone <= room:
+                other = next(p.kind for p in plans if p is not plan)
+                options.append(f"--{other}-model none to load the {plan.kind} model alone "
+                               f"(about {size(alone)})")
+                break
+    if not options:
+        return "nothing smaller fits either; free memory on the device or use a larger one"
+    return "pass " + options[0] + (", or " + "; or ".join(options[1:3]) if len(options) > 1 else "")
+
+
+def _describe(plans: list[Plan]) -> str:
+    forms = sorted({f"{p.dtype}" if p.fmt == NONE else f"{p.fmt} ({p.dtype} elsewhere)" for p in plans})
+    return " and ".join(forms)
+
+
+def describe_memory(backends: dict) -> str:
+    """For the ready line: each model's weights as measured, beside the start's estimate."""
+    parts = []
+    for kind, backend in backends.items():
+        info = backend.info
+        estimated = f", estimated {size(info.memory_estimate_bytes)}" if info.memory_estimate_bytes is not None else ""
+        parts.append(f"{kind} {info.weights} {size(info.memory_bytes)}{estimated}")
+    return "memory: " + ", ".join(parts) if parts else "memory: no models"
+
