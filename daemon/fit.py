@@ -28,6 +28,7 @@ STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U3
 FLOAT_STORED = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZED_WEIGHT = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+INT8_TABLE = re.compile(r"(^|\.)language_model\.embed_tokens\.weight$")  # int8 rows in any quantized format
 NOT_HELD = re.compile(r"^lm_head\.")  # the embedding model has no LM head; the reranker drops it once loaded
 # Activations of one forward per token of the batch, in units of the compute dtype: the residual
 # stream, q/k/v and attention output (~4 x hidden) and the MLP's gate, up and product (~3 x
@@ -121,6 +122,8 @@ def weights_bytes(shape: Shape, fmt: str, dtype: str) -> int:
             continue
         if fmt in QUANTIZED and QUANTIZED_WEIGHT.search(name):
             total += quantized_bytes(fmt, numel, rows, compute)
+        elif fmt in QUANTIZED and INT8_TABLE.search(name):
+            total += numel + rows * compute
         elif stored in FLOAT_STORED:
             total += numel * compute
         else:

@@ -653,8 +653,10 @@ class RerankerModel(_QwenVL):
         weight = self.full_model.lm_head.weight.data
         # Computed in the model's dtype, as the official score head is.
         self.score_vector = (weight[vocab["yes"]] - weight[vocab["no"]]).detach().clone()
-        # Only the base model runs from here on; drop the LM head (and its memory) unless tied.
-        if self.full_model.lm_head.weight.data_ptr() != self.model.get_input_embeddings().weight.data_ptr():
+        # Only the base model runs from here on; drop the LM head (and its memory) unless it is the
+        # embedding table itself (tied, and the table not replaced by its int8 form: weights.py).
+        table = getattr(self.model.get_input_embeddings(), "weight", None)
+        if table is None or self.full_model.lm_head.weight.data_ptr() != table.data_ptr():
             del self.full_model.lm_head
         self.fast = build_fast_path(self.processor, RERANK_SYSTEM_PROMPT, lambda system, user: self._process(
             [{"role": "system", "content": [{"type": "text", "text": system}]},

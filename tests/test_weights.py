@@ -59,8 +59,18 @@ def test_a_format_converts_the_language_models_linear_layers_and_keeps_the_rest_
             assert not is_quantized_tensor(module.weight) and module.weight.dtype == torch.float32, name
             kept += 1
     assert converted == 7 * model.config.text_config.num_hidden_layers and kept > 0
-    table = model.model.get_input_embeddings().weight
-    assert not is_quantized_tensor(table) and table.dtype == torch.float32
+    table = model.model.get_input_embeddings()
+    assert table.rows.dtype == torch.int8 and table.scales.dtype == torch.float32
+
+
+def test_the_int8_embedding_table_looks_up_each_row_within_its_bound(exact, quantized):
+    fmt, model = quantized
+    ids = torch.arange(exact.config.text_config.vocab_size)
+    with torch.no_grad():
+        want = exact.model.get_input_embeddings()(ids)
+        got = model.model.get_input_embeddings()(ids)
+    error = (got - want).norm(dim=1) / want.norm(dim=1)
+    assert got.dtype == want.dtype and float(error.max()) <= LAYER_BOUND["int8"], float(error.max())
 
 
 def test_the_reranker_score_vector_stays_in_the_compute_dtype(tiny_dir):
