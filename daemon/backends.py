@@ -147,13 +147,17 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
     step("finding the models' files", "weights")
     directories = {kind: model_directory(s.name, s.local_files_only) for kind, s in models}
     estimates: dict[str, int] = {}
+    if not config.fit_check and config.memory_budget is not None:
+        log.warning("--memory-budget is not enforced: --no-fit-check skips the check that compares it")
     if config.fit_check:
         step("estimating the models' memory", "weights")
         estimates = _check_fit(config, models, directories)
     builders = {EMBEDDING: lambda files: EmbeddingBackend(EmbeddingModel(config.embedding, media, files)),
                 RERANKER: lambda files: RerankerBackend(RerankerModel(config.reranker, media, files))}
     for kind, settings in models:
-        backend = _load_fingerprinted(config, settings, kind, directories[kind], step, builders[kind])
+        before = (lambda files_print, served, s=settings: _check_calibration_print(calibration, s, files_print, served)
+                  ) if kind == EMBEDDING else None
+        backend = _load_fingerprinted(config, settings, kind, directories[kind], step, builders[kind], before)
         backends[kind] = backend
         backend.info = replace(backend.info, memory_estimate_bytes=estimates.get(kind))
         if kind == EMBEDDING:
@@ -199,16 +203,21 @@ def _check_fit(config: DaemonConfig, models: list, directories: dict[str, Path])
 
 
 def _load_fingerprinted(config: DaemonConfig, settings, kind: str, files: Path, step: Callable[..., None],
-                        build: Callable[[Path], "_TorchBackend"]) -> "_TorchBackend":
+                        build: Callable[[Path], "_TorchBackend"],
+                        before_build: Callable[[str, str], None] | None = None) -> "_TorchBackend":
     """The backend built by `build` from the model's files, its info carrying their fingerprint: the
-    files are hashed first, loaded from that very directory, and checked unchanged once loaded."""
+    files are hashed first, loaded from that very directory, and checked unchanged once loaded.
+    `before_build(files' fingerprint, the model's)` may refuse the model before its weights load."""
     step(f"fingerprinting {settings.name}", "fingerprint")
     found = fingerprint_directory(files, DigestCache(config.fingerprint_cache))
     _log_fingerprint(settings.name, found)
+    served = weights_fingerprint(found.value, settings.quantize)
+    if before_build is not None:
+        before_build(found.value, served)
     step(f"loading {kind} model {settings.name}", "weights")
     backend = build(files)
     found.check_unchanged()
-    backend.info = replace(backend.info, fingerprint=weights_fingerprint(found.value, settings.quantize))
+    backend.info = replace(backend.info, fingerprint=served)
     return backend
 
 
@@ -217,13 +226,24 @@ def _log_fingerprint(name: str, found: Fingerprint) -> None:
              found.files, found.bytes / 1e9, found.hashed_bytes / 1e9, found.seconds)
 
 
+def _check_calibration_print(calibration: Calibration | None, settings, files_print: str, served: str) -> None:
+    """Refuse, before the weights load, an int8 calibration made with another model, saying so when
+    the files are the same and only the weight format differs."""
+    from .weights import FORMATS
+
+    if calibration is None or calibration.fingerprint == served:
+        return
+    made_with = [f for f in FORMATS if weights_fingerprint(files_print, f) == calibration.fingerprint]
+    why = (f": it was made with --quantize {made_with[0]} on these same files, and the embedding model now runs "
+           f"with {settings.quantize}; pass that format, or calibrate again" if made_with else
+           "; run `qwen3vl-daemon calibrate` again for this model")
+    raise ModelLoadError(f"the int8 calibration was made with embedding model fingerprint {calibration.fingerprint}, "
+                         f"but {settings.name} has fingerprint {served}{why}")
+
+
 def _check_calibration(calibration: Calibration | None, info: BackendInfo) -> None:
     if calibration is None:
         return
-    if calibration.fingerprint != info.fingerprint:
-        raise ModelLoadError(
-            f"the int8 calibration was made with embedding model fingerprint {calibration.fingerprint}, but "
-            f"{info.name} has fingerprint {info.fingerprint}; run `qwen3vl-daemon calibrate` again for this model")
     beyond = [d for d in calibration.ranges if d > info.hidden_size]
     if beyond:
         raise ModelLoadError(f"the int8 calibration has ranges for dimension {beyond[0]}, but {info.name} returns at "

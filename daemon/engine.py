@@ -262,6 +262,10 @@ class Engine:
             self.state = EngineState.FAILED
         except _Stopped:
             log.info("stopped while loading (%s)", self.loading)
+        except Exception as exc:  # a bug or an input no check foresaw: a failed start, never a hang
+            log.exception("loading failed unexpectedly (%s)", self.loading)
+            self.load_error = f"loading failed while {self.loading}: {type(exc).__name__}: {str(exc)[:200]}"
+            self.state = EngineState.FAILED
         else:
             self._size_batches()
             with self._lock:  # a drain that came after the last step wins

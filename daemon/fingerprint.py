@@ -125,6 +125,19 @@ def weight_files(directory: Path) -> list[Path]:
     return [path for name, path in model_files(directory).items() if name.endswith(WEIGHTS_SUFFIX)]
 
 
+def loaded_weight_files(directory: Path) -> list[Path]:
+    """The weight files loading builds the model from, as transformers picks them: model.safetensors
+    when it exists, else those the sharded checkpoint's index names, else every top-level
+    *.safetensors (so a full copy beside an index is not counted twice)."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    indexed = _indexed_weights(directory)
+    if indexed:
+        return [directory / name for name in sorted(indexed)]
+    return sorted(p for p in directory.glob(f"*{WEIGHTS_SUFFIX}") if p.is_file())
+
+
 def _indexed_weights(directory: Path) -> set[str]:
     """The weight files a sharded checkpoint's index names, as relative paths."""
     index = directory / INDEX_FILE
@@ -289,9 +302,9 @@ def weights_fingerprint(files: str, fmt: str) -> str:
     """The model's fingerprint: its files' (`files`) as it is unquantized, whatever the dtype (bf16
     and float32 are the same weights at two precisions); in a quantized format, one of its own, so
     that vectors of int8 and of unquantized weights can never pass for each other."""
-    from .weights import NONE, parse_format
+    from .weights import NONE, RECIPES, parse_format
 
     fmt = parse_format(fmt)
     if fmt == NONE:
         return files
-    return hashlib.sha256(f"{files}\tweights\t{fmt}\n".encode()).hexdigest()[:FINGERPRINT_HEX]
+    return hashlib.sha256(f"{files}\tweights\t{RECIPES[fmt]}\n".encode()).hexdigest()[:FINGERPRINT_HEX]

@@ -21,6 +21,8 @@ from .files import SettingFileError, open_regular
 from .weights import FP8, INT8, NF4, NF4_BLOCK, NONE, QUANTIZED
 
 HEADER_MAX_BYTES = 100 << 20  # safetensors caps its own header at 100 MB
+MAX_ELEMENTS = 1 << 40  # a tensor's elements: 4 TB in bfloat16, far past any model's
+MAX_WIDTH = 1 << 20  # hidden and intermediate sizes (8B: 4096 and 12288)
 GB = 1e9
 # Stored dtypes (safetensors names) and their bytes per element.
 STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
@@ -50,10 +52,11 @@ class Estimate:
     kind: str  # embedding, reranker
     weights_bytes: int
     working_bytes: int
+    transient_bytes: int = 0  # held only while loading: the reranker's untied LM head
 
     @property
     def total(self) -> int:
-        return self.weights_bytes + self.working_bytes
+        return self.weights_bytes + max(self.working_bytes, self.transient_bytes)
 
 
 @dataclass(frozen=True)
@@ -89,28 +92,42 @@ def read_header(path: Path) -> dict:
 
 def checkpoint_shape(directory: Path) -> Shape:
     from .files import read_setting_file
-    from .fingerprint import weight_files
+    from .fingerprint import loaded_weight_files
     from .preflight import CONFIG_MAX_BYTES
 
     tensors = []
-    for file in weight_files(directory):
+    for file in loaded_weight_files(directory):
         for name, entry in read_header(file).items():
             if name == "__metadata__" or not isinstance(entry, dict):
                 continue
-            shape = entry.get("shape") or []
-            if not all(isinstance(n, int) and n >= 0 for n in shape):
-                raise ModelLoadError(f"{file}: tensor {name[:80]} has no valid shape")
-            numel = 1
-            for n in shape:
-                numel *= n
-            tensors.append((name, str(entry.get("dtype")), numel, shape[0] if shape else 1))
+            numel, rows = _elements(entry.get("shape"), file, name)
+            tensors.append((name, str(entry.get("dtype")), numel, rows))
     try:
         config = json.loads(read_setting_file(directory / "config.json", CONFIG_MAX_BYTES))
         text = config.get("text_config") or config
-        hidden, intermediate = int(text["hidden_size"]), int(text["intermediate_size"])
+        hidden, intermediate = text["hidden_size"], text["intermediate_size"]
     except (OSError, SettingFileError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise ModelLoadError(f"{directory}: config.json does not state hidden_size and intermediate_size") from None
+        hidden = intermediate = None
+    if not all(_is_count(n) and 0 < n <= MAX_WIDTH for n in (hidden, intermediate)):
+        raise ModelLoadError(f"{directory}: config.json does not state a hidden_size and an intermediate_size "
+                             f"(whole numbers from 1 to {MAX_WIDTH})")
     return Shape(tuple(tensors), hidden, intermediate)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _elements(shape, file: Path, name: str) -> tuple[int, int]:
+    """(elements, rows) of a header's shape: a list of non-negative whole numbers, within reason."""
+    if not isinstance(shape, list) or not all(_is_count(n) and n >= 0 for n in shape):
+        raise ModelLoadError(f"{file}: tensor {name[:80]!r} has no valid shape (a list of whole numbers)")
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel > MAX_ELEMENTS:
+        raise ModelLoadError(f"{file}: tensor {name[:80]!r} has no valid shape ({len(str(numel))} digits of elements)")
+    return numel, shape[0] if shape else 1
 
 
 def weights_bytes(shape: Shape, fmt: str, dtype: str) -> int:
@@ -148,7 +165,11 @@ def working_bytes(shape: Shape, batch_tokens: int, dtype: str) -> int:
 
 
 def estimate(kind: str, shape: Shape, fmt: str, dtype: str, batch_tokens: int) -> Estimate:
-    return Estimate(kind, weights_bytes(shape, fmt, dtype), working_bytes(shape, batch_tokens, dtype))
+    # The reranker loads its LM head (in the compute dtype) and drops it once the score vector is
+    # taken; the embedding model never loads one. A tied head is the table, not in the files.
+    head = sum(numel for name, _, numel, _ in shape.tensors if NOT_HELD.search(name)) if kind == "reranker" else 0
+    return Estimate(kind, weights_bytes(shape, fmt, dtype), working_bytes(shape, batch_tokens, dtype),
+                    head * COMPUTE_BYTES[dtype])
 
 
 # -- what is free --------------------------------------------------------------------------------
@@ -187,19 +208,26 @@ def _cgroup_room(root: Path, own: Path) -> Free | None:
         if len(parts) != 3:
             continue
         if parts[0] == "0" and parts[1] == "":  # v2: the unified hierarchy
-            path = root / parts[2].lstrip("/")
-            levels = [path, *path.parents]
-            candidates = [_room(level, "memory.max", "memory.current", "inactive_file") for level in levels
-                          if level == root or root in level.parents]
+            files, mount = ("memory.max", "memory.current", "inactive_file"), root
         elif "memory" in parts[1].split(","):  # v1: the memory controller
-            base = root / "memory" / parts[2].lstrip("/")
-            candidates = [_room(base, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+            files, mount = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), root / "memory"
         else:
             continue
+        candidates = [_room(level, *files) for level in _levels(mount, parts[2])]
         for room in candidates:
             if room is not None and (best is None or room.bytes < best.bytes):
                 best = room
     return best
+
+
+def _levels(mount: Path, path: str) -> list[Path]:
+    """The cgroup's directory and each ancestor up to the mount, where limits may be set. A path
+    that is not under the mount as seen here (a container without its own cgroup namespace, which
+    sees its own cgroup at the mount) is read at the mount itself."""
+    own = mount / path.lstrip("/")
+    if not own.is_dir():
+        return [mount]
+    return [own, *[p for p in own.parents if p == mount or mount in p.parents]]
 
 
 def _room(directory: Path, limit_file: str, usage_file: str, inactive_key: str) -> Free | None:
@@ -247,9 +275,10 @@ class Plan:
 
 
 def need_bytes(estimates: list[Estimate]) -> int:
-    """What the models need together: all their weights, and one batch's working memory (the engine
-    runs one batch at a time, of either model)."""
-    return sum(e.weights_bytes for e in estimates) + max((e.working_bytes for e in estimates), default=0)
+    """What the models need together: all their weights, and the most of one batch's working memory
+    (the engine runs one batch at a time, of either model) or of what one holds only while loading."""
+    return sum(e.weights_bytes for e in estimates) + max(
+        (max(e.working_bytes, e.transient_bytes) for e in estimates), default=0)
 
 
 def plan_estimates(plans: list[Plan], batch_tokens: int, fmt: str | None = None,
@@ -278,8 +307,13 @@ def check_fit(plans: list[Plan], batch_tokens: int, free: Free, budget: int | No
 
 
 def advise(plans: list[Plan], batch_tokens: int, room: int, bf16_ok: bool, fp8_ok: bool) -> str:
-    """The settings that would fit, most faithful first: bfloat16 before quantizing, int8 before nf4."""
+    """The settings that would fit, most faithful first: a smaller batch (the same outputs), then
+    bfloat16, then quantizing (int8 before nf4), then one model alone. Formats are named per model
+    (--embedding-quantize, --reranker-quantize): those win over --quantize, so only they surely apply."""
     options = []
+    smaller = _batch_that_fits(plans, batch_tokens, room)
+    if smaller is not None:
+        options.append(f"--max-batch-tokens {smaller} (about {size(need_bytes(plan_estimates(plans, smaller)))})")
     for fmt in [NONE, INT8, *([FP8] if fp8_ok else []), NF4]:
         for dtype in ["float32", "bfloat16"] if bf16_ok else ["float32"]:
             if all(p.fmt == fmt and p.dtype == dtype for p in plans):
@@ -288,9 +322,7 @@ def advise(plans: list[Plan], batch_tokens: int, room: int, bf16_ok: bool, fp8_o
                 continue  # never advise more memory per weight than asked for
             need = need_bytes(plan_estimates(plans, batch_tokens, fmt, dtype))
             if need <= room:
-                flags = " ".join(f for f in (f"--dtype {dtype}" if dtype not in {p.dtype for p in plans} else "",
-                                             f"--quantize {fmt}" if fmt != NONE else "") if f)
-                options.append(f"{flags or '--quantize none'} (about {size(need)})")
+                options.append(f"{_flags(plans, fmt, dtype)} (about {size(need)})")
     if len(plans) > 1:
         for plan in plans:
             alone = need_bytes(plan_estimates([plan], batch_tokens))
@@ -302,6 +334,25 @@ def advise(plans: list[Plan], batch_tokens: int, room: int, bf16_ok: bool, fp8_o
     if not options:
         return "nothing smaller fits either; free memory on the device or use a larger one"
     return "pass " + options[0] + (", or " + "; or ".join(options[1:3]) if len(options) > 1 else "")
+
+
+MIN_ADVISED_BATCH = 512  # tokens: below this a batch of long inputs no longer fits one input
+
+
+def _batch_that_fits(plans: list[Plan], batch_tokens: int, room: int) -> int | None:
+    """The largest batch (halving from the current one, down to 512 tokens) with which the plans fit."""
+    tokens = batch_tokens // 2
+    while tokens >= MIN_ADVISED_BATCH:
+        if need_bytes(plan_estimates(plans, tokens)) <= room:
+            return tokens
+        tokens //= 2
+    return None
+
+
+def _flags(plans: list[Plan], fmt: str, dtype: str) -> str:
+    flags = [f"--dtype {dtype}"] if dtype not in {p.dtype for p in plans} else []
+    flags += [f"--{p.kind}-quantize {fmt}" for p in plans if p.fmt != fmt]
+    return " ".join(flags)
 
 
 def _describe(plans: list[Plan]) -> str:

@@ -220,7 +220,7 @@ def memory_totals(backends: dict) -> dict:
     """The loaded models' memory, measured and as estimated before loading (None where not estimated)."""
     infos = [backend.info for backend in backends.values()]
     estimates = [info.memory_estimate_bytes for info in infos]
-    return {"memory_bytes": sum(info.memory_bytes for info in infos),
+    return {"memory_bytes": sum(info.memory_bytes for info in infos) if infos else None,
             "memory_estimate_bytes": sum(estimates) if infos and None not in estimates else None}
 
 

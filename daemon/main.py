@@ -245,10 +245,12 @@ def _bytes(text: str | None, flag: str) -> int | None:
     """A size: plain bytes, or with K, M, G or T (binary: 12G is 12 GiB); unset or 'none': None."""
     if text is None or is_disabled(text):
         return None
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not found or float(found.group(1)) <= 0:
-        raise click.BadParameter(f"{text!r} is not a size (bytes, or a number with K, M, G or T)", param_hint=flag)
-    return int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+    found = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,6})?)\s*([kmgt]?)(?:i?b)?\s*", text.lower(), re.ASCII)
+    value = int(float(found.group(1)) * SIZE_UNITS[found.group(2)]) if found else 0
+    if value < 1:
+        raise click.BadParameter(f"{text!r} is not a size of at least a byte (bytes, or a number with K, M, G or "
+                                 "T: 12G is 12 GiB)", param_hint=flag)
+    return value
 
 
 def _octal(text: str) -> int:

@@ -67,10 +67,11 @@ def _check_format(flag: str, settings: ModelSettings) -> None:
     from .weights import FormatError, check_format, parse_format
 
     option = flag.replace("-model", "-quantize")  # --embedding-quantize, --reranker-quantize
+    what = f"the {flag[2:-6]} model's weights ({option}, else --quantize)"
     try:
-        check_format(parse_format(settings.quantize, "--quantize"), resolve_device(settings.device), "--quantize")
+        check_format(parse_format(settings.quantize, what), resolve_device(settings.device), what)
     except FormatError as exc:
-        raise SettingsError(f"{exc} (the {flag[2:].replace('-', ' ')}; {option} sets it alone)") from None
+        raise SettingsError(str(exc)) from None
 
 
 def _check_checkpoint(flag: str, settings: ModelSettings) -> None:

@@ -37,28 +37,36 @@ class FormatError(Exception):
     """A weight format that cannot be used here; the message is one line naming what to pass."""
 
 
-def parse_format(spec: str | None, flag: str = "--quantize") -> str:
+def parse_format(spec: str | None, what: str = "--quantize") -> str:
+    """The format `spec` names; `what` names the setting in the message."""
     value = (spec or NONE).strip().lower()
     if value not in FORMATS:
-        raise FormatError(f"unknown {flag} {spec!r}: use none, int8, nf4 or fp8")
+        raise FormatError(f"{what}: unknown format {str(spec)[:40]!r}; use none, int8, nf4 or fp8")
     return value
 
 
-def check_format(fmt: str, device, flag: str = "--quantize") -> None:
+def check_format(fmt: str, device, what: str = "--quantize") -> None:
     """Refuse, before any weight is read, a format this device or environment cannot run."""
     if fmt == NONE:
         return
     try:
         import torchao  # noqa: F401
     except ImportError:
-        raise FormatError(f"{flag} {fmt} needs torchao, which is not installed: {INSTALL_HINT}, "
-                          f"or pass {flag} none") from None
+        raise FormatError(f"{what}: {fmt} needs torchao, which is not installed: {INSTALL_HINT}, "
+                          "or pass none") from None
     if fmt == FP8:
         capability = _cuda_capability(device)
         if capability is None or capability < FP8_MIN_CAPABILITY:
             found = f"compute capability {capability[0]}.{capability[1]}" if capability else f"device {device}"
-            raise FormatError(f"{flag} fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                              f"this is {found}: pass {flag} int8 instead")
+            raise FormatError(f"{what}: fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                              f"this is {found}: pass int8 instead")
+
+
+# What each format's name stands for, in the fingerprint: bump a recipe when what the format
+# computes changes (its layers, its table, its rounding), so that old vectors cannot pass for new.
+RECIPES = {INT8: "int8/1: torchao int8 per-row linear layers, int8-row token table",
+           NF4: "nf4/1: nf4 64-blocks nearest in float32, double-quantized scales; int8-row token table",
+           FP8: "fp8/1: torchao float8 e4m3 per-row weights and per-token activations; int8-row token table"}
 
 
 def _cuda_capability(device) -> tuple[int, int] | None:

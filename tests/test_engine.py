@@ -335,7 +335,8 @@ def test_health_and_metrics_are_answered_without_the_model_thread(running):
     assert health["status"] == "ready" and health["queue_depth"] == 1 and health["protocol"] == 1
     assert health["embedding"] == {"name": DaemonConfig().embedding.name, "enabled": True, "loaded": True,
                                    "dimension": 8, "max_dimension": 8, "fingerprint": None,
-                                   "quantization": "fixed", "calibrated_dimensions": None}
+                                   "quantization": "fixed", "calibrated_dimensions": None, "weights": "float32",
+                                   "memory_bytes": 0, "memory_estimate_bytes": None}
     assert health["reranker"]["loaded"] is False and health["device"] == "cpu"
     assert metrics["queue_depth"] == 1 and set(metrics) >= {"requests", "errors", "latency_s", "batch_size"}
 
@@ -354,3 +355,15 @@ def test_health_while_loading_names_the_step_and_splits_the_time_so_far(running)
     assert ready["status"] == "ready" and ready["load"]["step"] is None
     assert ready["load"]["weights_s"] >= loading["load"]["weights_s"]
     assert ready["load"]["total_s"] >= ready["load"]["import_s"] + ready["load"]["weights_s"] + ready["load"]["warmup_s"]
+
+
+def test_a_loader_that_raises_anything_fails_the_start_instead_of_hanging_it():
+    def broken(backends, step):
+        step("reading something odd", "weights")
+        raise TypeError("'int' object is not iterable")
+
+    engine = Engine(Batching(prep_workers=1), broken)
+    threading.Thread(target=engine.run, daemon=True).start()
+    assert engine.wait_loaded(10) and engine.state is EngineState.FAILED
+    assert engine.load_error == "loading failed while reading something odd: TypeError: 'int' object is not iterable"
+    engine.stop()

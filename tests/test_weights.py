@@ -3,14 +3,21 @@ the estimate from the files' headers against what loading holds, and identity ac
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import Bridge, gradient_png, start_daemon
+from daemon.backends import _check_calibration_print
 from daemon.config import MediaPolicy, ModelSettings
+from daemon.errors import ModelLoadError
 from daemon.fingerprint import weights_fingerprint
 from daemon.fit import checkpoint_shape, weights_bytes
 from daemon.inputs import InputItem, MediaReader, MediaSource
@@ -161,14 +168,34 @@ def test_the_fingerprint_is_the_files_unquantized_and_one_per_format_otherwise()
     assert weights_fingerprint("fedcba9876543210fedc", "int8") != each["int8"]
 
 
+def test_the_fingerprint_of_each_format_is_the_formula_protocol_md_states():
+    doc = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
+    recipes = dict(re.findall(r"^\| `(int8|nf4|fp8)` \| `([^`]+)` \|$", doc, re.MULTILINE))
+    assert set(recipes) == {"int8", "nf4", "fp8"}
+    files = "0123456789abcdef0123"
+    for fmt, recipe in recipes.items():
+        assert weights_fingerprint(files, fmt) == hashlib.sha256(f"{files}\tweights\t{recipe}\n".encode()).hexdigest()[:20]
+
+
+def test_a_calibration_made_under_another_format_is_refused_before_loading_naming_that_format():
+    files = "0123456789abcdef0123"
+    settings = ModelSettings("/models/embedding", quantize="none")
+    calibration = SimpleNamespace(fingerprint=weights_fingerprint(files, "int8"))
+    with pytest.raises(ModelLoadError, match="made with --quantize int8 on these same files.*runs with none"):
+        _check_calibration_print(calibration, settings, files, weights_fingerprint(files, "none"))
+    _check_calibration_print(calibration, replace(settings, quantize="int8"), files, weights_fingerprint(files, "int8"))
+    with pytest.raises(ModelLoadError, match="calibrate` again"):
+        _check_calibration_print(SimpleNamespace(fingerprint="f" * 20), settings, files, files)
+
+
 def test_fp8_on_a_cpu_is_refused_naming_int8():
-    with pytest.raises(FormatError, match=r"compute capability 8\.9.*pass --quantize int8 instead"):
+    with pytest.raises(FormatError, match=r"compute capability 8\.9.*pass int8 instead"):
         check_format("fp8", torch.device("cpu"))
 
 
 def test_a_format_without_torchao_installed_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
-    with pytest.raises(FormatError, match=r"needs torchao.*qwen3vl-daemon\[quant\].*--quantize none"):
+    with pytest.raises(FormatError, match=r"needs torchao.*qwen3vl-daemon\[quant\].*or pass none"):
         check_format("int8", torch.device("cpu"))
     check_format("none", torch.device("cpu"))  # the unquantized path needs no torchao
 
@@ -221,8 +248,12 @@ def test_a_quantized_daemon_serves_under_its_own_fingerprint_and_says_its_weight
 
 
 @pytest.mark.parametrize("flags, says", [
-    (("--quantize", "int4"), "unknown --quantize 'int4': use none, int8, nf4 or fp8"),
-    (("--reranker-quantize", "fp8"), "--quantize fp8 needs a CUDA GPU of compute capability 8.9"),
+    (("--quantize", "int4"), "the embedding model's weights (--embedding-quantize, else --quantize): unknown "
+                             "format 'int4'; use none, int8, nf4 or fp8"),
+    (("--reranker-quantize", "fp8"), "the reranker model's weights (--reranker-quantize, else --quantize): fp8 needs "
+                                     "a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); this is device cpu: "
+                                     "pass int8 instead"),
+    (("--embedding-quantize", "bogus"), "(--embedding-quantize, else --quantize): unknown format 'bogus'"),
 ])
 def test_a_format_that_cannot_work_stops_the_start_in_one_line(tmp_path, tiny_dir, flags, says):
     proc = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), "--reranker-model", str(tiny_dir), *flags,
