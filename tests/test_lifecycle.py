@@ -40,7 +40,8 @@ def test_disabled_model_answers_not_loaded(limited):
         reply = c.request({"op": "rerank", "query": "q", "documents": ["d"]})
         health = c.health()
     assert reply["error"]["code"] == "not_loaded" and "reranker" in reply["error"]["message"]
-    assert health["reranker"] == {"name": None, "enabled": False, "loaded": False, "fingerprint": None}
+    assert health["reranker"] == {"name": None, "enabled": False, "loaded": False, "fingerprint": None,
+                                  "weights": None, "memory_bytes": None, "memory_estimate_bytes": None}
 
 
 def test_too_many_inputs_is_too_large_naming_the_limit(limited):

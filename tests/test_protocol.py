@@ -90,9 +90,11 @@ def test_health_reports_models_device_and_limits(client, tiny_dir):
     assert health["status"] == "ready" and health["protocol"] == 1 and health["version"]
     assert health["device"] == "cpu" and health["dtype"] == "float32"
     fingerprint = fingerprint_directory(tiny_dir, DigestCache(None)).value
+    memory = {key: health["embedding"].pop(key) for key in ("weights", "memory_bytes", "memory_estimate_bytes")}
     assert health["embedding"] == {"name": str(tiny_dir), "enabled": True, "loaded": True, "dimension": 64,
                                    "max_dimension": 64, "fingerprint": fingerprint, "quantization": "fixed",
                                    "calibrated_dimensions": None}
+    assert memory["weights"] == "float32" and memory["memory_bytes"] > 0 and memory["memory_estimate_bytes"] > 0
     assert health["reranker"]["fingerprint"] == fingerprint
     assert health["reranker"]["loaded"] is True and health["uptime_s"] > 0 and health["queue_depth"] == 0
 
