@@ -185,7 +185,9 @@ def _check_fit(config: DaemonConfig, models: list, directories: dict[str, Path])
     for kind, settings in models:
         device = resolve_device(settings.device)
         dtype = str(resolve_dtype(settings.dtype, device)).replace("torch.", "")
-        plans.append(Plan(kind, checkpoint_shape(directories[kind]), parse_format(settings.quantize), dtype))
+        # An int8 calibration is made for the embedding model's weights as they are: advice keeps them.
+        fixed = kind == EMBEDDING and config.int8_calibration is not None
+        plans.append(Plan(kind, checkpoint_shape(directories[kind]), parse_format(settings.quantize), dtype, fixed))
     device = resolve_device(models[0][1].device)
     tokens = config.batching.max_batch_tokens or (CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS)
     try:
@@ -229,13 +231,14 @@ def _log_fingerprint(name: str, found: Fingerprint) -> None:
 def _check_calibration_print(calibration: Calibration | None, settings, files_print: str, served: str) -> None:
     """Refuse, before the weights load, an int8 calibration made with another model, saying so when
     the files are the same and only the weight format differs."""
-    from .weights import FORMATS
+    from .weights import FORMATS, parse_format
 
     if calibration is None or calibration.fingerprint == served:
         return
     made_with = [f for f in FORMATS if weights_fingerprint(files_print, f) == calibration.fingerprint]
-    why = (f": it was made with --quantize {made_with[0]} on these same files, and the embedding model now runs "
-           f"with {settings.quantize}; pass that format, or calibrate again" if made_with else
+    why = (f": it was made with these same files in weight format {made_with[0]}, and the embedding model now runs "
+           f"in {parse_format(settings.quantize)}; run it in {made_with[0]} (--embedding-quantize {made_with[0]}), "
+           "or calibrate again" if made_with else
            "; run `qwen3vl-daemon calibrate` again for this model")
     raise ModelLoadError(f"the int8 calibration was made with embedding model fingerprint {calibration.fingerprint}, "
                          f"but {settings.name} has fingerprint {served}{why}")

@@ -102,16 +102,33 @@ def checkpoint_shape(directory: Path) -> Shape:
                 continue
             numel, rows = _elements(entry.get("shape"), file, name)
             tensors.append((name, str(entry.get("dtype")), numel, rows))
+    text = _checked_sizes(directory, read_setting_file, CONFIG_MAX_BYTES)
+    return Shape(tuple(tensors), text["hidden_size"], text["intermediate_size"])
+
+
+# The text model's sizes the model is built from, and their bounds: a config claiming 10^12 layers
+# would have transformers build them (a start that never ends), so each is checked first.
+CONFIG_BOUNDS = {"hidden_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH, "num_hidden_layers": 1024,
+                 "num_attention_heads": 1024, "num_key_value_heads": 1024, "vocab_size": 1 << 22}
+
+
+def _checked_sizes(directory: Path, read, max_bytes: int) -> dict:
     try:
-        config = json.loads(read_setting_file(directory / "config.json", CONFIG_MAX_BYTES))
+        config = json.loads(read(directory / "config.json", max_bytes))
         text = config.get("text_config") or config
-        hidden, intermediate = text["hidden_size"], text["intermediate_size"]
-    except (OSError, SettingFileError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        hidden = intermediate = None
-    if not all(_is_count(n) and 0 < n <= MAX_WIDTH for n in (hidden, intermediate)):
-        raise ModelLoadError(f"{directory}: config.json does not state a hidden_size and an intermediate_size "
-                             f"(whole numbers from 1 to {MAX_WIDTH})")
-    return Shape(tuple(tensors), hidden, intermediate)
+        sizes = {key: text.get(key) for key in CONFIG_BOUNDS}
+    except (OSError, SettingFileError, ValueError, TypeError, AttributeError, RecursionError):
+        sizes = dict.fromkeys(CONFIG_BOUNDS)
+    for key in ("hidden_size", "intermediate_size"):
+        if not (_is_count(sizes[key]) and 0 < sizes[key] <= MAX_WIDTH):
+            raise ModelLoadError(f"{directory}: config.json does not state a hidden_size and an intermediate_size "
+                                 f"(whole numbers from 1 to {MAX_WIDTH})")
+    for key, bound in CONFIG_BOUNDS.items():
+        value = sizes[key]
+        if value is not None and not (_is_count(value) and 0 < value <= bound):
+            raise ModelLoadError(f"{directory}: config.json's {key} is {str(value)[:40]}, not a whole number from 1 "
+                                 f"to {bound}")
+    return sizes
 
 
 def _is_count(value) -> bool:
@@ -126,7 +143,8 @@ def _elements(shape, file: Path, name: str) -> tuple[int, int]:
     for n in shape:
         numel *= n
     if numel > MAX_ELEMENTS:
-        raise ModelLoadError(f"{file}: tensor {name[:80]!r} has no valid shape ({len(str(numel))} digits of elements)")
+        raise ModelLoadError(f"{file}: tensor {name[:80]!r} has no valid shape (2^{numel.bit_length() - 1} elements "
+                             "or more)")
     return numel, shape[0] if shape else 1
 
 
@@ -272,6 +290,7 @@ class Plan:
     shape: Shape
     fmt: str
     dtype: str  # the resolved compute dtype: float32, bfloat16, float16
+    fixed_format: bool = False  # advice keeps its format (an int8 calibration is made for this one)
 
 
 def need_bytes(estimates: list[Estimate]) -> int:
@@ -283,8 +302,10 @@ def need_bytes(estimates: list[Estimate]) -> int:
 
 def plan_estimates(plans: list[Plan], batch_tokens: int, fmt: str | None = None,
                    dtype: str | None = None) -> list[Estimate]:
-    """Each plan's estimate, or with every model in `fmt` / `dtype` instead (for advice)."""
-    return [estimate(p.kind, p.shape, fmt or p.fmt, dtype or p.dtype, batch_tokens) for p in plans]
+    """Each plan's estimate, or with every model in `fmt` / `dtype` instead (for advice; a model
+    whose format is fixed keeps it)."""
+    return [estimate(p.kind, p.shape, p.fmt if p.fixed_format else fmt or p.fmt, dtype or p.dtype, batch_tokens)
+            for p in plans]
 
 
 def check_fit(plans: list[Plan], batch_tokens: int, free: Free, budget: int | None,
@@ -316,13 +337,13 @@ def advise(plans: list[Plan], batch_tokens: int, room: int, bf16_ok: bool, fp8_o
         options.append(f"--max-batch-tokens {smaller} (about {size(need_bytes(plan_estimates(plans, smaller)))})")
     for fmt in [NONE, INT8, *([FP8] if fp8_ok else []), NF4]:
         for dtype in ["float32", "bfloat16"] if bf16_ok else ["float32"]:
-            if all(p.fmt == fmt and p.dtype == dtype for p in plans):
+            if all((p.fixed_format or p.fmt == fmt) and p.dtype == dtype for p in plans):
                 continue
             if {p.dtype for p in plans} == {"bfloat16"} and dtype == "float32":
                 continue  # never advise more memory per weight than asked for
-            need = need_bytes(plan_estimates(plans, batch_tokens, fmt, dtype))
-            if need <= room:
-                options.append(f"{_flags(plans, fmt, dtype)} (about {size(need)})")
+            need, flags = need_bytes(plan_estimates(plans, batch_tokens, fmt, dtype)), _flags(plans, fmt, dtype)
+            if need <= room and not any(option.startswith(f"{flags} (") for option in options):
+                options.append(f"{flags} (about {size(need)})")
     if len(plans) > 1:
         for plan in plans:
             alone = need_bytes(plan_estimates([plan], batch_tokens))
@@ -351,7 +372,7 @@ def _batch_that_fits(plans: list[Plan], batch_tokens: int, room: int) -> int | N
 
 def _flags(plans: list[Plan], fmt: str, dtype: str) -> str:
     flags = [f"--dtype {dtype}"] if dtype not in {p.dtype for p in plans} else []
-    flags += [f"--{p.kind}-quantize {fmt}" for p in plans if p.fmt != fmt]
+    flags += [f"--{p.kind}-quantize {fmt}" for p in plans if p.fmt != fmt and not p.fixed_format]
     return " ".join(flags)
 
 

@@ -95,7 +95,8 @@ def _header_file(path, header: dict) -> None:
     path.write_bytes(struct.pack("<Q", len(body)) + body)
 
 
-@pytest.mark.parametrize("shape", [5, True, None, [True, 2], [-1, 4], [2.0, 3], [10 ** 200, 10 ** 200], "64"])
+@pytest.mark.parametrize("shape", [5, True, None, [True, 2], [-1, 4], [2.0, 3], [10 ** 200, 10 ** 200], "64",
+                                   [100000] * 1000])
 def test_a_header_shape_that_is_not_a_tensors_is_refused_in_one_line(tmp_path, tiny_dir, shape):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_dir, ckpt)
@@ -106,15 +107,18 @@ def test_a_header_shape_that_is_not_a_tensors_is_refused_in_one_line(tmp_path, t
 
 
 @pytest.mark.parametrize("field, value", [("hidden_size", 10 ** 400), ("intermediate_size", -5),
-                                          ("hidden_size", True), ("intermediate_size", "128"), ("hidden_size", None)])
+                                          ("hidden_size", True), ("intermediate_size", "128"), ("hidden_size", None),
+                                          ("num_hidden_layers", 10 ** 12), ("vocab_size", -5),
+                                          ("num_attention_heads", 0), ("num_key_value_heads", 2.5)])
 def test_a_config_without_sane_sizes_is_refused_in_one_line(tmp_path, tiny_dir, field, value):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_dir, ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     config["text_config"][field] = value
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="hidden_size and an intermediate_size"):
+    with pytest.raises(ModelLoadError, match=f"hidden_size and an intermediate_size|{field} is") as caught:
         checkpoint_shape(ckpt)
+    assert "\n" not in str(caught.value)
 
 
 def test_a_daemon_on_a_checkpoint_with_a_lying_header_exits_in_one_line(tmp_path, tiny_dir):
@@ -239,6 +243,16 @@ def test_advice_names_each_models_format_so_it_applies_over_a_per_model_override
                            "--reranker-quantize", "int8", "--max-batch-tokens", "512", "--memory-budget", budget,
                            "--dtype", "float32", *flags)
     advised.stop()
+
+
+def test_advice_keeps_the_format_an_int8_calibration_was_made_for(tiny_dir):
+    shape = checkpoint_shape(tiny_dir)
+    plans = [Plan("embedding", shape, "none", "float32", fixed_format=True)]
+    room = need_bytes(check_fit([Plan("embedding", shape, "int8", "float32")], 512, Free(10 * GIB, ""), None, True,
+                                False))
+    with pytest.raises(ModelLoadError) as caught:
+        check_fit(plans, 512, Free(room, "test"), None, True, False)
+    assert re.search(r": pass --dtype bfloat16 \(about [0-9.]+ MB\) \(--no-fit-check", str(caught.value)), caught.value
 
 
 @pytest.mark.parametrize("value", ["0", "0.5", "-1", "1" * 400, "\u0661\u0662", "12Q", "1e3"])

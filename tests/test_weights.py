@@ -181,7 +181,8 @@ def test_a_calibration_made_under_another_format_is_refused_before_loading_namin
     files = "0123456789abcdef0123"
     settings = ModelSettings("/models/embedding", quantize="none")
     calibration = SimpleNamespace(fingerprint=weights_fingerprint(files, "int8"))
-    with pytest.raises(ModelLoadError, match="made with --quantize int8 on these same files.*runs with none"):
+    with pytest.raises(ModelLoadError, match="made with these same files in weight format int8, and the embedding "
+                                             "model now runs in none; run it in int8 \\(--embedding-quantize int8\\)"):
         _check_calibration_print(calibration, settings, files, weights_fingerprint(files, "none"))
     _check_calibration_print(calibration, replace(settings, quantize="int8"), files, weights_fingerprint(files, "int8"))
     with pytest.raises(ModelLoadError, match="calibrate` again"):
