@@ -97,23 +97,23 @@ def is_quantized_layer(name: str, module, include_vision: bool = False) -> bool:
     return bool(LANGUAGE_LAYER.search(name) or (include_vision and VISION_BLOCK.search(name)))
 
 
-def convert(model, fmt: str, device, dtype, include_vision: bool = False) -> Converted:
+def convert(model, fmt: str, device, dtype) -> Converted:
     """Put every parameter of `model` (a loaded Qwen3-VL model, on the CPU) on `device` in `dtype`,
-    with its language model's linear layers in `fmt`, one layer at a time. The layers are
-    converted on the device (each layer's full-precision copy there is transient)."""
+    with its language model's linear layers in `fmt` (one of QUANTIZED), one layer at a time, and
+    its token table in int8 rows. The layers are converted on the device (each layer's
+    full-precision copy there is transient)."""
     import torch
 
     layers = weights = 0
     with torch.no_grad():
         for name, module in model.named_modules():
-            if fmt != NONE and is_quantized_layer(name, module, include_vision):
+            if is_quantized_layer(name, module):
                 module.weight = torch.nn.Parameter(module.weight.detach().to(device=device, dtype=dtype),
                                                    requires_grad=False)
                 weights += module.weight.numel()
                 _quantize(module, fmt)
                 layers += 1
-        if fmt != NONE:
-            _int8_table(model, device, dtype)
+        _int8_table(model, device, dtype)
         quantized = {id(p) for p in model.parameters() if is_quantized_tensor(p)}
         for param in model.parameters():
             if id(param) not in quantized:
