@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from .cache import BoundedCache
 from .config import DaemonConfig
 from .errors import ModelLoadError
 from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
@@ -131,18 +132,19 @@ class RerankerBackend(_TorchBackend):
 
 
 def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None],
-                        calibration: Calibration | None = None) -> None:
+                        calibration: Calibration | None = None, image_cache: BoundedCache | None = None) -> None:
     """Put the configured models into `backends` as each is fingerprinted and loaded, then warm them
     up. `step(what, stage)` is called before each step, with the stage its time counts in (import,
     weights, fingerprint, warmup); it raises to stop loading between two steps. A model that cannot
-    load raises ModelLoadError, and so does an int8 `calibration` made with another embedding model."""
+    load raises ModelLoadError, and so does an int8 `calibration` made with another embedding model.
+    Both models share `image_cache` (images' prepared pixels: their resize is the same)."""
     from .inputs import MediaReader
 
     step("importing torch and transformers", "import")
     from .models import EmbeddingModel, RerankerModel, import_libraries
 
     import_libraries()
-    media = MediaReader(config.media)
+    media = MediaReader(config.media, image_cache)
     models = [(kind, s) for kind, s in ((EMBEDDING, config.embedding), (RERANKER, config.reranker)) if s is not None]
     step("finding the models' files", "weights")
     directories = {kind: model_directory(s.name, s.local_files_only) for kind, s in models}

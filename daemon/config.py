@@ -125,6 +125,9 @@ class Batching:
     max_queued_inputs: int = 8192  # inputs and documents accepted, not yet answered; beyond: overloaded
     max_queued_tokens: int = 4_000_000  # their estimated tokens (an upper bound); beyond: overloaded
     cache_bytes: int = 0  # embedding cache size; 0 disables it
+    # Images' prepared pixels by content (the same image in many rerank documents or requests): the
+    # decoded, resized uint8 frames; 0 disables it.
+    image_cache_bytes: int = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
-from .cache import EmbeddingCache, cache_key
+from .cache import BoundedCache, EmbeddingCache, cache_key
 from .config import DaemonConfig
 from .engine import Engine, Job, JobResult, Task
 from .errors import invalid, model_mismatch
@@ -37,14 +37,15 @@ INLINE_REPLY_FLOATS, INLINE_REPLY_LIST_FLOATS = 1 << 18, 1 << 12
 
 @dataclass
 class Context:
-    """What handlers work with: the settings, the engine, the counters, the embedding cache, and the
-    int8/uint8 quantizer."""
+    """What handlers work with: the settings, the engine, the counters, the embedding cache, the
+    int8/uint8 quantizer and the image cache."""
 
     config: DaemonConfig
     engine: Engine
     metrics: Metrics
     cache: EmbeddingCache | None = None
     quantizer: Quantizer = Quantizer()
+    image_cache: BoundedCache | None = None  # images' prepared pixels (models.py)
 
 
 class Handler:
@@ -198,10 +199,15 @@ class HealthHandler(Handler):
                                  fingerprint=_fingerprint(reranker), **_memory(reranker)),
             stats={**{k: round(v, 6) for k, v in self.ctx.metrics.batching().items()},
                    "cache_hits": cache.hits if cache else 0, "cache_misses": cache.misses if cache else 0,
-                   "cache_bytes": cache.size_bytes if cache else 0},
+                   "cache_bytes": cache.size_bytes if cache else 0, **_image_cache(self.ctx.image_cache)},
             load={**{key: round(value, 3) if isinstance(value, float) else value
                      for key, value in asdict(engine.load_report()).items()}, **memory_totals(engine.backends)},
         )
+
+
+def _image_cache(cache: BoundedCache | None) -> dict:
+    return {"image_cache_hits": cache.hits if cache else 0, "image_cache_misses": cache.misses if cache else 0,
+            "image_cache_bytes": cache.size_bytes if cache else 0}
 
 
 def _fingerprint(backend) -> str | None:

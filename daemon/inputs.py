@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import os
@@ -11,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .cache import BoundedCache
 from .config import Limits, MediaPolicy
 from .errors import input_error, invalid, too_large
 from .files import AllowedFiles
@@ -153,6 +155,7 @@ class MediaReader:
     """Reads media under a MediaPolicy. Every refusal names the field it came from."""
 
     policy: MediaPolicy
+    image_cache: BoundedCache | None = None  # images' prepared pixels by content (models.py)
     files: AllowedFiles = field(init=False)
     urls: UrlFetcher = field(init=False)
 
@@ -174,9 +177,15 @@ class MediaReader:
     def open_image(self, src: MediaSource):
         """An image with only its header read (no pixel decoded), its size within max_image_pixels.
         Its bytes are read once, here: `decode_image` decodes from them."""
+        return self.open_image_keyed(src)[0]
+
+    def open_image_keyed(self, src: MediaSource) -> tuple[Any, bytes | None]:
+        """`open_image`, and the key of its bytes in `image_cache` (None without a cache): what
+        a client sends or the operator's files hold is keyed by what was read, never by a name."""
         from PIL import Image
 
         data = self.image_bytes(src)
+        key = None if self.image_cache is None else b"image:" + hashlib.sha256(data).digest()
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:  # Pillow's own bound (twice its MAX_IMAGE_PIXELS), from the header
@@ -188,7 +197,7 @@ class MediaReader:
         if width * height > self.policy.max_image_pixels:
             raise too_large(f"{src.where}: {width}x{height} pixels exceed the limit of {self.policy.max_image_pixels} "
                             "(max_image_pixels)")
-        return img
+        return img, key
 
     @staticmethod
     def decode_image(img, where: str):

@@ -135,6 +135,9 @@ def _limit_options(fn):
               help="Estimated queued tokens beyond which: overloaded.")
 @click.option("--cache-bytes", envvar="QWEN3VL_CACHE_BYTES", type=click.IntRange(min=0),
               default=Batching.cache_bytes, show_default=True, help="Embedding cache size in bytes; 0 disables it.")
+@click.option("--image-cache-bytes", envvar="QWEN3VL_IMAGE_CACHE_BYTES", type=click.IntRange(min=0),
+              default=Batching.image_cache_bytes, show_default=True,
+              help="Images' prepared pixels kept by content (an image sent again skips decoding); 0 disables it.")
 @_limit_options
 @click.option("--allow-path", "allow_paths", envvar="QWEN3VL_ALLOW_PATHS", multiple=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -218,6 +221,7 @@ def config_from_options(o: dict) -> DaemonConfig:
     batching = Batching(max_batch_size=o["max_batch_size"], max_batch_tokens=o["max_batch_tokens"],
                         max_wait_ms=o["max_wait_ms"], max_queued_inputs=o["max_queued_inputs"],
                         max_queued_tokens=o["max_queued_tokens"], cache_bytes=o["cache_bytes"],
+                        image_cache_bytes=o["image_cache_bytes"],
                         **({"prep_workers": o["prep_workers"]} if o["prep_workers"] else {}))
     return DaemonConfig(
         endpoint=o["endpoint"],

@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 
 from .config import ModelSettings
-from .errors import ModelLoadError, attempt, input_error, too_large
+from .errors import ModelLoadError, RequestError, attempt, input_error, too_large
 from .fastpath import build_fast_path
-from .inputs import InputItem, MediaReader, VideoSource
+from .inputs import InputItem, MediaReader, MediaSource, VideoSource
+from .media.batch import PixelWriter
+from .media.pixels import PatchLayout, Pixels, resized_image
+from .media.tokens import Video, VisionTokens
 from .weights import NONE, FormatError, check_format, convert, parse_format
 
 log = logging.getLogger(__name__)
@@ -242,6 +245,19 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+@contextlib.contextmanager
+def _reading_media(where: str):
+    """qwen_vl_utils' reading of checked media: what it raises is the input's decoding failure."""
+    try:
+        yield
+    except UndecodableVideo:
+        raise input_error(f"{where}: the video's frames cannot be decoded (a corrupt or truncated file)") from None
+    except RequestError:
+        raise
+    except Exception as exc:  # media were read and checked before; this is a decoding failure
+        raise input_error(f"{where}: cannot read media ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
 def _unfetchable(settings: ModelSettings, exc: Exception) -> ModelLoadError:
     from .preflight import looks_local
 
@@ -262,10 +278,18 @@ class Features:
     """One input ready for a forward: token ids plus its pixel tensors (None without media)."""
 
     input_ids: list[int]
+    # The vision path (media/): resized uint8 frames, patched and normalised when collated.
+    images: tuple[Pixels, ...] = ()
+    videos: tuple[Video, ...] = ()
+    # The processor's path (where the vision path is off, or asked for with fast=False).
     pixel_values: Any = None
     image_grid_thw: Any = None
     pixel_values_videos: Any = None
     video_grid_thw: Any = None
+
+    @property
+    def has_media(self) -> bool:
+        return bool(self.images or self.videos) or self.image_grid_thw is not None or self.video_grid_thw is not None
 
     @property
     def tokens(self) -> int:
@@ -289,6 +313,26 @@ def image_tokens(width: int, height: int, where: str) -> int:
     except (ValueError, ZeroDivisionError) as exc:
         raise input_error(f"{where}: {str(exc)[:160] or 'an empty image'}") from None
     return (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR) + 2
+
+
+def _probe_png(seed: int, size: tuple[int, int]) -> bytes:
+    """A small image with structure in every channel (no two neighbours alike)."""
+    from PIL import Image
+
+    width, height = size
+    ramp = np.arange(width * height * 3, dtype=np.int64).reshape(height, width, 3)
+    buf = io.BytesIO()
+    Image.fromarray(((ramp * (seed * 2 + 7)) % 251).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _probe_item(where: str, image: bool = False, video: bool = False) -> InputItem:
+    """An input for checking the vision path: an image that the official resize makes larger,
+    and three video frames (an odd count, so padded), with text."""
+    images = (MediaSource("bytes", _probe_png(1, (70, 50)), f"{where}.image[0]"),) if image else ()
+    frames = tuple(MediaSource("bytes", _probe_png(k, (60, 40)), f"{where}.video[0].frames[{k}]") for k in range(3))
+    videos = (VideoSource(f"{where}.video[0]", frames=frames),) if video else ()
+    return InputItem(where, texts=("a probe",), images=images, videos=videos)
 
 
 def normalize_embedding_instruction(instruction: str | None) -> str:
@@ -349,6 +393,13 @@ class _QwenVL:
         self.suffix_len = self._template_suffix_len()
         self._mm_token_types = _mm_token_types(self.processor)
         self._torch = torch
+        # The video processor's default (no per-frame cap), named so that it does not warn each start.
+        self._video_options = ({"cap_pixels_per_frame": False} if hasattr(
+            getattr(self.processor, "video_processor", None), "cap_pixels_per_frame") else {})
+        self.layout = PatchLayout.of(self.processor)
+        self.vision_tokens = attempt(VisionTokens.of, self.processor)
+        self.pixel_writer = None if self.layout is None else PixelWriter(self.layout, self.device, self.dtype)
+        self.vision = False  # the vision path, once `_enable_vision_path` has checked it
 
     @property
     def hidden_size(self) -> int:
@@ -376,21 +427,21 @@ class _QwenVL:
 
     # -- conversation content --------------------------------------------------------------------
     def open_images(self, items: tuple[InputItem, ...], budget: int, where: str) -> dict[int, Any]:
-        """Every image of these inputs with only its header read, by id of its source. Their vision
-        tokens are counted from the headers, and when they alone exceed `budget` the input is refused
-        before any pixel is decoded."""
+        """Every image of these inputs with only its header read, by id of its source, with its
+        cache key. Their vision tokens are counted from the headers, and when they alone exceed
+        `budget` the input is refused before any pixel is decoded."""
         opened: dict[int, Any] = {}
         tokens = 0
         try:
             for item in items:
                 for src in item.images:
-                    opened[id(src)] = image = self.media.open_image(src)
+                    opened[id(src)] = image, _ = self.media.open_image_keyed(src)
                     tokens += image_tokens(*image.size, src.where)
             if tokens > budget:
                 raise too_large(f"{where}: its images need {tokens} vision tokens, over the model's limit of "
                                 f"{self.max_length} tokens ({self.limit_name}); send fewer or smaller images")
         except BaseException:
-            for image in opened.values():
+            for image, _ in opened.values():
                 image.close()
             raise
         return opened
@@ -400,15 +451,33 @@ class _QwenVL:
         at its size and leaves it unchanged): only one image is held at full size at a time."""
         from qwen_vl_utils import fetch_image
 
-        image = opened.pop(id(src), None)
-        if image is None:
-            image = self.media.open_image(src)
+        image, _ = opened.pop(id(src), None) or self.media.open_image_keyed(src)
         self.media.decode_image(image, src.where)
         try:
             return fetch_image({"image": image, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS},
                                image_patch_size=IMAGE_PATCH_SIZE)
         except ValueError as exc:
             raise input_error(f"{src.where}: {str(exc)[:160]}") from None
+        finally:
+            image.close()
+
+    def _image_pixels(self, src: MediaSource, opened: dict[int, Any]) -> Pixels:
+        """One image as the vision path keeps it: decoded, resized as `_image` resizes it, uint8;
+        from the cache when the same bytes were prepared before."""
+        image, key = opened.pop(id(src), None) or self.media.open_image_keyed(src)
+        cache = self.media.image_cache
+        try:
+            if key is not None and (hit := cache.get(key)) is not None:
+                return hit
+            self.media.decode_image(image, src.where)
+            try:
+                resized = resized_image(image, MIN_PIXELS, MAX_PIXELS, IMAGE_FACTOR)
+            except ValueError as exc:
+                raise input_error(f"{src.where}: {str(exc)[:160]}") from None
+            pixels = self.layout.image(resized)
+            if key is not None:
+                cache.put(key, pixels)
+            return pixels
         finally:
             image.close()
 
@@ -424,6 +493,18 @@ class _QwenVL:
         frames = [self.media.decode_image(img, f.where) for img, f in zip(frames, sampled)]
         return {"type": "video", "video": frames, "total_pixels": MAX_TOTAL_PIXELS}
 
+    def _video(self, video: VideoSource, item: InputItem, where: str) -> Video:
+        """One video as the vision path keeps it: its frames read and resized by qwen_vl_utils, as
+        the official pipeline reads them, then kept as uint8."""
+        from qwen_vl_utils import fetch_video
+
+        with contextlib.ExitStack() as stack:
+            ele = self._video_item(video, item, stack)
+            with _reading_media(where):
+                (frames, metadata), _ = fetch_video(ele, image_patch_size=IMAGE_PATCH_SIZE,
+                                                    return_video_sample_fps=True, return_video_metadata=True)
+        return self.vision_tokens.video(self.layout.video(frames), metadata)
+
     def _media_content(self, item: InputItem, stack: contextlib.ExitStack, opened: dict[int, Any]) -> list[dict]:
         """Videos first, then images, then texts; the single text NULL when the input is empty."""
         if not item.texts and not item.images and not item.videos:
@@ -434,20 +515,39 @@ class _QwenVL:
         content += [{"type": "text", "text": t} for t in item.texts]
         return content
 
+    def _rendered(self, item: InputItem) -> str:
+        """What the chat template renders for `_media_content`: each video's and image's vision
+        item (a single pad), then the texts; NULL for an empty input."""
+        if not item.texts and not item.images and not item.videos:
+            return "NULL"
+        return (self.vision_tokens.video_item * len(item.videos) + self.vision_tokens.image_item * len(item.images)
+                + "".join(item.texts))
+
+    def _media(self, work: tuple) -> tuple[tuple[Pixels, ...], tuple[Video, ...]]:
+        """The images and videos of a piece of work, prepared by the vision path, in the order the
+        template renders their pads (each input's videos, then its images)."""
+        items, budget, where = self._media_of(*work)
+        opened = self.open_images(items, budget, where)
+        images, videos = [], []
+        try:
+            for item in items:
+                videos += [self._video(v, item, where) for v in item.videos]
+                images += [self._image_pixels(src, opened) for src in item.images]
+        finally:
+            for image, _ in opened.values():
+                image.close()
+        return tuple(images), tuple(videos)
+
     # -- processor ------------------------------------------------------------------------------
     def _process(self, conversation: list[dict], where: str) -> Features:
         from qwen_vl_utils import process_vision_info
 
         text = self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
-        try:
+        with _reading_media(where):
             images, videos, video_kwargs = process_vision_info(
                 [conversation], image_patch_size=IMAGE_PATCH_SIZE,
                 return_video_kwargs=True, return_video_metadata=True,
             )
-        except UndecodableVideo:
-            raise input_error(f"{where}: the video's frames cannot be decoded (a corrupt or truncated file)") from None
-        except Exception as exc:  # media were read and checked before; this is a decoding failure
-            raise input_error(f"{where}: cannot read media ({type(exc).__name__}: {str(exc)[:160]})") from None
         metadata = None
         if videos is not None:
             videos, metadata = (list(x) for x in zip(*videos))
@@ -455,6 +555,7 @@ class _QwenVL:
             out = self.processor(
                 text=text, images=images, videos=videos, video_metadata=metadata,
                 truncation=False, padding=False, do_resize=False, return_tensors="pt", **video_kwargs,
+                **self._video_options,
             )
         except ValueError as exc:
             raise input_error(f"{where}: the processor refused the input ({str(exc)[:160]})") from None
@@ -486,8 +587,9 @@ class _QwenVL:
 
     # -- preparing -------------------------------------------------------------------------------
     # A subclass's work is the tuple of its `prepare` arguments. It says where the work is named in
-    # errors (`_where`), gives its checked (user, system) texts for the fast path, or None when it
-    # has media (`_fast_texts`), prepares it through the processor (`_prepare_slow`), and applies
+    # errors (`_where`), which inputs hold its media and their token budget (`_media_of`), gives its
+    # checked (user, system) texts for the fast path, or None when it has media and the vision
+    # path is off (`_fast_texts`), prepares it through the processor (`_prepare_slow`), and applies
     # the official truncation (`_fit`).
     def _prepare(self, work: tuple, fast: bool) -> Features:
         if not (fast and self.fast is not None):
@@ -498,23 +600,56 @@ class _QwenVL:
         return result
 
     def prepare_many(self, works: list[tuple]) -> list[Features | Exception]:
-        """`prepare` of each work, or the exception it raised; the text-only ones are tokenised
-        together, in one call."""
+        """`prepare` of each work, or the exception it raised; the texts (and, on the vision path,
+        the template text around each input's media) are tokenised together, in one call."""
         out: list = [None] * len(works)
-        texts: list[tuple[int, str, str | None]] = []  # (position, user text, system text)
+        texts: list[tuple[int, str, str | None, tuple]] = []  # (position, user text, system text, media)
         for i, work in enumerate(works):
             found = attempt(self._fast_texts, *work) if self.fast is not None else None
             if isinstance(found, Exception):
                 out[i] = found
             elif found is None:
                 out[i] = attempt(self._prepare_slow, *work)
+            elif isinstance(media := attempt(self._media, work), Exception):
+                out[i] = media
             else:
-                texts.append((i, *found))
+                texts.append((i, *found, media))
         if texts:
             rows = self.fast.ids_many([t[1] for t in texts], [t[2] for t in texts])
-            for (i, _, _), ids in zip(texts, rows):
-                out[i] = attempt(self._fit, Features(ids), self._where(*works[i]))
+            for (i, _, _, (images, videos)), ids in zip(texts, rows):
+                out[i] = attempt(self._features, ids, images, videos, self._where(*works[i]))
         return out
+
+    def _features(self, ids: list[int], images: tuple, videos: tuple, where: str) -> Features:
+        if images or videos:
+            ids = self.vision_tokens.expand(ids, list(images), list(videos))
+        return self._fit(Features(ids, images, videos), where)
+
+    def _enable_vision_path(self) -> None:
+        """Take the vision path where it gives what the processor gives on this model's probe (an
+        image resized up, three video frames, text): the same ids and, bit for bit, the same
+        pixels; else keep the processor's path, saying so."""
+        self.vision = (self.layout is not None and self.fast is not None
+                       and not isinstance(self.vision_tokens, Exception))
+        if not self.vision:
+            return
+        probe = self._vision_probe()
+        theirs = attempt(self._prepare_slow, *probe)
+        ours = self.prepare_many([probe])[0]
+        if isinstance(theirs, Exception) or isinstance(ours, Exception) or not self._same_features(ours, theirs):
+            problem = next((f"{type(e).__name__}: {str(e)[:160]}" for e in (theirs, ours) if isinstance(e, Exception)),
+                           "it differs from the processor on the probe")
+            log.warning("%s: vision fast path disabled (%s)", self.name, problem)
+            self.vision = False
+
+    def _same_features(self, ours: Features, theirs: Features) -> bool:
+        torch, cpu = self._torch, self._torch.device("cpu")
+        pairs = [(self.layout.written(list(ours.images), cpu), theirs.pixel_values),
+                 (self.layout.written([v.pixels for v in ours.videos], cpu), theirs.pixel_values_videos),
+                 (torch.tensor([p.grid for p in ours.images]), theirs.image_grid_thw),
+                 (torch.tensor([v.pixels.grid for v in ours.videos]), theirs.video_grid_thw)]
+        return ours.input_ids == theirs.input_ids and all(
+            b is not None and a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs)
 
     # -- forward ---------------------------------------------------------------------------------
     def _collate(self, batch: list[Features]) -> dict:
@@ -533,15 +668,24 @@ class _QwenVL:
         ids[mask] = np.fromiter(itertools.chain.from_iterable(f.input_ids for f in batch), dtype=np.int64,
                                 count=int(lengths.sum()))
         host = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
-        if self._mm_token_types is not None and any(
-                f.image_grid_thw is not None or f.video_grid_thw is not None for f in batch):
+        if self._mm_token_types is not None and any(f.has_media for f in batch):
             types = np.zeros_like(ids)
             for value, token_ids in self._mm_token_types:
                 types[np.isin(ids, token_ids)] = value
             host["mm_token_type_ids"] = types
         out = {key: self._to_device(self._torch.from_numpy(value)) for key, value in host.items()}
+        images = [p for f in batch for p in f.images]
+        videos = [v.pixels for f in batch for v in f.videos]
+        if images or videos:  # written into one buffer
+            (pixels, grid), (video_pixels, video_grid) = self.pixel_writer.write(images, videos)
+            if images:
+                out["pixel_values"], out["image_grid_thw"] = pixels, grid
+            if videos:
+                out["pixel_values_videos"], out["video_grid_thw"] = video_pixels, video_grid
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             parts = [getattr(f, key) for f in batch if getattr(f, key) is not None]
+            if parts and (images or videos):
+                raise RuntimeError("a batch mixes inputs of the vision and the processor's paths")
             if parts:
                 out[key] = self._to_device(self._cat(parts))
         out["lengths"] = lengths
@@ -588,6 +732,7 @@ class EmbeddingModel(_QwenVL):
         self.fast = build_fast_path(self.processor, None, lambda system, user: self._process(
             [{"role": "system", "content": [{"type": "text", "text": system}]},
              {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
+        self._enable_vision_path()
 
     def conversation(self, item: InputItem, instruction: str | None, stack: contextlib.ExitStack,
                      opened: dict[int, Any] | None = None) -> list[dict]:
@@ -604,17 +749,23 @@ class EmbeddingModel(_QwenVL):
     def _where(self, item: InputItem, instruction: str | None) -> str:
         return item.where
 
+    def _media_of(self, item: InputItem, instruction: str | None) -> tuple[tuple[InputItem, ...], int, str]:
+        return (item,), self.max_length - self.suffix_len, item.where
+
+    def _vision_probe(self) -> tuple:
+        return (_probe_item("probe", image=True, video=True), "probe")
+
     def _fast_texts(self, item: InputItem, instruction: str | None) -> tuple[str, str] | None:
-        if not item.is_text_only:
+        if not (item.is_text_only or self.vision):
             return None
         instruction = item.instruction or instruction
         self.check_texts(item, instruction)
-        return "".join(item.texts) if item.texts else "NULL", normalize_embedding_instruction(instruction)
+        return self._rendered(item), normalize_embedding_instruction(instruction)
 
     def _prepare_slow(self, item: InputItem, instruction: str | None) -> Features:
         instruction = item.instruction or instruction
         self.check_texts(item, instruction)
-        opened = self.open_images((item,), self.max_length - self.suffix_len, item.where)
+        opened = self.open_images(*self._media_of(item, instruction))
         with contextlib.ExitStack() as stack:
             features = self._process(self.conversation(item, instruction, stack, opened), item.where)
         return self._fit(features, item.where)
@@ -661,6 +812,7 @@ class RerankerModel(_QwenVL):
         self.fast = build_fast_path(self.processor, RERANK_SYSTEM_PROMPT, lambda system, user: self._process(
             [{"role": "system", "content": [{"type": "text", "text": system}]},
              {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
+        self._enable_vision_path()
 
     def conversation(self, query: InputItem, document: InputItem, instruction: str | None,
                      stack: contextlib.ExitStack, opened: dict[int, Any] | None = None) -> list[dict]:
@@ -680,22 +832,28 @@ class RerankerModel(_QwenVL):
     def _where(self, query: InputItem, document: InputItem, instruction: str | None) -> str:
         return document.where
 
+    def _media_of(self, query: InputItem, document: InputItem,
+                  instruction: str | None) -> tuple[tuple[InputItem, ...], int, str]:
+        return (query, document), self.max_length, document.where
+
+    def _vision_probe(self) -> tuple:
+        return (_probe_item("query", video=True), _probe_item("document", image=True), None)
+
     def _fast_texts(self, query: InputItem, document: InputItem, instruction: str | None) -> tuple[str, None] | None:
-        if not (query.is_text_only and document.is_text_only):
+        if not ((query.is_text_only and document.is_text_only) or self.vision):
             return None
         instruction = query.instruction or instruction
         self.check_texts(query, instruction)
         self.check_texts(document, None)
-        # The user turn's text items render as one concatenated string.
+        # The user turn's items render as one concatenated string.
         return ("<Instruct>: " + (instruction or RERANK_DEFAULT_INSTRUCTION) + "<Query>:"
-                + ("".join(query.texts) if query.texts else "NULL") + "\n<Document>:"
-                + ("".join(document.texts) if document.texts else "NULL")), None
+                + self._rendered(query) + "\n<Document>:" + self._rendered(document)), None
 
     def _prepare_slow(self, query: InputItem, document: InputItem, instruction: str | None) -> Features:
         instruction = query.instruction or instruction
         self.check_texts(query, instruction)
         self.check_texts(document, None)
-        opened = self.open_images((query, document), self.max_length, document.where)
+        opened = self.open_images(*self._media_of(query, document, instruction))
         with contextlib.ExitStack() as stack:
             conversation = self.conversation(query, document, instruction, stack, opened)
             features = self._process(conversation, document.where)

@@ -29,7 +29,7 @@ from huggingface_hub import constants as hub_constants
 from zmq.auth.thread import ThreadAuthenticator
 
 from .backends import load_model_backends
-from .cache import EmbeddingCache
+from .cache import BoundedCache, EmbeddingCache
 from .config import DaemonConfig
 from .engine import Engine, EngineState, Job, JobResult, Loader
 from .fit import describe_memory
@@ -219,10 +219,12 @@ class Server:
         self.metrics = Metrics()
         self.tracebacks = TracebackLimiter()  # internal errors' tracebacks, rate-limited
         calibration = _calibration(config)
-        loader = loader or (lambda backends, step: load_model_backends(config, backends, step, calibration))
+        images = BoundedCache(config.batching.image_cache_bytes) if config.batching.image_cache_bytes > 0 else None
+        loader = loader or (lambda backends, step: load_model_backends(config, backends, step, calibration, images))
         self.engine = Engine(config.batching, loader, self.metrics, self.tracebacks)
         cache = EmbeddingCache(config.batching.cache_bytes) if config.batching.cache_bytes > 0 else None
-        self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache, Quantizer(calibration)))
+        self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache, Quantizer(calibration),
+                                               images))
         self.outbox = Outbox()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3vl-reply")
         self._in_flight = 0  # jobs admitted whose reply is not yet sent (the socket thread's count)

@@ -120,8 +120,9 @@ def test_an_aspect_ratio_the_official_resize_refuses_is_an_input_error(small_emb
     assert info.value.code == ErrorCode.INPUT_ERROR and info.value.message.startswith("inputs[0].image[0]")
 
 
-def _collate_row_by_row(model, batch) -> dict:
-    """The batch tensors written the plain way: one row at a time, the processor's own modality ids."""
+def _collate_row_by_row(model, batch, official) -> dict:
+    """The batch tensors written the plain way: one row at a time, the processor's own modality ids,
+    and the processor's own pixel values (of `official`, the same inputs prepared by the processor)."""
     width = max(f.tokens for f in batch)
     ids = torch.full((len(batch), width), model.pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -131,7 +132,7 @@ def _collate_row_by_row(model, batch) -> dict:
         mask[row, span] = 1
     return {"input_ids": ids, "attention_mask": mask,
             "mm_token_type_ids": torch.tensor(model.processor.create_mm_token_type_ids(ids.tolist())),
-            "pixel_values": torch.cat([f.pixel_values for f in batch if f.pixel_values is not None])}
+            "pixel_values": torch.cat([f.pixel_values for f in official if f.pixel_values is not None])}
 
 
 @pytest.mark.parametrize("model_cls", [EmbeddingModel, RerankerModel])
@@ -141,11 +142,14 @@ def test_a_batch_is_collated_exactly_as_row_by_row(tiny_dir, model_cls):
     items = [InputItem("inputs[0]", texts=("short",)), InputItem("inputs[1]", texts=("an image",), images=(image,)),
              InputItem("inputs[2]", texts=("a somewhat longer text " * 3,))]
     if model_cls is EmbeddingModel:
-        batch = [model.prepare(item) for item in items]
+        batch, official = ([model.prepare(item, fast=fast) for item in items] for fast in (True, False))
     else:
-        batch = [model.prepare(InputItem("query", texts=("q",)), item) for item in items]
+        batch, official = ([model.prepare(InputItem("query", texts=("q",)), item, fast=fast) for item in items]
+                           for fast in (True, False))
+    assert model.vision and batch[1].images and official[1].pixel_values is not None  # the two paths
+    assert [f.input_ids for f in batch] == [f.input_ids for f in official]
     assert len({f.tokens for f in batch}) == 3  # every row is padded differently
-    got, want = model._collate(batch), _collate_row_by_row(model, batch)
+    got, want = model._collate(batch), _collate_row_by_row(model, batch, official)
     np.testing.assert_array_equal(got.pop("lengths"), [f.tokens for f in batch])
     for key, value in want.items():
         assert torch.equal(got[key], value), key
