@@ -397,6 +397,10 @@ class _QwenVL:
         self._video_options = ({"cap_pixels_per_frame": False} if hasattr(
             getattr(self.processor, "video_processor", None), "cap_pixels_per_frame") else {})
         self.layout = PatchLayout.of(self.processor)
+        # The image processor's own conversion of one resized image to a uint8 RGB tensor: how an
+        # image with transparency becomes RGB differs between transformers versions.
+        self._image_tensor = self.processor.image_processor.process_image
+        self._convert_rgb = self.processor.image_processor.do_convert_rgb
         self.vision_tokens = attempt(VisionTokens.of, self.processor)
         self.pixel_writer = None if self.layout is None else PixelWriter(self.layout, self.device, self.dtype)
         self.vision = False  # the vision path, once `_enable_vision_path` has checked it
@@ -474,12 +478,20 @@ class _QwenVL:
                 resized = resized_image(image, MIN_PIXELS, MAX_PIXELS, IMAGE_FACTOR)
             except ValueError as exc:
                 raise input_error(f"{src.where}: {str(exc)[:160]}") from None
-            pixels = self.layout.image(resized)
+            pixels = self._rgb_pixels(resized)
             if key is not None:
                 cache.put(key, pixels)
             return pixels
         finally:
             image.close()
+
+    def _rgb_pixels(self, resized) -> Pixels:
+        """The resized image's pixels as the image processor takes them in. An RGB image with no
+        transparency key is its own pixels in every transformers version; any other goes through
+        the processor's own conversion (versions differ on a transparency key)."""
+        if resized.mode == "RGB" and "transparency" not in resized.info:
+            return self.layout.image(self._torch.from_numpy(np.array(resized)), channels_last=True)
+        return self.layout.image(self._image_tensor(resized, do_convert_rgb=self._convert_rgb))
 
     def _video_item(self, video: VideoSource, item: InputItem, stack: contextlib.ExitStack) -> dict:
         max_frames = item.max_frames or MAX_FRAMES

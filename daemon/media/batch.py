@@ -69,19 +69,19 @@ class PixelWriter:
         import torch
 
         cuda = self.device.type == "cuda"
-        small = [p for p in parts if p.frames.dtype == torch.uint8]
+        small = [p for p in parts if p.data.dtype == torch.uint8]
         staged = torch.empty(sum(p.nbytes for p in small), dtype=torch.uint8, pin_memory=cuda)
         at = 0
-        for part in small:
-            staged[at:at + part.nbytes].view(part.frames.shape).copy_(part.frames)
+        for part in small:  # the bytes as they are: laid out in patches on the device
+            staged[at:at + part.nbytes].view(part.data.shape).copy_(part.data)
             at += part.nbytes
         sent = staged.to(self.device, non_blocking=cuda)
         out, at = [], 0
         for part in parts:
-            if part.frames.dtype == torch.uint8:
-                frames = sent[at:at + part.nbytes].view(part.frames.shape)
+            if part.data.dtype == torch.uint8:
+                data = sent[at:at + part.nbytes].view(part.data.shape)
                 at += part.nbytes
             else:
-                frames = part.frames.to(self.device)
-            out.append(Pixels(frames, part.grid))
+                data = part.data.to(self.device)
+            out.append(Pixels(data, part.grid, part.channels_last))
         return out

@@ -28,15 +28,23 @@ CPU_BLOCK_VALUES = 1 << 17  # float32 values (512 KiB) a block of patch rows is 
 
 @dataclass(frozen=True)
 class Pixels:
-    """One image or video, resized: frames (F, H, W, 3), uint8 (float32 only for a video whose
-    resize gave non-integral values), never written once made; `grid` its (t, h, w) in patches."""
+    """One image or video, resized: `data` uint8 (float32 only for a video whose resize gave
+    non-integral values), contiguous, (F, 3, H, W) or, `channels_last`, (F, H, W, 3) as a decoder
+    gives it (no transposing copy on the host); never written once made. `grid`: (t, h, w) in
+    patches."""
 
-    frames: Any
+    data: Any
     grid: tuple[int, int, int]
+    channels_last: bool = False
+
+    @property
+    def frames(self):
+        """(F, 3, H, W), a view of `data`."""
+        return self.data.permute(0, 3, 1, 2) if self.channels_last else self.data
 
     @property
     def nbytes(self) -> int:
-        return int(self.frames.numel() * self.frames.element_size())
+        return int(self.data.numel() * self.data.element_size())
 
     @property
     def patches(self) -> int:
@@ -110,20 +118,20 @@ class PatchLayout:
         from PIL import Image
 
         side = 4 * self.patch * self.merge
-        ramp = np.arange(side * side * 3, dtype=np.int64).reshape(side, side, 3)
-        probe = ((ramp * np.array([1, 7, 13]) + ramp // 256) % 256).astype(np.uint8)
+        ramp = np.arange(side * side, dtype=np.int64).reshape(side, side, 1)
+        probe = ((ramp * np.array([1, 7, 13]) + np.array([0, 85, 170])) % 256).astype(np.uint8)  # odd steps: all 256
         official = processor.image_processor(images=[Image.fromarray(probe)], do_resize=False,
                                              return_tensors="pt")
-        image = Pixels(torch.from_numpy(probe)[None], self.grid(1, side, side))
+        image = Pixels(torch.from_numpy(probe).permute(2, 0, 1)[None].contiguous(), self.grid(1, side, side))
         if not _same(self.written([image], torch.device("cpu")), official["pixel_values"]):
             return False
         if getattr(processor, "video_processor", None) is None:
             return True
-        frames = torch.from_numpy(np.stack([probe, probe[::-1], probe[:, ::-1]]))
+        frames = torch.from_numpy(np.stack([probe, probe[::-1], probe[:, ::-1]])).permute(0, 3, 1, 2)
         videos = processor.video_processor
         quiet = {"cap_pixels_per_frame": False} if hasattr(videos, "cap_pixels_per_frame") else {}
         official = videos(
-            videos=[frames.permute(0, 3, 1, 2).float()], do_resize=False, do_sample_frames=False,
+            videos=[frames.float()], do_resize=False, do_sample_frames=False,
             return_tensors="pt", return_metadata=True, **quiet,
             video_metadata=[{"fps": 2.0, "frames_indices": [0, 1, 2], "total_num_frames": 3}])
         video = Pixels(frames.contiguous(), self.grid(3, side, side))
@@ -132,24 +140,19 @@ class PatchLayout:
     def grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return -(-frames // self.temporal), height // self.patch, width // self.patch
 
-    def image(self, rgb) -> Pixels:
-        """A resized RGB PIL image as Pixels."""
-        import torch
-
-        frames = torch.from_numpy(np.array(rgb))[None]
-        return Pixels(frames, self.grid(1, frames.shape[1], frames.shape[2]))
+    def image(self, data, channels_last: bool = False) -> Pixels:
+        """One resized RGB image, uint8 (3, H, W) or, `channels_last`, (H, W, 3), as Pixels."""
+        height, width = data.shape[:2] if channels_last else data.shape[1:]
+        return Pixels(data.contiguous()[None], self.grid(1, height, width), channels_last)
 
     def video(self, video) -> Pixels:
-        """A resized video as qwen_vl_utils gives it (float (F, C, H, W) of integral values after
+        """A resized video as qwen_vl_utils gives it (float (F, 3, H, W) of integral values after
         its uint8 resize) as Pixels: uint8 when that is exact, else as it is."""
         import torch
 
-        frames = video.permute(0, 2, 3, 1)
-        as_bytes = frames.to(torch.uint8)
-        if torch.equal(as_bytes.to(frames.dtype), frames):
-            frames = as_bytes
-        frames = frames.contiguous()
-        return Pixels(frames, self.grid(frames.shape[0], frames.shape[1], frames.shape[2]))
+        as_bytes = video.to(torch.uint8)
+        frames = as_bytes if torch.equal(as_bytes.to(video.dtype), video) else video
+        return Pixels(frames.contiguous(), self.grid(frames.shape[0], frames.shape[2], frames.shape[3]))
 
     def written(self, parts: list[Pixels], device, into=None) -> Any:
         """The float32 pixel rows of `parts`, in order, on `device` (their frames are there), in
@@ -175,17 +178,17 @@ class PatchLayout:
 
         t, h, w = grid
         p, m, k = self.patch, self.merge, self.temporal
-        channels = frames.shape[-1]
+        channels = frames.shape[1]
         a, b = h // m, w // m
         dest = out.view(t, a, b, m, m, channels, k, p, p)
         mean, std = (c.view(channels, 1, 1, 1) for c in self._constants(out.device))
         image = frames.shape[0] == 1 and k > 1
         if image:
-            source = frames.view(1, a, m, p, b, m, p, channels).permute(0, 1, 4, 2, 5, 7, 3, 6).unsqueeze(6)
+            source = frames.view(1, channels, a, m, p, b, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
         else:
             if frames.shape[0] < t * k:
                 frames = _padded(frames, t * k)
-            source = frames.view(t, k, a, m, p, b, m, p, channels).permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
+            source = frames.view(t, k, channels, a, m, p, b, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         step = a if out.device.type != "cpu" else max(1, CPU_BLOCK_VALUES // (b * m * m * channels * p * p))
         for row in range(0, a, step):
             block = dest[:, row:row + step]

@@ -1,0 +1,249 @@
+"""The vision path (daemon/media) gives what the processor's path gives: the same ids and, bit for
+bit, the same pixel values, on a table of images of every size, shape and mode a client may send;
+the official resize; the image cache; and the processor's path where the layout cannot be trusted."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon.cache import BoundedCache
+from daemon.config import ModelSettings, MediaPolicy
+from daemon.inputs import InputItem, MediaReader, MediaSource, VideoSource
+from daemon.media.pixels import PatchLayout, resized_image
+from daemon.models import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, EmbeddingModel, RerankerModel
+
+CPU = torch.device("cpu")
+
+
+def _photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """RGB with smooth fields and grain, as photos decode."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    grain = rng.integers(-20, 21, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _sixteen_bit_png() -> bytes:
+    ramp = (np.arange(90 * 70, dtype=np.uint32).reshape(70, 90) * 37 % 65536).astype(np.uint16)
+    return _encoded(Image.fromarray(ramp), "PNG")
+
+
+def _rgba_png() -> bytes:
+    photo = np.asarray(_photo((80, 64), 3))
+    alpha = (np.arange(80 * 64).reshape(64, 80) % 256).astype(np.uint8)[..., None]
+    return _encoded(Image.fromarray(np.concatenate([photo, alpha], axis=2), "RGBA"), "PNG")
+
+
+def _palette_png(transparent: bool) -> bytes:
+    image = _photo((75, 60), 4).convert("P", palette=Image.ADAPTIVE, colors=64)
+    return _encoded(image, "PNG", **({"transparency": 0} if transparent else {}))
+
+
+TABLE = {
+    "1x1 RGB PNG": lambda: _encoded(_photo((1, 1)), "PNG"),
+    "3x5 RGB PNG": lambda: _encoded(_photo((3, 5)), "PNG"),
+    "33x31 RGB PNG": lambda: _encoded(_photo((33, 31)), "PNG"),
+    "448x448 JPEG": lambda: _encoded(_photo((448, 448), 1), "JPEG", quality=90),
+    "640x480 JPEG (no resize)": lambda: _encoded(_photo((640, 480), 2), "JPEG"),
+    "801x599 JPEG (resized)": lambda: _encoded(_photo((801, 599), 3), "JPEG"),
+    "2000x1500 JPEG (over the pixel limit)": lambda: _encoded(_photo((2000, 1500), 4), "JPEG"),
+    "1000x30 PNG (wide)": lambda: _encoded(_photo((1000, 30), 5), "PNG"),
+    "30x1000 PNG (tall)": lambda: _encoded(_photo((30, 1000), 6), "PNG"),
+    "4000x20 PNG (ratio 200)": lambda: _encoded(_photo((4000, 20), 7), "PNG"),
+    "grayscale PNG": lambda: _encoded(_photo((90, 70), 8).convert("L"), "PNG"),
+    "grayscale + alpha PNG": lambda: _encoded(_photo((90, 70), 9).convert("LA"), "PNG"),
+    "1-bit PNG": lambda: _encoded(_photo((90, 70), 10).convert("1"), "PNG"),
+    "palette PNG": lambda: _palette_png(False),
+    "palette PNG with transparency": lambda: _palette_png(True),
+    "RGBA PNG": _rgba_png,
+    "16-bit grayscale PNG": _sixteen_bit_png,
+    "CMYK JPEG": lambda: _encoded(_photo((120, 90), 11).convert("CMYK"), "JPEG"),
+    "progressive JPEG": lambda: _encoded(_photo((300, 200), 12), "JPEG", progressive=True, quality=85),
+    "grayscale JPEG": lambda: _encoded(_photo((100, 80), 13).convert("L"), "JPEG"),
+    "WebP": lambda: _encoded(_photo((130, 97), 14), "WEBP", quality=80),
+    "WebP with alpha": lambda: _encoded(Image.open(io.BytesIO(_rgba_png())), "WEBP", lossless=True),
+}
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_dir) -> EmbeddingModel:
+    return EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32", max_length=100000), MediaReader(MediaPolicy()))
+
+
+def _image_item(data: bytes, text: str = "a caption") -> InputItem:
+    return InputItem("inputs[0]", texts=(text,), images=(MediaSource("bytes", data, "inputs[0].image[0]"),))
+
+
+def _pixels(model, features):
+    """The pixel rows the vision path gives a prepared input: images, then videos."""
+    return (model.layout.written(list(features.images), CPU),
+            model.layout.written([v.pixels for v in features.videos], CPU))
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_every_kind_of_image_gets_the_processors_ids_and_pixels_bit_for_bit(embedder, name):
+    item = _image_item(TABLE[name]())
+    ours, theirs = embedder.prepare(item), embedder.prepare(item, fast=False)
+    assert ours.images and theirs.pixel_values is not None  # the two paths
+    assert ours.input_ids == theirs.input_ids
+    images, _ = _pixels(embedder, ours)
+    assert images.dtype == theirs.pixel_values.dtype and torch.equal(images, theirs.pixel_values)
+    assert [list(p.grid) for p in ours.images] == theirs.image_grid_thw.tolist()
+
+
+@pytest.mark.parametrize("name", ["1x1 RGB PNG", "801x599 JPEG (resized)", "CMYK JPEG", "RGBA PNG", "16-bit grayscale PNG"])
+def test_the_resize_is_qwen_vl_utils_fetch_image(name):
+    from qwen_vl_utils import fetch_image
+
+    image = Image.open(io.BytesIO(TABLE[name]()))
+    image.load()
+    ours = resized_image(image, MIN_PIXELS, MAX_PIXELS, IMAGE_FACTOR)
+    theirs = fetch_image({"image": image, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}, image_patch_size=16)
+    assert ours.size == theirs.size and ours.mode == theirs.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_an_aspect_ratio_over_the_official_limit_is_refused_by_both_paths(embedder):
+    item = _image_item(_encoded(_photo((4020, 20)), "PNG"))
+    for fast in (True, False):
+        with pytest.raises(Exception) as info:
+            embedder.prepare(item, fast=fast)
+        assert "inputs[0].image[0]" in str(info.value) and "aspect ratio" in str(info.value)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_video_frames_get_the_processors_ids_and_pixels_bit_for_bit(embedder, count):
+    frames = tuple(MediaSource("bytes", _encoded(_photo((96, 64), k), "PNG"), f"inputs[0].video[0].frames[{k}]")
+                   for k in range(count))
+    item = InputItem("inputs[0]", texts=("a clip",), videos=(VideoSource("inputs[0].video[0]", frames=frames),),
+                     images=(MediaSource("bytes", TABLE["CMYK JPEG"](), "inputs[0].image[0]"),))
+    ours, theirs = embedder.prepare(item), embedder.prepare(item, fast=False)
+    assert ours.input_ids == theirs.input_ids
+    images, videos = _pixels(embedder, ours)
+    assert torch.equal(images, theirs.pixel_values) and torch.equal(videos, theirs.pixel_values_videos)
+
+
+def test_a_video_file_gets_the_processors_ids_and_pixels(tiny_dir, media_dir):
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32"),
+                           MediaReader(MediaPolicy(allowed_roots=(media_dir,))))
+    item = InputItem("inputs[0]", videos=(VideoSource("inputs[0].video[0]", file=MediaSource(
+        "path", str(media_dir / "clip.mp4"), "inputs[0].video[0]")),), fps=4.0)
+    ours, theirs = model.prepare(item), model.prepare(item, fast=False)
+    assert ours.input_ids == theirs.input_ids
+    assert torch.equal(_pixels(model, ours)[1], theirs.pixel_values_videos)
+
+
+@pytest.mark.parametrize("model_cls", [EmbeddingModel, RerankerModel])
+def test_a_batch_collated_after_a_larger_one_keeps_its_images_and_videos_apart(tiny_dir, model_cls):
+    """The CPU batch buffer is reused: a batch's image and video rows must never share its storage."""
+    model = model_cls(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy()))
+    frames = tuple(MediaSource("bytes", _encoded(_photo((128, 96), k), "PNG"), "f") for k in range(6))
+    big = InputItem("inputs[0]", videos=(VideoSource("v", frames=frames),))
+    mixed = InputItem("inputs[1]", images=(MediaSource("bytes", TABLE["WebP"](), "i"),),
+                      videos=(VideoSource("v", frames=frames[:2]),))
+
+    def prepared(item, fast=True):
+        if model_cls is EmbeddingModel:
+            return model.prepare(item, fast=fast)
+        return model.prepare(InputItem("query", texts=("q",)), item, fast=fast)
+
+    model._collate([prepared(big)])
+    got = model._collate([prepared(mixed)])
+    official = prepared(mixed, fast=False)
+    assert torch.equal(got["pixel_values"], official.pixel_values)
+    assert torch.equal(got["pixel_values_videos"], official.pixel_values_videos)
+
+
+def test_the_layout_probe_holds_every_value_of_every_channel(embedder):
+    """`PatchLayout.matches` proves the normalisation elementwise: its probe must hold all 256 values."""
+    side = 4 * embedder.layout.patch * embedder.layout.merge
+    ramp = np.arange(side * side, dtype=np.int64).reshape(side, side, 1)
+    probe = ((ramp * np.array([1, 7, 13]) + np.array([0, 85, 170])) % 256).astype(np.uint8)  # odd steps: all 256
+    assert all(len(np.unique(probe[..., c])) == 256 for c in range(3))
+
+
+def _checkpoint_with(tiny_dir, tmp_path, **changes):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, copy)
+    config = json.loads((copy / "processor_config.json").read_text())
+    for key, value in changes.items():
+        which, field = key.split("__")
+        config[which][field] = value
+    (copy / "processor_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_per_channel_means_and_stds_keep_the_vision_path_and_its_exactness(tiny_dir, tmp_path):
+    clip = {"image_processor__image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_processor__image_std": [0.26862954, 0.26130258, 0.27577711],
+            "video_processor__image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "video_processor__image_std": [0.26862954, 0.26130258, 0.27577711]}
+    model = EmbeddingModel(ModelSettings(str(_checkpoint_with(tiny_dir, tmp_path, **clip)), dtype="float32"),
+                           MediaReader(MediaPolicy()))
+    assert model.vision
+    item = _image_item(TABLE["801x599 JPEG (resized)"]())
+    ours, theirs = model.prepare(item), model.prepare(item, fast=False)
+    assert torch.equal(_pixels(model, ours)[0], theirs.pixel_values)
+
+
+def test_a_processor_the_layout_cannot_describe_keeps_the_processors_path(tiny_dir, tmp_path, caplog):
+    odd = _checkpoint_with(tiny_dir, tmp_path, video_processor__image_mean=[0.4, 0.5, 0.6])
+    with caplog.at_level(logging.WARNING):
+        model = EmbeddingModel(ModelSettings(str(odd), dtype="float32"), MediaReader(MediaPolicy()))
+    assert not model.vision and "vision fast path disabled" in caplog.text
+    features = model.prepare(_image_item(TABLE["448x448 JPEG"]()))
+    assert features.pixel_values is not None and not features.images
+
+
+def test_an_image_sent_again_is_not_decoded_again(tiny_dir):
+    cache = BoundedCache(64 * 1024 * 1024)
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy(), cache))
+    data = TABLE["801x599 JPEG (resized)"]()
+    first = model.prepare(_image_item(data, "one"))
+    hits = cache.hits
+    again = model.prepare(_image_item(data, "another caption"))
+    assert cache.hits == hits + 1 and again.images[0] is first.images[0]
+    other = model.prepare(_image_item(TABLE["WebP"](), "one"))
+    assert other.images[0] is not first.images[0] and cache.hits == hits + 1
+
+
+def test_the_image_cache_is_bounded_by_bytes(tiny_dir):
+    cache = BoundedCache(1024 * 1024)
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy(), cache))
+    for seed in range(8):
+        model.prepare(_image_item(_encoded(_photo((448, 448), seed), "PNG")))  # 0.6 MB of pixels each
+        assert cache.size_bytes <= 1024 * 1024
+    model.prepare(_image_item(TABLE["2000x1500 JPEG (over the pixel limit)"]()))  # larger than the cache
+    assert cache.size_bytes <= 1024 * 1024
+
+
+def test_a_reranked_image_shared_by_many_documents_is_prepared_once(tiny_dir):
+    cache = BoundedCache(64 * 1024 * 1024)
+    model = RerankerModel(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy(), cache))
+    query = InputItem("query", texts=("what is shown",))
+    data = TABLE["448x448 JPEG"]()
+    docs = [InputItem(f"documents[{i}]", texts=(f"doc {i}",), images=(MediaSource("bytes", data, f"documents[{i}].image[0]"),))
+            for i in range(16)]
+    prepared = model.prepare_many([(query, d, None) for d in docs])
+    assert len({id(f.images[0]) for f in prepared}) == 1
+    assert cache.hits >= 15
+
+
+def test_the_layout_is_read_from_the_processor(embedder):
+    assert embedder.layout == PatchLayout(16, 2, 2, (127.5,) * 3, (127.5,) * 3)
+    assert embedder.layout.width == 3 * 2 * 16 * 16
