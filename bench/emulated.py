@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgpack
@@ -44,20 +44,27 @@ EMULATED_SPEC = TinySpec(hidden_size=2048, num_layers=1, num_heads=16, num_kv_he
 WORDS = ("the a of to in and is that for on with as memory server embeds reranks text images video local "
          "daemon socket batch token model query document vector search rust client python latency user "
          "stored notes meeting project deadline Tuesday budget review design question answer").split()
-STAGE_ORDER = ("receive", "parse+admit", "decode", "tokenise", "schedule", "collate", "pool+copy", "reply")
+STAGE_ORDER = ("receive", "parse+admit", "decode", "resize", "normalise+patch", "tokenise", "schedule", "collate",
+               "copy", "pool+copy", "reply")
+IMAGE_STAGES = ("decode", "resize", "normalise+patch", "tokenise", "collate", "copy")  # preparing an image input
+# Photo sizes around the 448x448 of the images scenario, of several aspect ratios; most need resizing.
+MIXED_SIZES = ((448, 448), (640, 480), (800, 600), (1024, 768), (300, 500), (1280, 720), (512, 512), (720, 1280),
+               (350, 260), (1000, 1000))
 
 
 def sentences(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, rng.integers(lo, hi))).capitalize() + "." for _ in range(n)]
 
 
-def jpeg(rng: np.random.Generator, side: int = 448) -> bytes:
-    """A photo-like JPEG: smooth colour fields plus grain (decodes like a photo, unlike a flat fill)."""
+def jpeg(rng: np.random.Generator, side: int = 448, height: int | None = None) -> bytes:
+    """A photo-like JPEG, side x height: smooth colour fields plus grain (decodes like a photo,
+    unlike a flat fill)."""
     from PIL import Image
 
+    height = height or side
     coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((side, side), Image.BICUBIC)
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
+    image = Image.fromarray(coarse).resize((side, height), Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (height, side, 3))
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -70,6 +77,9 @@ class Scenario:
     inputs: int  # inputs (or documents) per request
     goal: float | None
     payloads: tuple  # one pre-packed request per client
+    # Each client sends its one request again and again: the image scenarios run with the image
+    # cache off (the decode is what they measure), but for the one about a shared image.
+    daemon_args: tuple[str, ...] = ()
 
 
 def scenarios(seed: int = 0) -> list[Scenario]:
@@ -84,8 +94,18 @@ def scenarios(seed: int = 0) -> list[Scenario]:
                                   "documents": sentences(rng, 64, 20, 80)}) for _ in range(8))
     images = tuple(embed([{"image": jpeg(rng), "text": sentences(rng, 1, 6, 16)[0]} for _ in range(4)])
                    for _ in range(8))
+    mixed = tuple(embed([{"image": jpeg(rng, *MIXED_SIZES[rng.integers(len(MIXED_SIZES))]),
+                          "text": sentences(rng, 1, 6, 16)[0]} for _ in range(4)]) for _ in range(8))
+    frames = tuple(embed([{"video": [jpeg(rng) for _ in range(8)], "text": sentences(rng, 1, 6, 16)[0]}])
+                   for _ in range(8))
+    shared = tuple(msgpack.packb({"op": "rerank", "id": 1, "query": sentences(rng, 1, 4, 14)[0], "documents": [
+        {"image": image, "text": text} for text in sentences(rng, 16, 6, 16)]})
+        for image in (jpeg(rng) for _ in range(8)))
+    no_cache = ("--image-cache-bytes", "0")
     return [Scenario("ingest", 8, 32, 0.9, ingest), Scenario("queries", 64, 1, 0.8, queries),
-            Scenario("rerank", 8, 64, 0.9, rerank), Scenario("images", 8, 4, None, images)]
+            Scenario("rerank", 8, 64, 0.9, rerank), Scenario("images", 8, 4, 0.9, images, no_cache),
+            Scenario("mixed-images", 8, 4, 0.9, mixed, no_cache), Scenario("video-frames", 8, 8, 0.9, frames, no_cache),
+            Scenario("rerank-shared-image", 8, 16, None, shared)]
 
 
 @dataclass
@@ -176,18 +196,26 @@ def run(args, work: Path) -> tuple[list[Result], list[Result], float]:
     ckpt = build_tiny_checkpoint(work / "ckpt", EMULATED_SPEC)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # what the daemon picks on an accelerator
     chosen = [s for s in scenarios() if not args.only or s.name in args.only]
-    plain, ready_s = measure(args, work, ckpt, chosen, stages=False)
-    timed, _ = measure(args, work, ckpt, chosen, stages=True)
-    return plain, timed, ready_s
+    if args.old_code:
+        chosen = [replace(s, daemon_args=()) for s in chosen]
+    plain, timed, ready = {}, {}, []
+    for daemon_args in dict.fromkeys(s.daemon_args for s in chosen):  # one daemon per setting, in order
+        group = [s for s in chosen if s.daemon_args == daemon_args]
+        results, ready_s = measure(args, work, ckpt, group, stages=False, extra=daemon_args)
+        plain.update((r.scenario.name, r) for r in results)
+        timed.update((r.scenario.name, r) for r in measure(args, work, ckpt, group, stages=True, extra=daemon_args)[0])
+        ready.append(ready_s)
+    return [plain[s.name] for s in chosen], [timed[s.name] for s in chosen], ready[0]
 
 
-def measure(args, work: Path, ckpt: Path, chosen: list[Scenario], stages: bool) -> tuple[list[Result], float]:
+def measure(args, work: Path, ckpt: Path, chosen: list[Scenario], stages: bool,
+            extra: tuple[str, ...] = ()) -> tuple[list[Result], float]:
     log = work / f"emulator-{'stages' if stages else 'plain'}.npz"
     runner = ("-m", "bench.emulator", "--log", str(log), *(() if stages else ("--no-stages",)), "--")
     with Servers() as servers:
         began = time.monotonic()
         endpoint = servers.daemon(work, "daemon", ckpt, "--device", "cpu", "--dtype", "float32",
-                                  "--max-batch-tokens", "32768", *args.daemon_arg, runner=runner)
+                                  "--max-batch-tokens", "32768", *extra, *args.daemon_arg, runner=runner)
         ready_s = time.monotonic() - began
         loads = [(s, drive(endpoint, s, args.warmup, args.seconds)) for s in chosen]
         proc = servers.by_name["daemon"]
@@ -228,14 +256,15 @@ def render(results: list[Result], timed: list[Result], args, ready_s: float) -> 
         host = sum(r.stage_us.get(k, 0.0) for k in STAGE_ORDER)
         cells = " | ".join(f"{r.stage_us.get(k, 0.0):.0f}" for k in STAGE_ORDER)
         lines.append(f"| {r.scenario.name} | {cells} | {host:.0f} | {r.stage_us.get(DEVICE_STAGE, 0.0):.0f} |")
-    images = next((r for r in timed if r.scenario.name == "images"), None)
-    if images is not None:
-        prep_ms = sum(images.stage_us.get(k, 0.0) for k in ("decode", "tokenise")) / 1e3
-        gpu_ms = images.utilisation * (images.load.window[1] - images.load.window[0]) / max(1, images.inputs) * 1e3
-        lines += ["", f"images: {prep_ms:.2f} host ms of preprocessing (decode + tokenise) per image+caption "
-                      f"against {gpu_ms:.2f} ms of modelled device time per input: keeping the device busy "
-                      f"takes {prep_ms / gpu_ms:.1f} cores of preprocessing by CPU time (`--prep-workers {int(np.ceil(prep_ms / gpu_ms))}`"
-                      " or more on a 16-core host)."]
+    for r in timed:
+        if r.scenario.name not in ("images", "mixed-images", "video-frames", "rerank-shared-image"):
+            continue
+        prep_ms = sum(r.stage_us.get(k, 0.0) for k in IMAGE_STAGES) / 1e3
+        gpu_ms = r.utilisation * (r.load.window[1] - r.load.window[0]) / max(1, r.inputs) * 1e3
+        lines += ["", f"{r.scenario.name}: {prep_ms:.2f} host ms of preparing ({' + '.join(IMAGE_STAGES)}) per input "
+                      f"against {gpu_ms:.2f} ms of modelled device time per input: keeping the device busy takes "
+                      f"{prep_ms / gpu_ms:.2f} cores of preparing by CPU time (`--prep-workers "
+                      f"{max(1, int(np.ceil(prep_ms / gpu_ms)))}` or more per GPU on a 16-core host)."]
     return "\n".join(lines)
 
 
@@ -245,6 +274,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
     parser.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="ingest,queries,rerank,images")
     parser.add_argument("--daemon-arg", action="append", default=[], help="one more daemon argument (repeatable)")
+    parser.add_argument("--old-code", action="store_true",
+                        help="for code from before the image cache: leave out the scenarios' own daemon arguments")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
     parser.add_argument("--records", type=Path, default=None, help="keep the daemon's raw records (.npz) here")
     args = parser.parse_args()

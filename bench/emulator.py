@@ -9,6 +9,14 @@ releases it and sleeps until `FIXED_S + PER_TOKEN_S x padded tokens (+ PER_PATCH
 has passed since it began, and returns zeros of the right shape. It also wraps the daemon's host-path
 functions with timers that record each call's exclusive time (its own, less that of the timed calls it
 makes), unless --no-stages. On exit the records are written to FILE (numpy .npz) for `bench.emulated`.
+
+Pixels take the daemon's accelerator path (daemon/media/batch.py): the host stages each batch's
+uint8 frames (real work, timed as "copy"), and the device's part, `PixelWriter._device_rows` (the
+copy to the device, normalising and laying out patches, the cast), is emulated like the forward: the
+GIL held for `PIXEL_LAUNCH_S` per kernel it would launch, its device time (`PIXEL_BYTES_S` per byte
+it would move, + `PIXEL_KERNEL_S` per kernel) added to the next forward's, and an uninitialised
+tensor of the right shape returned. Code without that path normalises on the host, as it would on
+a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import importlib.util
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +35,9 @@ LAUNCH_S = 3e-3  # GIL held: 28 layers' kernel launches from Python
 FIXED_S = 1e-3  # the shortest forward
 PER_TOKEN_S = 8.5e-6  # 2 x 1.7e9 FLOP per token at half of an H100's dense bf16 peak
 PER_PATCH_S = 2e-6  # the vision tower, per 16x16 patch
+PIXEL_LAUNCH_S = 5e-6  # GIL held per kernel an eager op launches
+PIXEL_KERNEL_S = 2e-6  # device time per small kernel
+PIXEL_BYTES_S = 1 / 2e12  # device memory traffic, at about 2/3 of an H100's bandwidth
 
 DEVICE_STAGE = "device (emulated)"  # timed too, so that no host stage counts it
 IDLE_STAGE = "model thread waiting for a batch"
@@ -33,17 +45,26 @@ IDLE_STAGE = "model thread waiting for a batch"
 STAGES = {
     ("daemon.server", "Server", "_read_message"): "receive",
     ("daemon.server", "Server", "_handle"): "parse+admit",
-    ("daemon.models", "_QwenVL", "_image"): "decode",
+    ("daemon.models", "_QwenVL", "_image"): "decode",  # the processor's path: decode and resize
+    ("daemon.inputs", "MediaReader", "decode_image"): "decode",
     ("daemon.models", "_QwenVL", "_video_item"): "decode",
+    ("daemon.models", "_QwenVL", "_video"): "decode",  # qwen_vl_utils reads and resizes a video's frames
+    ("daemon.models", None, "resized_image"): "resize",
+    ("daemon.models", "_QwenVL", "_rgb_pixels"): "resize",
+    ("daemon.media.pixels", "PatchLayout", "write"): "normalise+patch",
+    ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "Qwen2VLImageProcessor", "preprocess"): "normalise+patch",
+    ("transformers.models.qwen3_vl.video_processing_qwen3_vl", "Qwen3VLVideoProcessor", "_preprocess"): "normalise+patch",
     ("daemon.models", "_QwenVL", "_process"): "tokenise",
     ("daemon.models", "EmbeddingModel", "prepare"): "tokenise",
     ("daemon.models", "RerankerModel", "prepare"): "tokenise",
+    ("daemon.models", "_QwenVL", "prepare_many"): "tokenise",  # (the fast path's ids, the vision path's glue)
     ("daemon.models", "EmbeddingModel", "prepare_many"): "tokenise",
     ("daemon.models", "RerankerModel", "prepare_many"): "tokenise",
     ("daemon.batching", "Scheduler", "put_many"): "schedule",
     ("daemon.batching", "Scheduler", "_take"): "schedule",
     ("daemon.engine", "Engine", "_forward"): "schedule",
     ("daemon.models", "_QwenVL", "_collate"): "collate",
+    ("daemon.media.batch", "PixelWriter", "_stage"): "copy",
     ("daemon.models", "EmbeddingModel", "embed"): "pool+copy",
     ("daemon.models", "RerankerModel", "score"): "pool+copy",
     ("daemon.server", "Server", "_encode"): "reply",
@@ -58,6 +79,7 @@ class Recorder:
     """Forwards and stage timings, appended from any thread (list.append is atomic under the GIL)."""
 
     forwards: list = field(default_factory=list)  # (start, gpu_s, rows, width, patches)
+    pending_device_s: list = field(default_factory=lambda: [0.0])  # pixel kernels queued before the next forward
     stages: list = field(default_factory=list)  # (end, stage index, exclusive wall s, exclusive CPU s)
     names: list = field(default_factory=list)
     local: threading.local = field(default_factory=threading.local)
@@ -104,7 +126,8 @@ def install(recorder: Recorder, stages: bool = True) -> None:
         start = time.monotonic()
         rows, width = input_ids.shape
         patches = sum(int(p.shape[0]) for p in (pixel_values, pixel_values_videos) if p is not None)
-        gpu_s = FIXED_S + PER_TOKEN_S * rows * width + PER_PATCH_S * patches
+        gpu_s = FIXED_S + PER_TOKEN_S * rows * width + PER_PATCH_S * patches + recorder.pending_device_s[0]
+        recorder.pending_device_s[0] = 0.0
         while time.monotonic() - start < LAUNCH_S:  # holds the GIL, as Python launching kernels does
             pass
         rest = start + gpu_s - time.monotonic()
@@ -124,13 +147,35 @@ def install(recorder: Recorder, stages: bool = True) -> None:
 
     buffer = [None]
 
+    def device_rows(self, staged, parts):
+        """The device's part of `PixelWriter`: launches held under the GIL, device time queued."""
+        start = time.monotonic()
+        kernels = 2 + 3 * len(parts)  # the copy and the cast; per part: subtract, divide, copy a slot
+        rows = sum(p.patches for p in parts)
+        moved = staged.numel() + rows * self.layout.width * (4 * 3 + 2 * 2)  # float32 written and read, the cast
+        while time.monotonic() - start < PIXEL_LAUNCH_S * kernels:
+            pass
+        recorder.pending_device_s[0] += PIXEL_KERNEL_S * kernels + PIXEL_BYTES_S * moved
+        return torch.empty((rows, self.layout.width), dtype=self.dtype)
+
     modeling_qwen3_vl.Qwen3VLModel.forward = recorder.timed(forward, DEVICE_STAGE)
+    writer = getattr(importlib.import_module("daemon.media.batch"), "PixelWriter", None) \
+        if importlib.util.find_spec("daemon.media") else None
+    if writer is not None:
+        writer._accelerated = lambda self: True
+        writer._device_rows = recorder.timed(device_rows, DEVICE_STAGE)
     # The timers cost the host path microseconds per call: without `stages` only those called once
     # per batch stay (the forward, and the model thread's wait for the next batch).
     for (module, cls, name), stage in STAGES.items() if stages else IDLE_TIMER.items():
-        owner = getattr(importlib.import_module(module), cls)
-        if name in owner.__dict__:  # (older code, measured for comparison, may lack a function)
-            setattr(owner, name, recorder.timed(owner.__dict__[name], stage))
+        if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None:
+            continue  # (older code, measured for comparison, may lack a module or a function)
+        owner = importlib.import_module(module)
+        owner = owner if cls is None else getattr(owner, cls, None)
+        found = vars(owner).get(name) if owner is not None else None
+        if isinstance(found, staticmethod):
+            setattr(owner, name, staticmethod(recorder.timed(found.__func__, stage)))
+        elif found is not None:
+            setattr(owner, name, recorder.timed(found, stage))
 
 
 def main() -> None:

@@ -35,21 +35,23 @@ class PixelWriter:
 
         parts = [p for group in groups for p in group]
         grids = [torch.tensor([p.grid for p in group], dtype=torch.int64) for group in groups]
-        if self.device.type == "cpu":
+        if self._accelerated():
+            rows = self._device_rows(self._stage(parts), parts)
+            cuda = self.device.type == "cuda"
+            grids = [g.pin_memory().to(self.device, non_blocking=True) if cuda else g.to(self.device) for g in grids]
+        else:
             rows = self.layout.written(parts, self.device, self._buffer(torch.float32, parts))
             if self.dtype != torch.float32:
                 rows = self._buffer(self.dtype, parts).view(rows.shape).copy_(rows)
-        else:
-            rows = self.layout.written(self._on_device(parts), self.device)
-            rows = rows if rows.dtype == self.dtype else rows.to(self.dtype)
-            cuda = self.device.type == "cuda"
-            grids = [g.pin_memory().to(self.device, non_blocking=True) if cuda else g.to(self.device) for g in grids]
         out, at = [], 0
         for group, grid in zip(groups, grids):
             count = sum(p.patches for p in group)
             out.append((rows[at:at + count], grid))
             at += count
         return out
+
+    def _accelerated(self) -> bool:
+        return self.device.type != "cpu"
 
     def _buffer(self, dtype, parts: list[Pixels]):
         """A CPU tensor for the parts' pixel rows in `dtype`: the kept one when it is large enough."""
@@ -64,24 +66,32 @@ class PixelWriter:
             self._buffers[dtype] = fresh
         return fresh
 
-    def _on_device(self, parts: list[Pixels]) -> list[Pixels]:
-        """The parts with their frames on the device: the uint8 ones through one staging buffer."""
+    def _stage(self, parts: list[Pixels]):
+        """The host's part of an accelerator's batch: the uint8 parts' bytes, as they are, back to
+        back in one (on CUDA pinned) buffer."""
         import torch
 
-        cuda = self.device.type == "cuda"
         small = [p for p in parts if p.data.dtype == torch.uint8]
-        staged = torch.empty(sum(p.nbytes for p in small), dtype=torch.uint8, pin_memory=cuda)
+        staged = torch.empty(sum(p.nbytes for p in small), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         at = 0
-        for part in small:  # the bytes as they are: laid out in patches on the device
+        for part in small:
             staged[at:at + part.nbytes].view(part.data.shape).copy_(part.data)
             at += part.nbytes
-        sent = staged.to(self.device, non_blocking=cuda)
-        out, at = [], 0
+        return staged
+
+    def _device_rows(self, staged, parts: list[Pixels]):
+        """The device's part: the staged bytes sent in one copy, laid out in patches and normalised
+        there (float32, as the processor computes), then cast to the model's dtype."""
+        import torch
+
+        sent = staged.to(self.device, non_blocking=self.device.type == "cuda")
+        on_device, at = [], 0
         for part in parts:
             if part.data.dtype == torch.uint8:
                 data = sent[at:at + part.nbytes].view(part.data.shape)
                 at += part.nbytes
             else:
                 data = part.data.to(self.device)
-            out.append(Pixels(data, part.grid, part.channels_last))
-        return out
+            on_device.append(Pixels(data, part.grid, part.channels_last))
+        rows = self.layout.written(on_device, self.device)
+        return rows if rows.dtype == self.dtype else rows.to(self.dtype)

@@ -1,11 +1,18 @@
-//! A drop-in for the Rust server's HTTP sidecar pipeline: the same three calls, over the socket.
+//! A drop-in for the Rust server's pipelines, over the socket: the HTTP sidecar's text calls
+//! (`EmbeddingPipeline`, `RerankerPipeline`) and the image search it serves today with a separate
+//! CLIP model (`ImageEmbeddingPipeline`, `CrossModalTextEncoder`).
 //!
-//! The server's traits look like these (`embed_text`, `embed_batch`, `rerank`, all returning
-//! `anyhow::Result`); implement yours by delegating to `DaemonPipeline`, or use these traits as they are.
+//! The server's traits look like these (the same names and signatures, all returning
+//! `anyhow::Result`); implement yours by delegating to `DaemonPipeline`, or use these traits as they
+//! are. Images and texts go through the same embedding model, so an image's vector and a text's
+//! share one space: `CrossModalTextEncoder::embed_text` and `EmbeddingPipeline::embed_text` give the
+//! same vector. Errors are `crate::Error` inside the `anyhow::Error` (`downcast_ref::<Error>()`).
 
+use std::io::Read;
+use std::path::Path;
 use std::time::Duration;
 
-use crate::Client;
+use crate::{Client, Error, Input};
 
 pub trait EmbeddingPipeline: Send + Sync {
     fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>>;
@@ -16,16 +23,35 @@ pub trait RerankerPipeline: Send + Sync {
     fn rerank(&self, query: &str, documents: &[&str]) -> anyhow::Result<Vec<f32>>;
 }
 
-/// Both pipelines on one daemon; `dimension` and `instruction` as the sidecar's settings had them.
+/// Images into the embedding space.
+pub trait ImageEmbeddingPipeline: Send + Sync {
+    /// An encoded image (PNG, JPEG, WebP, ...).
+    fn embed_image_bytes(&self, bytes: &[u8]) -> anyhow::Result<Vec<f32>>;
+    /// An image file, read here and sent as bytes (the daemon reads no client-named path unless its
+    /// operator allows it).
+    fn embed_image_file(&self, path: &Path) -> anyhow::Result<Vec<f32>>;
+}
+
+/// Texts into the images' space (to search images by text).
+pub trait CrossModalTextEncoder: Send + Sync {
+    fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>>;
+}
+
+/// Both pipelines on one daemon; `dimension` and `instruction` as the sidecar's settings had them,
+/// for texts and images alike.
 pub struct DaemonPipeline {
     client: Client,
     pub dimension: Option<u32>,
     pub instruction: Option<String>,
+    /// The largest image file `embed_image_file` sends (the daemon's default `max_message_bytes`);
+    /// a larger one is `Error::File` before anything is sent.
+    pub max_image_file_bytes: u64,
 }
 
 impl DaemonPipeline {
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> DaemonPipeline {
-        DaemonPipeline { client: Client::new(endpoint, timeout), dimension: None, instruction: None }
+        DaemonPipeline { client: Client::new(endpoint, timeout), dimension: None, instruction: None,
+                         max_image_file_bytes: 64 * 1024 * 1024 }
     }
 
     /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket).
@@ -35,6 +61,25 @@ impl DaemonPipeline {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    fn embed_one(&self, input: Input) -> anyhow::Result<Vec<f32>> {
+        let mut got = self.client.embed(&[input], self.dimension, self.instruction.as_deref())?;
+        got.vectors.pop().ok_or_else(|| anyhow::anyhow!("the daemon returned no embedding"))
+    }
+
+    /// The file's bytes, at most `max_image_file_bytes` of them (read through a bound, so a file
+    /// that grows while it is read is refused too).
+    fn read_image_file(&self, path: &Path) -> Result<Vec<u8>, Error> {
+        let failed = |source| Error::File { path: path.to_path_buf(), source };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path).map_err(failed)?
+            .take(self.max_image_file_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(failed)?;
+        if bytes.len() as u64 > self.max_image_file_bytes {
+            return Err(failed(std::io::Error::new(std::io::ErrorKind::InvalidData, format!(
+                "over the {} bytes the client sends (max_image_file_bytes)", self.max_image_file_bytes))));
+        }
+        Ok(bytes)
     }
 }
 
@@ -58,5 +103,22 @@ impl RerankerPipeline for DaemonPipeline {
             return Ok(Vec::new());
         }
         Ok(self.client.rerank(query, documents, None)?)
+    }
+}
+
+impl ImageEmbeddingPipeline for DaemonPipeline {
+    fn embed_image_bytes(&self, bytes: &[u8]) -> anyhow::Result<Vec<f32>> {
+        self.embed_one(Input::image(bytes.to_vec()))
+    }
+
+    fn embed_image_file(&self, path: &Path) -> anyhow::Result<Vec<f32>> {
+        let bytes = self.read_image_file(path)?;
+        self.embed_one(Input::image(bytes))
+    }
+}
+
+impl CrossModalTextEncoder for DaemonPipeline {
+    fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>> {
+        self.embed_one(Input::text(text))
     }
 }

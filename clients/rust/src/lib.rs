@@ -63,6 +63,10 @@ pub enum Error {
     Transport(#[from] zmq::Error),
     #[error("malformed message: {0}")]
     Protocol(String),
+    /// A file the client was asked to send could not be read (missing, unreadable, or over the
+    /// size the client sends: `adapter::DaemonPipeline::max_image_file_bytes`).
+    #[error("cannot read {}: {source}", path.display())]
+    File { path: std::path::PathBuf, source: std::io::Error },
 }
 
 impl Error {

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use qwen3vl_client::adapter::{DaemonPipeline, EmbeddingPipeline, RerankerPipeline};
+use qwen3vl_client::adapter::{CrossModalTextEncoder, DaemonPipeline, EmbeddingPipeline, ImageEmbeddingPipeline,
+                               RerankerPipeline};
 use qwen3vl_client::{Client, EmbedOptions, Encoding, Error, Input, RerankOptions, Vectors};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -266,7 +267,7 @@ fn many_threads_share_one_client() {
 fn the_adapter_replaces_the_sidecar_pipeline() {
     let daemon = Daemon::start(&[]);
     let pipeline = DaemonPipeline::new(daemon.endpoint.clone(), Duration::from_secs(60));
-    let one = pipeline.embed_text("adapter text").unwrap();
+    let one = EmbeddingPipeline::embed_text(&pipeline, "adapter text").unwrap();
     let batch = pipeline.embed_batch(&["adapter text", "other"]).unwrap();
     assert_eq!(one.len(), 64);
     assert_close(&one, &batch[0], 2e-5);
@@ -274,6 +275,67 @@ fn the_adapter_replaces_the_sidecar_pipeline() {
     let scores = pipeline.rerank("query", &["a", "b"]).unwrap();
     assert_eq!(scores.len(), 2);
     assert_close(&scores, &pipeline.client().rerank("query", &["a", "b"], None).unwrap(), 1e-6);
+}
+
+fn photo_jpeg(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("photo.jpg");
+    let code = format!("import numpy as np; from PIL import Image; rng = np.random.default_rng(3); \
+                        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save({:?}, quality=90)",
+                       path.to_str().unwrap());
+    assert!(Command::new(env("QWEN3VL_TEST_PYTHON")).args(["-c", &code]).status().unwrap().success());
+    path
+}
+
+#[test]
+fn the_image_traits_give_the_python_clients_vectors_for_the_same_bytes_and_settings() {
+    let daemon = Daemon::start(&[]);
+    let mut pipeline = DaemonPipeline::new(daemon.endpoint.clone(), Duration::from_secs(60));
+    pipeline.dimension = Some(32);
+    pipeline.instruction = Some("Find the picture".to_string());
+    let path = photo_jpeg(&scratch());
+    let from_file = pipeline.embed_image_file(&path).unwrap();
+    let from_bytes = pipeline.embed_image_bytes(&std::fs::read(&path).unwrap()).unwrap();
+    let want = python_cli(&daemon, &["embed", "--image", path.to_str().unwrap(), "--dimension", "32",
+                                     "--instruction", "Find the picture"]);
+    assert_eq!(from_file.len(), 32);
+    assert_close(&from_file, &floats(&want["embeddings"][0]), 2e-6);
+    assert_close(&from_bytes, &from_file, 0.0);
+    // Texts go into the same space, with the same settings, through the same model.
+    let text = CrossModalTextEncoder::embed_text(&pipeline, "a photo of noise").unwrap();
+    let want = python_cli(&daemon, &["embed", "a photo of noise", "--dimension", "32", "--instruction",
+                                     "Find the picture"]);
+    assert_close(&text, &floats(&want["embeddings"][0]), 2e-6);
+    assert_close(&text, &EmbeddingPipeline::embed_text(&pipeline, "a photo of noise").unwrap(), 0.0);
+}
+
+#[test]
+fn a_missing_file_an_oversized_file_and_a_corrupt_image_are_typed_errors() {
+    let daemon = Daemon::start(&[]);
+    let mut pipeline = DaemonPipeline::new(daemon.endpoint.clone(), Duration::from_secs(60));
+    let dir = scratch();
+    let missing = pipeline.embed_image_file(&dir.join("no-such.png")).unwrap_err();
+    match missing.downcast_ref::<Error>() {
+        Some(Error::File { path, source }) => {
+            assert!(path.ends_with("no-such.png"));
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected Error::File, got {other:?}"),
+    }
+    let path = photo_jpeg(&dir);
+    pipeline.max_image_file_bytes = 100;
+    let big = pipeline.embed_image_file(&path).unwrap_err();
+    assert!(matches!(big.downcast_ref::<Error>(), Some(Error::File { source, .. })
+                     if source.to_string().contains("max_image_file_bytes")), "{big}");
+    let corrupt = pipeline.embed_image_bytes(b"\x89PNG\r\n\x1a\n not really a png").unwrap_err();
+    assert!(matches!(corrupt.downcast_ref::<Error>(), Some(Error::InputError(m)) if m.contains("inputs[0].image[0]")),
+            "{corrupt}");
+    let truncated = std::fs::read(&path).unwrap();
+    let truncated = &truncated[..truncated.len() / 2];
+    let cut = pipeline.embed_image_bytes(truncated).unwrap_err();
+    assert!(matches!(cut.downcast_ref::<Error>(), Some(Error::InputError(m)) if m.contains("inputs[0].image[0]")),
+            "{cut}");
+    // And the daemon goes on serving.
+    assert_eq!(pipeline.embed_image_bytes(&std::fs::read(&path).unwrap()).unwrap().len(), 64);
 }
 
 #[test]
