@@ -29,6 +29,7 @@ from .inputs import InputItem, MediaReader, MediaSource, VideoSource
 from .media.batch import PixelWriter
 from .media.pixels import PatchLayout, Pixels, resized_image
 from .media.tokens import Video, VisionTokens
+from .media.video import read_video
 from .weights import NONE, FormatError, check_format, convert, parse_format
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ RERANK_SYSTEM_PROMPT = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".'
 )
+
+
+NO_MEDIA: tuple[tuple, tuple] = ((), ())  # a text-only input's images and videos
 
 
 class UndecodableVideo(Exception):
@@ -506,16 +510,13 @@ class _QwenVL:
         return {"type": "video", "video": frames, "total_pixels": MAX_TOTAL_PIXELS}
 
     def _video(self, video: VideoSource, item: InputItem, where: str) -> Video:
-        """One video as the vision path keeps it: its frames read and resized by qwen_vl_utils, as
-        the official pipeline reads them, then kept as uint8."""
-        from qwen_vl_utils import fetch_video
-
+        """One video as the vision path keeps it: its frames read and resized as qwen_vl_utils'
+        fetch_video does it, kept as uint8 (media/video.py)."""
         with contextlib.ExitStack() as stack:
             ele = self._video_item(video, item, stack)
             with _reading_media(where):
-                (frames, metadata), _ = fetch_video(ele, image_patch_size=IMAGE_PATCH_SIZE,
-                                                    return_video_sample_fps=True, return_video_metadata=True)
-        return self.vision_tokens.video(self.layout.video(frames), metadata)
+                pixels, metadata = read_video(ele, IMAGE_PATCH_SIZE, self.layout)
+        return self.vision_tokens.video(pixels, metadata)
 
     def _media_content(self, item: InputItem, stack: contextlib.ExitStack, opened: dict[int, Any]) -> list[dict]:
         """Videos first, then images, then texts; the single text NULL when the input is empty."""
@@ -622,7 +623,7 @@ class _QwenVL:
                 out[i] = found
             elif found is None:
                 out[i] = attempt(self._prepare_slow, *work)
-            elif isinstance(media := attempt(self._media, work), Exception):
+            elif isinstance(media := attempt(self._media, work) if self._has_media(work) else NO_MEDIA, Exception):
                 out[i] = media
             else:
                 texts.append((i, *found, media))
@@ -631,6 +632,9 @@ class _QwenVL:
             for (i, _, _, (images, videos)), ids in zip(texts, rows):
                 out[i] = attempt(self._features, ids, images, videos, self._where(*works[i]))
         return out
+
+    def _has_media(self, work: tuple) -> bool:
+        return not all(item.is_text_only for item in self._media_of(*work)[0])
 
     def _features(self, ids: list[int], images: tuple, videos: tuple, where: str) -> Features:
         if images or videos:

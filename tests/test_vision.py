@@ -17,6 +17,7 @@ from PIL import Image
 from daemon.cache import BoundedCache
 from daemon.config import ModelSettings, MediaPolicy
 from daemon.inputs import InputItem, MediaReader, MediaSource, VideoSource
+from daemon.media.batch import PixelWriter
 from daemon.media.pixels import PatchLayout, resized_image
 from daemon.models import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, EmbeddingModel, RerankerModel
 
@@ -126,9 +127,11 @@ def test_an_aspect_ratio_over_the_official_limit_is_refused_by_both_paths(embedd
         assert "inputs[0].image[0]" in str(info.value) and "aspect ratio" in str(info.value)
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 7])
-def test_video_frames_get_the_processors_ids_and_pixels_bit_for_bit(embedder, count):
-    frames = tuple(MediaSource("bytes", _encoded(_photo((96, 64), k), "PNG"), f"inputs[0].video[0].frames[{k}]")
+@pytest.mark.parametrize("count, size", [(1, (96, 64)), (2, (96, 64)), (3, (96, 64)), (7, (96, 64)), (4, (448, 448)),
+                                         (3, (640, 360)), (70, (64, 64))])
+def test_video_frames_get_the_processors_ids_and_pixels_bit_for_bit(embedder, count, size):
+    """Frames resized per frame and as a video (96x64), at their size already (448x448), sampled (70)."""
+    frames = tuple(MediaSource("bytes", _encoded(_photo(size, k), "JPEG"), f"inputs[0].video[0].frames[{k}]")
                    for k in range(count))
     item = InputItem("inputs[0]", texts=("a clip",), videos=(VideoSource("inputs[0].video[0]", frames=frames),),
                      images=(MediaSource("bytes", TABLE["CMYK JPEG"](), "inputs[0].image[0]"),))
@@ -247,3 +250,27 @@ def test_a_reranked_image_shared_by_many_documents_is_prepared_once(tiny_dir):
 def test_the_layout_is_read_from_the_processor(embedder):
     assert embedder.layout == PatchLayout(16, 2, 2, (127.5,) * 3, (127.5,) * 3)
     assert embedder.layout.width == 3 * 2 * 16 * 16
+
+
+class _StagedWriter(PixelWriter):
+    """The accelerator's path (bytes staged back to back, sent, laid out there) with the CPU as device."""
+
+    def _accelerated(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_accelerator_path_gives_the_processors_pixels_in_the_models_dtype(embedder, dtype):
+    items = [_image_item(TABLE[name]()) for name in ("448x448 JPEG", "CMYK JPEG", "RGBA PNG", "1x1 RGB PNG")]
+    frames = tuple(MediaSource("bytes", _encoded(_photo((96, 64), k), "PNG"), "f") for k in range(3))
+    items.append(InputItem("inputs[4]", videos=(VideoSource("v", frames=frames),)))
+    ours = [embedder.prepare(item) for item in items]
+    theirs = [embedder.prepare(item, fast=False) for item in items]
+    images = [p for f in ours for p in f.images]
+    videos = [v.pixels for f in ours for v in f.videos]
+    staged = _StagedWriter(embedder.layout, CPU, dtype)
+    (pixels, grid), (video_pixels, video_grid) = staged.write(images, videos)
+    want = torch.cat([f.pixel_values for f in theirs if f.pixel_values is not None]).to(dtype)
+    assert pixels.dtype == dtype and torch.equal(pixels, want)
+    assert torch.equal(video_pixels, theirs[4].pixel_values_videos.to(dtype))
+    assert grid.tolist() == [list(p.grid) for p in images] and video_grid.tolist() == [list(videos[0].grid)]

@@ -145,15 +145,6 @@ class PatchLayout:
         height, width = data.shape[:2] if channels_last else data.shape[1:]
         return Pixels(data.contiguous()[None], self.grid(1, height, width), channels_last)
 
-    def video(self, video) -> Pixels:
-        """A resized video as qwen_vl_utils gives it (float (F, 3, H, W) of integral values after
-        its uint8 resize) as Pixels: uint8 when that is exact, else as it is."""
-        import torch
-
-        as_bytes = video.to(torch.uint8)
-        frames = as_bytes if torch.equal(as_bytes.to(video.dtype), video) else video
-        return Pixels(frames.contiguous(), self.grid(frames.shape[0], frames.shape[2], frames.shape[3]))
-
     def written(self, parts: list[Pixels], device, into=None) -> Any:
         """The float32 pixel rows of `parts`, in order, on `device` (their frames are there), in
         `into` (float32, as many values) when given."""

@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{Client, Error, Input};
+use crate::{Client, EmbedOptions, Error, Input, Vectors};
 
 pub trait EmbeddingPipeline: Send + Sync {
     fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>>;
@@ -46,12 +46,15 @@ pub struct DaemonPipeline {
     /// The largest image file `embed_image_file` sends (the daemon's default `max_message_bytes`);
     /// a larger one is `Error::File` before anything is sent.
     pub max_image_file_bytes: u64,
+    /// The embedding model's fingerprint, as stored with the index: every embedding call pins it,
+    /// and a daemon serving another model answers `Error::ModelMismatch`. `None`: any model.
+    pub expect_fingerprint: Option<String>,
 }
 
 impl DaemonPipeline {
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> DaemonPipeline {
         DaemonPipeline { client: Client::new(endpoint, timeout), dimension: None, instruction: None,
-                         max_image_file_bytes: 64 * 1024 * 1024 }
+                         max_image_file_bytes: 64 * 1024 * 1024, expect_fingerprint: None }
     }
 
     /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket).
@@ -63,9 +66,17 @@ impl DaemonPipeline {
         &self.client
     }
 
+    fn embed_inputs(&self, inputs: &[Input]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let options = EmbedOptions { dimension: self.dimension, instruction: self.instruction.as_deref(),
+                                     expect_fingerprint: self.expect_fingerprint.as_deref(), ..Default::default() };
+        match self.client.embed_with(inputs, &options)?.vectors {
+            Vectors::Float32(rows) => Ok(rows),
+            _ => Err(Error::Protocol("float32 asked, another encoding answered".into()).into()),
+        }
+    }
+
     fn embed_one(&self, input: Input) -> anyhow::Result<Vec<f32>> {
-        let mut got = self.client.embed(&[input], self.dimension, self.instruction.as_deref())?;
-        got.vectors.pop().ok_or_else(|| anyhow::anyhow!("the daemon returned no embedding"))
+        self.embed_inputs(&[input])?.pop().ok_or_else(|| anyhow::anyhow!("the daemon returned no embedding"))
     }
 
     /// The file's bytes, at most `max_image_file_bytes` of them (read through a bound, so a file
@@ -93,7 +104,7 @@ impl EmbeddingPipeline for DaemonPipeline {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.client.embed_batch(texts, self.dimension, self.instruction.as_deref())?)
+        self.embed_inputs(&texts.iter().map(|t| Input::from(*t)).collect::<Vec<_>>())
     }
 }
 

@@ -306,6 +306,13 @@ fn the_image_traits_give_the_python_clients_vectors_for_the_same_bytes_and_setti
                                      "Find the picture"]);
     assert_close(&text, &floats(&want["embeddings"][0]), 2e-6);
     assert_close(&text, &EmbeddingPipeline::embed_text(&pipeline, "a photo of noise").unwrap(), 0.0);
+    // The fingerprint stored with the index pins every call.
+    pipeline.expect_fingerprint = pipeline.client().health().unwrap().embedding.fingerprint;
+    assert_close(&pipeline.embed_image_file(&path).unwrap(), &from_file, 0.0);
+    pipeline.expect_fingerprint = Some("0".repeat(20));
+    let other = pipeline.embed_image_file(&path).unwrap_err();
+    assert!(matches!(other.downcast_ref::<Error>(), Some(Error::ModelMismatch { .. })), "{other}");
+    assert!(CrossModalTextEncoder::embed_text(&pipeline, "x").is_err());
 }
 
 #[test]
