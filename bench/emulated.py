@@ -104,7 +104,7 @@ def scenarios(seed: int = 0) -> list[Scenario]:
     no_cache = ("--image-cache-bytes", "0")
     return [Scenario("ingest", 8, 32, 0.9, ingest), Scenario("queries", 64, 1, 0.8, queries),
             Scenario("rerank", 8, 64, 0.9, rerank), Scenario("images", 8, 4, 0.9, images, no_cache),
-            Scenario("mixed-images", 8, 4, 0.9, mixed, no_cache), Scenario("video-frames", 8, 8, 0.9, frames, no_cache),
+            Scenario("mixed-images", 8, 4, 0.9, mixed, no_cache), Scenario("video-frames", 8, 1, 0.9, frames, no_cache),
             Scenario("rerank-shared-image", 8, 16, None, shared)]
 
 

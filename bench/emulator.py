@@ -50,6 +50,8 @@ STAGES = {
     ("daemon.models", "_QwenVL", "_video_item"): "decode",
     ("daemon.models", "_QwenVL", "_video"): "decode",  # qwen_vl_utils reads and resizes a video's frames
     ("daemon.models", None, "resized_image"): "resize",
+    ("qwen_vl_utils", None, "fetch_image"): "resize",  # an image (the processor's path), a video's frame (both)
+    ("qwen_vl_utils.vision_process", None, "fetch_image"): "resize",
     ("daemon.models", "_QwenVL", "_rgb_pixels"): "resize",
     ("daemon.media.pixels", "PatchLayout", "write"): "normalise+patch",
     ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "Qwen2VLImageProcessor", "preprocess"): "normalise+patch",

@@ -9,8 +9,9 @@ need resizing), each prepared once per round by a pool of 1 and then 2 threads, 
 the processor's (`fast=False`: the official processor normalises and patches on the host, and the
 batch concatenates its float32 pixels) and the vision path's (resized uint8 frames; the batch's
 patches written once, on the host here, on the device on an accelerator). Best of `--repeats`
-rounds. Prints images per second and each pool's speed-up over one thread: the share of the work
-that runs with the GIL released is what a second thread can use.
+rounds. Prints inputs prepared per second by 1 and 2 threads (the speed-up is the share of the
+work that runs with the GIL released, which a second thread can use) and the host's collation
+rate (the model thread's share, serial).
 """
 
 from __future__ import annotations
@@ -41,18 +42,19 @@ def inputs(count: int, mixed: bool, seed: int = 0) -> list:
     return out
 
 
-def rate(model, items: list, workers: int, fast: bool, repeats: int) -> float:
-    """Images per second: every item prepared by a pool of `workers` threads, then collated in
-    batches of 16 (the model thread's share, serial), best of `repeats`."""
-    best = float("inf")
+def rate(model, items: list, workers: int, fast: bool, repeats: int) -> tuple[float, float]:
+    """(inputs per second prepared by a pool of `workers` threads, inputs per second collated in
+    batches of 16 on one thread, as the model thread collates), best of `repeats` each."""
+    prepare = collate = float("inf")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in range(repeats):
             start = time.perf_counter()
             prepared = list(pool.map(lambda item: model.prepare(item, fast=fast), items))
+            middle = time.perf_counter()
             for k in range(0, len(prepared), 16):
                 model._collate(prepared[k:k + 16])
-            best = min(best, time.perf_counter() - start)
-    return len(items) / best
+            prepare, collate = min(prepare, middle - start), min(collate, time.perf_counter() - middle)
+    return len(items) / prepare, len(items) / collate
 
 
 def main() -> None:
@@ -71,14 +73,15 @@ def main() -> None:
                                MediaReader(MediaPolicy()))
         print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; {args.images} image+caption inputs; "
               f"best of {args.repeats}; vision path on: {model.vision}\n")
-        print("| images | path | 1 thread (images/s) | 2 threads (images/s) | 2 threads / 1 |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| images | path | prepared, 1 thread (inputs/s) | prepared, 2 threads | 2 threads / 1 | "
+              "collated on the host, 1 thread (inputs/s) |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for mixed in (False, True):
             items = inputs(args.images, mixed)
             for fast, name in ((False, "processor"), (True, "vision path")):
-                one, two = (rate(model, items, workers, fast, args.repeats) for workers in (1, 2))
+                (one, collated), (two, _) = (rate(model, items, workers, fast, args.repeats) for workers in (1, 2))
                 print(f"| {'mixed sizes' if mixed else '448x448 JPEG'} | {name} | {one:.0f} | {two:.0f} | "
-                      f"{two / one:.2f}x |")
+                      f"{two / one:.2f}x | {collated:.0f} |")
 
 
 if __name__ == "__main__":

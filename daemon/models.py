@@ -531,8 +531,8 @@ class _QwenVL:
     def _rendered(self, item: InputItem) -> str:
         """What the chat template renders for `_media_content`: each video's and image's vision
         item (a single pad), then the texts; NULL for an empty input."""
-        if not item.texts and not item.images and not item.videos:
-            return "NULL"
+        if item.is_text_only:
+            return "".join(item.texts) if item.texts else "NULL"
         return (self.vision_tokens.video_item * len(item.videos) + self.vision_tokens.image_item * len(item.images)
                 + "".join(item.texts))
 
@@ -633,8 +633,9 @@ class _QwenVL:
                 out[i] = attempt(self._features, ids, images, videos, self._where(*works[i]))
         return out
 
-    def _has_media(self, work: tuple) -> bool:
-        return not all(item.is_text_only for item in self._media_of(*work)[0])
+    @staticmethod
+    def _has_media(work: tuple) -> bool:
+        return any(isinstance(part, InputItem) and not part.is_text_only for part in work)
 
     def _features(self, ids: list[int], images: tuple, videos: tuple, where: str) -> Features:
         if images or videos:

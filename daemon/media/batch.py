@@ -25,7 +25,7 @@ class PixelWriter:
     layout: PatchLayout
     device: Any  # torch.device
     dtype: Any  # the model's dtype: pixels are cast to it, as the model's own input handling would
-    reuse_bytes: int = 256 * 1024 * 1024  # the largest CPU batch buffer kept between batches
+    reuse_bytes: int = 64 * 1024 * 1024  # the largest CPU batch buffer kept between batches (13 448x448 images)
     _buffers: dict = field(default_factory=dict, repr=False)  # dtype -> the reused CPU buffer
 
     def write(self, *groups: list[Pixels]) -> list[tuple[Any, Any]]:

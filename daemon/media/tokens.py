@@ -13,6 +13,7 @@ ids with single pads. The models check this against the processor on probes at s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,13 +45,13 @@ class VisionTokens:
         return cls(processor, tok.convert_tokens_to_ids(processor.image_token),
                    tok.convert_tokens_to_ids(processor.video_token), int(processor.image_processor.merge_size))
 
-    @property
+    @functools.cached_property
     def image_item(self) -> str:
         """What the chat template renders for one image."""
         p = self.processor
         return p.vision_start_token + p.image_token + p.vision_end_token
 
-    @property
+    @functools.cached_property
     def video_item(self) -> str:
         p = self.processor
         return p.vision_start_token + p.video_token + p.vision_end_token
