@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from .cache import BoundedCache
+from .bounded import BoundedCache
 from .config import DaemonConfig
 from .errors import ModelLoadError
 from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint

@@ -15,7 +15,8 @@ import numpy as np
 
 from . import __version__
 from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
-from .cache import BoundedCache, EmbeddingCache, cache_key
+from .bounded import BoundedCache
+from .cache import EmbeddingCache, cache_key
 from .config import DaemonConfig
 from .engine import Engine, Job, JobResult, Task
 from .errors import invalid, model_mismatch

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .cache import BoundedCache
+from .bounded import BoundedCache
 from .config import Limits, MediaPolicy
 from .errors import input_error, invalid, too_large
 from .files import AllowedFiles

@@ -29,7 +29,8 @@ from huggingface_hub import constants as hub_constants
 from zmq.auth.thread import ThreadAuthenticator
 
 from .backends import load_model_backends
-from .cache import BoundedCache, EmbeddingCache
+from .bounded import BoundedCache
+from .cache import EmbeddingCache
 from .config import DaemonConfig
 from .engine import Engine, EngineState, Job, JobResult, Loader
 from .fit import describe_memory

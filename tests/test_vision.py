@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon.cache import BoundedCache
+from daemon.bounded import BoundedCache
 from daemon.config import ModelSettings, MediaPolicy
 from daemon.inputs import InputItem, MediaReader, MediaSource, VideoSource
 from daemon.media.batch import PixelWriter

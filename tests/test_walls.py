@@ -20,6 +20,9 @@ def loaded(module: str, names: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("module, forbidden", [
     ("daemon.models", ("zmq", "msgpack")),
+    ("daemon.media.batch", ("zmq", "msgpack")),
+    ("daemon.media.video", ("zmq", "msgpack")),
+    ("daemon.bounded", ("zmq", "msgpack", "numpy")),
     ("daemon.engine", ("zmq", "msgpack")),
     ("daemon.backends", ("zmq", "msgpack")),
     ("daemon.handlers", ("zmq",)),
