@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import itertools
 import logging
@@ -22,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelSettings
+from .config import MediaPolicy, ModelSettings
 from .errors import ModelLoadError, RequestError, attempt, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, MediaSource, VideoSource
 from .media.batch import PixelWriter
 from .media.pixels import PatchLayout, Pixels, resized_image
 from .media.tokens import Video, VisionTokens
-from .media.video import read_video
+from .media.video import VideoError, read_video
 from .weights import NONE, FormatError, check_format, convert, parse_format
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ RERANK_SYSTEM_PROMPT = (
 
 
 NO_MEDIA: tuple[tuple, tuple] = ((), ())  # a text-only input's images and videos
+PROBE_MAX_LENGTH = 4096  # tokens the vision path's probe may take (it needs about 300)
 
 
 class UndecodableVideo(Exception):
@@ -256,6 +258,8 @@ def _reading_media(where: str):
         yield
     except UndecodableVideo:
         raise input_error(f"{where}: the video's frames cannot be decoded (a corrupt or truncated file)") from None
+    except VideoError as exc:
+        raise input_error(f"{where}: {exc}") from None
     except RequestError:
         raise
     except Exception as exc:  # media were read and checked before; this is a decoding failure
@@ -405,6 +409,11 @@ class _QwenVL:
         # image with transparency becomes RGB differs between transformers versions.
         self._image_tensor = self.processor.image_processor.process_image
         self._convert_rgb = self.processor.image_processor.do_convert_rgb
+        # What an image's prepared pixels depend on besides its bytes: models whose processors
+        # agree share the image cache's entries, others never see each other's.
+        self._pixel_recipe = hashlib.sha256(repr((
+            MIN_PIXELS, MAX_PIXELS, IMAGE_FACTOR, type(self.processor.image_processor).__qualname__,
+            self._convert_rgb, self.layout)).encode()).digest()[:8]
         self.vision_tokens = attempt(VisionTokens.of, self.processor)
         self.pixel_writer = None if self.layout is None else PixelWriter(self.layout, self.device, self.dtype)
         self.vision = False  # the vision path, once `_enable_vision_path` has checked it
@@ -428,10 +437,20 @@ class _QwenVL:
         fields = [(f"{item.where}.text[{i}]", text) for i, text in enumerate(item.texts)]
         if instruction is not None:
             fields.append((f"{item.where}.instruction" if item.instruction else "instruction", instruction))
+        reserved = (self.processor.image_token, self.processor.video_token)
         for field, text in fields:
-            for token in (self.processor.image_token, self.processor.video_token):
+            for token in reserved:
                 if token in text:
                     raise input_error(f"{field}: contains the reserved token {token}")
+        # The template joins an input's texts: two may make a reserved token between them.
+        keep, tail = max(map(len, reserved)) - 1, ""
+        for i, text in enumerate(item.texts):
+            window = tail + text[:keep]
+            for token in reserved:
+                if token in window:
+                    raise input_error(f"{item.where}.text[{i}]: joined to the text before it, makes the reserved "
+                                      f"token {token}")
+            tail = (tail + text)[-keep:] if len(text) < keep else text[-keep:]
 
     # -- conversation content --------------------------------------------------------------------
     def open_images(self, items: tuple[InputItem, ...], budget: int, where: str) -> dict[int, Any]:
@@ -455,8 +474,8 @@ class _QwenVL:
         return opened
 
     def _image(self, src, opened: dict[int, Any]):
-        """Decode one image and resize it at once, as the official pipeline will (which then finds it
-        at its size and leaves it unchanged): only one image is held at full size at a time."""
+        """Decode one image and resize it at once, as the official pipeline's `fetch_image` does: only
+        one image is held at full size at a time."""
         from qwen_vl_utils import fetch_image
 
         image, _ = opened.pop(id(src), None) or self.media.open_image_keyed(src)
@@ -474,6 +493,7 @@ class _QwenVL:
         from the cache when the same bytes were prepared before."""
         image, key = opened.pop(id(src), None) or self.media.open_image_keyed(src)
         cache = self.media.image_cache
+        key = None if key is None else self._pixel_recipe + key
         try:
             if key is not None and (hit := cache.get(key)) is not None:
                 return hit
@@ -509,12 +529,12 @@ class _QwenVL:
         frames = [self.media.decode_image(img, f.where) for img, f in zip(frames, sampled)]
         return {"type": "video", "video": frames, "total_pixels": MAX_TOTAL_PIXELS}
 
-    def _video(self, video: VideoSource, item: InputItem, where: str) -> Video:
+    def _video(self, video: VideoSource, item: InputItem) -> Video:
         """One video as the vision path keeps it: its frames read and resized as qwen_vl_utils'
         fetch_video does it, kept as uint8 (media/video.py)."""
         with contextlib.ExitStack() as stack:
             ele = self._video_item(video, item, stack)
-            with _reading_media(where):
+            with _reading_media(video.where):
                 pixels, metadata = read_video(ele, IMAGE_PATCH_SIZE, self.layout)
         return self.vision_tokens.video(pixels, metadata)
 
@@ -544,7 +564,7 @@ class _QwenVL:
         images, videos = [], []
         try:
             for item in items:
-                videos += [self._video(v, item, where) for v in item.videos]
+                videos += [self._video(v, item) for v in item.videos]
                 images += [self._image_pixels(src, opened) for src in item.images]
         finally:
             for image, _ in opened.values():
@@ -556,9 +576,15 @@ class _QwenVL:
         from qwen_vl_utils import process_vision_info
 
         text = self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
+        # Images were fetched (resized) by `_image`, once, as the official code fetches them; a
+        # second fetch would check the aspect ratio of the resized image again (6600x33 becomes
+        # 6592x32: over the ratio the original is within). Only the videos go through here.
+        images = [c["image"] for turn in conversation for c in turn["content"] if c.get("type") == "image"] or None
+        videos_only = [{**turn, "content": [c for c in turn["content"] if c.get("type") != "image"]}
+                       for turn in conversation]
         with _reading_media(where):
-            images, videos, video_kwargs = process_vision_info(
-                [conversation], image_patch_size=IMAGE_PATCH_SIZE,
+            _, videos, video_kwargs = process_vision_info(
+                [videos_only], image_patch_size=IMAGE_PATCH_SIZE,
                 return_video_kwargs=True, return_video_metadata=True,
             )
         metadata = None
@@ -638,8 +664,13 @@ class _QwenVL:
         return any(isinstance(part, InputItem) and not part.is_text_only for part in work)
 
     def _features(self, ids: list[int], images: tuple, videos: tuple, where: str) -> Features:
+        vision = self.vision_tokens
+        if isinstance(vision, VisionTokens) and (ids.count(vision.image_pad) != len(images)
+                                                 or ids.count(vision.video_pad) != len(videos)):
+            # check_texts refuses what makes one; this keeps any other way from failing a whole batch.
+            raise input_error(f"{where}: its texts make vision tokens that no image or video of it fills")
         if images or videos:
-            ids = self.vision_tokens.expand(ids, list(images), list(videos))
+            ids = vision.expand(ids, list(images), list(videos))
         return self._fit(Features(ids, images, videos), where)
 
     def _enable_vision_path(self) -> None:
@@ -650,9 +681,16 @@ class _QwenVL:
                        and not isinstance(self.vision_tokens, Exception))
         if not self.vision:
             return
-        probe = self._vision_probe()
-        theirs = attempt(self._prepare_slow, *probe)
-        ours = self.prepare_many([probe])[0]
+        # The probe is the code's check, not a client's input: read under the default policy,
+        # past the image cache, with room for its tokens whatever the model's limit.
+        served, self.media = (self.media, self.max_length), MediaReader(MediaPolicy())
+        self.max_length = max(self.max_length, PROBE_MAX_LENGTH)
+        try:
+            probe = self._vision_probe()
+            theirs = attempt(self._prepare_slow, *probe)
+            ours = self.prepare_many([probe])[0]
+        finally:
+            self.media, self.max_length = served
         if isinstance(theirs, Exception) or isinstance(ours, Exception) or not self._same_features(ours, theirs):
             problem = next((f"{type(e).__name__}: {str(e)[:160]}" for e in (theirs, ours) if isinstance(e, Exception)),
                            "it differs from the processor on the probe")

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 
 from daemon.bounded import BoundedCache
 from daemon.config import ModelSettings, MediaPolicy
+from daemon.errors import ErrorCode, RequestError
 from daemon.inputs import InputItem, MediaReader, MediaSource, VideoSource
 from daemon.media.batch import PixelWriter
 from daemon.media.pixels import PatchLayout, resized_image
@@ -274,3 +276,91 @@ def test_the_accelerator_path_gives_the_processors_pixels_in_the_models_dtype(em
     assert pixels.dtype == dtype and torch.equal(pixels, want)
     assert torch.equal(video_pixels, theirs[4].pixel_values_videos.to(dtype))
     assert grid.tolist() == [list(p.grid) for p in images] and video_grid.tolist() == [list(videos[0].grid)]
+
+
+@pytest.mark.parametrize("texts, token", [(("<|image", "_pad|>"), "<|image_pad|>"), (("<|vid", "eo_pad|>"), "<|video_pad|>"),
+                                          (("a <|ima", "ge_p", "ad|> b"), "<|image_pad|>")])
+def test_texts_that_join_into_a_vision_pad_are_refused_by_both_paths(embedder, texts, token):
+    for images in ((), (MediaSource("bytes", TABLE["WebP"](), "inputs[0].image[0]"),)):
+        item = InputItem("inputs[0]", texts=texts, images=images)
+        for fast in (True, False):
+            with pytest.raises(RequestError) as info:
+                embedder.prepare(item, fast=fast)
+            assert info.value.code == ErrorCode.INPUT_ERROR
+            assert info.value.message.startswith(f"inputs[0].text[{len(texts) - 1}]") and token in info.value.message
+
+
+def test_a_rerank_query_whose_texts_join_into_a_pad_is_named_as_the_query(tiny_dir):
+    model = RerankerModel(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy()))
+    query = InputItem("query", texts=("<|image", "_pad|>"))
+    document = InputItem("documents[0]", images=(MediaSource("bytes", TABLE["WebP"](), "documents[0].image[0]"),))
+    (result,) = model.prepare_many([(query, document, None)])
+    assert isinstance(result, RequestError) and result.message.startswith("query.text[1]")
+
+
+def test_one_clients_split_pad_never_fails_another_clients_batch(client, daemon):
+    """The two requests share forwards; before, the split pad made every forward it was in fail."""
+    victim_inputs = [{"image": TABLE["448x448 JPEG"](), "text": f"victim {i}"} for i in range(12)]
+    attacker_inputs = [{"text": ["<|image", "_pad|>"]}] * 12
+    results: dict = {}
+
+    def send(name, inputs):
+        with daemon.client() as c:
+            try:
+                results[name] = c.embed(inputs)
+            except Exception as exc:  # noqa: BLE001 (what it is, is what the test checks)
+                results[name] = exc
+
+    for _ in range(3):
+        threads = [threading.Thread(target=send, args=("victim", victim_inputs)),
+                   threading.Thread(target=send, args=("attacker", attacker_inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not isinstance(results["victim"], Exception), results["victim"]
+        assert len(results["victim"].embeddings) == 12
+        assert getattr(results["attacker"], "code", None) == "input_error"
+        assert "inputs[0].text[1]" in str(results["attacker"])
+
+
+def test_an_aspect_ratio_of_200_is_served_by_both_paths_alike(embedder):
+    item = _image_item(_encoded(_photo((6600, 33)), "PNG"))  # resized to 6592x32: the official fetch runs once
+    ours, theirs = embedder.prepare(item), embedder.prepare(item, fast=False)
+    assert torch.equal(_pixels(embedder, ours)[0], theirs.pixel_values)
+
+
+def _rgb_with_transparency_key() -> bytes:
+    image = _photo((70, 50), 21)
+    key = image.getpixel((3, 3))
+    return _encoded(image, "PNG", transparency=key)
+
+
+def test_models_whose_processors_convert_differently_do_not_share_cached_pixels(tiny_dir, tmp_path):
+    cache = BoundedCache(64 * 1024 * 1024)
+    embedder = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy(), cache))
+    other = _checkpoint_with(tiny_dir, tmp_path, image_processor__do_convert_rgb=False)
+    reranker = RerankerModel(ModelSettings(str(other), dtype="float32"), MediaReader(MediaPolicy(), cache))
+    query = InputItem("query", texts=("q",))
+    item = _image_item(_rgb_with_transparency_key())
+    embedder.prepare(item)  # cached under the embedding model's conversion
+    ours, theirs = reranker.prepare(query, item), reranker.prepare(query, item, fast=False)
+    assert torch.equal(_pixels(reranker, ours)[0], theirs.pixel_values)
+
+
+def test_the_load_time_probe_neither_uses_the_cache_nor_depends_on_limits(tiny_dir):
+    cache = BoundedCache(64 * 1024 * 1024)
+    strict = MediaPolicy(max_image_pixels=100, max_video_pixels=1000)
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32", max_length=32), MediaReader(strict, cache))
+    assert model.vision and (cache.hits, cache.misses, cache.size_bytes) == (0, 0, 0)
+    assert model.max_length == 32 and model.media.policy is strict
+
+
+def test_video_frames_of_sizes_the_official_resize_cannot_stack_are_an_input_error_naming_the_video(embedder):
+    frames = (MediaSource("bytes", _encoded(_photo((64, 64)), "PNG"), "f0"),
+              MediaSource("bytes", _encoded(_photo((200, 64), 1), "PNG"), "f1"))
+    item = InputItem("inputs[0]", videos=(VideoSource("inputs[0].video[0]", frames=frames),))
+    with pytest.raises(RequestError) as info:
+        embedder.prepare(item)
+    assert info.value.code == ErrorCode.INPUT_ERROR
+    assert info.value.message.startswith("inputs[0].video[0]") and "differ in size" in info.value.message

@@ -20,6 +20,10 @@ import numpy as np
 from .pixels import PatchLayout, Pixels
 
 
+class VideoError(ValueError):
+    """A video the official pipeline cannot read either; the message says why, for the client."""
+
+
 def read_video(ele: dict, image_patch_size: int, layout: PatchLayout) -> tuple[Pixels, dict]:
     """(the video as Pixels, its metadata as fetch_video gives it) for a content item of the
     official conversation: {"video": path, ...} or {"video": [PIL images], ...}."""
@@ -30,8 +34,9 @@ def read_video(ele: dict, image_patch_size: int, layout: PatchLayout) -> tuple[P
     if isinstance(ele["video"], str):
         try:
             video, metadata, _ = vp.VIDEO_READER_BACKENDS[vp.get_video_reader_backend()](ele)
-        except Exception:  # as fetch_video falls back (models.use_torchcodec_only makes that say so)
-            video, metadata, _ = vp.VIDEO_READER_BACKENDS["torchvision"](ele)
+        except Exception as exc:  # fetch_video would fall back to a reader this torchvision lacks
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise VideoError(f"the video's frames cannot be decoded ({detail})") from None
         channels_last = False
     else:
         video, metadata = _frame_list(ele, factor)
@@ -58,6 +63,11 @@ def _frame_list(ele: dict, factor: int) -> tuple[Any, dict]:
 
     info = {k: v for k, v in ele.items() if k not in ("type", "video")}
     images = [vp.fetch_image({"image": frame, **info}, factor) for frame in ele["video"]]
+    sizes = sorted({image.size for image in images})
+    if len(sizes) > 1:  # fetch_video's stack of them fails
+        (w1, h1), (w2, h2) = sizes[0], sizes[-1]
+        raise VideoError(f"its frames differ in size after the official resize ({w1}x{h1} and {w2}x{h2}): "
+                         "send the frames of one video at one size")
     nframes = vp.ceil_by_factor(len(images), vp.FRAME_FACTOR)
     images += [images[-1]] * (nframes - len(images))
     sample_fps = ele.get("sample_fps", 2.0)

@@ -43,8 +43,9 @@ pub struct DaemonPipeline {
     client: Client,
     pub dimension: Option<u32>,
     pub instruction: Option<String>,
-    /// The largest image file `embed_image_file` sends (the daemon's default `max_message_bytes`);
-    /// a larger one is `Error::File` before anything is sent.
+    /// The largest image file `embed_image_file` sends (the daemon's default `max_message_bytes`
+    /// less room for the request around it); a larger one is `Error::File` before anything is
+    /// sent. A daemon started with a smaller `--max-message-bytes` answers `Error::TooLarge`.
     pub max_image_file_bytes: u64,
     /// The embedding model's fingerprint, as stored with the index: every embedding call pins it,
     /// and a daemon serving another model answers `Error::ModelMismatch`. `None`: any model.
@@ -54,7 +55,7 @@ pub struct DaemonPipeline {
 impl DaemonPipeline {
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> DaemonPipeline {
         DaemonPipeline { client: Client::new(endpoint, timeout), dimension: None, instruction: None,
-                         max_image_file_bytes: 64 * 1024 * 1024, expect_fingerprint: None }
+                         max_image_file_bytes: 64 * 1024 * 1024 - 64 * 1024, expect_fingerprint: None }
     }
 
     /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket).
@@ -80,9 +81,13 @@ impl DaemonPipeline {
     }
 
     /// The file's bytes, at most `max_image_file_bytes` of them (read through a bound, so a file
-    /// that grows while it is read is refused too).
+    /// that grows while it is read is refused too). Only a regular file: opening a FIFO or a device
+    /// could wait for ever.
     fn read_image_file(&self, path: &Path) -> Result<Vec<u8>, Error> {
         let failed = |source| Error::File { path: path.to_path_buf(), source };
+        if !std::fs::metadata(path).map_err(failed)?.is_file() {
+            return Err(failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+        }
         let mut bytes = Vec::new();
         std::fs::File::open(path).map_err(failed)?
             .take(self.max_image_file_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(failed)?;

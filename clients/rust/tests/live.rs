@@ -328,6 +328,9 @@ fn a_missing_file_an_oversized_file_and_a_corrupt_image_are_typed_errors() {
         }
         other => panic!("expected Error::File, got {other:?}"),
     }
+    let not_a_file = pipeline.embed_image_file(&dir).unwrap_err();  // a directory (a FIFO is refused the same way)
+    assert!(matches!(not_a_file.downcast_ref::<Error>(), Some(Error::File { source, .. })
+                     if source.kind() == std::io::ErrorKind::InvalidInput), "{not_a_file}");
     let path = photo_jpeg(&dir);
     pipeline.max_image_file_bytes = 100;
     let big = pipeline.embed_image_file(&path).unwrap_err();
