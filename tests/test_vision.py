@@ -364,3 +364,16 @@ def test_video_frames_of_sizes_the_official_resize_cannot_stack_are_an_input_err
         embedder.prepare(item)
     assert info.value.code == ErrorCode.INPUT_ERROR
     assert info.value.message.startswith("inputs[0].video[0]") and "differ in size" in info.value.message
+
+
+def test_an_undecodable_video_file_is_named_with_the_readers_reason_and_no_source_paths(tiny_dir, media_dir, tmp_path):
+    data = (media_dir / "clip.mp4").read_bytes()
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32"), MediaReader(MediaPolicy()))
+    for cut in (data[: len(data) * 9 // 10], data[: len(data) // 2]):
+        item = InputItem("inputs[0]", videos=(VideoSource("inputs[0].video[0]", file=MediaSource(
+            "bytes", cut, "inputs[0].video[0]")),))
+        with pytest.raises(RequestError) as info:
+            model.prepare(item)
+        message = info.value.message
+        assert info.value.code == ErrorCode.INPUT_ERROR and message.startswith("inputs[0].video[0]")
+        assert ".cpp" not in message and "/__w/" not in message

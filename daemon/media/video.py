@@ -13,6 +13,7 @@ last). tests/test_vision.py checks ids and pixels against the processor's path.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,7 @@ def read_video(ele: dict, image_patch_size: int, layout: PatchLayout) -> tuple[P
         try:
             video, metadata, _ = vp.VIDEO_READER_BACKENDS[vp.get_video_reader_backend()](ele)
         except Exception as exc:  # fetch_video would fall back to a reader this torchvision lacks
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise VideoError(f"the video's frames cannot be decoded ({detail})") from None
+            raise VideoError(f"the video's frames cannot be decoded ({_reason(exc)})") from None
         channels_last = False
     else:
         video, metadata = _frame_list(ele, factor)
@@ -54,6 +54,16 @@ def read_video(ele: dict, image_patch_size: int, layout: PatchLayout) -> tuple[P
     if video.dtype != torch.uint8:  # a reader that gave floats: kept as they are
         video = video.float()
     return Pixels(video.contiguous(), layout.grid(nframes, h, w), channels_last), metadata
+
+
+def _reason(exc: Exception, limit: int = 160) -> str:
+    """A reader's error for a client: its last line, without the library's source locations
+    (torchcodec writes `function, /path/File.cpp:1510, message`), cut at a word."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    line = re.sub(r"^.*\.(?:cpp|cc|c|h|hpp|py):\d+,\s*", "", line)
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line or type(exc).__name__
 
 
 def _frame_list(ele: dict, factor: int) -> tuple[Any, dict]:
