@@ -27,10 +27,6 @@ class Video:
     pixels: Pixels
     metadata: Any  # transformers' VideoMetadata
 
-    @property
-    def nbytes(self) -> int:
-        return self.pixels.nbytes
-
 
 @dataclass(frozen=True)
 class VisionTokens:
