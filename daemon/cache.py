@@ -33,4 +33,5 @@ def cache_key(model: str, item: InputItem, instruction: str | None) -> bytes | N
 
 class EmbeddingCache(BoundedCache):
     def put(self, key: bytes | None, vector: np.ndarray) -> None:
-        super().put(key, vector.copy())  # the caller's array may be a view of a whole batch
+        if key is not None and vector.nbytes <= self.max_bytes:  # copied only to be kept
+            super().put(key, vector.copy())  # the caller's array may be a view of a whole batch

@@ -177,15 +177,18 @@ class MediaReader:
     def open_image(self, src: MediaSource):
         """An image with only its header read (no pixel decoded), its size within max_image_pixels.
         Its bytes are read once, here: `decode_image` decodes from them."""
-        return self.open_image_keyed(src)[0]
+        return self._opened(src)[0]
 
     def open_image_keyed(self, src: MediaSource) -> tuple[Any, bytes | None]:
         """`open_image`, and the key of its bytes in `image_cache` (None without a cache): what
         a client sends or the operator's files hold is keyed by what was read, never by a name."""
+        img, data = self._opened(src)
+        return img, None if self.image_cache is None else b"image:" + hashlib.sha256(data).digest()
+
+    def _opened(self, src: MediaSource) -> tuple[Any, bytes]:
         from PIL import Image
 
         data = self.image_bytes(src)
-        key = None if self.image_cache is None else b"image:" + hashlib.sha256(data).digest()
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:  # Pillow's own bound (twice its MAX_IMAGE_PIXELS), from the header
@@ -197,7 +200,7 @@ class MediaReader:
         if width * height > self.policy.max_image_pixels:
             raise too_large(f"{src.where}: {width}x{height} pixels exceed the limit of {self.policy.max_image_pixels} "
                             "(max_image_pixels)")
-        return img, key
+        return img, data
 
     @staticmethod
     def decode_image(img, where: str):

@@ -28,7 +28,7 @@ from .errors import ModelLoadError, RequestError, attempt, input_error, too_larg
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, MediaSource, VideoSource
 from .media.batch import PixelWriter
-from .media.pixels import PatchLayout, Pixels, resized_image
+from .media.pixels import PatchLayout, Pixels, resized_image, same_pixels
 from .media.tokens import Video, VisionTokens
 from .media.video import VideoError, read_video
 from .weights import NONE, FormatError, check_format, convert, parse_format
@@ -703,8 +703,7 @@ class _QwenVL:
                  (self.layout.written([v.pixels for v in ours.videos], cpu), theirs.pixel_values_videos),
                  (torch.tensor([p.grid for p in ours.images]), theirs.image_grid_thw),
                  (torch.tensor([v.pixels.grid for v in ours.videos]), theirs.video_grid_thw)]
-        return ours.input_ids == theirs.input_ids and all(
-            b is not None and a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs)
+        return ours.input_ids == theirs.input_ids and all(same_pixels(a, b) for a, b in pairs)
 
     # -- forward ---------------------------------------------------------------------------------
     def _collate(self, batch: list[Features]) -> dict:

@@ -123,7 +123,7 @@ class PatchLayout:
         official = processor.image_processor(images=[Image.fromarray(probe)], do_resize=False,
                                              return_tensors="pt")
         image = Pixels(torch.from_numpy(probe).permute(2, 0, 1)[None].contiguous(), self.grid(1, side, side))
-        if not _same(self.written([image], torch.device("cpu")), official["pixel_values"]):
+        if not same_pixels(self.written([image], torch.device("cpu")), official["pixel_values"]):
             return False
         if getattr(processor, "video_processor", None) is None:
             return True
@@ -135,7 +135,7 @@ class PatchLayout:
             return_tensors="pt", return_metadata=True, **quiet,
             video_metadata=[{"fps": 2.0, "frames_indices": [0, 1, 2], "total_num_frames": 3}])
         video = Pixels(frames.contiguous(), self.grid(3, side, side))
-        return _same(self.written([video], torch.device("cpu")), official["pixel_values_videos"])
+        return same_pixels(self.written([video], torch.device("cpu")), official["pixel_values_videos"])
 
     def grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return -(-frames // self.temporal), height // self.patch, width // self.patch
@@ -208,7 +208,11 @@ def _constants(mean: tuple[float, ...], std: tuple[float, ...], device: str):
             torch.tensor(std, dtype=torch.float32, device=device))
 
 
-def _same(ours, theirs) -> bool:
+def same_pixels(ours, theirs) -> bool:
+    """Bit for bit: the same dtype, shape and values (theirs None: never)."""
     import torch
+
+    if theirs is None:
+        return False
 
     return ours.dtype == theirs.dtype and torch.equal(ours, theirs)
