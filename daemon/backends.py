@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .bounded import BoundedCache
+from .catalog import ModelCard
 from .config import DaemonConfig
 from .errors import ModelLoadError
 from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
 from .inputs import InputItem
 from .quantize import Calibration
+from .residency import MemoryGate, Residency
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class BackendInfo:
     weights: str = "float32"  # the weight format: the dtype (unquantized), int8, nf4 or fp8
     memory_bytes: int = 0  # what the model's parameters and buffers hold on its device
     memory_estimate_bytes: int | None = None  # what fit.py estimated before loading (weights only)
+    task: str | None = None  # embedding | reranker
 
 
 class Prepared(Protocol):
@@ -132,65 +135,131 @@ class RerankerBackend(_TorchBackend):
 
 
 def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None],
-                        calibration: Calibration | None = None, image_cache: BoundedCache | None = None) -> None:
-    """Put the configured models into `backends` as each is fingerprinted and loaded, then warm them
-    up. `step(what, stage)` is called before each step, with the stage its time counts in (import,
-    weights, fingerprint, warmup); it raises to stop loading between two steps. A model that cannot
-    load raises ModelLoadError, and so does an int8 `calibration` made with another embedding model.
-    Both models share `image_cache` (images' prepared pixels: their resize is the same)."""
+                        calibration: Calibration | None = None, image_cache: BoundedCache | None = None,
+                        models: Residency | None = None) -> None:
+    """Find, fingerprint and estimate every configured model, register each with `models` (which
+    loads it when asked), then load and warm up the default models unless the load mode is
+    on-demand. `step(what, stage)` is called before each step, with the stage its time counts in
+    (import, weights, fingerprint, warmup); it raises to stop loading between two steps. A model
+    that cannot load (or fit) raises ModelLoadError, and so does an int8 `calibration` made with
+    another model than the default embedding one. All models share `image_cache` (images' prepared
+    pixels: their resize is the same). `backends` is left empty: every model lives in `models`."""
     from .inputs import MediaReader
 
+    models = models if models is not None else Residency()
     step("importing torch and transformers", "import")
-    from .models import EmbeddingModel, RerankerModel, import_libraries
+    from .models import import_libraries
 
     import_libraries()
     media = MediaReader(config.media, image_cache)
-    models = [(kind, s) for kind, s in ((EMBEDDING, config.embedding), (RERANKER, config.reranker)) if s is not None]
+    configured = config.models()
     step("finding the models' files", "weights")
-    directories = {kind: model_directory(s.name, s.local_files_only) for kind, s in models}
-    estimates: dict[str, int] = {}
+    directories = [model_directory(s.name, s.local_files_only) for _, s, _ in configured]
+    prints = []
+    for (kind, settings, default), files in zip(configured, directories):
+        step(f"fingerprinting {settings.name}", "fingerprint")
+        found = fingerprint_directory(files, DigestCache(config.fingerprint_cache))
+        _log_fingerprint(settings.name, found)
+        if kind == EMBEDDING and default:
+            _check_calibration_print(calibration, settings, found.value, weights_fingerprint(found.value,
+                                                                                            settings.quantize))
+        prints.append(found)
     if not config.fit_check and config.memory_budget is not None:
-        log.warning("--memory-budget is not enforced: --no-fit-check skips the check that compares it")
+        log.warning("--memory-budget is not enforced: --no-fit-check skips the checks that compare it")
+    estimates = [None] * len(configured)
     if config.fit_check:
         step("estimating the models' memory", "weights")
-        estimates = _check_fit(config, models, directories)
-    builders = {EMBEDDING: lambda files: EmbeddingBackend(EmbeddingModel(config.embedding, media, files)),
-                RERANKER: lambda files: RerankerBackend(RerankerModel(config.reranker, media, files))}
-    for kind, settings in models:
-        before = (lambda files_print, served, s=settings: _check_calibration_print(calibration, s, files_print, served)
-                  ) if kind == EMBEDDING else None
-        backend = _load_fingerprinted(config, settings, kind, directories[kind], step, builders[kind], before)
-        backends[kind] = backend
-        backend.info = replace(backend.info, memory_estimate_bytes=estimates.get(kind))
-        if kind == EMBEDDING:
+        estimates = _check_fit(config, configured, directories)
+    for (kind, settings, default), files, found, estimate in zip(configured, directories, prints, estimates):
+        card = _card(config, kind, settings, default, files, found, estimate)
+        models.register(card, lambda step, k=kind, s=settings, f=found, c=card: _build(config, k, s, f, c, media,
+                                                                                     calibration, step))
+    _tokenizer_threads(models.cards())
+    if config.load == "at-start":
+        for card in models.cards():
+            if card.default:
+                models.load_now(card.key, step)
+
+
+def memory_gate(config: DaemonConfig) -> MemoryGate | None:
+    """What every load on demand is checked against: the device's free memory and the budget."""
+    if not config.fit_check:
+        return None
+    configured = config.models()
+    spec = configured[0][1].device if configured else "cpu"
+
+    def free() -> tuple[int, str]:
+        from .fit import device_free
+        from .models import resolve_device
+
+        found = device_free(resolve_device(spec))
+        return found.bytes, found.source
+
+    return MemoryGate(config.memory_budget, free)
+
+
+def _card(config: DaemonConfig, kind: str, settings, default: bool, files: Path, found: Fingerprint,
+          estimate) -> ModelCard:
+    from .models import resolve_device
+    from .preflight import hidden_size
+
+    hidden = hidden_size(files) if kind == EMBEDDING else None
+    card = ModelCard(name=settings.served_name, task=kind, source=settings.name, default=default,
+                     fingerprint=weights_fingerprint(found.value, settings.quantize), max_length=settings.max_length,
+                     hidden_size=hidden, keep_alive_s=settings.keep_alive_s,
+                     estimate_bytes=estimate.weights_bytes if estimate else None,
+                     working_bytes=max(estimate.working_bytes, estimate.transient_bytes) if estimate else 0,
+                     device=str(resolve_device(settings.device)))
+    if kind == EMBEDDING and hidden is not None:
+        _check_dimension_setting(config, card)
+    return card
+
+
+def _build(config: DaemonConfig, kind: str, settings, found: Fingerprint, card: ModelCard, media,
+           calibration: Calibration | None, step: Callable[..., None]) -> "_TorchBackend":
+    """One model loaded from the very files fingerprinted at start, checked unchanged since then, and
+    warmed up. Any thread; ModelLoadError for what an operator can act on."""
+    from .models import EmbeddingModel, RerankerModel
+
+    step(f"loading {kind} model {settings.name}", "weights")
+    if kind == EMBEDDING:
+        backend: _TorchBackend = EmbeddingBackend(EmbeddingModel(settings, media, found.directory))
+    else:
+        backend = RerankerBackend(RerankerModel(settings, media, found.directory))
+    found.check_unchanged("since the daemon fingerprinted it at start",
+                          "restart the daemon to serve the new files (its fingerprint must be theirs)")
+    backend.info = replace(backend.info, fingerprint=card.fingerprint, memory_estimate_bytes=card.estimate_bytes,
+                           task=kind)
+    if kind == EMBEDDING:
+        if backend.info.hidden_size is not None and card.hidden_size is None:
             _check_dimension_setting(config, backend.info)
+        if calibration is not None and calibration.fingerprint == card.fingerprint:
             _check_calibration(calibration, backend.info)
-    _tokenizer_threads(backends)
     if config.warmup:
-        for kind, backend in backends.items():
-            step(f"warming up the {kind} model", "warmup")
-            backend.warmup()
+        step(f"warming up the {kind} model {card.name}", "warmup")
+        backend.warmup()
+    return backend
 
 
-def _check_fit(config: DaemonConfig, models: list, directories: dict[str, Path]) -> dict[str, int]:
-    """Each model's weights as estimated from its files' headers (fit.py); ModelLoadError, with
-    what would fit, when the models and a batch's working memory exceed what the device has free
-    or the operator's --memory-budget."""
+def _check_fit(config: DaemonConfig, configured: list, directories: list[Path]) -> list:
+    """Each model's estimate from its files' headers (fit.py); ModelLoadError, with what would fit,
+    when the models loaded at start (with a batch's working memory) exceed what the device has free
+    or the operator's --memory-budget, or when any other model would not fit even alone."""
     import torch
 
     from .engine import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
-    from .fit import Plan, check_fit, checkpoint_shape, device_free, size
+    from .fit import Plan, check_fit, checkpoint_shape, device_free, estimate, size
     from .models import resolve_device, resolve_dtype
     from .weights import FP8, FormatError, check_format, parse_format
 
     plans = []
-    for kind, settings in models:
+    for (kind, settings, default), files in zip(configured, directories):
         device = resolve_device(settings.device)
         dtype = str(resolve_dtype(settings.dtype, device)).replace("torch.", "")
-        # An int8 calibration is made for the embedding model's weights as they are: advice keeps them.
-        fixed = kind == EMBEDDING and config.int8_calibration is not None
-        plans.append(Plan(kind, checkpoint_shape(directories[kind]), parse_format(settings.quantize), dtype, fixed))
-    device = resolve_device(models[0][1].device)
+        # An int8 calibration is made for the default embedding model's weights as they are: advice keeps them.
+        fixed = kind == EMBEDDING and default and config.int8_calibration is not None
+        plans.append(Plan(kind, checkpoint_shape(files), parse_format(settings.quantize), dtype, fixed))
+    device = resolve_device(configured[0][1].device)
     tokens = config.batching.max_batch_tokens or (CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS)
     try:
         check_format(FP8, device)
@@ -199,30 +268,21 @@ def _check_fit(config: DaemonConfig, models: list, directories: dict[str, Path])
         fp8_ok = False
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     free = device_free(device)
-    estimates = check_fit(plans, tokens, free, config.memory_budget, bf16_ok, fp8_ok)
+    at_start = [i for i, (_, _, default) in enumerate(configured) if default and config.load == "at-start"]
+    if at_start:
+        check_fit([plans[i] for i in at_start], tokens, free, config.memory_budget, bf16_ok, fp8_ok)
+    for i, (kind, settings, _) in enumerate(configured):
+        if i not in at_start:
+            try:
+                check_fit([plans[i]], tokens, free, config.memory_budget, bf16_ok, fp8_ok)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"the {kind} model {settings.served_name!r} would not fit even alone: {exc}"
+                                     ) from None
+    found = [estimate(p.kind, p.shape, p.fmt, p.dtype, tokens) for p in plans]
     log.info("memory estimate: %s, and %s to run a batch of %d tokens; %s", ", ".join(
-        f"{e.kind} weights {size(e.weights_bytes)}" for e in estimates),
-        size(max(e.working_bytes for e in estimates)), tokens, free.source)
-    return {e.kind: e.weights_bytes for e in estimates}
-
-
-def _load_fingerprinted(config: DaemonConfig, settings, kind: str, files: Path, step: Callable[..., None],
-                        build: Callable[[Path], "_TorchBackend"],
-                        before_build: Callable[[str, str], None] | None = None) -> "_TorchBackend":
-    """The backend built by `build` from the model's files, its info carrying their fingerprint: the
-    files are hashed first, loaded from that very directory, and checked unchanged once loaded.
-    `before_build(files' fingerprint, the model's)` may refuse the model before its weights load."""
-    step(f"fingerprinting {settings.name}", "fingerprint")
-    found = fingerprint_directory(files, DigestCache(config.fingerprint_cache))
-    _log_fingerprint(settings.name, found)
-    served = weights_fingerprint(found.value, settings.quantize)
-    if before_build is not None:
-        before_build(found.value, served)
-    step(f"loading {kind} model {settings.name}", "weights")
-    backend = build(files)
-    found.check_unchanged()
-    backend.info = replace(backend.info, fingerprint=served)
-    return backend
+        f"{s.served_name} weights {size(e.weights_bytes)}" for (_, s, _), e in zip(configured, found)),
+        size(max(e.working_bytes for e in found)), tokens, free.source)
+    return found
 
 
 def _log_fingerprint(name: str, found: Fingerprint) -> None:
@@ -255,16 +315,17 @@ def _check_calibration(calibration: Calibration | None, info: BackendInfo) -> No
                              f"most {info.hidden_size}; run `qwen3vl-daemon calibrate` again for this model")
 
 
-def _tokenizer_threads(backends: dict[str, Backend]) -> None:
+def _tokenizer_threads(cards: list[ModelCard]) -> None:
     """A chunk of texts is tokenised in one call that releases the GIL. With the models on an
     accelerator, that call also spreads over the host's cores; with them on the CPU it does not,
     since its threads would take cores from the forward's own (an operator's
     TOKENIZERS_PARALLELISM wins either way)."""
-    on_accelerator = any(backend.info.device != "cpu" for backend in backends.values())
+    on_accelerator = any(card.device != "cpu" for card in cards)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if on_accelerator else "false")
 
 
-def _check_dimension_setting(config: DaemonConfig, info: BackendInfo) -> None:
+def _check_dimension_setting(config: DaemonConfig, info) -> None:
+    """--embedding-dim is every embedding model's default dimension: within each one's size."""
     dim = config.embedding_dim
     if dim is not None and not 1 <= dim <= info.hidden_size:
         raise ModelLoadError(f"embedding dimension {dim} is outside 1..{info.hidden_size} for {info.name}")

@@ -65,6 +65,14 @@ def show_envvars(command) -> None:
             param.show_envvar = True
 
 
+def default_model_name(source: str) -> str:
+    """A model's name unless the operator gives one: the last part of its directory or hub id."""
+    return Path(source.rstrip("/")).name or source
+
+
+LOAD_MODES = ("at-start", "on-demand")
+
+
 def is_disabled(name: str | None) -> bool:
     return name is None or name.strip().lower() in ("", "none", "off", "disabled")
 
@@ -80,6 +88,12 @@ class ModelSettings:
     max_length: int = EMBEDDING_MAX_LENGTH
     local_files_only: bool = False
     quantize: str = "none"  # none | int8 | nf4 | fp8: the language model's linear layers (weights.py)
+    alias: str | None = None  # the name requests use (`model`); None: the directory's or hub id's last part
+    keep_alive_s: float | None = None  # idle this long, the model is unloaded; None: kept loaded forever
+
+    @property
+    def served_name(self) -> str:
+        return self.alias or default_model_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,13 @@ class Batching:
 @dataclass(frozen=True)
 class DaemonConfig:
     endpoint: str = field(default_factory=default_endpoint)
+    # The default model of each kind (what a request without `model` gets), and the others served
+    # beside it, by name (`--embedding-model` / `--reranker-model` given several times).
     embedding: ModelSettings | None = ModelSettings(DEFAULT_EMBEDDING_MODEL, max_length=EMBEDDING_MAX_LENGTH)
     reranker: ModelSettings | None = ModelSettings(DEFAULT_RERANKER_MODEL, max_length=RERANKER_MAX_LENGTH)
+    more_embedding: tuple[ModelSettings, ...] = ()
+    more_reranker: tuple[ModelSettings, ...] = ()
+    load: str = "at-start"  # at-start: READY once the default models are loaded; on-demand: once the socket is up
     embedding_dim: int | None = None  # default output dimension; None means the model's full size
     media: MediaPolicy = MediaPolicy()
     limits: Limits = Limits()
@@ -153,3 +172,12 @@ class DaemonConfig:
     # device has free and with this budget (bytes, None: no budget of its own); over either, the start stops.
     memory_budget: int | None = None
     fit_check: bool = True
+
+    def models(self) -> list[tuple[str, ModelSettings, bool]]:
+        """Every configured model as (kind, settings, whether it is its kind's default), defaults first."""
+        found = []
+        for kind, default, more in (("embedding", self.embedding, self.more_embedding),
+                                    ("reranker", self.reranker, self.more_reranker)):
+            if default is not None:
+                found += [(kind, default, True), *((kind, s, False) for s in more)]
+        return found

@@ -31,6 +31,7 @@ from .config import Batching
 from .errors import ErrorCode, ModelLoadError, RequestError
 from .logs import TracebackLimiter
 from .metrics import Metrics
+from .residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class JobResult:
 
 
 Completion = Callable[[JobResult | RequestError], None]
-Loader = Callable[[dict[str, Backend], Callable[..., None]], None]  # (backends, step(what, stage))
+# (backends, step(what, stage)): the loader puts the models it loads into `backends` (each is then
+# served until the end), or registers them with the engine's Residency (loaded on demand).
+Loader = Callable[[dict[str, Backend], Callable[..., None]], None]
 
 
 class TicketState(Enum):
@@ -105,6 +108,7 @@ class Ticket:
         for index, value in job.known.items():
             self.results[index] = value
         self.tokens = 0
+        self.kinds: list[str] = []  # the models it acquired (released when it is answered)
         self._remaining = job.size - len(job.known)
         self._done, self._release = done, release
         self.state = TicketState.OPEN
@@ -209,10 +213,10 @@ class EngineStatus:
 
 class Engine:
     def __init__(self, batching: Batching, loader: Loader, metrics: Metrics | None = None,
-                 tracebacks: TracebackLimiter | None = None):
+                 tracebacks: TracebackLimiter | None = None, models: Residency | None = None):
         self.batching = batching
         self._loader = loader
-        self.backends: dict[str, Backend] = {}  # filled by the loader as each model is ready
+        self.models = models or Residency()  # every model served, loaded or not
         self.state = EngineState.LOADING
         self.load_error: str | None = None
         self.loading = "starting"  # what load() is doing now, for status reports
@@ -249,13 +253,20 @@ class Engine:
                 return
 
     @property
+    def backends(self) -> dict[str, Backend]:
+        """The models loaded now, by name."""
+        return self.models.loaded
+
+    @property
     def loader_running(self) -> bool:
         """Whether `load` returned on a SIGTERM while the loader's thread was still inside a step."""
         return not self._loaded.is_set() and self.state is EngineState.DRAINING
 
     def _load(self) -> None:
         try:
-            self._loader(self.backends, self._step)
+            handed: dict[str, Backend] = {}
+            self._loader(handed, self._step)
+            self.models.adopt_all(handed)
             self._step(None)
         except ModelLoadError as exc:
             self.load_error = str(exc)
@@ -268,6 +279,7 @@ class Engine:
             self.state = EngineState.FAILED
         else:
             self._size_batches()
+            self.models.start()
             with self._lock:  # a drain that came after the last step wins
                 if self.state is EngineState.LOADING:
                     self.state = EngineState.READY
@@ -300,7 +312,7 @@ class Engine:
                           **{f"{stage}_s": seconds[stage] for stage in LOAD_STAGES})
 
     def _size_batches(self) -> None:
-        on_accelerator = any(b.info.device != "cpu" for b in self.backends.values())
+        on_accelerator = any(card.device != "cpu" for card in self.models.cards())
         if self.batching.max_batch_tokens is None and on_accelerator:
             self.scheduler.policy = replace(self.scheduler.policy, max_batch_tokens=ACCELERATOR_BATCH_TOKENS)
 
@@ -316,6 +328,7 @@ class Engine:
     def stop(self) -> None:
         """Make `run` return once the batch in progress is done; queued work is dropped."""
         self.scheduler.close()
+        self.models.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def abort_all(self, error: RequestError) -> int:
@@ -343,29 +356,49 @@ class Engine:
         return EngineStatus(self.state, time.monotonic() - self.started_at, queued, queued_tokens)
 
     # -- admission (the submitting thread) -------------------------------------------------------
-    def backend(self, kind: str) -> Backend:
-        """The backend of `kind`, or the RequestError that says why it takes no work now."""
+    def check_open(self) -> None:
+        """The RequestError that says why no work is taken now (loading, draining), if any."""
         if self.state is EngineState.DRAINING:
             raise RequestError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; retry on another instance")
         if self.state is not EngineState.READY:
             raise RequestError(ErrorCode.NOT_LOADED, f"models are {self.state.value}; retry when health says ready")
-        backend = self.backends.get(kind)
-        if backend is None:
-            raise RequestError(ErrorCode.NOT_LOADED, f"the {kind} model is disabled on this daemon")
-        return backend
 
     def submit(self, job: Job, done: Completion) -> Ticket:
         """Admit a job or raise RequestError (not loaded, draining, too large, overloaded). Once
         admitted, `done` is called exactly once; `submit` does no work that grows with the job's
-        size unless the job is marked `inline`."""
-        for kind in {task.kind for task in job.tasks}:
-            self.backend(kind)
+        size unless the job is marked `inline`. Its tasks' models are acquired for its lifetime; one
+        not loaded is loaded first, while the job waits within its deadline."""
+        self.check_open()
+        kinds = list(dict.fromkeys(task.kind for task in job.tasks))
+        for kind in kinds:
+            if not self.models.serves(kind):
+                raise RequestError(ErrorCode.NOT_LOADED, f"the {kind} model is disabled on this daemon")
         deadline = None if job.deadline_ms is None else time.monotonic() + job.deadline_ms / 1000.0
         ticket = Ticket(job, done, deadline, self.release)
+        ticket.kinds = kinds
         self._admit(ticket)
         if not ticket.complete_if_known():
-            self._start(ticket)
+            self._start_when_loaded(ticket, kinds)
         return ticket
+
+    def _start_when_loaded(self, ticket: Ticket, kinds: list[str]) -> None:
+        """Start the job once every model it uses is loaded (at once when they are); a model that
+        cannot load fails it with the reason."""
+        left, lock = [len(kinds)], threading.Lock()
+
+        def arrived(error: RequestError | None) -> None:
+            if error is not None:
+                ticket.fail(error)
+                return
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and not ticket.closed:
+                self._start(ticket)
+
+        for kind in kinds:
+            if self.models.acquire(kind, arrived):
+                arrived(None)
 
     def _admit(self, ticket: Ticket) -> None:
         b = self.batching
@@ -395,6 +428,8 @@ class Engine:
             self._queued_inputs -= ticket.job.size
             self._queued_tokens -= ticket.job.est_tokens
             self._live.discard(ticket)
+            for kind in ticket.kinds:
+                self.models.release(kind)
             if ticket.deadline is not None and len(self._deadlines) > 2 * len(self._live) + 64:
                 # Answered jobs leave their entries behind; drop them now and then.
                 self._deadlines = [d for d in self._deadlines if d[2] in self._live]
@@ -429,7 +464,9 @@ class Engine:
         for kind in dict.fromkeys(u.kind for u in wanted):
             group = [u for u in wanted if u.kind == kind]
             try:
-                results = self.backends[kind].prepare_many([u.work.work for u in group])
+                # A job holds its models loaded until answered; a model gone was released by jobs
+                # answered meanwhile, whose units are dropped below.
+                results = self._backend_of(kind).prepare_many([u.work.work for u in group])
             except Exception as exc:  # a fault outside any one input: every unit of the call fails
                 results = [exc] * len(group)
             for unit, result in zip(group, results):
@@ -478,11 +515,19 @@ class Engine:
         self.expire()
         return True
 
+    def _backend_of(self, kind: str) -> Backend:
+        backend = self.backends.get(kind)
+        if backend is None:
+            raise RequestError(ErrorCode.NOT_LOADED, f"model {kind!r} is not loaded")
+        return backend
+
     def _forward(self, batch: list[Unit]) -> None:
-        batch = [u for u in batch if not self._expired(u.owner)]
+        batch = [u for u in batch if not (u.owner.closed or self._expired(u.owner))]
         if not batch:
             return
-        backend = self.backends[batch[0].kind]
+        backend = self.backends.get(batch[0].kind)
+        if backend is None:  # only answered jobs' units can outlive their model
+            return
         start = time.monotonic()
         try:
             values = self._run_split_on_oom(backend, batch)
@@ -492,7 +537,8 @@ class Engine:
             for unit in batch:
                 unit.owner.fail(error)
             return
-        self.metrics.batch(len(batch), time.monotonic() - start, sum(start - u.ready_at for u in batch))
+        self.metrics.batch(len(batch), time.monotonic() - start, sum(start - u.ready_at for u in batch),
+                           batch[0].kind)
         for unit, value, ok in zip(batch, values, _finite_rows(values)):
             if ok:
                 unit.owner.set(unit.index, value, unit.tokens)

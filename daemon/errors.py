@@ -16,6 +16,7 @@ class ErrorCode(str, Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline_ms passed before its work was done
     INTERNAL = "internal"  # a fault inside the daemon (forward failed, non-finite output)
     MODEL_MISMATCH = "model_mismatch"  # the request's expect_fingerprint is not the loaded model's
+    UNKNOWN_MODEL = "unknown_model"  # the request's `model` names no model this daemon serves
 
 
 class RequestError(Exception):

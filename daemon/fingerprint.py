@@ -61,7 +61,8 @@ class Fingerprint:
     directory: Path | None = None  # where the files are
     identities: tuple[tuple[str, Identity], ...] = ()  # (name, identity) of each file, as it was hashed
 
-    def check_unchanged(self) -> None:
+    def check_unchanged(self, since: str = "while the model was loading",
+                        advice: str = "start again once the model's files are written") -> None:
         """Raise ModelLoadError, naming the file, unless the directory still holds exactly the files
         that were hashed, each with the identity it had then. Called once the model is loaded: a file
         replaced or rewritten meanwhile may be what was loaded, and the fingerprint would not be its."""
@@ -73,11 +74,9 @@ class Fingerprint:
             except OSError:
                 changed = True
             if changed:
-                raise ModelLoadError(f"{self.directory / name} changed while the model was loading; start again "
-                                     "once the model's files are written")
+                raise ModelLoadError(f"{self.directory / name} changed {since}; {advice}")
         if now:
-            raise ModelLoadError(f"{next(iter(now.values()))} appeared while the model was loading; start again "
-                                 "once the model's files are written")
+            raise ModelLoadError(f"{next(iter(now.values()))} appeared {since}; {advice}")
 
 
 def _identity(path: Path) -> Identity:

@@ -17,15 +17,18 @@ from . import __version__
 from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
 from .bounded import BoundedCache
 from .cache import EmbeddingCache, cache_key
+from .catalog import ModelCard
 from .config import DaemonConfig
 from .engine import Engine, Job, JobResult, Task
-from .errors import invalid, model_mismatch
+from .errors import RequestError, invalid
 from .inputs import InputItem
 from .metrics import Metrics
 from .models import cut_and_normalize
 from .protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
                        ModelHealth, RerankReply, RerankRequest, Reply, Request, top_indices)
 from .quantize import PACKED, SCALED, Quantizer, quantize
+
+FIXED = Quantizer()  # the fixed int8/uint8 scale for unit vectors
 
 # Text-only requests this small are tokenized on the socket thread: that costs less than a thread
 # handoff. Bounded in characters too, so the socket thread's work never grows with a client's input.
@@ -86,93 +89,111 @@ def estimate_tokens(item: InputItem, cap: int) -> int:
     return min(cap, 128 + text + 1800 * len(item.images) + 7680 * len(item.videos))
 
 
-def _loaded(ctx: Context, kind: str, expected: str | None):
-    """The backend of `kind` (RequestError `not_loaded` while loading), refusing a request that
-    expects another model's fingerprint."""
-    backend = ctx.engine.backend(kind)
-    if expected is not None and expected != backend.info.fingerprint:
-        raise model_mismatch(kind, expected, backend.info.fingerprint)
-    return backend
+def _card(ctx: Context, task: str, request: EmbedRequest | RerankRequest) -> ModelCard:
+    """The model the request gets (by `model`, else by expect_fingerprint, else the default), or
+    the RequestError that refuses it: loading or draining, unknown_model, model_mismatch."""
+    ctx.engine.check_open()
+    return ctx.engine.models.resolve(task, request.model, request.expect_fingerprint)
 
 
-def _job(backend, tasks: list[Task], items: tuple[InputItem, ...], text: tuple[InputItem, ...],
+def _job(card: ModelCard, tasks: list[Task], items: tuple[InputItem, ...], text: tuple[InputItem, ...],
          request: EmbedRequest | RerankRequest, **fields) -> Job:
-    """The job of `tasks`: admitted by the estimated tokens of `items` (capped by the backend's
+    """The job of `tasks`: admitted by the estimated tokens of `items` (capped by the model's
     limit), prepared inline when few and all of `text` (with the instruction) is short text."""
-    cap = backend.info.max_length + 8
+    cap = card.max_length + 8
     return Job(size=len(items), tasks=tasks, deadline_ms=request.deadline_ms,
                est_tokens=sum(estimate_tokens(item, cap) for item in items),
                inline=len(tasks) <= INLINE_MAX_UNITS and _small_text(text, request.instruction), **fields)
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """What the embed handler keeps of a job for its reply: the model, and each computed input's cache key."""
+
+    card: ModelCard
+    keys: dict
 
 
 class EmbedHandler(Handler):
     op = "embed"
 
     def start(self, request: EmbedRequest) -> Job:
-        backend = _loaded(self.ctx, EMBEDDING, request.expect_fingerprint)
-        top = backend.info.hidden_size
-        if request.dimension is not None and request.dimension > top:
+        card = _card(self.ctx, EMBEDDING, request)
+        top = card.hidden_size
+        if request.dimension is not None and top is not None and request.dimension > top:
             raise invalid(f"dimension: {request.dimension} exceeds the model's {top}")
-        self._check_encoding(request)
+        self._check_encoding(request, card)
         cache, keys, known, tasks = self.ctx.cache, {}, {}, []
         for i, item in enumerate(request.inputs):
-            key = cache_key(backend.info.name, item, request.instruction) if cache else None
+            # Keyed by the fingerprint: two models (or one in two weight formats) never share vectors.
+            key = cache_key(card.fingerprint or card.key, item, request.instruction) if cache else None
             hit = cache.get(key) if cache else None
             if hit is not None:
                 known[i] = hit
             else:
                 keys[i] = key
-                tasks.append(Task(EMBEDDING, i, EmbedWork(item, request.instruction), item.where))
-        return _job(backend, tasks, request.inputs, request.inputs, request, known=known, context=keys)
+                tasks.append(Task(card.key, i, EmbedWork(item, request.instruction), item.where))
+        return _job(card, tasks, request.inputs, request.inputs, request, known=known, context=EmbedJob(card, keys))
 
     def finish(self, request: EmbedRequest, job: Job, result: JobResult) -> EmbedReply:
+        card = job.context.card
         if self.ctx.cache is not None:
-            for index, key in job.context.items():
+            for index, key in job.context.keys.items():
                 self.ctx.cache.put(key, result.values[index])
         raw = np.stack(result.values).astype(np.float32, copy=False)
-        dimension = self._dimension(request)
+        dimension = self._dimension(request, card, raw.shape[1])
         vectors = cut_and_normalize(raw, dimension, request.normalize)
-        info, encoding, label = self.ctx.engine.backends[EMBEDDING].info, request.encoding, None
+        encoding, label = request.encoding, None
         if encoding in PACKED:
             vectors = quantize(vectors, encoding)
         elif encoding in SCALED:
-            scale = self.ctx.quantizer.scale(dimension)
+            scale = self._quantizer(card).scale(dimension)
             vectors, label = quantize(vectors, encoding, scale), scale.label
-        return EmbedReply(vectors, dimension, info.name, result.tokens, encoding, info.fingerprint, label)
+        return EmbedReply(vectors, dimension, card.source, result.tokens, encoding, card.fingerprint, label)
 
-    def _check_encoding(self, request: EmbedRequest) -> None:
+    def _quantizer(self, card: ModelCard) -> Quantizer:
+        """The operator's int8 calibration for the model it was made with; the fixed scale for others."""
+        calibration = self.ctx.quantizer.calibration
+        return self.ctx.quantizer if calibration is None or calibration.fingerprint == card.fingerprint else FIXED
+
+    def _check_encoding(self, request: EmbedRequest, card: ModelCard) -> None:
         """What the compact encodings need of the output dimension, refused before any work."""
-        dimension = self._dimension(request)
-        if request.encoding in PACKED and dimension % 8:
+        dimension = self._dimension(request, card)
+        quantizer = self._quantizer(card)
+        if request.encoding in PACKED and dimension is not None and dimension % 8:
             raise invalid(f"dimension: {request.encoding} packs 8 components per byte; {dimension} is not a "
                           "multiple of 8")
-        if request.encoding in SCALED and self.ctx.quantizer.scale(dimension) is None:
-            covered = ", ".join(map(str, self.ctx.quantizer.covered()))
+        if request.encoding in SCALED and dimension is not None and quantizer.scale(dimension) is None:
+            covered = ", ".join(map(str, quantizer.covered()))
             raise invalid(f"dimension: the operator's int8 calibration has no ranges for dimension {dimension} "
                           f"(it covers {covered}); ask for one of those, or float32")
 
     def small_reply(self, request: EmbedRequest) -> bool:
-        floats = len(request.inputs) * self._dimension(request)
+        try:
+            card = self.ctx.engine.models.resolve(EMBEDDING, request.model, request.expect_fingerprint)
+        except RequestError:  # answered already (the reply is an error): any thread encodes it
+            card = None
+        floats = len(request.inputs) * (self._dimension(request, card) or 4096)
         return floats <= (INLINE_REPLY_FLOATS if request.encoding == "float32" else INLINE_REPLY_LIST_FLOATS)
 
-    def _dimension(self, request: EmbedRequest) -> int:
-        full = self.ctx.engine.backends[EMBEDDING].info.hidden_size
-        return request.dimension or self.ctx.config.embedding_dim or full
+    def _dimension(self, request: EmbedRequest, card: ModelCard | None, full: int | None = None) -> int | None:
+        """The reply's dimension: asked for, else the operator's default, else the model's full size."""
+        return request.dimension or self.ctx.config.embedding_dim or (card.hidden_size if card else None) or full
 
 
 class RerankHandler(Handler):
     op = "rerank"
 
     def start(self, request: RerankRequest) -> Job:
-        backend = _loaded(self.ctx, RERANKER, request.expect_fingerprint)
-        tasks = [Task(RERANKER, i, RerankWork(request.query, doc, request.instruction), doc.where)
+        card = _card(self.ctx, RERANKER, request)
+        tasks = [Task(card.key, i, RerankWork(request.query, doc, request.instruction), doc.where)
                  for i, doc in enumerate(request.documents)]
-        return _job(backend, tasks, request.documents, (request.query, *request.documents), request)
+        return _job(card, tasks, request.documents, (request.query, *request.documents), request, context=card)
 
     def finish(self, request: RerankRequest, job: Job, result: JobResult) -> RerankReply:
-        info, scores = self.ctx.engine.backends[RERANKER].info, [float(s) for s in result.values]
+        card, scores = job.context, [float(s) for s in result.values]
         top = top_indices(scores, request.top_n) if request.top_n is not None else None
-        return RerankReply(scores, info.name, result.tokens, info.fingerprint, top)
+        return RerankReply(scores, card.source, result.tokens, card.fingerprint, top)
 
 
 class HealthHandler(Handler):
@@ -183,27 +204,35 @@ class HealthHandler(Handler):
     def start(self, request: HealthRequest) -> HealthReply:
         engine, config, cache = self.ctx.engine, self.ctx.config, self.ctx.cache
         status = engine.status()
-        embedding, reranker = engine.backends.get(EMBEDDING), engine.backends.get(RERANKER)
-        first = embedding or reranker
-        max_dim = embedding.info.hidden_size if embedding is not None else None
+        cards = {card.task: card for card in engine.models.cards() if card.default}
+        emb_card, rr_card = cards.get(EMBEDDING), cards.get(RERANKER)
+        loaded = dict(engine.backends)  # one look: the loader thread may change it meanwhile
+        embedding, reranker = (loaded.get(c.key) if c else None for c in (emb_card, rr_card))
+        first = next(iter(loaded.values()), None)
+        max_dim = emb_card.hidden_size if emb_card else None
         emb, rr, quantizer = config.embedding, config.reranker, self.ctx.quantizer
         return HealthReply(
             status=status.state.value, version=__version__, uptime_s=status.uptime_s,
             queue_depth=status.queue_depth, queued_tokens=status.queued_tokens,
             device=first.info.device if first is not None else None,
             dtype=first.info.dtype if first is not None else None,
-            embedding=ModelHealth(emb.name if emb else None, emb is not None, embedding is not None,
-                                  config.embedding_dim or max_dim, max_dim, _fingerprint(embedding),
+            embedding=ModelHealth(_source(emb_card, emb), emb is not None, embedding is not None,
+                                  config.embedding_dim or max_dim, max_dim, _fingerprint(emb_card),
                                   quantizer.label if emb else None, (quantizer.covered() or None) if emb else None,
-                                  **_memory(embedding)),
-            reranker=ModelHealth(rr.name if rr else None, rr is not None, reranker is not None,
-                                 fingerprint=_fingerprint(reranker), **_memory(reranker)),
+                                  **_memory(emb_card, embedding)),
+            reranker=ModelHealth(_source(rr_card, rr), rr is not None, reranker is not None,
+                                 fingerprint=_fingerprint(rr_card), **_memory(rr_card, reranker)),
             stats={**{k: round(v, 6) for k, v in self.ctx.metrics.batching().items()},
                    "cache_hits": cache.hits if cache else 0, "cache_misses": cache.misses if cache else 0,
                    "cache_bytes": cache.size_bytes if cache else 0, **_image_cache(self.ctx.image_cache)},
             load={**{key: round(value, 3) if isinstance(value, float) else value
-                     for key, value in asdict(engine.load_report()).items()}, **memory_totals(engine.backends)},
+                     for key, value in asdict(engine.load_report()).items()}, **memory_totals(loaded)},
+            models=engine.models.rows(), load_mode=config.load,
         )
+
+
+def _source(card: ModelCard | None, settings) -> str | None:
+    return card.source if card is not None else settings.name if settings is not None else None
 
 
 def _image_cache(cache: BoundedCache | None) -> dict:
@@ -211,16 +240,17 @@ def _image_cache(cache: BoundedCache | None) -> dict:
             "image_cache_bytes": cache.size_bytes if cache else 0}
 
 
-def _fingerprint(backend) -> str | None:
-    return backend.info.fingerprint if backend is not None else None
+def _fingerprint(card: ModelCard | None) -> str | None:
+    return card.fingerprint if card is not None else None
 
 
-def _memory(backend) -> dict:
+def _memory(card: ModelCard | None, backend) -> dict:
+    """A default model's weights and memory while loaded; its estimate whenever one was made."""
+    estimate = {"memory_estimate_bytes": card.estimate_bytes} if card is not None else {}
     if backend is None:
-        return {}
+        return estimate
     info = backend.info
-    return {"weights": info.weights, "memory_bytes": info.memory_bytes,
-            "memory_estimate_bytes": info.memory_estimate_bytes}
+    return {**estimate, "weights": info.weights, "memory_bytes": info.memory_bytes}
 
 
 def memory_totals(backends: dict) -> dict:
@@ -235,9 +265,13 @@ class MetricsHandler(Handler):
     op = "metrics"
 
     def start(self, request: MetricsRequest) -> MetricsReply:
-        status = self.ctx.engine.status()
-        return MetricsReply(**self.ctx.metrics.to_wire(), queue_depth=status.queue_depth,
-                            queued_tokens=status.queued_tokens, uptime_s=status.uptime_s)
+        engine = self.ctx.engine
+        status, wire = engine.status(), self.ctx.metrics.to_wire()
+        forwards = wire.pop("models")
+        empty = {"batches": 0, "batched_inputs": 0, "forward_s": 0.0}
+        models = {name: {**empty, **forwards.get(name, {}), **life} for name, life in engine.models.counters().items()}
+        return MetricsReply(**wire, queue_depth=status.queue_depth, queued_tokens=status.queued_tokens,
+                            uptime_s=status.uptime_s, models=models)
 
 
 HANDLERS: dict[str, type[Handler]] = {h.op: h for h in (EmbedHandler, RerankHandler, HealthHandler, MetricsHandler)}

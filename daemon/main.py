@@ -18,18 +18,35 @@ import click
 
 from . import __version__
 from .client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
-from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, RERANKER_MAX_LENGTH,
-                     Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint, default_endpoint,
-                     is_disabled, show_envvars)
+from .catalog import CatalogError, apply_settings, check_names, parse_duration, split_spec
+from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, LOAD_MODES,
+                     RERANKER_MAX_LENGTH, Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint,
+                     default_endpoint, is_disabled, show_envvars)
 from .logs import quiet_libraries
 
 
-def _model(name: str, device: str, dtype: str, attn: str, max_length: int, offline: bool,
-           quantize: str) -> ModelSettings | None:
-    if is_disabled(name):
-        return None
-    return ModelSettings(name=name, device=device, dtype=dtype, attn_implementation=attn,
-                         max_length=max_length, local_files_only=offline, quantize=quantize)
+class ModelList(click.ParamType):
+    """A model option's value: `PATH_OR_HUB_ID` or `NAME=PATH_OR_HUB_ID`; in the environment, several
+    separated by commas."""
+
+    name = "[NAME=]MODEL"
+    envvar_list_splitter = ","
+
+    def split_envvar_value(self, rv: str):
+        return [part.strip() for part in rv.split(",") if part.strip()]
+
+
+def _models(flag: str, specs: tuple[str, ...], make) -> list[ModelSettings]:
+    """The models of one kind, the default first; [] when disabled ('none')."""
+    if any(is_disabled(spec) for spec in specs):
+        if len(specs) > 1:
+            raise click.BadParameter("'none' disables the kind: give it alone", param_hint=flag)
+        return []
+    try:
+        named = [split_spec(spec) for spec in specs]
+    except CatalogError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from None
+    return [make(source, alias) for alias, source in named]
 
 
 OMP_WAIT_POLICY = "PASSIVE"  # the daemon's default (see `serve`)
@@ -87,10 +104,21 @@ def _limit_options(fn):
 @cli.command()
 @click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=default_endpoint, show_default="$RUNTIME_DIRECTORY, "
               "$XDG_RUNTIME_DIR or the temp dir, then qwen3vl/daemon.sock", help="ZeroMQ endpoint to bind.")
-@click.option("--embedding-model", envvar=["QWEN3VL_EMBEDDING_MODEL", "EMBEDDING_MODEL"],
-              default=DEFAULT_EMBEDDING_MODEL, show_default=True, help="Hub id or directory; 'none' disables.")
-@click.option("--reranker-model", envvar=["QWEN3VL_RERANKER_MODEL", "RERANKER_MODEL"],
-              default=DEFAULT_RERANKER_MODEL, show_default=True, help="Hub id or directory; 'none' disables.")
+@click.option("--embedding-model", "embedding_models", envvar=["QWEN3VL_EMBEDDING_MODEL", "EMBEDDING_MODEL"],
+              type=ModelList(), multiple=True, default=[DEFAULT_EMBEDDING_MODEL], show_default=True,
+              help="Hub id or directory, as NAME=MODEL to name it (default name: its last part); repeatable "
+                   "(comma-separated in the env), the first is the default; 'none' disables.")
+@click.option("--reranker-model", "reranker_models", envvar=["QWEN3VL_RERANKER_MODEL", "RERANKER_MODEL"],
+              type=ModelList(), multiple=True, default=[DEFAULT_RERANKER_MODEL], show_default=True,
+              help="Like --embedding-model, for rerankers.")
+@click.option("--model-setting", "model_settings", envvar="QWEN3VL_MODEL_SETTINGS", type=ModelList(), multiple=True,
+              help="One model's own setting, NAME.KEY=VALUE (repeatable; comma-separated in the env); KEY is "
+                   "dtype, quantize, max-length, keep-alive or attn-implementation, e.g. big.quantize=int8.")
+@click.option("--keep-alive", envvar="QWEN3VL_KEEP_ALIVE", default="forever", show_default=True,
+              help="Unload a model idle this long (30s, 10m, 2h, 0: once idle, forever); it loads again when asked.")
+@click.option("--load", "load_mode", envvar="QWEN3VL_LOAD", type=click.Choice(LOAD_MODES), default=DaemonConfig.load,
+              show_default=True, help="at-start: ready once the default models are loaded; on-demand: ready once "
+                                      "the models' files are fingerprinted, each loaded when first asked for.")
 @click.option("--embedding-dim", envvar=["QWEN3VL_EMBEDDING_DIM", "EMBEDDING_DIM"], type=click.IntRange(min=1),
               default=None, help="Default output dimension (Matryoshka); the model's size if unset.")
 @click.option("--device", envvar=["QWEN3VL_DEVICE", "DEVICE"], default=ModelSettings.device, show_default=True,
@@ -205,9 +233,26 @@ show_envvars(serve)
 
 def config_from_options(o: dict) -> DaemonConfig:
     """The typed configuration from `serve`'s options (named as click passes them)."""
-    def model(name: str, max_length: int, quantize: str | None) -> ModelSettings | None:
-        return _model(name, o["device"], o["dtype"], o["attn_implementation"], max_length, o["offline"],
-                      quantize or o["quantize"])
+    try:
+        keep_alive = parse_duration(o["keep_alive"])
+    except CatalogError as exc:
+        raise click.BadParameter(str(exc), param_hint="--keep-alive") from None
+
+    def kind(flag: str, specs: tuple[str, ...], max_length: int, quantize: str | None) -> list[ModelSettings]:
+        return _models(flag, specs, lambda source, alias: ModelSettings(
+            name=source, device=o["device"], dtype=o["dtype"], attn_implementation=o["attn_implementation"],
+            max_length=max_length, local_files_only=o["offline"], quantize=quantize or o["quantize"], alias=alias,
+            keep_alive_s=keep_alive))
+
+    embedding = kind("--embedding-model", o["embedding_models"], o["embedding_max_length"], o["embedding_quantize"])
+    reranker = kind("--reranker-model", o["reranker_models"], o["reranker_max_length"], o["reranker_quantize"])
+    try:
+        check_names([("embedding", m) for m in embedding] + [("reranker", m) for m in reranker])
+        every = apply_settings(embedding + reranker, o["model_settings"])
+    except CatalogError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model-setting" if "--model-setting" in str(exc)
+                                 else "--embedding-model/--reranker-model") from None
+    embedding, reranker = every[:len(embedding)], every[len(embedding):]
 
     roots = tuple(Path(p) for entry in o["allow_paths"] for p in str(entry).split(":") if p)
     media = MediaPolicy(
@@ -225,8 +270,8 @@ def config_from_options(o: dict) -> DaemonConfig:
                         **({"prep_workers": o["prep_workers"]} if o["prep_workers"] else {}))
     return DaemonConfig(
         endpoint=o["endpoint"],
-        embedding=model(o["embedding_model"], o["embedding_max_length"], o["embedding_quantize"]),
-        reranker=model(o["reranker_model"], o["reranker_max_length"], o["reranker_quantize"]),
+        embedding=embedding[0] if embedding else None, more_embedding=tuple(embedding[1:]),
+        reranker=reranker[0] if reranker else None, more_reranker=tuple(reranker[1:]), load=o["load_mode"],
         memory_budget=_bytes(o["memory_budget"], "--memory-budget"), fit_check=o["fit_check"],
         embedding_dim=o["embedding_dim"], media=media, limits=limits, batching=batching, warmup=o["warmup"],
         socket_mode=_octal(o["socket_mode"]), curve_secret_key=o["curve_secret_key"],

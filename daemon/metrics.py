@@ -43,6 +43,7 @@ class Metrics:
         self.batch_size = Histogram(BATCH_SIZE_BUCKETS)
         self.forward_s = 0.0  # time in forwards
         self.queue_wait_s = 0.0  # summed waits of ready inputs before their forward began
+        self.models: dict[str, dict] = {}  # per model name: batches, batched_inputs, forward_s
 
     def request(self, op: str) -> None:
         with self._lock:
@@ -58,11 +59,16 @@ class Metrics:
             self.inputs[op] += inputs
             self.tokens[op] += tokens
 
-    def batch(self, size: int, forward_s: float, waited_s: float) -> None:
+    def batch(self, size: int, forward_s: float, waited_s: float, model: str | None = None) -> None:
         with self._lock:
             self.batch_size.observe(size)
             self.forward_s += forward_s
             self.queue_wait_s += waited_s
+            if model is not None:
+                mine = self.models.setdefault(model, {"batches": 0, "batched_inputs": 0, "forward_s": 0.0})
+                mine["batches"] += 1
+                mine["batched_inputs"] += size
+                mine["forward_s"] += forward_s
 
     def batching(self) -> dict:
         """Batch counters: forwards run, inputs they held, time in them, time inputs waited."""
@@ -81,4 +87,5 @@ class Metrics:
                 "batch_size": self.batch_size.to_wire(),
                 "forward_s": self.forward_s,
                 "queue_wait_s": self.queue_wait_s,
+                "models": {name: dict(values) for name, values in self.models.items()},
             }

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import DaemonConfig, ModelSettings
+from .config import LOAD_MODES, DaemonConfig, ModelSettings
 from .files import SettingFileError, read_setting_file
 
 DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
@@ -27,23 +27,24 @@ def looks_local(name: str) -> bool:
 
 def check_config(config: DaemonConfig) -> None:
     """Every check that needs no model weights: models enabled, device, dtype, checkpoint files,
-    and the embedding dimension against the checkpoint's config."""
-    models = [(flag, s) for flag, s in (("--embedding-model", config.embedding), ("--reranker-model", config.reranker))
-              if s is not None]
+    and the embedding dimension against each embedding checkpoint's config."""
+    models = [(f"--{kind}-model", s) for kind, s, _ in config.models()]
     if not models:
         raise SettingsError("both models are disabled (--embedding-model and --reranker-model are 'none'): "
                             "enable at least one")
+    if config.load not in LOAD_MODES:
+        raise SettingsError(f"unknown load mode {config.load!r}: use {' or '.join(LOAD_MODES)}")
     for flag, settings in models:
         _check_dtype(settings.dtype)
         _check_device(settings.device)
         _check_format(flag, settings)
         if looks_local(settings.name):
             _check_checkpoint(flag, settings)
-    if config.embedding is not None and config.embedding_dim is not None and looks_local(config.embedding.name):
-        size = hidden_size(Path(config.embedding.name).expanduser())
-        if size is not None and not 1 <= config.embedding_dim <= size:
-            raise SettingsError(f"--embedding-dim {config.embedding_dim} is outside 1..{size}, the size of "
-                                f"{config.embedding.name}: pass at most {size}, or leave it unset for {size}")
+        if flag == "--embedding-model" and config.embedding_dim is not None and looks_local(settings.name):
+            size = hidden_size(Path(settings.name).expanduser())
+            if size is not None and not 1 <= config.embedding_dim <= size:
+                raise SettingsError(f"--embedding-dim {config.embedding_dim} is outside 1..{size}, the size of "
+                                    f"{settings.name}: pass at most {size}, or leave it unset for {size}")
 
 
 def _check_dtype(spec: str) -> None:

@@ -23,7 +23,7 @@ from .quantize import COMPACT, SCALED, row_bytes
 
 __all__ = [
     "PROTOCOL_VERSION", "OPS", "ENCODINGS", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
-    "DaemonError", "ModelMismatch", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
+    "DaemonError", "ModelMismatch", "UnknownModel", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
     "EmbedReply", "RerankReply", "HealthReply", "ModelHealth", "MetricsReply", "Reply",
     "pack", "unpack", "decode_payload", "parse_request", "encode_reply", "encode_error", "decode_reply",
     "checked", "top_indices", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
@@ -128,6 +128,21 @@ def _expect_fingerprint(payload: dict) -> str | None:
     return value
 
 
+MAX_MODEL_CHARS = 256
+
+
+def _model(payload: dict) -> str | None:
+    """`model`: the name (or configured path or hub id) of the model to use, as health lists them;
+    nil or absent: the default, or the one whose fingerprint is expect_fingerprint."""
+    value = payload.get("model")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_MODEL_CHARS:
+        raise invalid(f"model: expected a model name (as health lists them, at most {MAX_MODEL_CHARS} characters), "
+                      "or nil")
+    return value
+
+
 def _required(payload: dict, *names: str) -> None:
     for name in names:
         if name not in payload:
@@ -139,7 +154,7 @@ class EmbedRequest:
     op: ClassVar[str] = "embed"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding", "deadline_ms",
-         "expect_fingerprint"})
+         "expect_fingerprint", "model"})
 
     id: Any
     inputs: tuple[InputItem, ...]
@@ -149,6 +164,7 @@ class EmbedRequest:
     encoding: str = "float32"
     deadline_ms: float | None = None
     expect_fingerprint: str | None = None
+    model: str | None = None
 
     @classmethod
     def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "EmbedRequest":
@@ -173,14 +189,14 @@ class EmbedRequest:
         return cls(id=payload.get("id"), inputs=inputs,
                    instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
                    dimension=dimension, normalize=normalize, encoding=encoding, deadline_ms=_deadline(payload),
-                   expect_fingerprint=_expect_fingerprint(payload))
+                   expect_fingerprint=_expect_fingerprint(payload), model=_model(payload))
 
 
 @dataclass(frozen=True)
 class RerankRequest:
     op: ClassVar[str] = "rerank"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"op", "id", "query", "documents", "instruction", "deadline_ms", "top_n", "expect_fingerprint"})
+        {"op", "id", "query", "documents", "instruction", "deadline_ms", "top_n", "expect_fingerprint", "model"})
 
     id: Any
     query: InputItem
@@ -189,6 +205,7 @@ class RerankRequest:
     deadline_ms: float | None = None
     top_n: int | None = None
     expect_fingerprint: str | None = None
+    model: str | None = None
 
     @classmethod
     def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "RerankRequest":
@@ -203,6 +220,7 @@ class RerankRequest:
             deadline_ms=_deadline(payload),
             top_n=_top_n(payload),
             expect_fingerprint=_expect_fingerprint(payload),
+            model=_model(payload),
         )
 
 
@@ -370,13 +388,18 @@ class HealthReply:
     protocol: int = PROTOCOL_VERSION
     # step (str/nil), total_s, import_s, weights_s, fingerprint_s, warmup_s, memory_bytes, memory_estimate_bytes
     load: dict = field(default_factory=dict)
+    # Every model served, loaded or not: name, task, state, default, source, fingerprint, idle_s,
+    # active, memory_bytes, memory_estimate_bytes, weights, max_length, max_dimension, keep_alive_s,
+    # error, loads, unloads (PROTOCOL.md).
+    models: list = field(default_factory=list)
+    load_mode: str = "at-start"  # at-start | on-demand
 
     def to_wire(self) -> dict:
         return {"status": self.status, "version": self.version, "protocol": self.protocol,
                 "uptime_s": round(self.uptime_s, 3), "queue_depth": self.queue_depth,
                 "queued_tokens": self.queued_tokens, "device": self.device, "dtype": self.dtype,
                 "embedding": self.embedding.to_wire(True), "reranker": self.reranker.to_wire(False),
-                "stats": self.stats, "load": self.load}
+                "stats": self.stats, "load": self.load, "models": self.models, "load_mode": self.load_mode}
 
     @classmethod
     def from_wire(cls, body: dict) -> "HealthReply":
@@ -385,7 +408,8 @@ class HealthReply:
                    queued_tokens=int(body.get("queued_tokens", 0)), device=body.get("device"),
                    dtype=body.get("dtype"), embedding=ModelHealth.from_wire(body.get("embedding")),
                    reranker=ModelHealth.from_wire(body.get("reranker")), stats=dict(body.get("stats") or {}),
-                   protocol=int(body.get("protocol", PROTOCOL_VERSION)), load=dict(body.get("load") or {}))
+                   protocol=int(body.get("protocol", PROTOCOL_VERSION)), load=dict(body.get("load") or {}),
+                   models=list(body.get("models") or []), load_mode=str(body.get("load_mode") or "at-start"))
 
 
 @dataclass(frozen=True)
@@ -403,13 +427,16 @@ class MetricsReply:
     queue_depth: int
     queued_tokens: int
     uptime_s: float
+    # Per model name: batches, batched_inputs, forward_s, loads, unloads, load_s, state (newer daemons).
+    models: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_wire(cls, body: dict) -> "MetricsReply":
-        return cls(**{name: body[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name != "models"},
+                   models=dict(body.get("models") or {}))
 
 
 Reply = EmbedReply | RerankReply | HealthReply | MetricsReply
@@ -436,6 +463,14 @@ class DaemonError(Exception):
         self.message = message
 
 
+class UnknownModel(DaemonError):
+    """`unknown_model`: the request's `model` names no model the daemon serves (`served` lists them)."""
+
+    def __init__(self, message: str, model: str | None, served: list[str]):
+        super().__init__(ErrorCode.UNKNOWN_MODEL.value, message)
+        self.model, self.served = model, served
+
+
 class ModelMismatch(DaemonError):
     """`model_mismatch`: the daemon serves another model than the request's expect_fingerprint."""
 
@@ -451,6 +486,9 @@ def checked(reply: dict) -> dict:
         code, message = str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", ""))
         if code == ErrorCode.MODEL_MISMATCH.value:
             raise ModelMismatch(message, error.get("expected"), error.get("actual"))
+        if code == ErrorCode.UNKNOWN_MODEL.value:
+            served = error.get("served")
+            raise UnknownModel(message, error.get("model"), [str(n) for n in served] if isinstance(served, list) else [])
         raise DaemonError(code, message)
     return reply
 
@@ -463,15 +501,15 @@ def _optional(**fields) -> dict:
 
 def embed_request(inputs: list, instruction: str | None = None, dimension: int | None = None,
                   normalize: bool = True, encoding: str | None = None,
-                  expect_fingerprint: str | None = None) -> dict:
+                  expect_fingerprint: str | None = None, model: str | None = None) -> dict:
     return {"op": "embed", "inputs": list(inputs), "instruction": instruction, "dimension": dimension,
-            "normalize": normalize, **_optional(encoding=encoding, expect_fingerprint=expect_fingerprint)}
+            "normalize": normalize, **_optional(encoding=encoding, expect_fingerprint=expect_fingerprint, model=model)}
 
 
 def rerank_request(query: Any, documents: list, instruction: str | None = None, top_n: int | None = None,
-                   expect_fingerprint: str | None = None) -> dict:
+                   expect_fingerprint: str | None = None, model: str | None = None) -> dict:
     return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction,
-            **_optional(top_n=top_n, expect_fingerprint=expect_fingerprint)}
+            **_optional(top_n=top_n, expect_fingerprint=expect_fingerprint, model=model)}
 
 
 def health_request() -> dict:

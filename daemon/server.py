@@ -28,7 +28,7 @@ import zmq.auth
 from huggingface_hub import constants as hub_constants
 from zmq.auth.thread import ThreadAuthenticator
 
-from .backends import load_model_backends
+from .backends import load_model_backends, memory_gate
 from .bounded import BoundedCache
 from .cache import EmbeddingCache
 from .config import DaemonConfig
@@ -42,6 +42,8 @@ from .notify import LoadProgress, Notifier
 from .preflight import hidden_size, looks_local
 from .protocol import OPS, Request, decode_payload, encode_error, encode_reply, parse_request
 from .quantize import Calibration, CalibrationError, Quantizer
+from .residency import Residency
+from .weights import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +223,17 @@ class Server:
         self.tracebacks = TracebackLimiter()  # internal errors' tracebacks, rate-limited
         calibration = _calibration(config)
         images = BoundedCache(config.batching.image_cache_bytes) if config.batching.image_cache_bytes > 0 else None
-        loader = loader or (lambda backends, step: load_model_backends(config, backends, step, calibration, images))
-        self.engine = Engine(config.batching, loader, self.metrics, self.tracebacks)
+        self.notifier = Notifier()
+        models = Residency(memory_gate(config), release_freed_memory, self._models_changed)
+        loader = loader or (lambda backends, step: load_model_backends(config, backends, step, calibration, images,
+                                                                       models))
+        self.engine = Engine(config.batching, loader, self.metrics, self.tracebacks, models)
         cache = EmbeddingCache(config.batching.cache_bytes) if config.batching.cache_bytes > 0 else None
         self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache, Quantizer(calibration),
                                                images))
         self.outbox = Outbox()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3vl-reply")
         self._in_flight = 0  # jobs admitted whose reply is not yet sent (the socket thread's count)
-        self.notifier = Notifier()
         self.drain_timeout_s = config.drain_timeout_s
         self._signals: WakeUp | None = None  # readable when SIGTERM/SIGINT arrived (install_signal_handlers)
         self._auth: ThreadAuthenticator | None = None
@@ -338,14 +342,23 @@ class Server:
         finally:
             progress.stop()
         if engine.state is EngineState.READY:
-            names = [backend.info.name for backend in engine.backends.values()]
-            text = f"ready on {self.config.endpoint}: {', '.join(names)}"
+            text = f"ready on {self.config.endpoint} ({self.config.load}): {self._describe_models()}"
             report = engine.load_report()
             log.info("%s (%.1f s after start: %s; %s)", text, report.total_s, report.describe(),
                      describe_memory(engine.backends))
             self.notifier.ready(text)
         elif engine.state is EngineState.FAILED:
             self.notifier.status(f"failed: {engine.load_error}")
+
+    def _describe_models(self) -> str:
+        """Each model and its state, for systemd's STATUS= line: `embedding small (loaded), ...`."""
+        rows = self.engine.models.rows()
+        return ", ".join(f"{row['task']} {row['name']} ({row['state']})" for row in rows) or "no models"
+
+    def _models_changed(self) -> None:
+        """A model was loaded, unloaded or failed: systemd's status line says so."""
+        if self.engine.state is EngineState.READY:
+            self.notifier.status(f"ready on {self.config.endpoint} ({self.config.load}): {self._describe_models()}")
 
     def _socket_main(self, router: zmq.Socket, outcome: dict) -> None:
         try:

@@ -333,7 +333,7 @@ def test_health_and_metrics_are_answered_without_the_model_thread(running):
     metrics = handlers["metrics"].start(_request({"op": "metrics"})).to_wire()
     release.set()
     assert health["status"] == "ready" and health["queue_depth"] == 1 and health["protocol"] == 1
-    assert health["embedding"] == {"name": DaemonConfig().embedding.name, "enabled": True, "loaded": True,
+    assert health["embedding"] == {"name": "stand-in-embedding", "enabled": True, "loaded": True,
                                    "dimension": 8, "max_dimension": 8, "fingerprint": None,
                                    "quantization": "fixed", "calibrated_dimensions": None, "weights": "float32",
                                    "memory_bytes": 0, "memory_estimate_bytes": None}
