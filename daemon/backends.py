@@ -226,8 +226,9 @@ def _build(config: DaemonConfig, kind: str, settings, found: Fingerprint, card: 
         backend: _TorchBackend = EmbeddingBackend(EmbeddingModel(settings, media, found.directory))
     else:
         backend = RerankerBackend(RerankerModel(settings, media, found.directory))
-    found.check_unchanged("since the daemon fingerprinted it at start",
-                          "restart the daemon to serve the new files (its fingerprint must be theirs)")
+    found.check_unchanged("after the daemon fingerprinted it at start",
+                          "start the daemon again once the model's files are written, so that its fingerprint "
+                          "is theirs")
     backend.info = replace(backend.info, fingerprint=card.fingerprint, memory_estimate_bytes=card.estimate_bytes,
                            task=kind)
     if kind == EMBEDDING:

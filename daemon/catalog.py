@@ -143,7 +143,7 @@ def resolve(cards: Iterable[ModelCard], task: str, model: str | None, fingerprin
     if model is not None:
         card = next((c for c in mine if c.name == model), None) or next((c for c in mine if c.source == model), None)
         if card is None:
-            raise unknown_model(task, model, [c.name for c in mine])
+            raise unknown_model(task, model, mine)
         if fingerprint is not None and fingerprint != card.fingerprint:
             raise model_mismatch(task, fingerprint, card.fingerprint)
         return card
@@ -156,8 +156,10 @@ def resolve(cards: Iterable[ModelCard], task: str, model: str | None, fingerprin
     return card
 
 
-def unknown_model(task: str, model: str, served: list[str]) -> RequestError:
-    return RequestError(ErrorCode.UNKNOWN_MODEL,
-                        f"model: no {task} model is named {model[:80]!r} here; this daemon serves "
-                        f"{', '.join(repr(n) for n in served)}", {"model": model[:200], "served": served})
+def unknown_model(task: str, model: str, served: list[ModelCard]) -> RequestError:
+    """`unknown_model`, naming the request's `model` and every model of the task (with its source)."""
+    listed = ", ".join(f"{c.name!r} ({c.source})" for c in served)
+    return RequestError(ErrorCode.UNKNOWN_MODEL, f"model: no {task} model is named {model[:80]!r} here; this daemon "
+                                                 f"serves {listed}", {"model": model[:200],
+                                                                       "served": [c.name for c in served]})
 

@@ -20,11 +20,11 @@ import zmq
 import zmq.asyncio
 
 from .config import client_endpoint
-from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, checked, decode_reply,
-                       embed_request, health_request, pack, rerank_request, with_deadline)
+from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel, checked,
+                       decode_reply, embed_request, health_request, pack, rerank_request, with_deadline)
 
 __all__ = ["Client", "AsyncClient", "CurveKeys", "DaemonError", "DaemonTimeout", "DaemonUnavailable",
-           "ModelMismatch", "EmbedResult", "RerankResult", "split_endpoints"]
+           "ModelMismatch", "UnknownModel", "EmbedResult", "RerankResult", "split_endpoints"]
 
 RETRY_ELSEWHERE = (ErrorCode.SHUTTING_DOWN.value,)  # error codes that another daemon may not give
 DEFAULT_TIMEOUT_S = 60.0  # a request's whole time, retries on other daemons included
@@ -196,17 +196,19 @@ class Client:
 
     def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
               normalize: bool = True, timeout: float | None = None, encoding: str | None = None,
-              expect_fingerprint: str | None = None) -> EmbedResult:
+              expect_fingerprint: str | None = None, model: str | None = None) -> EmbedResult:
         """Embeddings of `inputs`. `encoding` (float32 by default; int8, uint8, binary, ubinary) sets
-        the array's type; `expect_fingerprint` refuses another model (ModelMismatch)."""
-        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint)
+        the array's type; `expect_fingerprint` refuses another model (ModelMismatch), or, without
+        `model`, picks the served model of that fingerprint; `model` names one (UnknownModel if none)."""
+        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint, model)
         return EmbedReply.from_wire(checked(self.request(payload, timeout)))
 
     def rerank(self, query: Any, documents: list, instruction: str | None = None,
                timeout: float | None = None, top_n: int | None = None,
-               expect_fingerprint: str | None = None) -> RerankResult:
-        """Scores in document order; with `top_n`, also `top`: the best documents' indices."""
-        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint)
+               expect_fingerprint: str | None = None, model: str | None = None) -> RerankResult:
+        """Scores in document order; with `top_n`, also `top`: the best documents' indices. `model`
+        and `expect_fingerprint` choose the reranker as in `embed`."""
+        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint, model)
         return RerankReply.from_wire(checked(self.request(payload, timeout)))
 
     def health(self, timeout: float | None = None) -> dict:
@@ -294,14 +296,14 @@ class AsyncClient:
 
     async def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
                     normalize: bool = True, timeout: float | None = None, encoding: str | None = None,
-                    expect_fingerprint: str | None = None) -> EmbedResult:
-        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint)
+                    expect_fingerprint: str | None = None, model: str | None = None) -> EmbedResult:
+        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint, model)
         return EmbedReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def rerank(self, query: Any, documents: list, instruction: str | None = None,
                      timeout: float | None = None, top_n: int | None = None,
-                     expect_fingerprint: str | None = None) -> RerankResult:
-        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint)
+                     expect_fingerprint: str | None = None, model: str | None = None) -> RerankResult:
+        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint, model)
         return RerankReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def health(self, timeout: float | None = None) -> dict:

@@ -413,10 +413,12 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--dimension", type=click.IntRange(min=1), default=None, help="Output dimension (Matryoshka).")
 @click.option("--encoding", type=click.Choice(["float32", "int8", "uint8", "binary", "ubinary"]), default="float32",
               show_default=True, help="Vector type: compact types print integers (binary: packed sign bits).")
-@click.option("--expect-fingerprint", default=None, help="Refuse unless the daemon serves this model (health).")
+@click.option("--expect-fingerprint", default=None,
+              help="Refuse unless the model has this fingerprint (health); without --model, the model that has it.")
+@click.option("--model", default=None, help="The daemon's model of this name (health lists them); default: its default.")
 @_client_options
-def embed(texts, images, videos, frames, separate, instruction, dimension, encoding, expect_fingerprint, endpoint,
-          timeout, curve_server_key, curve_client_key) -> None:
+def embed(texts, images, videos, frames, separate, instruction, dimension, encoding, expect_fingerprint, model,
+          endpoint, timeout, curve_server_key, curve_client_key) -> None:
     """Embed TEXTS and media; prints JSON.
 
     Texts alone are one input each. With --image, --video or --frame, the texts and media make one
@@ -425,7 +427,7 @@ def embed(texts, images, videos, frames, separate, instruction, dimension, encod
         raise click.UsageError("give at least one text, --image, --video or --frame")
     inputs, names = embed_inputs(texts, images, videos, frames, separate)
     result = _run_client(lambda c: c.embed(inputs, instruction, dimension, encoding=encoding,
-                                           expect_fingerprint=expect_fingerprint), names)(
+                                           expect_fingerprint=expect_fingerprint, model=model), names)(
         endpoint, timeout, curve_server_key, curve_client_key)
     rows = ([[round(float(x), 6) for x in row] for row in result.embeddings] if encoding == "float32"
             else result.embeddings.tolist())
@@ -438,13 +440,15 @@ def embed(texts, images, videos, frames, separate, instruction, dimension, encod
 @click.argument("documents", nargs=-1, required=True)
 @click.option("--instruction", default=None, help="Task instruction (default: the official retrieval one).")
 @click.option("--top-n", type=click.IntRange(min=1), default=None, help="Also list the N best documents' indices.")
-@click.option("--expect-fingerprint", default=None, help="Refuse unless the daemon serves this model (health).")
+@click.option("--expect-fingerprint", default=None,
+              help="Refuse unless the model has this fingerprint (health); without --model, the model that has it.")
+@click.option("--model", default=None, help="The daemon's reranker of this name (health lists them).")
 @_client_options
-def rerank(query, documents, instruction, top_n, expect_fingerprint, endpoint, timeout, curve_server_key,
+def rerank(query, documents, instruction, top_n, expect_fingerprint, model, endpoint, timeout, curve_server_key,
            curve_client_key) -> None:
     """Score DOCUMENTS against QUERY; prints JSON."""
     result = _run_client(lambda c: c.rerank(query, list(documents), instruction, top_n=top_n,
-                                            expect_fingerprint=expect_fingerprint))(
+                                            expect_fingerprint=expect_fingerprint, model=model))(
         endpoint, timeout, curve_server_key, curve_client_key)
     body = {"model": result.model, "fingerprint": result.fingerprint, "tokens": result.tokens, "scores": result.scores}
     click.echo(json.dumps(body if result.top is None else {**body, "top": result.top}))

@@ -14,12 +14,12 @@ HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 # answered a body it would not take; unsupported (a valid request for what is not offered) is 400.
 INVALID_STATUS = 422
 UNSUPPORTED_STATUS = 400
-MODEL_NOT_FOUND = "model_not_found"  # the bridge's own code: a `model` that is not the served one (404)
+MODEL_NOT_FOUND = "model_not_found"  # a `model` the daemon does not serve (its unknown_model): OpenAI's 404 code
 STATUS_BY_CODE = {ErrorCode.INVALID_REQUEST: INVALID_STATUS, ErrorCode.UNSUPPORTED: UNSUPPORTED_STATUS,
                   ErrorCode.INPUT_ERROR: 422,
                   ErrorCode.TOO_LARGE: 413, ErrorCode.OVERLOADED: 429, ErrorCode.NOT_LOADED: 503,
                   ErrorCode.SHUTTING_DOWN: 503, ErrorCode.DEADLINE_EXCEEDED: 504, ErrorCode.INTERNAL: 500,
-                  ErrorCode.MODEL_MISMATCH: 409}
+                  ErrorCode.MODEL_MISMATCH: 409, ErrorCode.UNKNOWN_MODEL: 404}
 
 
 def invalid_request(message: str) -> "BridgeError":
@@ -40,6 +40,8 @@ class BridgeError(Exception):
             status = STATUS_BY_CODE[ErrorCode(code)]
         except ValueError:  # a code this bridge does not know (a newer daemon)
             status = 500
+        if code == ErrorCode.UNKNOWN_MODEL.value:
+            code = MODEL_NOT_FOUND  # what the OpenAI and Cohere SDKs know a missing model by
         return cls(status, code, message, details)
 
     def response(self) -> JSONResponse:

@@ -4,6 +4,7 @@ families built from one `metrics` reply."""
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -48,6 +49,32 @@ class DaemonSnapshot:
             family = HistogramMetricFamily("qwen3vl_daemon_batch_size", "Inputs per forward pass")
             family.add_metric([], _buckets(batch), batch["sum"])
             yield family
+        yield from _per_model(s.models)
+
+
+# Per model (the daemon's name for it, `task:name`): what its forwards and its loads took.
+MODEL_COUNTERS = (("batches", "qwen3vl_daemon_model_batches", "Forward passes"),
+                  ("batched_inputs", "qwen3vl_daemon_model_inputs", "Inputs in forward passes"),
+                  ("forward_s", "qwen3vl_daemon_model_forward_seconds", "Time in forward passes"),
+                  ("loads", "qwen3vl_daemon_model_loads", "Times the model was loaded"),
+                  ("unloads", "qwen3vl_daemon_model_unloads", "Times the model was unloaded"),
+                  ("load_s", "qwen3vl_daemon_model_load_seconds", "Time loading the model"))
+MODEL_STATES = ("unloaded", "loading", "loaded", "failed")
+
+
+def _per_model(models: dict) -> Iterator:
+    if not models:
+        return
+    for field, name, help in MODEL_COUNTERS:
+        family = CounterMetricFamily(name, help, labels=["model"])
+        for model, values in sorted(models.items()):
+            family.add_metric([model], float(values.get(field, 0)))
+        yield family
+    states = GaugeMetricFamily("qwen3vl_daemon_model_state", "1 for the model's state", labels=["model", "state"])
+    for model, values in sorted(models.items()):
+        for state in MODEL_STATES:
+            states.add_metric([model, state], 1.0 if values.get("state") == state else 0.0)
+    yield states
 
 
 def _buckets(hist: dict) -> list[tuple[str, float]]:

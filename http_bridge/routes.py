@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from pathlib import PurePosixPath
 
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -15,7 +14,7 @@ from daemon.client import AsyncClient, DaemonTimeout, DaemonUnavailable
 from daemon.protocol import (EmbedReply, ErrorCode, HealthReply, MetricsReply, RerankReply, embed_request,
                              health_request, metrics_request, rerank_request)
 
-from .errors import MODEL_NOT_FOUND, UNSUPPORTED_STATUS, BridgeError, invalid_request
+from .errors import UNSUPPORTED_STATUS, BridgeError, invalid_request
 from .metrics import BridgeMetrics, exposition
 from .schemas import (ERRORS, CohereRerankBody, CohereRerankResponse, EmbedBody, EmbedResponse, HealthResponse,
                       InputObject, OpenAIEmbeddingsBody, OpenAIEmbeddingsResponse, RerankBody, RerankResponse,
@@ -70,19 +69,18 @@ def embedding_json(row: np.ndarray, encoding_format: str):
     return row.tolist()
 
 
-def served_names(name: str, fingerprint: str | None) -> set[str]:
-    """What a client may call the served model: its name as the daemon loaded it (a hub id or a
-    directory), that name's last component, or its fingerprint."""
-    return {n for n in (name, PurePosixPath(name).name, fingerprint) if n}
+FINGERPRINT = re.compile(r"[0-9a-f]{20}")  # as health reports it (fingerprint.py: FINGERPRINT_HEX)
 
 
-def check_model(requested: str | None, name: str, fingerprint: str | None) -> None:
-    """A `model` other than the served one is refused, never answered by another model (OpenAI's
-    404). Checked against the reply, which names the model that made it: the daemon may have been
-    restarted with another model since any earlier look."""
-    if requested is not None and requested not in served_names(name, fingerprint):
-        raise BridgeError(404, MODEL_NOT_FOUND, f"model: {requested!r} is not served here; this daemon serves "
-                                                f"{name!r} (fingerprint {fingerprint}); pass that, or leave model out")
+def route(requested: str | None, expect_fingerprint: str | None) -> dict:
+    """The daemon fields a route's `model` becomes: a fingerprint picks the served model of that
+    fingerprint (expect_fingerprint); anything else is a model's name (or its configured path or hub
+    id), which the daemon refuses with unknown_model (404 model_not_found here) when it serves none."""
+    if requested is None:
+        return {"expect_fingerprint": expect_fingerprint}
+    if FINGERPRINT.fullmatch(requested) and expect_fingerprint in (None, requested):
+        return {"expect_fingerprint": requested}
+    return {"model": requested, "expect_fingerprint": expect_fingerprint}
 
 
 def document_json(document: str | InputObject) -> dict:
@@ -125,9 +123,8 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
             raise invalid_request("documents: must not be empty")
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
         payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
-                                 top_n=body.top_n or len(documents), expect_fingerprint=body.expect_fingerprint)
+                                 top_n=body.top_n or len(documents), **route(body.model, body.expect_fingerprint))
         result = RerankReply.from_wire(await gateway.call(payload))
-        check_model(body.model, result.model, result.fingerprint)
         results = [{"index": i, "relevance_score": result.scores[i],
                     **({"document": document_json(body.documents[i])} if body.return_documents else {})}
                    for i in result.top]
@@ -159,16 +156,16 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
 
     @router.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, responses=ERRORS, dependencies=guarded)
     async def openai_embeddings(body: OpenAIEmbeddingsBody):
-        """OpenAI-compatible embeddings (text input). `model`, when given, must name the served model.
+        """OpenAI-compatible embeddings (text input). `model`, when given, picks the daemon's model of
+        that name (or path, hub id or fingerprint); one it does not serve is 404 model_not_found.
         The extension field `embedding_type` asks for int8, uint8, binary or ubinary vectors."""
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise invalid_request("input: must not be empty")
         encoding = None if body.embedding_type == "float" else body.embedding_type
         payload = embed_request(texts, dimension=body.dimensions, encoding=encoding,
-                                expect_fingerprint=body.expect_fingerprint)
+                                **route(body.model, body.expect_fingerprint))
         result = EmbedReply.from_wire(await gateway.call(payload, fields=OPENAI_FIELDS))
-        check_model(body.model, result.model, result.fingerprint)
         data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}
                 for i, row in enumerate(result.embeddings)]
         return answer({"object": "list", "data": data, "model": result.model,

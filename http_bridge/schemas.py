@@ -85,8 +85,9 @@ EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 
 class OpenAIEmbeddingsBody(BaseModel):
     input: str | list[str]
-    model: str | None = Field(None, description="The served embedding model's name (or its last path component, "
-                                                "or its fingerprint); another is refused with 404 model_not_found")
+    model: str | None = Field(None, description="The daemon's embedding model of this name (or configured path or "
+                                                "hub id, or fingerprint); unset: its default; one it does not serve "
+                                                "is refused with 404 model_not_found")
     dimensions: StrictInt | None = Field(None, ge=1)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
@@ -119,8 +120,9 @@ class CohereRerankBody(BaseModel):
     """Cohere's and Jina's rerank body: `POST /v1/rerank`."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="The served reranker's name (or its last path component, or its "
-                                                "fingerprint); another is refused with 404 model_not_found")
+    model: str | None = Field(None, description="The daemon's reranker of this name (or configured path or hub id, "
+                                                "or fingerprint); unset: its default; one it does not serve is "
+                                                "refused with 404 model_not_found")
     query: Union[str, InputObject]
     documents: list[Union[str, InputObject]] = Field(description="Texts, {\"text\"} or multimodal input objects")
     top_n: StrictInt | None = Field(None, ge=1, description="Return the best top_n results (default: all)")

@@ -35,7 +35,7 @@ def test_out_of_memory_is_retried_in_smaller_batches_then_fails_only_its_batch(t
                           reranker=None, batching=Batching(max_batch_size=8), warmup=False,
                           fingerprint_cache=tmp_path / "fingerprints.json")
     server, thread = _serve_in_thread(config)
-    model = server.engine.backends["embedding"].model
+    model = server.engine.backends["embedding:ckpt"].model
     real = model.embed
     sizes: list[int] = []
 

@@ -20,6 +20,7 @@ from daemon.client import AsyncClient, ModelMismatch
 from daemon.config import DaemonConfig, ModelSettings, default_fingerprint_cache
 from daemon.errors import ModelLoadError
 from daemon.fingerprint import DigestCache, fingerprint_directory, model_directory
+from daemon.residency import Residency
 
 
 def fingerprint(directory: Path, cache: Path | None = None) -> str:
@@ -204,7 +205,7 @@ def test_weights_replaced_while_loading_stop_the_start_in_one_line(tiny_dir, cop
 
     config = DaemonConfig(embedding=ModelSettings(str(copy), dtype="float32"), reranker=None, warmup=False,
                           fingerprint_cache=tmp_path / "fp.json")
-    with pytest.raises(ModelLoadError, match="model.safetensors changed while the model was loading"):
+    with pytest.raises(ModelLoadError, match="model.safetensors changed after the daemon fingerprinted it"):
         load_model_backends(config, {}, step)
 
 
@@ -212,10 +213,10 @@ def test_the_files_are_fingerprinted_before_the_weights_load(tiny_dir, copy, tmp
     steps = []
     config = DaemonConfig(embedding=ModelSettings(str(copy), dtype="float32"), reranker=None, warmup=False,
                           fingerprint_cache=tmp_path / "fp.json")
-    backends = {}
-    load_model_backends(config, backends, lambda what, stage="weights": steps.append(stage))
+    models = Residency()
+    load_model_backends(config, {}, lambda what, stage="weights": steps.append(stage), models=models)
     assert steps.index("fingerprint") < len(steps) - 1 - steps[::-1].index("weights")
-    assert backends["embedding"].info.fingerprint == fingerprint(tiny_dir)
+    assert models.loaded[f"embedding:{copy.name}"].info.fingerprint == fingerprint(tiny_dir)
 
 
 def test_every_reply_names_the_model_that_made_it(client):

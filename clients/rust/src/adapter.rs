@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{Client, EmbedOptions, Error, Input, Vectors};
+use crate::{Client, EmbedOptions, Error, Input, RerankOptions, Vectors};
 
 pub trait EmbeddingPipeline: Send + Sync {
     fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>>;
@@ -50,12 +50,18 @@ pub struct DaemonPipeline {
     /// The embedding model's fingerprint, as stored with the index: every embedding call pins it,
     /// and a daemon serving another model answers `Error::ModelMismatch`. `None`: any model.
     pub expect_fingerprint: Option<String>,
+    /// The daemon's embedding model of this name for every embedding call (`None`: its default):
+    /// with several models served, the one this index was built with.
+    pub model: Option<String>,
+    /// The daemon's reranker of this name (`None`: its default).
+    pub reranker_model: Option<String>,
 }
 
 impl DaemonPipeline {
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> DaemonPipeline {
         DaemonPipeline { client: Client::new(endpoint, timeout), dimension: None, instruction: None,
-                         max_image_file_bytes: 64 * 1024 * 1024 - 64 * 1024, expect_fingerprint: None }
+                         max_image_file_bytes: 64 * 1024 * 1024 - 64 * 1024, expect_fingerprint: None, model: None,
+                         reranker_model: None }
     }
 
     /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket).
@@ -69,7 +75,8 @@ impl DaemonPipeline {
 
     fn embed_inputs(&self, inputs: &[Input]) -> anyhow::Result<Vec<Vec<f32>>> {
         let options = EmbedOptions { dimension: self.dimension, instruction: self.instruction.as_deref(),
-                                     expect_fingerprint: self.expect_fingerprint.as_deref(), ..Default::default() };
+                                     expect_fingerprint: self.expect_fingerprint.as_deref(), model: self.model.as_deref(),
+                                     ..Default::default() };
         match self.client.embed_with(inputs, &options)?.vectors {
             Vectors::Float32(rows) => Ok(rows),
             _ => Err(Error::Protocol("float32 asked, another encoding answered".into()).into()),
@@ -118,7 +125,9 @@ impl RerankerPipeline for DaemonPipeline {
         if documents.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.client.rerank(query, documents, None)?)
+        let docs: Vec<Input> = documents.iter().map(|d| Input::from(*d)).collect();
+        let options = RerankOptions { model: self.reranker_model.as_deref(), ..Default::default() };
+        Ok(self.client.rerank_with(&Input::from(query), &docs, &options)?.scores)
     }
 }
 

@@ -53,6 +53,9 @@ pub enum Error {
     /// The request's `expect_fingerprint` is not the fingerprint of the model the daemon serves.
     #[error("model_mismatch: {message}")]
     ModelMismatch { expected: String, actual: Option<String>, message: String },
+    /// The request's `model` names no model the daemon serves; `served` lists the names it does.
+    #[error("unknown_model: {message}")]
+    UnknownModel { model: String, served: Vec<String>, message: String },
     #[error("{code}: {message}")]
     Other { code: String, message: String },
     #[error("no reply from {endpoint} within {timeout:?}")]
@@ -75,6 +78,10 @@ impl Error {
         if body.code == "model_mismatch" {
             return Error::ModelMismatch { expected: body.expected.unwrap_or_default(), actual: body.actual,
                                           message: body.message };
+        }
+        if body.code == "unknown_model" {
+            return Error::UnknownModel { model: body.model.unwrap_or_default(), served: body.served.unwrap_or_default(),
+                                         message: body.message };
         }
         Error::from_code(&body.code, body.message)
     }
@@ -198,8 +205,12 @@ pub struct EmbedOptions<'a> {
     pub encoding: Encoding,
     /// `Some(false)` returns the raw pooled vectors (float32 and binary types only).
     pub normalize: Option<bool>,
-    /// Refuse with `Error::ModelMismatch` unless the daemon serves the model of this fingerprint.
+    /// Refuse with `Error::ModelMismatch` unless the model has this fingerprint; without `model`,
+    /// the daemon answers with its model of this fingerprint, loaded or not.
     pub expect_fingerprint: Option<&'a str>,
+    /// The daemon's model of this name (`Health::models`); `None`: its default. A name it does not
+    /// serve is `Error::UnknownModel`.
+    pub model: Option<&'a str>,
 }
 
 /// Everything a rerank request can say; `Default` is the daemon's defaults.
@@ -209,6 +220,8 @@ pub struct RerankOptions<'a> {
     /// Also return `top`: the best `top_n` documents' indices, by descending score (ties by index).
     pub top_n: Option<u32>,
     pub expect_fingerprint: Option<&'a str>,
+    /// The daemon's reranker of this name; `None`: its default.
+    pub model: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -222,6 +235,8 @@ struct EmbedRequest<'a> {
     deadline_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     expect_fingerprint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -235,6 +250,8 @@ struct RerankRequest<'a> {
     top_n: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     expect_fingerprint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -251,6 +268,10 @@ struct ErrorBody {
     expected: Option<String>,
     #[serde(default)]
     actual: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    served: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -369,6 +390,41 @@ pub struct Health {
     pub dtype: Option<String>,
     pub embedding: ModelHealth,
     pub reranker: ModelHealth,
+    /// Every model served, loaded or not (empty from a daemon before several models).
+    #[serde(default)]
+    pub models: Vec<ServedModel>,
+    /// `at-start` or `on-demand`.
+    #[serde(default)]
+    pub load_mode: Option<String>,
+}
+
+/// One model of `Health::models`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServedModel {
+    /// What `EmbedOptions::model` / `RerankOptions::model` call it.
+    pub name: String,
+    /// `embedding` or `reranker`.
+    pub task: String,
+    /// `loaded`, `loading`, `unloaded` or `failed`.
+    pub state: String,
+    /// Whether a request without `model` gets it.
+    #[serde(default)]
+    pub default: bool,
+    /// The directory or hub id it was configured with (replies' `model`).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Known from its files at start, loaded or not.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Seconds since its last request ended (0 while in use).
+    #[serde(default)]
+    pub idle_s: f64,
+    /// What its weights hold on its device now (0 unless loaded).
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Why its last load failed (`state` is `failed`).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// One daemon of a client's list: its endpoint and its idle sockets.
@@ -525,7 +581,7 @@ impl Client {
         let reply: EmbedReply = self.call(|left_ms| encode(&EmbedRequest {
             op: "embed", inputs, instruction: options.instruction, dimension: options.dimension,
             normalize: options.normalize.unwrap_or(true), encoding: options.encoding.as_str(),
-            deadline_ms: Some(left_ms), expect_fingerprint: options.expect_fingerprint,
+            deadline_ms: Some(left_ms), expect_fingerprint: options.expect_fingerprint, model: options.model,
         }))?;
         let vectors = split_rows(&reply, options.encoding)?;
         Ok(EncodedEmbeddings { vectors, dimension: reply.dimension, model: reply.model, tokens: reply.tokens,
@@ -547,7 +603,7 @@ impl Client {
     pub fn rerank_with(&self, query: &Input, documents: &[Input], options: &RerankOptions) -> Result<Scores> {
         let reply: RerankReply = self.call(|left_ms| encode(&RerankRequest {
             op: "rerank", query, documents, instruction: options.instruction, deadline_ms: Some(left_ms),
-            top_n: options.top_n, expect_fingerprint: options.expect_fingerprint,
+            top_n: options.top_n, expect_fingerprint: options.expect_fingerprint, model: options.model,
         }))?;
         Ok(Scores { scores: reply.scores.into_iter().map(|s| s as f32).collect(), model: reply.model,
                     tokens: reply.tokens, fingerprint: reply.fingerprint, top: reply.top })
@@ -628,6 +684,7 @@ mod tests {
         let value: rmpv_like::Value = rmpv_like::decode(&rmp_serde::to_vec_named(&EmbedRequest {
             op: "embed", inputs: &[Input::text("a"), Input::image(vec![1u8, 2])], instruction: None,
             dimension: Some(8), normalize: true, encoding: "float32", deadline_ms: Some(1500), expect_fingerprint: None,
+            model: None,
         }).unwrap());
         assert_eq!(value.0, "op=embed;inputs=[a,{image=[bin2]}];instruction=nil;dimension=8;normalize=true;\
                              encoding=float32;deadline_ms=1500");
@@ -636,7 +693,7 @@ mod tests {
     #[test]
     fn a_model_mismatch_carries_both_fingerprints() {
         let body = ErrorBody { code: "model_mismatch".into(), message: "m".into(), expected: Some("aa".into()),
-                               actual: Some("bb".into()) };
+                               actual: Some("bb".into()), model: None, served: None };
         match Error::from_body(body) {
             Error::ModelMismatch { expected, actual, message } => {
                 assert_eq!((expected.as_str(), actual.as_deref(), message.as_str()), ("aa", Some("bb"), "m"))
@@ -644,6 +701,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!Error::ModelMismatch { expected: String::new(), actual: None, message: String::new() }.is_retryable());
+    }
+
+    #[test]
+    fn an_unknown_model_names_it_and_the_models_served() {
+        let body = ErrorBody { code: "unknown_model".into(), message: "m".into(), expected: None, actual: None,
+                               model: Some("huge".into()), served: Some(vec!["small".into(), "big".into()]) };
+        match Error::from_body(body) {
+            Error::UnknownModel { model, served, message } => {
+                assert_eq!((model.as_str(), served, message.as_str()), ("huge", vec!["small".into(), "big".into()], "m"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!Error::UnknownModel { model: String::new(), served: vec![], message: String::new() }.is_retryable());
     }
 
     #[test]

@@ -532,3 +532,39 @@ fn quantized_daemons_say_how_they_hold_weights_and_serve_under_their_own_fingerp
         assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{format}: {scores:?}");
     }
 }
+
+#[test]
+fn a_model_is_chosen_by_name_and_an_unknown_name_is_a_typed_error() {
+    let ckpt = env("QWEN3VL_TEST_CHECKPOINT");
+    let other = format!("other={ckpt}");
+    // The same files served twice: as they are (the default) and, under "other", in int8.
+    let daemon = Daemon::start(&["--embedding-model", &other, "--model-setting", "other.quantize=int8"]);
+    let client = daemon.client(30);
+    let health = client.health().unwrap();
+    let default_name = std::path::Path::new(&ckpt).file_name().unwrap().to_str().unwrap().to_string();
+    let listed: Vec<(String, String, String, bool)> = health.models.iter()
+        .map(|m| (m.name.clone(), m.task.clone(), m.state.clone(), m.default)).collect();
+    assert_eq!(listed, vec![(default_name.clone(), "embedding".into(), "loaded".into(), true),
+                            ("other".into(), "embedding".into(), "unloaded".into(), false),
+                            (default_name.clone(), "reranker".into(), "loaded".into(), true)]);
+    let other_print = health.models[1].fingerprint.clone().expect("known before it loads");
+    assert_ne!(Some(other_print.as_str()), health.embedding.fingerprint.as_deref());
+    let inputs = [Input::text("one text, two models")];
+    let by_name = client.embed_with(&inputs, &EmbedOptions { model: Some("other"), ..Default::default() }).unwrap();
+    assert_eq!(by_name.fingerprint.as_deref(), Some(other_print.as_str()));
+    let by_print = EmbedOptions { expect_fingerprint: Some(&other_print), ..Default::default() };
+    assert_eq!(client.embed_with(&inputs, &by_print).unwrap().vectors, by_name.vectors);
+    assert_ne!(client.embed_with(&inputs, &EmbedOptions::default()).unwrap().vectors, by_name.vectors);
+    match client.embed_with(&inputs, &EmbedOptions { model: Some("huge"), ..Default::default() }) {
+        Err(Error::UnknownModel { model, served, message }) => {
+            assert_eq!(model, "huge");
+            assert_eq!(served, vec![default_name.clone(), "other".to_string()]);
+            assert!(message.contains("'huge'"), "{message}");
+        }
+        other => panic!("expected UnknownModel, got {other:?}"),
+    }
+    let rerank = RerankOptions { model: Some(&default_name), ..Default::default() };
+    assert_eq!(client.rerank_with(&Input::text("q"), &inputs, &rerank).unwrap().scores.len(), 1);
+    let unknown = RerankOptions { model: Some("other"), ..Default::default() };  // an embedding model's name
+    assert!(matches!(client.rerank_with(&Input::text("q"), &inputs, &unknown), Err(Error::UnknownModel { .. })));
+}
