@@ -37,11 +37,11 @@ class ModelList(click.ParamType):
 
 
 def _models(flag: str, specs: tuple[str, ...], make) -> list[ModelSettings]:
-    """The models of one kind, the default first; [] when disabled ('none')."""
-    if any(is_disabled(spec) for spec in specs):
-        if len(specs) > 1:
-            raise click.BadParameter("'none' disables the kind: give it alone", param_hint=flag)
-        return []
+    """The models of one kind, the default first. 'none' drops the models given before it (so a
+    `--reranker-model none` appended to a command line disables the kind, as when one value was kept)."""
+    disabled = [i for i, spec in enumerate(specs) if is_disabled(spec)]
+    if disabled:
+        specs = specs[disabled[-1] + 1:]
     try:
         named = [split_spec(spec) for spec in specs]
     except CatalogError as exc:

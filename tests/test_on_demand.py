@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import start_daemon
+from conftest import Bridge, start_daemon
 from daemon.client import DaemonError, ModelMismatch, UnknownModel
 from daemon.fit import checkpoint_shape, estimate
 from daemon.tiny import TinySpec, build_tiny_checkpoint
@@ -227,3 +227,74 @@ def test_a_drain_during_a_load_answers_the_waiting_request_and_exits(daemons, wi
     assert daemon.process.wait(60) == 0
     assert "reply" in outcome or outcome["error"].code == "shutting_down", outcome
 
+
+
+def test_the_bridge_routes_model_to_the_daemons_model_of_that_name(daemons, checkpoints, tmp_path):
+    daemon = daemons(tmp_path / "d", "--embedding-model", f"small={checkpoints['a']}",
+                     "--embedding-model", f"other={checkpoints['b']}")
+    bridge = Bridge(daemon.endpoint)
+    try:
+        with daemon.client() as client, bridge.http() as http:
+            other = client.embed(["x"], model="other", dimension=8)
+            printed = rows(client)["other"]["fingerprint"]
+            by_name = http.post("/v1/embeddings", json={"input": "x", "model": "other", "dimensions": 8})
+            by_print = http.post("/v1/embeddings", json={"input": "x", "model": printed, "dimensions": 8})
+            default = http.post("/v1/embeddings", json={"input": "x", "dimensions": 8})
+            seed = http.post("/embed", json={"texts": ["x"], "dimension": 8})
+            missing = http.post("/v1/embeddings", json={"input": "x", "model": "huge"})
+            metrics = http.get("/metrics").text
+            small = client.embed(["x"], dimension=8)
+    finally:
+        bridge.stop()
+    for reply in (by_name, by_print):
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-model-fingerprint"] == printed
+        np.testing.assert_allclose(reply.json()["data"][0]["embedding"], other.embeddings[0], atol=1e-6)
+    np.testing.assert_allclose(default.json()["data"][0]["embedding"], small.embeddings[0], atol=1e-6)
+    np.testing.assert_allclose(seed.json()["embeddings"][0], small.embeddings[0], atol=1e-6)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert missing.json()["error"]["served"] == ["small", "other"]
+    assert 'qwen3vl_daemon_model_loads_total{model="embedding:other"} 1.0' in metrics
+    assert 'qwen3vl_daemon_model_state{model="embedding:other",state="loaded"} 1.0' in metrics
+
+
+def test_the_command_line_takes_several_models_by_name_and_from_the_environment(monkeypatch):
+    from daemon.main import config_from_options, serve
+
+    monkeypatch.setenv("QWEN3VL_EMBEDDING_MODEL", "small=/m/e2b, big=/m/e8b")
+    monkeypatch.setenv("QWEN3VL_MODEL_SETTINGS", "big.quantize=int8,big.keep-alive=10m")
+    params = serve.make_context("serve", ["--reranker-model", "/m/r2b", "--keep-alive", "30s", "--load", "on-demand"]
+                                ).params
+    params.pop("log_level")
+    config = config_from_options(params)
+    assert (config.embedding.name, config.embedding.served_name, config.embedding.keep_alive_s) == ("/m/e2b", "small", 30)
+    (big,) = config.more_embedding
+    assert (big.name, big.served_name, big.quantize, big.keep_alive_s) == ("/m/e8b", "big", "int8", 600)
+    assert config.reranker.served_name == "r2b" and config.more_reranker == () and config.load == "on-demand"
+
+
+def test_none_disables_a_kind_dropping_the_models_given_before_it(monkeypatch):
+    from daemon.main import config_from_options, serve
+
+    def configured(*args: str):
+        params = serve.make_context("serve", list(args)).params
+        params.pop("log_level")
+        return config_from_options(params)
+
+    assert configured("--reranker-model", "/m/r", "--reranker-model", "none").reranker is None
+    after = configured("--embedding-model", "none", "--embedding-model", "/m/x")
+    assert after.embedding.name == "/m/x" and after.more_embedding == ()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--embedding-model", "/m/x/model", "--embedding-model", "/m/y/model"], "two embedding models are named 'model'"),
+    (["--model-setting", "nobody.dtype=float32"], "no model is named 'nobody'"),
+    (["--keep-alive", "a while"], "not a duration"),
+])
+def test_the_command_line_refuses_model_lists_that_cannot_work_naming_the_value(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    from daemon.main import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--endpoint", f"ipc://{tmp_path}/d.sock", *args])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -360,3 +360,15 @@ def test_through_the_socket_a_model_loading_does_not_hold_up_another_models_requ
         builds.gates["slow"].set()
         server.request_stop()
         thread.join(30)
+
+
+@pytest.mark.parametrize("op, body", [("embed", {"inputs": ["x"]}), ("rerank", {"query": "q", "documents": ["d"]})])
+@pytest.mark.parametrize("value", [7, "", "x" * 257, ["small"], {"name": "small"}, True])
+def test_a_model_field_that_is_not_a_name_is_an_invalid_request_naming_it(op, body, value):
+    from daemon.config import Limits, MediaPolicy
+    from daemon.protocol import parse_request
+
+    with pytest.raises(RequestError) as err:
+        parse_request({"op": op, **body, "model": value}, Limits(), MediaPolicy())
+    assert err.value.code is ErrorCode.INVALID_REQUEST and err.value.message.startswith("model:")
+    assert parse_request({"op": op, **body, "model": None}, Limits(), MediaPolicy()).model is None

@@ -18,6 +18,9 @@
 //! Every embedding and score comes with the fingerprint of the model that made it; pin one with
 //! `EmbedOptions::expect_fingerprint` / `RerankOptions::expect_fingerprint` and a daemon serving
 //! another model answers `Error::ModelMismatch` instead of vectors that do not belong in your index.
+//! A daemon may serve several models: `EmbedOptions::model` / `RerankOptions::model` name one
+//! (`Health::models` lists them; a name it does not serve is `Error::UnknownModel`), and a pinned
+//! fingerprint without a name is answered by the model that has it.
 //! `embed_with` also returns compact vectors (`Encoding::Int8`, `Uint8`, `Binary`, `Ubinary`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
