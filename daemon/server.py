@@ -357,8 +357,9 @@ class Server:
 
     def _models_changed(self) -> None:
         """A model was loaded, unloaded or failed: systemd's status line says so."""
-        if self.engine.state is EngineState.READY:
-            self.notifier.status(f"ready on {self.config.endpoint} ({self.config.load}): {self._describe_models()}")
+        if self.engine.state is EngineState.READY:  # never waits on a full queue: the socket thread may call it
+            self.notifier.send(f"STATUS=ready on {self.config.endpoint} ({self.config.load}): "
+                               f"{self._describe_models()}", retry_s=0)
 
     def _socket_main(self, router: zmq.Socket, outcome: dict) -> None:
         try:

@@ -55,6 +55,25 @@ def test_notify_sequence_status_ready_watchdog_stopping_and_drain(tmp_path, tiny
     assert reply["id"] == "inflight" and reply["ok"] and reply["count"] == 48
 
 
+def test_on_demand_readiness_and_status_name_the_mode_and_each_models_state(tmp_path, tiny_dir):
+    notify = NotifySocket(tmp_path)
+    proc = start_daemon(tmp_path / "d", "--load", "on-demand", "--embedding-model", str(tiny_dir),
+                        "--reranker-model", "none", env={"NOTIFY_SOCKET": str(notify.path)}, wait=False)
+    try:
+        wait_ready(proc)
+        with proc.client() as client:
+            client.embed(["load it"])
+        notify.drain(0.5)
+    finally:
+        proc.stop()
+        notify.close()
+    ready = notify.first("READY")
+    statuses = [f["STATUS"] for _, f in notify.messages if "STATUS" in f]
+    assert "(on-demand): embedding ckpt (unloaded)" in notify.messages[ready][1]["STATUS"]
+    assert any(s.endswith("(on-demand): embedding ckpt (loading)") for s in statuses)
+    assert any(s.endswith("(on-demand): embedding ckpt (loaded)") for s in statuses)
+
+
 def _connect_as(path: Path, groups: list[int]) -> subprocess.CompletedProcess:
     """Try a raw connect(2) to the socket as user nobody with the given supplementary groups."""
     def demote():
