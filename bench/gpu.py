@@ -78,6 +78,36 @@ def daemon_figures(args, work: Path, ckpt: Path, texts: list[str], ingest: Scena
     return out
 
 
+def on_demand_figures(args, work: Path, ckpt: Path, text: str) -> dict:
+    """A daemon that loads nothing at start (--load on-demand) and unloads after 2 s idle: the first
+    request's time to its reply, and the device memory held while loaded and given back on unload
+    (what the device reports free, whoever else uses it)."""
+    import torch
+
+    from daemon.fit import device_free
+
+    def free() -> int:
+        return device_free(torch.device(args.device)).bytes
+
+    with Servers() as servers:
+        endpoint = servers.daemon(work, "on-demand", ckpt, "--device", args.device, "--load", "on-demand",
+                                  "--keep-alive", "2s", "--reranker-model", "none")
+        with Client(endpoint, timeout=600) as client:
+            name = client.health()["models"][0]["name"]
+            before = free()
+            began = time.perf_counter()
+            client.embed([text])
+            cold_s = time.perf_counter() - began
+            loaded = free()
+            deadline = time.monotonic() + 120
+            while client.health()["models"][0]["state"] != "unloaded" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            after = free()
+    return {"cold_s": cold_s, "held_gib": (before - loaded) / 2**30, "given_back_gib": (after - loaded) / 2**30,
+            "name": name}
+
+
 def inprocess_figures(args, ckpt: Path, texts: list[str]) -> dict:
     import torch
 
@@ -135,6 +165,15 @@ def render(args, daemon: dict, inproc: dict) -> str:
         f"| images, 8 clients x 4 (448x448 JPEG + caption) | {daemon['images']:.0f} images/s | |",
         f"| device memory of the pair (embedding + reranker), after one forward each | {memory} | |",
     ]
+    od = daemon.get("on_demand")
+    if od is not None:
+        lines += [
+            f"| on demand: first request for the unloaded embedding model, to its reply | {od['cold_s']:.1f} s "
+            f"(time to READY of the pair: {daemon['ready_s']:.1f} s) | |",
+            f"| on demand: device memory held once loaded / given back after the keep-alive | "
+            f"{od['held_gib']:.2f} / {od['given_back_gib']:.2f} GiB | given back >= 0.8 x held "
+            f"({'met' if od['given_back_gib'] >= 0.8 * od['held_gib'] else 'NOT met'}) |",
+        ]
     return "\n".join(lines)
 
 
@@ -155,6 +194,7 @@ def main() -> None:
         texts, ingest, images = workloads()
         daemon = daemon_figures(args, work, ckpt, texts, ingest, images)
         print("\n".join(daemon.pop("log")), flush=True)
+        daemon["on_demand"] = on_demand_figures(args, work, ckpt, texts[0])
         inproc = inprocess_figures(args, ckpt, texts)
     text = render(args, daemon, inproc)
     print(text)

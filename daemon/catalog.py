@@ -21,6 +21,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 FOREVER = ("forever", "inf", "never", "-1")
 DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_DURATION_S = 10 * 365 * 86400.0  # ten years: anything longer is `forever`, said as such
+FINGERPRINT_LIKE = re.compile(r"[0-9a-f]{20}")  # what a fingerprint looks like (fingerprint.py: FINGERPRINT_HEX)
 # --model-setting NAME.KEY=VALUE: the per-model settings, and the ModelSettings field each sets.
 SETTING_KEYS = {"dtype": "dtype", "quantize": "quantize", "max-length": "max_length",
                 "keep-alive": "keep_alive_s", "attn-implementation": "attn_implementation"}
@@ -39,8 +41,8 @@ def parse_duration(text: str) -> float | None:
     if not found:
         raise CatalogError(f"{text!r} is not a duration: use 30s, 10m, 2h, 0 (unload once idle) or forever")
     seconds = float(found.group(1)) * DURATION_UNITS[found.group(2)]
-    if not math.isfinite(seconds):
-        raise CatalogError(f"{text!r} is not a duration")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+        raise CatalogError(f"{text!r} is longer than ten years: say forever")
     return seconds
 
 
@@ -97,11 +99,18 @@ def _setting_value(key: str, value: str, text: str):
 def check_names(models: list[tuple[str, ModelSettings]]) -> None:
     """Every model's name is unique among its kind's (a request's `model` names one of its op's kind)."""
     seen: dict[tuple[str, str], str] = {}
+    sources = {(kind, settings.name) for kind, settings in models}
     for kind, settings in models:
         name = settings.served_name
         if not NAME.fullmatch(name):
             raise CatalogError(f"the {kind} model {settings.name!r} would be named {name!r}, which is not {NAME_RULE}: "
                                f"name it, e.g. --{kind}-model small={settings.name}")
+        if FINGERPRINT_LIKE.fullmatch(name):
+            raise CatalogError(f"the {kind} model {settings.name!r} would be named {name!r}, which reads as a "
+                               f"fingerprint (the bridge routes those by fingerprint): name it otherwise")
+        if (kind, name) in sources and name != settings.name:
+            raise CatalogError(f"the {kind} model name {name!r} is also the path of another {kind} model: a request "
+                               "naming it would be ambiguous; name them apart")
         if (kind, name) in seen:
             raise CatalogError(f"two {kind} models are named {name!r} ({seen[kind, name]} and {settings.name}): name "
                                f"them apart, e.g. --{kind}-model other={settings.name}")
@@ -134,14 +143,17 @@ class ModelCard:
 
 
 def resolve(cards: Iterable[ModelCard], task: str, model: str | None, fingerprint: str | None) -> ModelCard:
-    """The card a request gets: by `model` (a name, else a configured source), else by the expected
-    fingerprint, else the default; RequestError unknown_model, model_mismatch or not_loaded (none of
-    this kind is served)."""
+    """The card a request gets: by `model` (a name, else a configured source, else the last part of
+    exactly one model's source), else by the expected fingerprint, else the default; RequestError
+    unknown_model, model_mismatch or not_loaded (none of this kind is served)."""
     mine = [c for c in cards if c.task == task]
     if not mine:
         raise RequestError(ErrorCode.NOT_LOADED, f"the {task} model is disabled on this daemon")
     if model is not None:
         card = next((c for c in mine if c.name == model), None) or next((c for c in mine if c.source == model), None)
+        if card is None:  # the source's last part: what a renamed model was called before it was named
+            by_tail = [c for c in mine if default_model_name(c.source) == model]
+            card = by_tail[0] if len(by_tail) == 1 else None
         if card is None:
             raise unknown_model(task, model, mine)
         if fingerprint is not None and fingerprint != card.fingerprint:
@@ -152,7 +164,13 @@ def resolve(cards: Iterable[ModelCard], task: str, model: str | None, fingerprin
         return default
     card = next((c for c in mine if c.fingerprint == fingerprint), None)
     if card is None:
-        raise model_mismatch(task, fingerprint, default.fingerprint)
+        if len(mine) == 1:
+            raise model_mismatch(task, fingerprint, default.fingerprint)
+        served = ", ".join(f"{c.name!r} {c.fingerprint}" for c in mine)
+        raise RequestError(ErrorCode.MODEL_MISMATCH, f"expect_fingerprint: no {task} model here has fingerprint "
+                                                     f"{fingerprint}; this daemon serves {served} (the default: "
+                                                     f"{default.name!r})",
+                           {"expected": fingerprint, "actual": default.fingerprint})
     return card
 
 

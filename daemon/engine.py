@@ -375,8 +375,17 @@ class Engine:
                 raise RequestError(ErrorCode.NOT_LOADED, f"the {kind} model is disabled on this daemon")
         deadline = None if job.deadline_ms is None else time.monotonic() + job.deadline_ms / 1000.0
         ticket = Ticket(job, done, deadline, self.release)
+        # Held before admission, so that the job's release (its answer may come from another thread
+        # at once, e.g. its deadline) can never come before: a model in use never looks idle.
+        for kind in kinds:
+            self.models.hold(kind)
         ticket.kinds = kinds
-        self._admit(ticket)
+        try:
+            self._admit(ticket)
+        except BaseException:
+            for kind in kinds:
+                self.models.release(kind)
+            raise
         if not ticket.complete_if_known():
             self._start_when_loaded(ticket, kinds)
         return ticket
@@ -397,7 +406,7 @@ class Engine:
                 self._start(ticket)
 
         for kind in kinds:
-            if self.models.acquire(kind, arrived):
+            if self.models.ensure(kind, arrived):
                 arrived(None)
 
     def _admit(self, ticket: Ticket) -> None:

@@ -125,8 +125,9 @@ class EmbedHandler(Handler):
         self._check_encoding(request, card)
         cache, keys, known, tasks = self.ctx.cache, {}, {}, []
         for i, item in enumerate(request.inputs):
-            # Keyed by the fingerprint: two models (or one in two weight formats) never share vectors.
-            key = cache_key(card.fingerprint or card.key, item, request.instruction) if cache else None
+            # Keyed by the model and its fingerprint: two models never share vectors, not even two of
+            # one fingerprint (the same files with another max length or dtype).
+            key = cache_key(f"{card.key}\t{card.fingerprint}", item, request.instruction) if cache else None
             hit = cache.get(key) if cache else None
             if hit is not None:
                 known[i] = hit

@@ -29,8 +29,13 @@ class ModelList(click.ParamType):
     """A model option's value: `PATH_OR_HUB_ID` or `NAME=PATH_OR_HUB_ID`; in the environment, several
     separated by commas."""
 
-    name = "[NAME=]MODEL"
     envvar_list_splitter = ","
+
+    def __init__(self, metavar: str = "[NAME=]MODEL"):
+        self.name = metavar
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return self.name
 
     def split_envvar_value(self, rv: str):
         return [part.strip() for part in rv.split(",") if part.strip()]
@@ -111,7 +116,8 @@ def _limit_options(fn):
 @click.option("--reranker-model", "reranker_models", envvar=["QWEN3VL_RERANKER_MODEL", "RERANKER_MODEL"],
               type=ModelList(), multiple=True, default=[DEFAULT_RERANKER_MODEL], show_default=True,
               help="Like --embedding-model, for rerankers.")
-@click.option("--model-setting", "model_settings", envvar="QWEN3VL_MODEL_SETTINGS", type=ModelList(), multiple=True,
+@click.option("--model-setting", "model_settings", envvar="QWEN3VL_MODEL_SETTINGS", type=ModelList("NAME.KEY=VALUE"),
+              multiple=True,
               help="One model's own setting, NAME.KEY=VALUE (repeatable; comma-separated in the env); KEY is "
                    "dtype, quantize, max-length, keep-alive or attn-implementation, e.g. big.quantize=int8.")
 @click.option("--keep-alive", envvar="QWEN3VL_KEEP_ALIVE", default="forever", show_default=True,
@@ -134,7 +140,8 @@ def _limit_options(fn):
               help="--quantize for the reranker only.")
 @click.option("--memory-budget", envvar="QWEN3VL_MEMORY_BUDGET", default=None,
               help="Most memory the models may take on their device (bytes, or 12G, 512M); the start stops "
-                   "before loading when the estimate exceeds it or the device's free memory.")
+                   "before loading when the estimate exceeds it or the device's free memory, and a load on "
+                   "demand first unloads the least recently used idle model to make room.")
 @click.option("--fit-check/--no-fit-check", envvar="QWEN3VL_FIT_CHECK", default=DaemonConfig.fit_check,
               show_default=True, help="Compare the models' estimated memory with what is free before loading.")
 @click.option("--attn-implementation", envvar="QWEN3VL_ATTN_IMPLEMENTATION", default=ModelSettings.attn_implementation,

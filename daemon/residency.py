@@ -2,10 +2,11 @@
 their keep-alive, and swapped least recently used first when a memory budget cannot hold the next.
 
 Each model is a Resident: its card (what is known without loading it), how to build it, and its
-state. The engine `acquire`s a model for each admitted job and `release`s it once the job is
-answered; a model with jobs is never unloaded, so a batch never finds its model gone. A job whose
-model is not loaded waits (within its deadline) for the load the first such job started; every
-other model keeps serving meanwhile, since loads run here and forwards on the model thread.
+state. The engine `hold`s a model for each job before admitting it, `ensure`s it is loaded, and
+`release`s it once the job is answered; a model with jobs is never unloaded, so a batch never finds
+its model gone. A job whose model is not loaded waits (within its deadline) for the load the first
+such job started; every other model keeps serving meanwhile, since loads run here and forwards on
+the model thread. A load whose turn comes when every job that asked for it is answered is skipped.
 Loading failures answer the waiting jobs with the one-line reason and leave the model `failed`
 until the next request asks again.
 """
@@ -25,6 +26,11 @@ from .catalog import TASKS, ModelCard, resolve
 from .errors import ErrorCode, ModelLoadError, RequestError
 
 log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 3600.0  # the loader's longest sleep: a keep-alive of years is waited for an hour at a time
+# How long a load that needs room waits for the models in use to finish their jobs (and so become
+# unloadable) before it is refused; the waiting requests' own deadlines end it sooner.
+ROOM_WAIT_S = 30.0
 
 Ready = Callable[[RequestError | None], None]  # a waiting job's callback: None once loaded, else why not
 Build = Callable[[Callable[..., None]], Any]  # (step) -> the loaded, warmed-up backend; ModelLoadError
@@ -69,12 +75,14 @@ class MemoryGate:
     budget: int | None
     free: Callable[[], tuple[int, str]]  # bytes free on the device now, and how that was measured
 
-    def refusal(self, card: ModelCard, held: list[ModelCard]) -> str | None:
-        """Why `card` cannot load beside `held` now, or None when it fits."""
+    def refusal(self, card: ModelCard, held: list[ModelCard], device: bool = True) -> str | None:
+        """Why `card` cannot load beside `held` now, or None when it fits (`device`: also against
+        what the device has free now; else the budget alone)."""
         weights = card.estimate_bytes or 0
-        free, source = self.free()
-        if weights + card.working_bytes > free:
-            return f"{card.describe()} needs about {size(weights + card.working_bytes)} and {source}"
+        if device:
+            free, source = self.free()
+            if weights + card.working_bytes > free:
+                return f"{card.describe()} needs about {size(weights + card.working_bytes)} and {source}"
         if self.budget is None:
             return None
         together = sum(c.estimate_bytes or 0 for c in held) + weights + max(c.working_bytes for c in [*held, card])
@@ -91,13 +99,15 @@ class NoRoom(Exception):
 
 class Residency:
     def __init__(self, gate: MemoryGate | None = None, release_memory: Callable[[], None] | None = None,
-                 on_change: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 on_change: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 room_wait_s: float = ROOM_WAIT_S):
         self._residents: dict[str, Resident] = {}
         self.loaded: dict[str, Any] = {}  # name -> backend; the engine reads it (a dict lookup is atomic)
         self.gate = gate
         self._release_memory = release_memory or (lambda: None)
         self._on_change = on_change or (lambda: None)
         self._clock = clock
+        self._room_wait_s = room_wait_s
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()  # models to load, in the order asked
         self._thread: threading.Thread | None = None
@@ -145,18 +155,24 @@ class Residency:
         return self._residents[name].info
 
     # -- serving (any thread) --------------------------------------------------------------------
-    def acquire(self, name: str, ready: Ready) -> bool:
-        """Count one more job using the model. True when it is loaded; else `ready` is called once
-        it is (with None) or once its load failed (with the error), from the loader thread."""
+    def hold(self, name: str) -> None:
+        """Count one more job using the model (before the job can be answered, so that its release
+        never comes first): a model held is never unloaded."""
         with self._cond:
             resident = self._residents[name]
             resident.active += 1
             resident.last_used = self._clock()
+
+    def ensure(self, name: str, ready: Ready) -> bool:
+        """For a job that holds the model: True when it is loaded; else `ready` is called once it is
+        (with None) or once its load failed or was refused (with the error), from the loader thread."""
+        with self._cond:
+            resident = self._residents[name]
             if resident.state is ModelState.LOADED:
                 return True
             resident.waiters.append(ready)
             if resident.state is not ModelState.LOADING:
-                resident.state = ModelState.LOADING
+                resident.state = ModelState.LOADING  # waiting for its turn, then loading
                 self._queue.append(name)
                 self._cond.notify_all()
         self._on_change()
@@ -199,20 +215,38 @@ class Residency:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._stopped and not self._queue:
-                    wait = self._next_expiry()
-                    if wait is not None and wait <= 0:
-                        break
-                    self._cond.wait(wait)
-                if self._stopped:
+            try:
+                if not self._turn():
                     return
-                name = self._queue.popleft() if self._queue else None
-                idle = [r for r in self._residents.values() if r.unloadable and self._idle_past_keep_alive(r)]
-            for resident in idle:
-                self._unload(resident, f"idle for {resident.card.keep_alive_s:g} s (keep-alive)")
-            if name is not None:
-                self._load(self._residents[name])
+            except Exception:  # a bug here must not leave every later load waiting for a dead thread
+                log.exception("the model loader failed; it goes on")
+                time.sleep(0.1)
+
+    def _turn(self) -> bool:
+        """One round: the due keep-alive unloads, then the next load asked for; False once stopped."""
+        with self._cond:
+            while not self._stopped and not self._queue:
+                wait = self._next_expiry()
+                if wait is not None and wait <= 0:
+                    break
+                self._cond.wait(None if wait is None else min(wait, MAX_WAIT_S))
+            if self._stopped:
+                return False
+            name = self._queue.popleft() if self._queue else None
+            idle = [r for r in self._residents.values() if r.unloadable and self._idle_past_keep_alive(r)]
+            resident = self._residents[name] if name is not None else None
+            if resident is not None and resident.active == 0:  # every job that asked is answered already
+                resident.state, waiters, resident.waiters = ModelState.UNLOADED, resident.waiters, []
+                resident = None
+            else:
+                waiters = []
+        for ready in waiters:
+            ready(None)  # their jobs are answered: the callbacks find them closed
+        for idle_one in idle:
+            self._unload(idle_one, f"idle for {idle_one.card.keep_alive_s:g} s (keep-alive)")
+        if resident is not None:
+            self._load(resident)
+        return True
 
     def _idle_past_keep_alive(self, resident: Resident) -> bool:
         keep = resident.card.keep_alive_s
@@ -272,23 +306,36 @@ class Residency:
         self._on_change()
 
     def _make_room(self, resident: Resident) -> None:
-        """Unload idle models, least recently used first, until `resident` fits; NoRoom when it cannot."""
+        """Unload idle models, least recently used first, until `resident` fits. When the models that
+        would have to go are in use, wait for their jobs to end (while anyone still waits for this
+        load, at most room_wait_s); NoRoom when it cannot fit."""
         if self.gate is None:
             return
-        for _ in range(len(self._residents) + 1):
-            with self._cond:
-                held = [r.card for r in self._residents.values()
-                        if r is not resident and r.state in (ModelState.LOADED, ModelState.LOADING)]
-                idle = sorted((r for r in self._residents.values() if r is not resident and r.unloadable),
-                              key=lambda r: r.last_used)
-            why = self.gate.refusal(resident.card, held)
+        give_up = self._clock() + self._room_wait_s
+        while True:
+            with self._cond:  # loads are one at a time: only loaded models hold memory (queued ones do not)
+                others = [r for r in self._residents.values() if r is not resident and r.state is ModelState.LOADED]
+                idle = sorted((r for r in others if r.unloadable), key=lambda r: r.last_used)
+                busy = [r for r in others if not r.unloadable and r.build is not None]
+            why = self.gate.refusal(resident.card, [r.card for r in others])
             if why is None:
                 return
-            if not idle:
-                busy = "every other loaded model is in use: retry later" if held else "nothing else is loaded"
-                raise NoRoom(f"{why}; {busy}")
-            self._unload(idle[0], f"to make room for {resident.card.describe()}")
-        raise NoRoom(f"{resident.card.describe()} does not fit beside the models in use: retry later")
+            if idle:
+                self._unload(idle[0], f"to make room for {resident.card.describe()}")
+                continue
+            # Hopeless when even unloading the busy ones would not do under the budget (the device's
+            # free memory cannot say: they hold some of it).
+            hopeless = not busy or self.gate.refusal(resident.card, [r.card for r in others if r not in busy],
+                                                     device=False) is not None
+            with self._cond:
+                left = give_up - self._clock()
+                if hopeless or left <= 0 or resident.active == 0 or self._stopped:
+                    names = ", ".join(repr(r.card.name) for r in busy)
+                    busy_text = (f"{names} in use for {self._room_wait_s:g} s: retry later" if busy and not hopeless
+                                 else "nothing loaded could make room" if hopeless else "")
+                    raise NoRoom(f"{why}; {busy_text}" if busy_text else why)
+                self._cond.wait(min(left, 1.0))  # a release that ends a job notifies
+
 
     def _unload(self, resident: Resident, why: str) -> bool:
         """Drop the model (if still idle) and give its memory back; whether it was unloaded."""

@@ -14,7 +14,7 @@ from daemon.client import AsyncClient, DaemonTimeout, DaemonUnavailable
 from daemon.protocol import (EmbedReply, ErrorCode, HealthReply, MetricsReply, RerankReply, embed_request,
                              health_request, metrics_request, rerank_request)
 
-from .errors import UNSUPPORTED_STATUS, BridgeError, invalid_request
+from .errors import MODEL_NOT_FOUND, UNSUPPORTED_STATUS, BridgeError, invalid_request
 from .metrics import BridgeMetrics, exposition
 from .schemas import (ERRORS, CohereRerankBody, CohereRerankResponse, EmbedBody, EmbedResponse, HealthResponse,
                       InputObject, OpenAIEmbeddingsBody, OpenAIEmbeddingsResponse, RerankBody, RerankResponse,
@@ -83,6 +83,17 @@ def route(requested: str | None, expect_fingerprint: str | None) -> dict:
     return {"model": requested, "expect_fingerprint": expect_fingerprint}
 
 
+async def call_for_model(gateway: DaemonGateway, payload: dict, requested: str | None, **kw) -> dict:
+    """The daemon's reply to a request whose `model` the route was given: a fingerprint no served
+    model has is, to an SDK, a model that is not found (404), as a name would be."""
+    try:
+        return await gateway.call(payload, **kw)
+    except BridgeError as exc:
+        if exc.code == ErrorCode.MODEL_MISMATCH.value and requested is not None and "model" not in payload:
+            raise BridgeError(404, MODEL_NOT_FOUND, f"model: {exc.message}", exc.details) from None
+        raise
+
+
 def document_json(document: str | InputObject) -> dict:
     return {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
 
@@ -124,7 +135,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
         payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
                                  top_n=body.top_n or len(documents), **route(body.model, body.expect_fingerprint))
-        result = RerankReply.from_wire(await gateway.call(payload))
+        result = RerankReply.from_wire(await call_for_model(gateway, payload, body.model))
         results = [{"index": i, "relevance_score": result.scores[i],
                     **({"document": document_json(body.documents[i])} if body.return_documents else {})}
                    for i in result.top]
@@ -165,7 +176,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         encoding = None if body.embedding_type == "float" else body.embedding_type
         payload = embed_request(texts, dimension=body.dimensions, encoding=encoding,
                                 **route(body.model, body.expect_fingerprint))
-        result = EmbedReply.from_wire(await gateway.call(payload, fields=OPENAI_FIELDS))
+        result = EmbedReply.from_wire(await call_for_model(gateway, payload, body.model, fields=OPENAI_FIELDS))
         data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}
                 for i, row in enumerate(result.embeddings)]
         return answer({"object": "list", "data": data, "model": result.model,

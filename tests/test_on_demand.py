@@ -242,11 +242,14 @@ def test_the_bridge_routes_model_to_the_daemons_model_of_that_name(daemons, chec
             default = http.post("/v1/embeddings", json={"input": "x", "dimensions": 8})
             seed = http.post("/embed", json={"texts": ["x"], "dimension": 8})
             missing = http.post("/v1/embeddings", json={"input": "x", "model": "huge"})
+            unserved_print = http.post("/v1/embeddings", json={"input": "x", "model": "0123456789abcdef0123"})
+            by_path_tail = http.post("/v1/embeddings", json={"input": "x", "model": checkpoints["b"].name,
+                                                            "dimensions": 8})
             metrics = http.get("/metrics").text
             small = client.embed(["x"], dimension=8)
     finally:
         bridge.stop()
-    for reply in (by_name, by_print):
+    for reply in (by_name, by_print, by_path_tail):
         assert reply.status_code == 200, reply.text
         assert reply.headers["x-model-fingerprint"] == printed
         np.testing.assert_allclose(reply.json()["data"][0]["embedding"], other.embeddings[0], atol=1e-6)
@@ -254,6 +257,7 @@ def test_the_bridge_routes_model_to_the_daemons_model_of_that_name(daemons, chec
     np.testing.assert_allclose(seed.json()["embeddings"][0], small.embeddings[0], atol=1e-6)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert missing.json()["error"]["served"] == ["small", "other"]
+    assert unserved_print.status_code == 404 and unserved_print.json()["error"]["code"] == "model_not_found"
     assert 'qwen3vl_daemon_model_loads_total{model="embedding:other"} 1.0' in metrics
     assert 'qwen3vl_daemon_model_state{model="embedding:other",state="loaded"} 1.0' in metrics
 
@@ -298,3 +302,18 @@ def test_the_command_line_refuses_model_lists_that_cannot_work_naming_the_value(
 
     result = CliRunner().invoke(cli, ["serve", "--endpoint", f"ipc://{tmp_path}/d.sock", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_two_models_of_one_fingerprint_never_share_cached_vectors(daemons, checkpoints, tmp_path):
+    daemon = daemons(tmp_path / "d", "--embedding-model", f"full={checkpoints['a']}",
+                     "--embedding-model", f"short={checkpoints['a']}", "--model-setting", "short.max-length=16",
+                     "--cache-bytes", "10000000")
+    long_text = ["a long text " * 60]
+    with daemon.client() as client:
+        short = client.embed(long_text, model="short")
+        full = client.embed(long_text, model="full")
+        again = client.embed(long_text, model="full")
+    assert short.fingerprint == full.fingerprint  # the same files: the same fingerprint
+    assert short.tokens <= 16 < full.tokens and again.tokens == 0  # the second "full" is a hit, its own
+    assert not np.allclose(short.embeddings, full.embeddings)
+    assert np.array_equal(full.embeddings, again.embeddings)

@@ -233,7 +233,7 @@ def test_a_budget_for_two_models_unloads_the_least_recently_used_idle_one_first(
 
 
 def test_a_load_that_cannot_fit_beside_models_in_use_is_refused_naming_the_budget(engines):
-    builds, residency = Builds(), Residency(gate=gate_of(15))
+    builds, residency = Builds(), Residency(gate=gate_of(15), room_wait_s=0.3)
     release = threading.Event()
     engine = engines(residency, [(card("a", default=True, estimate_mb=10), builds("a")),
                                  (card("b", estimate_mb=10), builds("b"))])
@@ -245,7 +245,7 @@ def test_a_load_that_cannot_fit_beside_models_in_use_is_refused_naming_the_budge
     outcome = refused.wait()
     release.set()
     assert isinstance(outcome, RequestError) and outcome.code is ErrorCode.OVERLOADED
-    assert "--memory-budget 15.7 MB" in outcome.message and "'a'" in outcome.message
+    assert "--memory-budget 15.7 MB" in outcome.message and "'a' in use for 0.3 s: retry later" in outcome.message
     assert residency.state("embedding:b") is ModelState.UNLOADED and builds.count.get("b") is None
     assert not isinstance(busy.wait(), RequestError)
 
@@ -372,3 +372,86 @@ def test_a_model_field_that_is_not_a_name_is_an_invalid_request_naming_it(op, bo
         parse_request({"op": op, **body, "model": value}, Limits(), MediaPolicy())
     assert err.value.code is ErrorCode.INVALID_REQUEST and err.value.message.startswith("model:")
     assert parse_request({"op": op, **body, "model": None}, Limits(), MediaPolicy()).model is None
+
+
+# -- the hostile review's findings -----------------------------------------------------------------
+def test_a_keep_alive_of_years_does_not_stop_the_loader(engines):
+    from daemon.catalog import MAX_DURATION_S
+
+    builds, residency = Builds(), Residency()
+    engine = engines(residency, [(card("a", default=True, keep_alive_s=MAX_DURATION_S), builds("a")),
+                                 (card("b"), builds("b"))])
+    for key in ("embedding:a", "embedding:b"):  # b's load comes after a's keep-alive began
+        done = Done()
+        engine.submit(job(key), done)
+        assert not isinstance(done.wait(), RequestError), done.outcome
+    with pytest.raises(CatalogError, match="longer than ten years"):
+        parse_duration("999999999d")
+
+
+def test_models_only_queued_to_load_hold_no_memory(engines):
+    builds, residency = Builds(), Residency(gate=gate_of(15))  # room for one model at a time
+    builds.gates["c"] = threading.Event()
+    engine = engines(residency, [(card(n, default=n == "a", estimate_mb=10), builds(n)) for n in "abc"])
+    answers = {n: Done() for n in "cab"}
+    for name, done in answers.items():  # c loads; a and b wait their turn
+        engine.submit(job(f"embedding:{name}"), done)
+        assert builds.started["c"].wait(5)
+    builds.gates["c"].set()
+    for name, done in answers.items():
+        assert not isinstance(done.wait(), RequestError), (name, done.outcome)
+    assert {n: residency.state(f"embedding:{n}") for n in "abc"} == {
+        "a": ModelState.UNLOADED, "b": ModelState.LOADED, "c": ModelState.UNLOADED}
+
+
+def test_a_load_nobody_waits_for_any_more_is_skipped(engines):
+    builds, residency = Builds(), Residency()
+    builds.gates["first"] = threading.Event()
+    engine = engines(residency, [(card("first", default=True), builds("first")), (card("late"), builds("late"))])
+    engine.submit(job("embedding:first"), Done())
+    assert builds.started["first"].wait(5)
+    gone = Done()
+    engine.submit(job("embedding:late", deadline_ms=50), gone)  # queued behind first's load
+    time.sleep(0.1)
+    engine.expire()
+    assert gone.wait().code is ErrorCode.DEADLINE_EXCEEDED
+    builds.gates["first"].set()
+    time.sleep(0.3)
+    assert builds.count.get("late") is None and residency.state("embedding:late") is ModelState.UNLOADED
+
+
+def test_a_refused_admission_leaves_its_model_unheld(engines):
+    builds, residency = Builds(), Residency()
+    engine = engines(residency, [(card("a", default=True), builds("a"))],
+                     batching=Batching(max_batch_size=8, prep_workers=1, max_wait_ms=0.0, max_queued_inputs=1))
+    item = InputItem("inputs[0]", texts=("x",))
+    two = Job(size=2, tasks=[Task("embedding:a", i, EmbedWork(item, None), f"inputs[{i}]") for i in range(2)])
+    with pytest.raises(RequestError):
+        engine.submit(two, Done())
+    assert residency.rows()[0]["active"] == 0
+
+
+def test_names_that_read_as_fingerprints_or_as_another_models_path_are_refused():
+    with pytest.raises(CatalogError, match="reads as a fingerprint"):
+        check_names([(EMBEDDING, ModelSettings("/m/x", alias="0123456789abcdef0123"))])
+    with pytest.raises(CatalogError, match="also the path of another"):
+        check_names([(EMBEDDING, ModelSettings("ckptA", alias="x")), (EMBEDDING, ModelSettings("/m/b", alias="ckptA"))])
+
+
+def test_a_renamed_model_is_still_found_by_its_paths_last_part_when_only_one_has_it():
+    cards = [card("small", default=True), card("big")]  # sources /models/small, /models/big
+    renamed = [replace(c, name=f"n{i}") for i, c in enumerate(cards)]
+    assert resolve(renamed, EMBEDDING, "big", None).name == "n1"
+    twins = [replace(cards[0], name="one", source="/a/model"), replace(cards[1], name="two", source="/b/model")]
+    with pytest.raises(RequestError) as ambiguous:
+        resolve(twins, EMBEDDING, "model", None)
+    assert ambiguous.value.code is ErrorCode.UNKNOWN_MODEL
+
+
+def test_a_fingerprint_no_model_has_is_refused_listing_every_models_fingerprint():
+    cards = [card("small", default=True), card("big")]
+    with pytest.raises(RequestError) as err:
+        resolve(cards, EMBEDDING, None, "f" * 20)
+    assert err.value.code is ErrorCode.MODEL_MISMATCH and err.value.details == {"expected": "f" * 20,
+                                                                                 "actual": "fp-small"}
+    assert "'small' fp-small, 'big' fp-big" in err.value.message
