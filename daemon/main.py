@@ -255,10 +255,12 @@ def config_from_options(o: dict) -> DaemonConfig:
     reranker = kind("--reranker-model", o["reranker_models"], o["reranker_max_length"], o["reranker_quantize"])
     try:
         check_names([("embedding", m) for m in embedding] + [("reranker", m) for m in reranker])
+    except CatalogError as exc:
+        raise click.BadParameter(str(exc), param_hint="--embedding-model/--reranker-model") from None
+    try:
         every = apply_settings(embedding + reranker, o["model_settings"])
     except CatalogError as exc:
-        raise click.BadParameter(str(exc), param_hint="--model-setting" if "--model-setting" in str(exc)
-                                 else "--embedding-model/--reranker-model") from None
+        raise click.BadParameter(str(exc), param_hint="--model-setting") from None
     embedding, reranker = every[:len(embedding)], every[len(embedding):]
 
     roots = tuple(Path(p) for entry in o["allow_paths"] for p in str(entry).split(":") if p)

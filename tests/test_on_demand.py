@@ -294,6 +294,7 @@ def test_none_disables_a_kind_dropping_the_models_given_before_it(monkeypatch):
     (["--embedding-model", "/m/x/model", "--embedding-model", "/m/y/model"], "two embedding models are named 'model'"),
     (["--model-setting", "nobody.dtype=float32"], "no model is named 'nobody'"),
     (["--keep-alive", "a while"], "not a duration"),
+    (["--embedding-model", "a=/m/a", "--model-setting", "a.keep-alive=999999999d"], "Invalid value for --model-setting"),
 ])
 def test_the_command_line_refuses_model_lists_that_cannot_work_naming_the_value(args, message, tmp_path):
     from click.testing import CliRunner
