@@ -249,7 +249,7 @@ def _check_fit(config: DaemonConfig, configured: list, directories: list[Path]) 
     import torch
 
     from .engine import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
-    from .fit import Plan, check_fit, checkpoint_shape, device_free, estimate, size
+    from .fit import Plan, check_fit, checkpoint_shape, device_free, plan_estimates, size
     from .models import resolve_device, resolve_dtype
     from .weights import FP8, FormatError, check_format, parse_format
 
@@ -279,7 +279,7 @@ def _check_fit(config: DaemonConfig, configured: list, directories: list[Path]) 
             except ModelLoadError as exc:
                 raise ModelLoadError(f"the {kind} model {settings.served_name!r} would not fit even alone: {exc}"
                                      ) from None
-    found = [estimate(p.kind, p.shape, p.fmt, p.dtype, tokens) for p in plans]
+    found = plan_estimates(plans, tokens)
     log.info("memory estimate: %s, and %s to run a batch of %d tokens; %s", ", ".join(
         f"{s.served_name} weights {size(e.weights_bytes)}" for (_, s, _), e in zip(configured, found)),
         size(max(e.working_bytes for e in found)), tokens, free.source)

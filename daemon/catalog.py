@@ -46,10 +46,6 @@ def parse_duration(text: str) -> float | None:
     return seconds
 
 
-def describe_duration(seconds: float | None) -> str:
-    return "forever" if seconds is None else f"{seconds:g}s"
-
-
 def split_spec(spec: str) -> tuple[str | None, str]:
     """`NAME=SOURCE` as (NAME, SOURCE); a plain source (whatever '=' it holds after a '/') as (None, source)."""
     head, sep, tail = spec.partition("=")

@@ -20,7 +20,7 @@ from .cache import EmbeddingCache, cache_key
 from .catalog import ModelCard
 from .config import DaemonConfig
 from .engine import Engine, Job, JobResult, Task
-from .errors import RequestError, invalid
+from .errors import invalid
 from .inputs import InputItem
 from .metrics import Metrics
 from .models import cut_and_normalize
@@ -68,7 +68,7 @@ class Handler:
     def finish(self, request: Request, job: Job, result: JobResult) -> Reply:
         raise NotImplementedError
 
-    def small_reply(self, request: Request) -> bool:
+    def small_reply(self, request: Request, job: Job) -> bool:
         """Whether the reply is cheap enough to encode on the socket thread."""
         return True
 
@@ -169,12 +169,8 @@ class EmbedHandler(Handler):
             raise invalid(f"dimension: the operator's int8 calibration has no ranges for dimension {dimension} "
                           f"(it covers {covered}); ask for one of those, or float32")
 
-    def small_reply(self, request: EmbedRequest) -> bool:
-        try:
-            card = self.ctx.engine.models.resolve(EMBEDDING, request.model, request.expect_fingerprint)
-        except RequestError:  # answered already (the reply is an error): any thread encodes it
-            card = None
-        floats = len(request.inputs) * (self._dimension(request, card) or 4096)
+    def small_reply(self, request: EmbedRequest, job: Job) -> bool:
+        floats = len(request.inputs) * (self._dimension(request, job.context.card) or 4096)
         return floats <= (INLINE_REPLY_FLOATS if request.encoding == "float32" else INLINE_REPLY_LIST_FLOATS)
 
     def _dimension(self, request: EmbedRequest, card: ModelCard | None, full: int | None = None) -> int | None:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .catalog import TASKS, ModelCard, resolve
 from .errors import ErrorCode, ModelLoadError, RequestError
+from .fit import size
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ class ModelState(str, Enum):
     LOADING = "loading"
     LOADED = "loaded"
     FAILED = "failed"
-
-
-def size(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 @dataclass
@@ -141,18 +138,11 @@ class Residency:
     def serves(self, name: str) -> bool:
         return name in self._residents
 
-    def card(self, key: str) -> ModelCard:
-        return self._residents[key].card
-
     def resolve(self, task: str, model: str | None, fingerprint: str | None) -> ModelCard:
         return resolve(self.cards(), task, model, fingerprint)
 
     def state(self, name: str) -> ModelState:
         return self._residents[name].state
-
-    def info(self, name: str):
-        """The model's BackendInfo from its last load (None before the first)."""
-        return self._residents[name].info
 
     # -- serving (any thread) --------------------------------------------------------------------
     def hold(self, name: str) -> None:
@@ -269,15 +259,12 @@ class Residency:
         except NoRoom as exc:
             self._failed(resident, RequestError(ErrorCode.OVERLOADED, f"model: {exc}"), ModelState.UNLOADED)
             return
-        except ModelLoadError as exc:
+        except Exception as exc:  # a fault no check foresaw (not a ModelLoadError) is logged whole; the rest serve
+            if not isinstance(exc, ModelLoadError):
+                log.exception("loading %s failed unexpectedly", card.describe())
+            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {str(exc)[:200]}"
             self._failed(resident, RequestError(ErrorCode.NOT_LOADED, f"model: {card.describe()} could not be "
-                                                                      f"loaded: {exc}"))
-            return
-        except Exception as exc:  # a bug or a fault no check foresaw: this model fails, the rest serve
-            log.exception("loading %s failed unexpectedly", card.describe())
-            self._failed(resident, RequestError(ErrorCode.NOT_LOADED, f"model: {card.describe()} could not be "
-                                                                      f"loaded: {type(exc).__name__}: "
-                                                                      f"{str(exc)[:200]}"))
+                                                                      f"loaded: {reason}"))
             return
         self._installed(resident, backend, began)
 
@@ -346,9 +333,6 @@ class Residency:
             resident.state, resident.backend = ModelState.UNLOADED, None
             resident.unloads += 1
             del self.loaded[resident.card.key]
-        release = getattr(backend, "release", None)
-        if release is not None:
-            release()
         del backend
         gc.collect()  # the model's modules hold reference cycles: free them now, not at the next collection
         self._release_memory()

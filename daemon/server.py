@@ -444,7 +444,7 @@ class Server:
         their reply is small, else on the reply thread (which posts the bytes back)."""
         for item in self.outbox.take():
             if isinstance(item, Finished) and isinstance(item.outcome, JobResult) \
-                    and not item.handler.small_reply(item.request):
+                    and not item.handler.small_reply(item.request, item.job):
                 try:
                     self._encoder.submit(self._encode_to_outbox, item)
                     continue

@@ -193,12 +193,13 @@ def test_a_model_idle_past_its_keep_alive_is_unloaded_and_loads_again_when_asked
 
 def test_a_model_in_use_is_never_unloaded(engines):
     builds, residency = Builds(), Residency()
-    release = threading.Event()
-    builds.forwards["a"] = lambda batch: (release.wait(10), [np.ones(8, np.float32)] * len(batch))[1]
+    release, forwarding = threading.Event(), threading.Event()
+    builds.forwards["a"] = lambda batch: (forwarding.set(), release.wait(10), [np.ones(8, np.float32)] * len(batch))[2]
     engine = engines(residency, [(card("a", default=True, keep_alive_s=0.0), builds("a"))])
     busy = Done()
     engine.submit(job("embedding:a", "busy"), busy)
-    time.sleep(0.3)
+    assert forwarding.wait(10)
+    time.sleep(0.3)  # the loader's chance to unload it, were it idle
     assert residency.state("embedding:a") is ModelState.LOADED  # a keep-alive of 0, but in use
     release.set()
     assert not isinstance(busy.wait(), RequestError)
@@ -407,7 +408,8 @@ def test_models_only_queued_to_load_hold_no_memory(engines):
 def test_a_load_nobody_waits_for_any_more_is_skipped(engines):
     builds, residency = Builds(), Residency()
     builds.gates["first"] = threading.Event()
-    engine = engines(residency, [(card("first", default=True), builds("first")), (card("late"), builds("late"))])
+    engine = engines(residency, [(card("first", default=True), builds("first")), (card("late"), builds("late")),
+                                 (card("probe"), builds("probe"))])
     engine.submit(job("embedding:first"), Done())
     assert builds.started["first"].wait(5)
     gone = Done()
@@ -415,8 +417,10 @@ def test_a_load_nobody_waits_for_any_more_is_skipped(engines):
     time.sleep(0.1)
     engine.expire()
     assert gone.wait().code is ErrorCode.DEADLINE_EXCEEDED
+    probe = Done()
+    engine.submit(job("embedding:probe"), probe)  # queued behind late: its answer means late's turn is past
     builds.gates["first"].set()
-    time.sleep(0.3)
+    assert not isinstance(probe.wait(), RequestError)
     assert builds.count.get("late") is None and residency.state("embedding:late") is ModelState.UNLOADED
 
 
