@@ -3,8 +3,10 @@ requests in flight on one socket per daemon). Both speak PROTOCOL.md over DEALER
 
 Both take one endpoint or several (a list, or one string with commas): requests go round-robin over
 the daemons, and a request whose daemon is not connected, times out, or is draining is retried on the
-next one (every op is idempotent), within the request's own timeout. tcp:// endpoints may use
-ZeroMQ's CURVE encryption and authentication (`CurveKeys`).
+next one (every op is idempotent), within the request's own timeout. A `dns+tcp://HOST:PORT` entry
+stands for every address of HOST, looked up again every $QWEN3VL_DNS_REFRESH seconds (discovery.py).
+tcp:// endpoints (and those a DNS name gives) may use ZeroMQ's CURVE encryption and authentication
+(`CurveKeys`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from .config import client_endpoint
+from .discovery import Discovery, Resolver, is_ipv6
 from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel, checked,
                        decode_reply, embed_request, health_request, pack, rerank_request, with_deadline)
 
@@ -69,6 +72,8 @@ def _configure(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None) -> zmq.
     sock.immediate = 1
     sock.reconnect_ivl = 100
     sock.reconnect_ivl_max = 1000
+    if is_ipv6(endpoint):
+        sock.ipv6 = 1
     if curve is not None:
         sock.curve_serverkey = curve.server_public
         sock.curve_publickey = curve.client_public
@@ -96,31 +101,30 @@ def _message(request_id: int, payload: dict, timeout: float) -> list[bytes]:
 
 
 class Rotation:
-    """Round robin over the daemons, shared by every request of one client."""
+    """Round robin over the daemons, shared by every request of one client (the set may change)."""
 
-    def __init__(self, daemons: int):
-        self.daemons = daemons
+    def __init__(self) -> None:
         self._next = 0
 
-    def take(self) -> int:
-        index, self._next = self._next, (self._next + 1) % self.daemons
+    def take(self, daemons: int) -> int:
+        index, self._next = self._next % daemons, self._next + 1
         return index
 
 
 class Failover:
-    """One request's tries over the daemons: each daemon once at most, in the client's round robin,
-    within the request's own time. A try that finds no daemon connected, times out, or is answered by
-    a draining daemon moves on to the next; the last failure is the answer."""
+    """One request's tries over the daemons it found: each once at most, in the client's round
+    robin, within the request's own time. A try that finds no daemon connected, times out, or is
+    answered by a draining daemon moves on to the next; the last failure is the answer."""
 
-    def __init__(self, rotation: Rotation, timeout: float, clock: Callable[[], float]):
-        self.daemons, self._rotation, self._clock = rotation.daemons, rotation, clock
+    def __init__(self, rotation: Rotation, daemons: int, timeout: float, clock: Callable[[], float]):
+        self.daemons, self._rotation, self._clock = daemons, rotation, clock
         self._deadline = clock() + timeout
         self._failure: Exception | dict | None = None  # an exception, or a draining reply
 
     def tries(self):
         """(daemon index, seconds left) for each try; the caller reports each outcome."""
         for _ in range(self.daemons):
-            index = self._rotation.take()
+            index = self._rotation.take(self.daemons)
             remaining = self._deadline - self._clock()
             if remaining <= 0:
                 return
@@ -142,6 +146,11 @@ class Failover:
         raise self._failure or DaemonTimeout(f"no reply from {endpoint} in time")
 
 
+def _discovery(endpoint: str | list[str] | None, resolver: Resolver | None,
+               dns_refresh_s: float | None) -> Discovery:
+    return Discovery(split_endpoints(endpoint), resolver, dns_refresh_s)
+
+
 class Client:
     """A blocking client, safe to share between threads (one request on the wire at a time).
 
@@ -150,8 +159,10 @@ class Client:
     """
 
     def __init__(self, endpoint: str | list[str] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None, connect_timeout: float = 1.0, curve: CurveKeys | None = None):
-        self.endpoints = split_endpoints(endpoint)
+                 context: zmq.Context | None = None, connect_timeout: float = 1.0, curve: CurveKeys | None = None,
+                 resolver: Resolver | None = None, dns_refresh_s: float | None = None):
+        self._discovery = _discovery(endpoint, resolver, dns_refresh_s)
+        self.endpoints = self._discovery.configured
         self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -159,19 +170,45 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._socks = [self._open(ep) for ep in self.endpoints]
-        self._rotation = Rotation(len(self.endpoints))
+        self._socks: dict[str, zmq.Socket] = {}
+        self._order: list[str] = []
+        self._version = -1
+        self._rotation = Rotation()
+        self._sync(0)  # connect now: the first request then finds its daemons connected
+
+    def daemons(self) -> list[str]:
+        """The endpoints requests go to now (a DNS name's addresses as last looked up)."""
+        return self._discovery.current()[1]
 
     def _open(self, endpoint: str) -> zmq.Socket:
         return _configure(self._ctx.socket(zmq.DEALER), endpoint, self.curve)
 
+    def _sync(self, wait_s: float) -> None:
+        """Follow the daemon set: sockets for new endpoints, gone ones closed (no request is on the
+        wire here: requests take the lock)."""
+        if self._discovery.names and not self._order:
+            self._discovery.wait_first(wait_s)
+        version, endpoints = self._discovery.current()
+        if version == self._version:
+            return
+        for gone in set(self._socks) - set(endpoints):
+            self._socks.pop(gone).close(linger=0)
+        for endpoint in endpoints:
+            if endpoint not in self._socks:
+                self._socks[endpoint] = self._open(endpoint)
+        self._order, self._version = endpoints, version
+
     def request(self, payload: dict, timeout: float | None = None) -> dict:
         """Send one payload and return the reply map (errors are in it, not raised)."""
+        timeout = self.timeout if timeout is None else timeout
         with self._lock:
-            plan = Failover(self._rotation, self.timeout if timeout is None else timeout, time.monotonic)
+            self._sync(min(self.connect_timeout, timeout))
+            if not self._order:
+                raise DaemonUnavailable(f"{self.endpoint}: {self._discovery.describe_empty()}")
+            plan = Failover(self._rotation, len(self._order), timeout, time.monotonic)
             for index, remaining in plan.tries():
                 try:
-                    reply = self._request_on(index, payload, remaining)
+                    reply = self._request_on(self._order[index], payload, remaining)
                 except (DaemonUnavailable, DaemonTimeout) as exc:
                     plan.failed(exc)
                     continue
@@ -179,8 +216,8 @@ class Client:
                     return reply
             return plan.give_up(self.endpoint)
 
-    def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
-        sock, endpoint = self._socks[index], self.endpoints[index]
+    def _request_on(self, endpoint: str, payload: dict, timeout: float) -> dict:
+        sock = self._socks[endpoint]
         if not sock.poll(int(min(self.connect_timeout, timeout) * 1000), zmq.POLLOUT):
             raise DaemonUnavailable(f"no daemon is connected on {endpoint}")
         request_id = next(self._ids)
@@ -191,7 +228,7 @@ class Client:
             if frames[0] == _tag(request_id):
                 return decode_reply(frames[-1])
         sock.close(linger=0)
-        self._socks[index] = self._open(endpoint)
+        self._socks[endpoint] = self._open(endpoint)
         raise DaemonTimeout(f"no reply from {endpoint} within {timeout:g}s")
 
     def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
@@ -215,14 +252,31 @@ class Client:
         return checked(self.request(health_request(), timeout))
 
     def close(self) -> None:
-        for sock in self._socks:
-            sock.close(linger=0)
+        self._discovery.close()
+        with self._lock:
+            for sock in self._socks.values():
+                sock.close(linger=0)
+            self._socks, self._order, self._version = {}, [], -1
 
     def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Peer:
+    """One daemon of an AsyncClient: its socket, the task reading its replies, its requests on the wire."""
+
+    sock: zmq.asyncio.Socket
+    reader: asyncio.Task
+    in_flight: int = 0
+    retired: bool = False  # gone from the set: closed once its requests on the wire are answered
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.sock.close(linger=0)
 
 
 class AsyncClient:
@@ -232,11 +286,15 @@ class AsyncClient:
     Requests are only queued to a connected daemon (ZMQ_IMMEDIATE): while none is connected, a
     request waits up to `connect_timeout` per daemon and then fails with DaemonUnavailable instead of
     being delivered long after its caller gave up. ZeroMQ reconnects by itself when a daemon is back.
+    A daemon that leaves a DNS name's set gets no new requests; its socket is closed once the ones it
+    holds are answered (a draining pod still answers them).
     """
 
     def __init__(self, endpoint: str | list[str] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout: float = 1.0, curve: CurveKeys | None = None):
-        self.endpoints = split_endpoints(endpoint)
+                 connect_timeout: float = 1.0, curve: CurveKeys | None = None,
+                 resolver: Resolver | None = None, dns_refresh_s: float | None = None):
+        self._discovery = _discovery(endpoint, resolver, dns_refresh_s)
+        self.endpoints = self._discovery.configured
         self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -244,17 +302,39 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._socks: list[zmq.asyncio.Socket] = []
-        self._readers: list[asyncio.Task] = []
-        self._rotation = Rotation(len(self.endpoints))
+        self._peers: dict[str, _Peer] = {}
+        self._order: list[str] = []
+        self._version = -1
+        self._rotation = Rotation()
 
-    def _ensure_open(self) -> None:
-        if not self._socks:
-            loop = asyncio.get_running_loop()
-            for endpoint in self.endpoints:
+    def daemons(self) -> list[str]:
+        """The endpoints requests go to now (a DNS name's addresses as last looked up)."""
+        return self._discovery.current()[1]
+
+    async def _sync(self, wait_s: float) -> None:
+        if self._discovery.names and not self._order:
+            await asyncio.get_running_loop().run_in_executor(None, self._discovery.wait_first, wait_s)
+        version, endpoints = self._discovery.current()
+        if version == self._version:
+            return
+        self._order, self._version = endpoints, version  # first: no await below, no other request interleaves
+        loop = asyncio.get_running_loop()
+        for endpoint in endpoints:
+            peer = self._peers.get(endpoint)
+            if peer is None:
                 sock = _configure(self._ctx.socket(zmq.DEALER), endpoint, self.curve)
-                self._socks.append(sock)
-                self._readers.append(loop.create_task(self._read(sock)))
+                self._peers[endpoint] = _Peer(sock, loop.create_task(self._read(sock)))
+            else:
+                peer.retired = False
+        for endpoint in set(self._peers) - set(endpoints):
+            self._peers[endpoint].retired = True
+            self._close_if_idle(endpoint)
+
+    def _close_if_idle(self, endpoint: str) -> None:
+        peer = self._peers.get(endpoint)
+        if peer is not None and peer.retired and peer.in_flight == 0:
+            del self._peers[endpoint]
+            peer.close()
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -267,11 +347,17 @@ class AsyncClient:
                     future.set_exception(exc)
 
     async def request(self, payload: dict, timeout: float | None = None) -> dict:
-        self._ensure_open()
-        plan = Failover(self._rotation, self.timeout if timeout is None else timeout, asyncio.get_running_loop().time)
+        timeout = self.timeout if timeout is None else timeout
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        await self._sync(min(self.connect_timeout, timeout))
+        order = self._order
+        if not order:
+            raise DaemonUnavailable(f"{self.endpoint}: {self._discovery.describe_empty()}")
+        plan = Failover(self._rotation, len(order), timeout - (clock() - started), clock)
         for index, remaining in plan.tries():
             try:
-                reply = await self._request_on(index, payload, remaining)
+                reply = await self._request_on(order[index], payload, remaining)
             except (DaemonUnavailable, DaemonTimeout) as exc:
                 plan.failed(exc)
                 continue
@@ -279,8 +365,18 @@ class AsyncClient:
                 return reply
         return plan.give_up(self.endpoint)
 
-    async def _request_on(self, index: int, payload: dict, timeout: float) -> dict:
-        sock, endpoint = self._socks[index], self.endpoints[index]
+    async def _request_on(self, endpoint: str, payload: dict, timeout: float) -> dict:
+        peer = self._peers.get(endpoint)
+        if peer is None:  # closed meanwhile (left the set and idle)
+            raise DaemonUnavailable(f"{endpoint} is no longer among the daemons")
+        peer.in_flight += 1
+        try:
+            return await self._exchange(peer.sock, endpoint, payload, timeout)
+        finally:
+            peer.in_flight -= 1
+            self._close_if_idle(endpoint)
+
+    async def _exchange(self, sock: zmq.asyncio.Socket, endpoint: str, payload: dict, timeout: float) -> dict:
         if not await sock.poll(int(min(self.connect_timeout, timeout) * 1000), zmq.POLLOUT):
             raise DaemonUnavailable(f"no daemon is connected on {endpoint}")
         request_id = next(self._ids)
@@ -310,11 +406,10 @@ class AsyncClient:
         return checked(await self.request(health_request(), timeout))
 
     async def close(self) -> None:
-        for task in self._readers:
-            task.cancel()
-        for sock in self._socks:
-            sock.close(linger=0)
-        self._socks, self._readers = [], []
+        self._discovery.close()
+        for peer in self._peers.values():
+            peer.close()
+        self._peers, self._order, self._version = {}, [], -1
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -243,8 +243,8 @@ def test_async_client_works_as_an_async_context_manager_and_closes(daemon):
     async def main():
         async with AsyncClient(daemon.endpoint, timeout=60) as client:
             health = await client.health()
-            opened = len(client._socks)
-        return health, opened, len(client._socks)
+            opened = len(client._peers)
+        return health, opened, len(client._peers)
 
     health, opened, after = asyncio.run(main())
     assert health["status"] == "ready" and opened == 1 and after == 0

@@ -12,6 +12,9 @@
 //! request whose daemon is not connected, does not answer in time, or is draining is tried on the
 //! next one, within the call's own timeout. A daemon that is not connected is known at once
 //! (ZMQ_IMMEDIATE): the call fails with `Unavailable` after `connect_timeout`, not the whole timeout.
+//! An entry `dns+tcp://HOST:PORT` stands for every address of HOST (a Kubernetes headless Service:
+//! one per ready pod), looked up again every `QWEN3VL_DNS_REFRESH` seconds (`discovery`); `tcp://`
+//! daemons, found by DNS or not, may require CURVE (`Client::with_curve`).
 //! Every embed and rerank carries the time the caller has left as `deadline_ms`, so the daemon
 //! drops work nobody waits for any more.
 //!
@@ -23,14 +26,19 @@
 //! fingerprint without a name is answered by the model that has it.
 //! `embed_with` also returns compact vectors (`Encoding::Int8`, `Uint8`, `Binary`, `Ubinary`).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 pub mod adapter;
+pub mod discovery;
+
+pub use discovery::Resolver;
+use discovery::Discovery;
 
 /// Every failure, one variant per protocol error code, plus transport failures.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +77,10 @@ pub enum Error {
     Transport(#[from] zmq::Error),
     #[error("malformed message: {0}")]
     Protocol(String),
+    /// The client's endpoint list or settings cannot work (a malformed `dns+tcp://` entry, a bad
+    /// `QWEN3VL_DNS_REFRESH`, unreadable CURVE keys): every call fails with this until fixed.
+    #[error("{0}")]
+    Config(String),
     /// A file the client was asked to send could not be read (missing, unreadable, or over the
     /// size the client sends: `adapter::DaemonPipeline::max_image_file_bytes`).
     #[error("cannot read {}: {source}", path.display())]
@@ -430,16 +442,71 @@ pub struct ServedModel {
     pub error: Option<String>,
 }
 
-/// One daemon of a client's list: its endpoint and its idle sockets.
+/// One daemon of a client's list: its endpoint and its idle sockets. A call holds its `Arc`, so a
+/// daemon that leaves a DNS name's set still answers the calls on its sockets.
 struct Daemon {
     endpoint: String,
     idle: Mutex<Vec<zmq::Socket>>,
 }
 
+/// CURVE keys for `tcp://` daemons started with `--curve-secret-key` (32-byte keys).
+#[derive(Clone)]
+pub struct CurveKeys {
+    server_public: Vec<u8>,
+    client_public: Vec<u8>,
+    client_secret: Vec<u8>,
+}
+
+impl CurveKeys {
+    /// From the z85 text of the daemon's public key and this client's key pair.
+    pub fn new(server_public: &str, client_public: &str, client_secret: &str) -> Result<CurveKeys> {
+        let key = |what: &str, text: &str| {
+            zmq::z85_decode(text).ok().filter(|k| k.len() == 32)
+                .ok_or_else(|| Error::Config(format!("{what} is not a z85 CURVE key (40 characters)")))
+        };
+        Ok(CurveKeys { server_public: key("the server's public key", server_public)?,
+                       client_public: key("the client's public key", client_public)?,
+                       client_secret: key("the client's secret key", client_secret)? })
+    }
+
+    /// From the files `qwen3vl-daemon keygen` writes: the daemon's `NAME.key` and this client's
+    /// `NAME.key_secret` (the same files the Python client and the bridge take).
+    pub fn from_files(server_public_file: impl AsRef<Path>, client_secret_file: impl AsRef<Path>) -> Result<CurveKeys> {
+        let (server, _) = read_certificate(server_public_file.as_ref())?;
+        let (public, secret) = read_certificate(client_secret_file.as_ref())?;
+        let secret = secret.ok_or_else(|| Error::Config(format!("{} holds no secret key",
+                                                                 client_secret_file.as_ref().display())))?;
+        CurveKeys::new(&server, &public, &secret)
+    }
+}
+
+/// A ZeroMQ certificate file's `public-key` and `secret-key` (z85 text).
+fn read_certificate(path: &Path) -> Result<(String, Option<String>)> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::File { path: path.to_path_buf(), source })?;
+    let value = |name: &str| text.lines().map(str::trim).find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == name).then(|| value.trim().trim_matches('"').to_string())
+    });
+    let public = value("public-key")
+        .ok_or_else(|| Error::Config(format!("{} holds no CURVE public-key", path.display())))?;
+    Ok((public, value("secret-key")))
+}
+
+/// The daemons a call may go to now, and the discovery version they were built from.
+struct DaemonSet {
+    version: u64,
+    daemons: Arc<Vec<Arc<Daemon>>>,
+}
+
 /// A client of one daemon or several. Cheap to share: `Client` is `Send + Sync`.
 pub struct Client {
     ctx: zmq::Context,
-    daemons: Vec<Daemon>,
+    endpoints: Vec<String>,
+    discovery: std::result::Result<Discovery, String>,
+    resolver: Resolver,
+    refresh: std::result::Result<Duration, String>,
+    set: RwLock<DaemonSet>,
+    curve: Option<CurveKeys>,
     timeout: Duration,
     connect_timeout: Duration,
     next: AtomicUsize,
@@ -460,18 +527,47 @@ pub fn split_endpoints(endpoint: &str) -> Vec<String> {
 }
 
 impl Client {
-    /// A client for `endpoint`: one (`ipc:///run/qwen3vl/daemon.sock`) or several, comma-separated.
-    /// `timeout` bounds every call, failover included; a daemon that is not connected is given up
-    /// on after one second (see `with_connect_timeout`).
+    /// A client for `endpoint`: one (`ipc:///run/qwen3vl/daemon.sock`) or several, comma-separated,
+    /// each maybe `dns+tcp://HOST:PORT`. `timeout` bounds every call, failover included; a daemon
+    /// that is not connected is given up on after one second (see `with_connect_timeout`).
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> Client {
         let endpoint = endpoint.into();
-        let mut parts = split_endpoints(&endpoint);
-        if parts.is_empty() {
-            parts.push(endpoint); // connecting to it reports the mistake
+        let mut endpoints = split_endpoints(&endpoint);
+        if endpoints.is_empty() {
+            endpoints.push(endpoint); // connecting to it reports the mistake
         }
-        let daemons = parts.into_iter().map(|endpoint| Daemon { endpoint, idle: Mutex::new(Vec::new()) }).collect();
-        Client { ctx: zmq::Context::new(), daemons, timeout, connect_timeout: Duration::from_secs(1),
-                 next: AtomicUsize::new(0), next_tag: AtomicU64::new(1) }
+        let (resolver, refresh) = (discovery::system_resolver(), discovery::refresh_from_env());
+        let discovery = refresh.clone().and_then(|refresh| Discovery::new(&endpoints, resolver.clone(), refresh));
+        Client { ctx: zmq::Context::new(), endpoints, discovery, resolver, refresh,
+                 set: RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) }), curve: None,
+                 timeout, connect_timeout: Duration::from_secs(1), next: AtomicUsize::new(0),
+                 next_tag: AtomicU64::new(1) }
+    }
+
+    /// Look `dns+tcp://` names up with `resolver` (tests; a service registry) instead of the system's.
+    pub fn with_resolver(mut self, resolver: Resolver) -> Client {
+        self.resolver = resolver;
+        self.rediscover()
+    }
+
+    /// Look `dns+tcp://` names up again every `refresh` (default `$QWEN3VL_DNS_REFRESH`, else 10 s).
+    pub fn with_dns_refresh(mut self, refresh: Duration) -> Client {
+        self.refresh = Ok(refresh);
+        self.rediscover()
+    }
+
+    fn rediscover(mut self) -> Client {
+        self.discovery = self.refresh.clone()
+            .and_then(|refresh| Discovery::new(&self.endpoints, self.resolver.clone(), refresh));
+        self.set = RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) });
+        self
+    }
+
+    /// CURVE-encrypt and authenticate every `tcp://` daemon (those a DNS name gives included).
+    pub fn with_curve(mut self, keys: CurveKeys) -> Client {
+        self.curve = Some(keys);
+        self.set = RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) });
+        self
     }
 
     /// How long a call waits for a daemon to be connected before trying the next one.
@@ -501,9 +597,35 @@ impl Client {
         format!("ipc://{own}")
     }
 
-    /// The endpoints, comma-separated.
+    /// The endpoints as configured, comma-separated.
     pub fn endpoint(&self) -> String {
-        self.daemons.iter().map(|d| d.endpoint.as_str()).collect::<Vec<_>>().join(",")
+        self.endpoints.join(",")
+    }
+
+    /// The endpoints calls go to now: plain ones as given, a DNS name's addresses as last looked up.
+    pub fn daemons(&self) -> Result<Vec<String>> {
+        Ok(self.current()?.iter().map(|d| d.endpoint.clone()).collect())
+    }
+
+    /// The daemon set, rebuilt when discovery found another (kept daemons keep their sockets).
+    fn current(&self) -> Result<Arc<Vec<Arc<Daemon>>>> {
+        let discovery = self.discovery.as_ref().map_err(|e| Error::Config(e.clone()))?;
+        let (version, endpoints) = discovery.current();
+        {
+            let set = self.set.read().unwrap();
+            if set.version == version {
+                return Ok(set.daemons.clone());
+            }
+        }
+        let mut set = self.set.write().unwrap();
+        if set.version != version {
+            let daemons = endpoints.iter().map(|endpoint| {
+                set.daemons.iter().find(|d| &d.endpoint == endpoint).cloned()
+                    .unwrap_or_else(|| Arc::new(Daemon { endpoint: endpoint.clone(), idle: Mutex::new(Vec::new()) }))
+            }).collect();
+            *set = DaemonSet { version, daemons: Arc::new(daemons) };
+        }
+        Ok(set.daemons.clone())
     }
 
     fn checkout(&self, daemon: &Daemon) -> Result<zmq::Socket> {
@@ -516,6 +638,14 @@ impl Client {
         sock.set_immediate(true)?;
         sock.set_reconnect_ivl(100)?;
         sock.set_reconnect_ivl_max(1000)?;
+        if daemon.endpoint.starts_with("tcp://[") {
+            sock.set_ipv6(true)?;
+        }
+        if let Some(keys) = &self.curve {
+            sock.set_curve_serverkey(&keys.server_public)?;
+            sock.set_curve_publickey(&keys.client_public)?;
+            sock.set_curve_secretkey(&keys.client_secret)?;
+        }
         sock.connect(&daemon.endpoint)?;
         Ok(sock)
     }
@@ -551,18 +681,23 @@ impl Client {
     /// left; decode a successful reply into `T`, or return the typed error.
     fn call<T: for<'de> Deserialize<'de>>(&self, build: impl Fn(u64) -> Result<Vec<u8>>) -> Result<T> {
         let deadline = Instant::now() + self.timeout;
+        let daemons = self.current()?;
+        if daemons.is_empty() {
+            let why = self.discovery.as_ref().map(Discovery::describe_empty).unwrap_or_default();
+            return Err(Error::Unavailable { endpoint: format!("{} ({why})", self.endpoint()) });
+        }
         let mut last = None;
-        for _ in 0..self.daemons.len() {
+        for _ in 0..daemons.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            let index = self.next.fetch_add(1, Ordering::Relaxed) % self.daemons.len();
+            let index = self.next.fetch_add(1, Ordering::Relaxed) % daemons.len();
             let outcome = build(deadline_ms(left))
-                .and_then(|payload| self.round_trip(&self.daemons[index], &payload, left))
+                .and_then(|payload| self.round_trip(&daemons[index], &payload, left))
                 .and_then(|reply| decode(&reply));
             match outcome {
-                Err(err) if err.try_elsewhere() && self.daemons.len() > 1 => last = Some(err),
+                Err(err) if err.try_elsewhere() && daemons.len() > 1 => last = Some(err),
                 other => return other,
             }
         }

@@ -2,16 +2,17 @@
 //! the daemon installed) and QWEN3VL_TEST_CHECKPOINT (a `qwen3vl-daemon tiny-checkpoint` directory);
 //! scripts/test.sh sets both.
 
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use qwen3vl_client::adapter::{CrossModalTextEncoder, DaemonPipeline, EmbeddingPipeline, ImageEmbeddingPipeline,
                                RerankerPipeline};
-use qwen3vl_client::{Client, EmbedOptions, Encoding, Error, Input, RerankOptions, Vectors};
+use qwen3vl_client::{Client, CurveKeys, EmbedOptions, Encoding, Error, Input, RerankOptions, Resolver, Vectors};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -39,6 +40,13 @@ impl Daemon {
     }
 
     fn start_on(endpoint: String, args: Vec<String>) -> Daemon {
+        let daemon = Daemon::spawn(endpoint, args);
+        daemon.wait_ready_with(&Client::new(daemon.endpoint.clone(), Duration::from_millis(500)));
+        daemon
+    }
+
+    /// Started, not waited for.
+    fn spawn(endpoint: String, args: Vec<String>) -> Daemon {
         let ckpt = env("QWEN3VL_TEST_CHECKPOINT");
         let mut cmd = Command::new(env("QWEN3VL_TEST_PYTHON"));
         cmd.args(["-m", "daemon", "serve", "--endpoint", &endpoint, "--embedding-model", &ckpt,
@@ -47,13 +55,14 @@ impl Daemon {
             .env("QWEN3VL_FINGERPRINT_CACHE", scratch().join("fingerprints.json"))
             .stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().expect("start the daemon");
-        let daemon = Daemon { child: Some(child), endpoint, args };
-        daemon.wait_ready();
-        daemon
+        Daemon { child: Some(child), endpoint, args }
     }
 
     fn wait_ready(&self) {
-        let client = Client::new(self.endpoint.clone(), Duration::from_millis(500));
+        self.wait_ready_with(&Client::new(self.endpoint.clone(), Duration::from_millis(500)));
+    }
+
+    fn wait_ready_with(&self, client: &Client) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if matches!(client.health(), Ok(h) if h.status == "ready") {
@@ -567,4 +576,98 @@ fn a_model_is_chosen_by_name_and_an_unknown_name_is_a_typed_error() {
     assert_eq!(client.rerank_with(&Input::text("q"), &inputs, &rerank).unwrap().scores.len(), 1);
     let unknown = RerankOptions { model: Some("other"), ..Default::default() };  // an embedding model's name
     assert!(matches!(client.rerank_with(&Input::text("q"), &inputs, &unknown), Err(Error::UnknownModel { .. })));
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn embeds_served(d: &Daemon, client: Option<&Client>) -> u64 {
+    #[derive(serde::Serialize)]
+    struct Op { op: &'static str }
+    let own = d.client(5);
+    let metrics: serde_json::Value = client.unwrap_or(&own).request(&Op { op: "metrics" }).unwrap();
+    metrics["requests"]["embed"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_dns_name_spreads_over_its_addresses_fails_over_a_killed_one_and_follows_a_new_one() {
+    let port = free_port();
+    let pod = |last: u8| {
+        let endpoint = format!("tcp://127.0.0.{last}:{port}");
+        Daemon::spawn(endpoint, vec!["--reranker-model".into(), "none".into()])
+    };
+    let (mut a, b) = (pod(8), pod(9));
+    a.wait_ready();
+    b.wait_ready();
+    let addresses = Arc::new(Mutex::new(vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 8)),
+                                             IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9))]));
+    let answer = addresses.clone();
+    let resolver: Resolver = Arc::new(move |host: &str, _port: u16| {
+        assert_eq!(host, "qwen3vl-daemon.ml.svc.cluster.local");
+        Ok(answer.lock().unwrap().clone())
+    });
+    let client = Client::new(format!("dns+tcp://qwen3vl-daemon.ml.svc.cluster.local:{port}"), Duration::from_secs(10))
+        .with_connect_timeout(Duration::from_millis(500)).with_resolver(resolver)
+        .with_dns_refresh(Duration::from_millis(300));
+    assert_eq!(client.daemons().unwrap(), vec![a.endpoint.clone(), b.endpoint.clone()]);
+    for _ in 0..6 {
+        assert_eq!(client.embed_batch(&["spread"], Some(8), None).unwrap().len(), 1);
+    }
+    assert_eq!((embeds_served(&a, None), embeds_served(&b, None)), (3, 3));
+    a.terminate();
+    for _ in 0..6 {
+        let start = Instant::now();
+        assert_eq!(client.embed_batch(&["failover"], Some(8), None).unwrap().len(), 1);
+        assert!(start.elapsed() < Duration::from_millis(2500), "{:?}", start.elapsed());
+    }
+    let c = pod(10);
+    c.wait_ready();
+    *addresses.lock().unwrap() = vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10))];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.daemons().unwrap() != vec![b.endpoint.clone(), c.endpoint.clone()] {
+        assert!(Instant::now() < deadline, "the new address never joined: {:?}", client.daemons());
+        thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..6 {
+        client.embed_batch(&["joined"], Some(8), None).unwrap();
+    }
+    assert_eq!(embeds_served(&c, None), 3);
+}
+
+#[test]
+fn a_malformed_dns_endpoint_fails_every_call_with_a_config_error_naming_it() {
+    let client = Client::new("dns+tcp://daemons", Duration::from_secs(5));
+    match client.health() {
+        Err(Error::Config(message)) => assert!(message.contains("dns+tcp://daemons"), "{message}"),
+        other => panic!("expected Config, got {other:?}"),
+    }
+}
+
+#[test]
+fn curve_keys_from_keygen_files_let_the_client_in_and_no_keys_keep_it_out() {
+    let dir = scratch();
+    let python = env("QWEN3VL_TEST_PYTHON");
+    for name in ["server", "client"] {
+        let ok = Command::new(&python).args(["-m", "daemon", "keygen"]).arg(&dir).args(["--name", name])
+            .output().unwrap().status.success();
+        assert!(ok, "keygen {name}");
+    }
+    let authorized = dir.join("authorized");
+    std::fs::create_dir_all(&authorized).unwrap();
+    std::fs::copy(dir.join("client.key"), authorized.join("client.key")).unwrap();
+    let endpoint = format!("tcp://127.0.0.1:{}", free_port());
+    let daemon = Daemon::spawn(endpoint.clone(), vec![
+        "--reranker-model".into(), "none".into(),
+        "--curve-secret-key".into(), dir.join("server.key_secret").display().to_string(),
+        "--curve-authorized-keys".into(), authorized.display().to_string()]);
+    let keys = CurveKeys::from_files(dir.join("server.key"), dir.join("client.key_secret")).unwrap();
+    let client = Client::new(endpoint.clone(), Duration::from_secs(5)).with_curve(keys);
+    daemon.wait_ready_with(&Client::new(endpoint.clone(), Duration::from_millis(500))
+        .with_curve(CurveKeys::from_files(dir.join("server.key"), dir.join("client.key_secret")).unwrap()));
+    assert_eq!(client.embed_batch(&["over curve"], Some(8), None).unwrap().len(), 1);
+    assert_eq!(embeds_served(&daemon, Some(&client)), 1);
+    let stranger = Client::new(endpoint, Duration::from_millis(1500)).with_connect_timeout(Duration::from_millis(500));
+    assert!(matches!(stranger.health(), Err(Error::Unavailable { .. } | Error::Timeout { .. })));
+    assert!(matches!(CurveKeys::from_files(dir.join("server.key"), dir.join("server.key")), Err(Error::Config(_))));
 }

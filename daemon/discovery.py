@@ -1,0 +1,183 @@
+"""Endpoints that stand for many daemons: `dns+tcp://HOST:PORT` (PROTOCOL.md, "Finding daemons by DNS").
+
+libzmq connects `tcp://name:port` to the name's first address only and resolves it again only on a
+reconnect, so a Kubernetes headless Service (one address per ready pod) cannot be used as it is. A
+`dns+tcp://` endpoint is resolved by the client instead: to every address of HOST, one `tcp://` endpoint
+each, resolved again every `QWEN3VL_DNS_REFRESH` seconds (default 10) on a background thread. New
+addresses are added and gone ones dropped; a lookup that fails keeps the last addresses (a DNS hiccup
+must not empty the set). Plain endpoints in the same list are kept as given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("qwen3vl.discovery")
+
+SCHEME = "dns+tcp://"
+REFRESH_ENV = "QWEN3VL_DNS_REFRESH"
+DEFAULT_REFRESH_S = 10.0
+
+# host, port -> the host's addresses (IPv4 or IPv6 text); raises OSError when the lookup fails.
+Resolver = Callable[[str, int], list[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system's resolver (getaddrinfo) gives for HOST, without repeats."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def refresh_interval(env: dict[str, str] | None = None) -> float:
+    """Seconds between lookups: $QWEN3VL_DNS_REFRESH (a positive number), else 10."""
+    raw = (os.environ if env is None else env).get(REFRESH_ENV, "").strip()
+    if not raw:
+        return DEFAULT_REFRESH_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{REFRESH_ENV}={raw!r}: give the seconds between DNS lookups, a positive number")
+    return value
+
+
+@dataclass(frozen=True)
+class DnsName:
+    host: str
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"{SCHEME}{self.host}:{self.port}"
+
+    def tcp(self, address: str) -> str:
+        """The tcp:// endpoint of one of its addresses (IPv6 in brackets, as ZeroMQ writes it)."""
+        return f"tcp://[{address}]:{self.port}" if ":" in address else f"tcp://{address}:{self.port}"
+
+
+def parse_dns(endpoint: str) -> DnsName | None:
+    """The name and port of a `dns+tcp://HOST:PORT` endpoint; None for any other endpoint."""
+    if not endpoint.startswith(SCHEME):
+        return None
+    rest = endpoint[len(SCHEME):]
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise ValueError(f"{endpoint}: a DNS endpoint is dns+tcp://HOST:PORT (a name and a port 1-65535)")
+    return DnsName(host, int(port))
+
+
+def is_ipv6(endpoint: str) -> bool:
+    """Whether a tcp:// endpoint's host is an IPv6 address (the socket must then allow IPv6)."""
+    if not endpoint.startswith("tcp://["):
+        return False
+    try:
+        return ipaddress.ip_address(endpoint[len("tcp://["):].partition("]")[0]).version == 6
+    except ValueError:
+        return False
+
+
+class Discovery:
+    """The concrete endpoints behind a client's endpoint list, in the list's order, each once.
+
+    Without a `dns+tcp://` entry this is the list itself and no thread runs. With one, a background
+    thread resolves every name at once and then every `refresh_s`; `current()` gives the latest set
+    and a version number that changes whenever the set does.
+    """
+
+    def __init__(self, endpoints: list[str], resolver: Resolver | None = None, refresh_s: float | None = None):
+        self.configured = list(endpoints)
+        self._entries = [parse_dns(ep) or ep for ep in endpoints]
+        self.names = [e for e in self._entries if isinstance(e, DnsName)]
+        self._resolve = resolver or system_resolver
+        self.refresh_s = refresh_interval() if refresh_s is None else refresh_s
+        self._addresses: dict[DnsName, list[str]] = {}
+        self._looked_up: set[DnsName] = set()  # names whose first lookup has ended (well or not)
+        self._errors: dict[DnsName, str] = {}
+        self._version = 0
+        self._current = self._assemble()
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.names:
+            self._thread = threading.Thread(target=self._run, name="qwen3vl-dns", daemon=True)
+            self._thread.start()
+
+    def current(self) -> tuple[int, list[str]]:
+        with self._changed:
+            return self._version, list(self._current)
+
+    def wait_first(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until every name has been looked up once."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._looked_up) == len(set(self.names)), timeout)
+
+    def describe_empty(self) -> str:
+        """Why there is no daemon to ask: the names and what their lookups said."""
+        parts = [f"{name.endpoint} ({self._errors.get(name, 'no address yet')})" for name in self.names]
+        return "no daemon address: " + ", ".join(parts)
+
+    def refresh(self) -> bool:
+        """Look every name up now; whether the set changed."""
+        for name in dict.fromkeys(self.names):
+            try:
+                found = [str(a) for a in self._resolve(name.host, name.port)]
+            except (OSError, UnicodeError) as exc:  # keep the last addresses: a DNS hiccup must not empty the set
+                self._note_error(name, f"lookup failed: {exc}")
+            else:
+                with self._changed:
+                    self._errors.pop(name, None)
+                    if not found:
+                        self._errors[name] = "no address"
+                    if found or name not in self._addresses:
+                        self._addresses[name] = list(dict.fromkeys(found))
+            with self._changed:
+                self._looked_up.add(name)
+        return self._publish()
+
+    def _note_error(self, name: DnsName, message: str) -> None:
+        with self._changed:
+            if self._errors.get(name) != message:
+                log.warning("%s: %s (keeping %d addresses)", name.endpoint, message,
+                            len(self._addresses.get(name, [])))
+            self._errors[name] = message
+
+    def _publish(self) -> bool:
+        with self._changed:
+            current = self._assemble()
+            changed = current != self._current
+            if changed:
+                self._current, self._version = current, self._version + 1
+            self._changed.notify_all()
+            return changed
+
+    def _assemble(self) -> list[str]:
+        endpoints: list[str] = []
+        for entry in self._entries:
+            if isinstance(entry, DnsName):
+                endpoints += [entry.tcp(address) for address in self._addresses.get(entry, [])]
+            else:
+                endpoints.append(entry)
+        return list(dict.fromkeys(endpoints))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.refresh():
+                    log.info("daemons now: %s", ", ".join(self._current) or "none")
+            except Exception:  # a resolver that raises anything else must not end the refreshes
+                log.exception("DNS refresh failed")
+                with self._changed:
+                    self._looked_up.update(self.names)
+                    self._changed.notify_all()
+            self._stop.wait(self.refresh_s)
+
+    def close(self) -> None:
+        self._stop.set()
