@@ -172,6 +172,8 @@ class DaemonConfig:
     # device has free and with this budget (bytes, None: no budget of its own); over either, the start stops.
     memory_budget: int | None = None
     fit_check: bool = True
+    # HOST:PORT of the daemon's own Prometheus /metrics (prometheus.py); None: no HTTP at all.
+    metrics_address: str | None = None
 
     def models(self) -> list[tuple[str, ModelSettings, bool]]:
         """Every configured model as (kind, settings, whether it is its kind's default), defaults first."""

@@ -268,7 +268,7 @@ class MetricsHandler(Handler):
         empty = {"batches": 0, "batched_inputs": 0, "forward_s": 0.0}
         models = {name: {**empty, **forwards.get(name, {}), **life} for name, life in engine.models.counters().items()}
         return MetricsReply(**wire, queue_depth=status.queue_depth, queued_tokens=status.queued_tokens,
-                            uptime_s=status.uptime_s, models=models)
+                            uptime_s=status.uptime_s, models=models, status=status.state.value)
 
 
 HANDLERS: dict[str, type[Handler]] = {h.op: h for h in (EmbedHandler, RerankHandler, HealthHandler, MetricsHandler)}

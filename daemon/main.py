@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
@@ -104,6 +105,18 @@ def _limit_options(fn):
     for option in reversed(LIMIT_OPTIONS):
         fn = option(fn)
     return fn
+
+
+def _metrics_address(ctx, param, value: str | None) -> str | None:
+    if value is None or not value.strip() or is_disabled(value):
+        return None
+    from .prometheus import split_address
+
+    try:
+        split_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1]) from None
+    return value.strip()
 
 
 @cli.command()
@@ -203,10 +216,15 @@ def _limit_options(fn):
               help="int8/uint8 ranges from `qwen3vl-daemon calibrate`; without it, a fixed scale for unit vectors.")
 @click.option("--warmup/--no-warmup", envvar="QWEN3VL_WARMUP", default=DaemonConfig.warmup, show_default=True,
               help="Run one short forward per model before reporting ready.")
+@click.option("--metrics-address", envvar="QWEN3VL_METRICS_ADDRESS", default=None, callback=_metrics_address,
+              help="HOST:PORT to serve Prometheus /metrics on (queue depth, readiness, per model; for an "
+                   "autoscaler); default: none.")
 @click.option("--log-level", envvar="QWEN3VL_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               help="Log verbosity.")
-def serve(log_level: str, **opts) -> None:
+@click.option("--log-stream", envvar="QWEN3VL_LOG_STREAM", default="stderr", show_default=True,
+              type=click.Choice(["stderr", "stdout"]), help="Where log lines go (a container's: stdout).")
+def serve(log_level: str, log_stream: str, **opts) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     # Before torch (and its OpenMP runtime) is imported: idle OpenMP threads sleep rather than spin.
     # Spinning ones fight any other busy process for the cores, and then a 1-text request took
@@ -215,7 +233,8 @@ def serve(log_level: str, **opts) -> None:
     from .preflight import SettingsError, check_config
     from .server import Server, StartupError
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout if log_stream == "stdout" else sys.stderr)
     quiet_libraries()
     config = config_from_options(opts)
     try:
@@ -285,7 +304,8 @@ def config_from_options(o: dict) -> DaemonConfig:
         embedding_dim=o["embedding_dim"], media=media, limits=limits, batching=batching, warmup=o["warmup"],
         socket_mode=_octal(o["socket_mode"]), curve_secret_key=o["curve_secret_key"],
         curve_authorized_keys=o["curve_authorized_keys"], drain_timeout_s=o["drain_timeout"],
-        int8_calibration=o["int8_calibration"], **_fingerprint_cache(o["fingerprint_cache"]),
+        int8_calibration=o["int8_calibration"], metrics_address=o["metrics_address"],
+        **_fingerprint_cache(o["fingerprint_cache"]),
     )
 
 
@@ -464,10 +484,38 @@ def rerank(query, documents, instruction, top_n, expect_fingerprint, model, endp
 
 
 @cli.command()
+@click.option("--ready", "probe", flag_value="ready", default=None,
+              help="A readiness probe: exit 0 only if the daemon is ready (its models loaded and warm, not "
+                   "draining), else 1; print its status. --timeout defaults to 1 s.")
+@click.option("--live", "probe", flag_value="live",
+              help="A liveness probe: exit 0 if the socket loop answers at all (loading, busy or draining), "
+                   "else 1. --timeout defaults to 1 s.")
 @_client_options
-def health(endpoint, timeout, curve_server_key, curve_client_key) -> None:
-    """Print the daemon's health as JSON (with several endpoints: the one that answered)."""
-    click.echo(json.dumps(_run_client(lambda c: c.health())(endpoint, timeout, curve_server_key, curve_client_key)))
+def health(probe, endpoint, timeout, curve_server_key, curve_client_key) -> None:
+    """Print the daemon's health as JSON (with several endpoints: the one that answered), or, with
+    --ready or --live, answer as a probe by the exit code."""
+    if probe is None:
+        click.echo(json.dumps(_run_client(lambda c: c.health())(endpoint, timeout, curve_server_key, curve_client_key)))
+        return
+    if click.get_current_context().get_parameter_source("timeout") is ParameterSource.DEFAULT:
+        timeout = PROBE_TIMEOUT_S
+    health = _run_client(lambda c: c.health())(endpoint, timeout, curve_server_key, curve_client_key)
+    ok, line = probe_verdict(probe, health)
+    click.echo(line)
+    sys.exit(0 if ok else 1)
+
+
+PROBE_TIMEOUT_S = 1.0  # a probe's whole wait: the socket loop answers health at once, even mid-batch
+
+
+def probe_verdict(probe: str, health: dict) -> tuple[bool, str]:
+    """Whether a probe passes on this health reply, and the line it prints (kubelet keeps it on failure).
+    Live: any answer. Ready: status `ready` (set once every model loaded at start is warm; never while
+    draining); in --load on-demand a ready daemon may still load a model for its first request."""
+    status = str(health.get("status"))
+    models = ", ".join(f"{m.get('name')} {m.get('state')}" for m in health.get("models") or [])
+    line = f"{status}" + (f" ({models})" if models else "")
+    return (True if probe == "live" else status == "ready"), line
 
 
 @cli.command()

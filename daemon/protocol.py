@@ -429,14 +429,15 @@ class MetricsReply:
     uptime_s: float
     # Per model name: batches, batched_inputs, forward_s, loads, unloads, load_s, state (newer daemons).
     models: dict = field(default_factory=dict)
+    status: str = ""  # loading | ready | draining, as health says ("" from older daemons)
 
     def to_wire(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_wire(cls, body: dict) -> "MetricsReply":
-        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name != "models"},
-                   models=dict(body.get("models") or {}))
+        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name not in ("models", "status")},
+                   models=dict(body.get("models") or {}), status=str(body.get("status") or ""))
 
 
 Reply = EmbedReply | RerankReply | HealthReply | MetricsReply

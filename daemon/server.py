@@ -40,7 +40,7 @@ from .logs import TracebackLimiter
 from .metrics import Metrics
 from .notify import LoadProgress, Notifier
 from .preflight import hidden_size, looks_local
-from .protocol import OPS, Request, decode_payload, encode_error, encode_reply, parse_request
+from .protocol import OPS, MetricsRequest, Request, decode_payload, encode_error, encode_reply, parse_request
 from .quantize import Calibration, CalibrationError, Quantizer
 from .residency import Residency
 from .weights import release_freed_memory
@@ -314,6 +314,7 @@ class Server:
         and the models on the calling (main) thread."""
         router = self._bind()
         log.info("listening on %s", self.config.endpoint)
+        exporter = self._start_exporter()
         outcome: dict = {}
         socket_thread = threading.Thread(target=self._socket_main, args=(router, outcome), name="qwen3vl-socket")
         socket_thread.start()
@@ -323,6 +324,8 @@ class Server:
         finally:
             self._stop.set()
             socket_thread.join()
+            if exporter is not None:
+                exporter.stop()
             if self._auth is not None:
                 self._auth.stop()
             self._encoder.shutdown(wait=False, cancel_futures=True)
@@ -331,6 +334,19 @@ class Server:
         if "error" in outcome:
             raise outcome["error"]
         return outcome.get("code", 0)
+
+    def _start_exporter(self):
+        """The Prometheus endpoint, when configured: up before the models load, so a scrape sees `loading`."""
+        if self.config.metrics_address is None:
+            return None
+        from .prometheus import MetricsServer
+
+        exporter = MetricsServer(self.config.metrics_address, lambda: self.handlers["metrics"].start(MetricsRequest()))
+        try:
+            exporter.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {self.config.metrics_address}: {exc}") from None
+        return exporter
 
     def _load(self) -> None:
         """Load the models, telling systemd how it goes; READY=1 only once they are warm."""

@@ -1,0 +1,130 @@
+"""Prometheus families of the daemon's metrics, and the daemon's own `/metrics` endpoint
+(`--metrics-address`): what a Kubernetes HPA scales on (prometheus-adapter reads
+`qwen3vl_daemon_queue_depth` per pod) and what readiness looks like from outside. The bridge serves
+the same families for the daemon that answered its `metrics` request."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .protocol import MetricsReply
+
+log = logging.getLogger("qwen3vl.metrics")
+
+
+class DaemonSnapshot:
+    """Prometheus families built from one `metrics` reply of the daemon."""
+
+    def __init__(self, snapshot: MetricsReply):
+        self.snapshot = snapshot
+
+    def collect(self):
+        s = self.snapshot
+        for name, doc, label in (("requests", "Requests received", "op"), ("errors", "Error replies", "code"),
+                                 ("inputs", "Inputs of successful requests", "op"),
+                                 ("tokens", "Tokens processed", "op")):
+            family = CounterMetricFamily(f"qwen3vl_daemon_{name}", doc, labels=[label])
+            for value, count in sorted(getattr(s, name).items()):
+                family.add_metric([value], count)
+            yield family
+        yield GaugeMetricFamily("qwen3vl_daemon_queue_depth", "Inputs admitted and not yet answered (the "
+                                "autoscaling metric)", value=s.queue_depth)
+        yield GaugeMetricFamily("qwen3vl_daemon_queued_tokens", "Estimated tokens of the inputs admitted and not "
+                                "yet answered", value=s.queued_tokens)
+        if s.status:  # older daemons do not send it
+            yield GaugeMetricFamily("qwen3vl_daemon_ready", "1 while the daemon is ready (models loaded and warm, "
+                                    "not draining), as `health --ready` says", value=1.0 if s.status == "ready" else 0.0)
+        for name in ("forward_s", "queue_wait_s"):
+            yield CounterMetricFamily(f"qwen3vl_daemon_{name[:-2]}_seconds", f"Daemon {name[:-2]} time",
+                                      value=getattr(s, name))
+        latency = HistogramMetricFamily("qwen3vl_daemon_request_seconds", "Daemon request latency", labels=["op"])
+        for op, hist in sorted(s.latency_s.items()):
+            latency.add_metric([op], _buckets(hist), hist["sum"])
+        yield latency
+        batch = s.batch_size
+        if batch:
+            family = HistogramMetricFamily("qwen3vl_daemon_batch_size", "Inputs per forward pass")
+            family.add_metric([], _buckets(batch), batch["sum"])
+            yield family
+        yield from _per_model(s.models)
+
+
+# Per model (the daemon's name for it, `task:name`): what its forwards and its loads took.
+MODEL_COUNTERS = (("batches", "qwen3vl_daemon_model_batches", "Forward passes"),
+                  ("batched_inputs", "qwen3vl_daemon_model_inputs", "Inputs in forward passes"),
+                  ("forward_s", "qwen3vl_daemon_model_forward_seconds", "Time in forward passes"),
+                  ("loads", "qwen3vl_daemon_model_loads", "Times the model was loaded"),
+                  ("unloads", "qwen3vl_daemon_model_unloads", "Times the model was unloaded"),
+                  ("load_s", "qwen3vl_daemon_model_load_seconds", "Time loading the model"))
+MODEL_STATES = ("unloaded", "loading", "loaded", "failed")
+
+
+def _per_model(models: dict) -> Iterator:
+    if not models:
+        return
+    for field, name, help in MODEL_COUNTERS:
+        family = CounterMetricFamily(name, help, labels=["model"])
+        for model, values in sorted(models.items()):
+            family.add_metric([model], float(values.get(field, 0)))
+        yield family
+    states = GaugeMetricFamily("qwen3vl_daemon_model_state", "1 for the model's state", labels=["model", "state"])
+    ready = GaugeMetricFamily("qwen3vl_daemon_model_ready", "1 while the model is loaded (it answers without a "
+                              "load first)", labels=["model"])
+    for model, values in sorted(models.items()):
+        for state in MODEL_STATES:
+            states.add_metric([model, state], 1.0 if values.get("state") == state else 0.0)
+        ready.add_metric([model], 1.0 if values.get("state") == "loaded" else 0.0)
+    yield states
+    yield ready
+
+
+def _buckets(hist: dict) -> list[tuple[str, float]]:
+    bounds = [str(float(b)) for b in hist["buckets"]] + ["+Inf"]
+    return list(zip(bounds, hist["counts"]))
+
+
+class MetricsServer:
+    """`/metrics` over HTTP on its own thread (prometheus_client's server): each scrape reads a fresh
+    snapshot, never through the socket loop, so a scrape cannot delay a request."""
+
+    def __init__(self, address: str, snapshot: Callable[[], MetricsReply]):
+        self.host, self.port = split_address(address)
+        self._snapshot = snapshot
+        self._server = None
+
+    def start(self) -> None:
+        registry = CollectorRegistry()
+        registry.register(_Live(self._snapshot))
+        self._server, _thread = start_http_server(self.port, self.host, registry)
+        log.info("metrics on http://%s:%d/metrics", self.host, self._server.server_port)
+
+    @property
+    def bound_port(self) -> int | None:
+        return self._server.server_port if self._server is not None else None
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _Live:
+    def __init__(self, snapshot: Callable[[], MetricsReply]):
+        self._snapshot = snapshot
+
+    def collect(self):
+        yield from DaemonSnapshot(self._snapshot()).collect()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) for the metrics endpoint; ValueError naming the option."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--metrics-address {address!r}: give HOST:PORT, e.g. 0.0.0.0:9464 or 127.0.0.1:9464")
+    return host, int(port)

@@ -1,0 +1,159 @@
+"""The probes a Kubernetes pod runs (`health --live`, `health --ready`) and the daemon's own Prometheus
+`/metrics` (`--metrics-address`): what each says while loading, ready, busy and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, free_port, wait_ready
+from daemon.client import AsyncClient, Client
+
+# A daemon whose loading and whose forwards wait for a file to appear: the test decides when each ends.
+GATED = """
+import os, sys, time
+import daemon.backends, daemon.engine
+gate = os.environ["GATE"]
+def held(original, name):
+    def wait(*args, **kwargs):
+        while not os.path.exists(gate + "." + name):
+            time.sleep(0.02)
+        return original(*args, **kwargs)
+    return wait
+daemon.backends.fingerprint_directory = held(daemon.backends.fingerprint_directory, "load")
+daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
+from daemon.main import main
+main()
+"""
+
+
+def probe(endpoint: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon", "health", *args, "--endpoint", endpoint],
+                          capture_output=True, text=True, timeout=30)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def open_gate(gate: Path, name: str) -> None:
+    Path(f"{gate}.{name}").touch()
+
+
+@pytest.fixture
+def gated(tmp_path, tiny_dir):
+    gate, port = tmp_path / "gate", free_port()
+    endpoint = f"ipc://{tmp_path}/s/d.sock"
+    log = tmp_path / "daemon.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", GATED, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
+         "--reranker-model", "none", "--metrics-address", f"127.0.0.1:{port}", "--log-level", "info"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
+    daemon = DaemonProcess(endpoint, process, log)
+    try:
+        yield daemon, gate, port
+    finally:
+        open_gate(gate, "load")
+        open_gate(gate, "forward")
+        process.kill()
+        process.wait(30)
+
+
+def hold_forwards(daemon: DaemonProcess, gate: Path) -> None:
+    """Let the daemon load and warm up, then hold every forward until the gate opens again."""
+    open_gate(gate, "load")
+    open_gate(gate, "forward")
+    wait_ready(daemon)
+    Path(f"{gate}.forward").unlink()
+
+
+def wait_for(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.1)
+
+
+def test_while_loading_the_daemon_is_live_not_ready_and_metrics_say_so(gated):
+    daemon, gate, port = gated
+    wait_for(lambda: probe(daemon.endpoint, "--live").returncode == 0)
+    ready = probe(daemon.endpoint, "--ready")
+    assert ready.returncode == 1 and ready.stdout.startswith("loading"), ready
+    assert "qwen3vl_daemon_ready 0.0" in scrape(port)
+    open_gate(gate, "load")
+    open_gate(gate, "forward")
+    wait_ready(daemon)
+    ready = probe(daemon.endpoint, "--ready")
+    assert ready.returncode == 0 and ready.stdout.startswith("ready ("), ready
+    metrics = scrape(port)
+    assert "qwen3vl_daemon_ready 1.0" in metrics and "qwen3vl_daemon_queue_depth 0.0" in metrics
+    assert 'qwen3vl_daemon_model_ready{model="embedding:' in metrics and metrics.count("model_ready{") == 1
+
+
+def test_a_busy_daemon_is_live_and_ready_and_its_queue_depth_shows_the_work(gated):
+    daemon, gate, port = gated
+    hold_forwards(daemon, gate)
+    with Client(daemon.endpoint, timeout=60) as client:
+        worker = threading.Thread(target=client.embed, args=([f"held {i}" for i in range(5)],))
+        worker.start()
+        wait_for(lambda: "qwen3vl_daemon_queue_depth 5.0" in scrape(port))
+        started = time.monotonic()
+        live, ready = probe(daemon.endpoint, "--live"), probe(daemon.endpoint, "--ready")
+        assert time.monotonic() - started < 10
+        assert live.returncode == 0 and ready.returncode == 0, (live, ready)
+        open_gate(gate, "forward")
+        worker.join(30)
+
+
+def test_while_draining_the_daemon_is_live_but_not_ready(gated):
+    daemon, gate, port = gated
+    hold_forwards(daemon, gate)
+    outcome = {}
+
+    def hold():
+        async def main():
+            async with AsyncClient(daemon.endpoint, timeout=60) as client:
+                outcome["reply"] = await client.embed(["accepted before the signal"])
+        asyncio.run(main())
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    wait_for(lambda: "qwen3vl_daemon_queue_depth 1.0" in scrape(port))
+    daemon.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "draining" in probe(daemon.endpoint, "--ready").stdout)
+    ready, live = probe(daemon.endpoint, "--ready"), probe(daemon.endpoint, "--live")
+    assert ready.returncode == 1 and live.returncode == 0, (ready, live)
+    assert "qwen3vl_daemon_ready 0.0" in scrape(port)
+    open_gate(gate, "forward")
+    worker.join(30)
+    assert outcome["reply"].embeddings.shape[0] == 1  # the accepted request was answered
+    assert daemon.process.wait(30) == 0
+
+
+def test_with_no_daemon_both_probes_fail_within_their_second(tmp_path):
+    for flag in ("--live", "--ready"):
+        started = time.monotonic()
+        result = probe(f"ipc://{tmp_path}/nobody.sock", flag)
+        assert result.returncode == 1 and "no daemon" in result.stderr, result
+        assert time.monotonic() - started < 8  # the interpreter's start plus the probe's own 1 s
+
+
+def test_a_bad_metrics_address_is_refused_naming_the_option(tiny_dir):
+    result = subprocess.run([sys.executable, "-m", "daemon", "serve", "--metrics-address", "nine-four-six-four",
+                             "--embedding-model", str(tiny_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--metrics-address" in result.stderr and "HOST:PORT" in result.stderr
