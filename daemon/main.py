@@ -387,7 +387,12 @@ def _run_client(call, names: dict[str, str] | None = None):
     replaced by the files they came from."""
     def runner(endpoint: str, timeout: float, curve_server_key: str | None, curve_client_key: str | None):
         curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
-        with Client(endpoint, timeout=timeout, curve=curve) as client:
+        try:
+            client = Client(endpoint, timeout=timeout, curve=curve)
+        except ValueError as exc:  # a malformed dns+tcp:// endpoint or QWEN3VL_DNS_REFRESH
+            click.echo(f"qwen3vl-daemon: {exc}", err=True)
+            sys.exit(1)
+        with client:
             try:
                 return call(client)
             except (DaemonError, DaemonTimeout, DaemonUnavailable) as exc:

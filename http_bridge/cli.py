@@ -94,7 +94,12 @@ def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, m
                           limit_concurrency=limit_concurrency, curve=curve)
     if token is None and not is_loopback_host(host):
         logging.getLogger("qwen3vl.bridge").warning("serving %s WITHOUT authentication (--allow-no-token)", host)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower(),
+    try:
+        app = create_app(config)
+    except ValueError as exc:  # a malformed dns+tcp:// endpoint or QWEN3VL_DNS_REFRESH
+        click.echo(f"qwen3vl-bridge: {exc}", err=True)
+        sys.exit(1)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
                 http=header_timeout_protocol(config.header_timeout_s), limit_concurrency=config.limit_concurrency)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from daemon.prometheus import DaemonSnapshot
 from daemon.protocol import MetricsReply
@@ -17,6 +17,8 @@ class BridgeMetrics:
         self.requests = Counter("qwen3vl_bridge_requests", "HTTP requests", ["route", "status"], registry=self.registry)
         self.latency = Histogram("qwen3vl_bridge_request_seconds", "HTTP request latency", ["route"],
                                  registry=self.registry)
+        self.daemons = Gauge("qwen3vl_bridge_daemons", "Daemon endpoints the bridge sends requests to now (with "
+                             "dns+tcp://: the name's addresses at the last lookup)", registry=self.registry)
 
 
 class Measure:

@@ -184,7 +184,9 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
 
     @router.get("/metrics", response_class=Response, dependencies=guarded)
     async def prometheus():
-        """Prometheus text format: the bridge's own metrics and the daemon's counters."""
+        """Prometheus text format: the bridge's own metrics and the daemon's counters (of the daemon
+        that answered: per-pod figures come from each daemon's own --metrics-address)."""
+        metrics.daemons.set(len(gateway.client.daemons()))
         try:
             snapshot = MetricsReply.from_wire(await gateway.call(metrics_request()))
         except BridgeError:  # the daemon is away: the bridge's own metrics still answer

@@ -32,8 +32,10 @@ pip_install() {
 # torch first, pinned: this build runs on CUDA and on the CPU.
 step 3 "torch 2.14.1 and torchvision 0.29.1 (the largest download: a few minutes on a first run)"
 pip_install "torch==2.14.1" "torchvision==0.29.1"
-step 4 "the daemon, the bridge, quantized weights and the test tools (pinned in constraints.txt)"
-pip_install -e ".[bridge,quant,test]"
+# QWEN3VL_EXTRAS: the optional parts (the container image leaves out the test tools).
+EXTRAS=${QWEN3VL_EXTRAS:-bridge,quant,test}
+step 4 "the daemon and its extras [$EXTRAS] (pinned in constraints.txt)"
+pip_install -e ".[$EXTRAS]"
 "$VENV/bin/python" -c "import daemon, torch, transformers, zmq, qwen_vl_utils, torchcodec, torchao" \
   || { echo "setup: the environment is incomplete" >&2; exit 1; }
 echo "setup: ready ($VENV; run '. $VENV/bin/activate' to put qwen3vl-daemon on the PATH)" >&2

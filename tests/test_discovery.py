@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import free_port, start_daemon, wait_ready
+from conftest import Bridge, free_port, start_daemon, wait_ready
 from daemon.client import AsyncClient, Client, DaemonUnavailable
 from daemon.discovery import DnsName, Discovery, parse_dns, refresh_interval
 
@@ -265,3 +265,22 @@ def test_a_daemon_leaving_the_set_still_answers_what_it_holds(pods):
 
     shape, still_open = asyncio.run(main())
     assert shape == (64, 4) and not still_open
+
+
+def test_the_bridge_follows_a_dns_name_through_the_system_resolver(tmp_path, tiny_dir):
+    """`localhost` through getaddrinfo (127.0.0.1, and ::1 where the host has it): the bridge serves from
+    the daemon listening there and counts the addresses it sends to."""
+    port = free_port()
+    own = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
+    try:
+        with Bridge(f"dns+tcp://localhost:{port}") as bridge, bridge.http() as http:
+            for i in range(4):
+                r = http.post("/embed", json={"texts": [f"through dns {i}"]})
+                assert r.status_code == 200, r.text
+            assert http.get("/health").status_code == 200
+            text = http.get("/metrics").text
+        assert any(line.startswith("qwen3vl_bridge_daemons ") and float(line.split()[1]) >= 1
+                   for line in text.splitlines())
+        assert "qwen3vl_daemon_ready 1.0" in text and 'qwen3vl_daemon_model_ready{model="embedding:' in text
+    finally:
+        own.stop(signal.SIGKILL)

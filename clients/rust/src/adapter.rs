@@ -59,14 +59,21 @@ pub struct DaemonPipeline {
 
 impl DaemonPipeline {
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> DaemonPipeline {
-        DaemonPipeline { client: Client::new(endpoint, timeout), dimension: None, instruction: None,
+        DaemonPipeline::with_client(Client::new(endpoint, timeout))
+    }
+
+    /// Over a client already set up (CURVE keys, a resolver, a connect timeout).
+    pub fn with_client(client: Client) -> DaemonPipeline {
+        DaemonPipeline { client, dimension: None, instruction: None,
                          max_image_file_bytes: 64 * 1024 * 1024 - 64 * 1024, expect_fingerprint: None, model: None,
                          reranker_model: None }
     }
 
-    /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket).
+    /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket; in a
+    /// cluster `dns+tcp://qwen3vl-daemon.qwen3vl.svc.cluster.local:5555`), with CURVE keys from
+    /// `$QWEN3VL_CURVE_SERVER_KEY` / `$QWEN3VL_CURVE_CLIENT_KEY` when set (`Client::from_env`).
     pub fn from_env(timeout: Duration) -> DaemonPipeline {
-        DaemonPipeline::new(Client::default_endpoint(), timeout)
+        DaemonPipeline::with_client(Client::from_env(timeout))
     }
 
     pub fn client(&self) -> &Client {

@@ -563,6 +563,27 @@ impl Client {
         self
     }
 
+    /// A client as the CLI makes one from the environment: `default_endpoint()`, and CURVE when
+    /// `$QWEN3VL_CURVE_SERVER_KEY` and `$QWEN3VL_CURVE_CLIENT_KEY` name the key files (as in the
+    /// Kubernetes manifests). Keys that cannot be read fail every call with `Error::Config`.
+    pub fn from_env(timeout: Duration) -> Client {
+        let client = Client::new(Client::default_endpoint(), timeout);
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        match (var("QWEN3VL_CURVE_SERVER_KEY"), var("QWEN3VL_CURVE_CLIENT_KEY")) {
+            (None, None) => client,
+            (Some(server), Some(own)) => match CurveKeys::from_files(&server, &own) {
+                Ok(keys) => client.with_curve(keys),
+                Err(err) => client.broken(err.to_string()),
+            },
+            _ => client.broken("set both QWEN3VL_CURVE_SERVER_KEY and QWEN3VL_CURVE_CLIENT_KEY, or neither".into()),
+        }
+    }
+
+    fn broken(mut self, why: String) -> Client {
+        self.discovery = Err(why);
+        self
+    }
+
     /// CURVE-encrypt and authenticate every `tcp://` daemon (those a DNS name gives included).
     pub fn with_curve(mut self, keys: CurveKeys) -> Client {
         self.curve = Some(keys);

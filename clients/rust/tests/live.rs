@@ -667,6 +667,18 @@ fn curve_keys_from_keygen_files_let_the_client_in_and_no_keys_keep_it_out() {
         .with_curve(CurveKeys::from_files(dir.join("server.key"), dir.join("client.key_secret")).unwrap()));
     assert_eq!(client.embed_batch(&["over curve"], Some(8), None).unwrap().len(), 1);
     assert_eq!(embeds_served(&daemon, Some(&client)), 1);
+    // As a pod's environment gives them (deploy/kubernetes): the endpoint and both key files.
+    std::env::set_var("QWEN3VL_ENDPOINT", &endpoint);
+    std::env::set_var("QWEN3VL_CURVE_SERVER_KEY", dir.join("server.key"));
+    std::env::set_var("QWEN3VL_CURVE_CLIENT_KEY", dir.join("client.key_secret"));
+    let from_env = Client::from_env(Duration::from_secs(5));
+    std::env::set_var("QWEN3VL_CURVE_CLIENT_KEY", dir.join("missing.key_secret"));
+    let broken = Client::from_env(Duration::from_secs(5));
+    for name in ["QWEN3VL_ENDPOINT", "QWEN3VL_CURVE_SERVER_KEY", "QWEN3VL_CURVE_CLIENT_KEY"] {
+        std::env::remove_var(name);
+    }
+    assert_eq!(from_env.health().unwrap().status, "ready");
+    assert!(matches!(broken.health(), Err(Error::Config(m)) if m.contains("missing.key_secret")), "{:?}", broken.health());
     let stranger = Client::new(endpoint, Duration::from_millis(1500)).with_connect_timeout(Duration::from_millis(500));
     assert!(matches!(stranger.health(), Err(Error::Unavailable { .. } | Error::Timeout { .. })));
     assert!(matches!(CurveKeys::from_files(dir.join("server.key"), dir.join("server.key")), Err(Error::Config(_))));
