@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,7 +108,9 @@ class Discovery:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.names:
-            self._thread = threading.Thread(target=self._run, name="qwen3vl-dns", daemon=True)
+            # The thread holds the discovery weakly: a client dropped without close() ends it too.
+            self._thread = threading.Thread(target=_refresh_loop, args=(weakref.ref(self), self._stop, self.refresh_s),
+                                            name="qwen3vl-dns", daemon=True)
             self._thread.start()
 
     def current(self) -> tuple[int, list[str]]:
@@ -167,17 +170,25 @@ class Discovery:
                 endpoints.append(entry)
         return list(dict.fromkeys(endpoints))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self.refresh():
-                    log.info("daemons now: %s", ", ".join(self._current) or "none")
-            except Exception:  # a resolver that raises anything else must not end the refreshes
-                log.exception("DNS refresh failed")
-                with self._changed:
-                    self._looked_up.update(self.names)
-                    self._changed.notify_all()
-            self._stop.wait(self.refresh_s)
+    def refresh_safely(self) -> None:
+        try:
+            if self.refresh():
+                log.info("daemons now: %s", ", ".join(self._current) or "none")
+        except Exception:  # a resolver that raises anything else must not end the refreshes
+            log.exception("DNS refresh failed")
+            with self._changed:
+                self._looked_up.update(self.names)
+                self._changed.notify_all()
 
     def close(self) -> None:
         self._stop.set()
+
+
+def _refresh_loop(ref: "weakref.ref[Discovery]", stop: threading.Event, refresh_s: float) -> None:
+    while not stop.is_set():
+        discovery = ref()
+        if discovery is None:
+            return
+        discovery.refresh_safely()
+        del discovery  # not held while waiting
+        stop.wait(refresh_s)

@@ -284,3 +284,17 @@ def test_the_bridge_follows_a_dns_name_through_the_system_resolver(tmp_path, tin
         assert "qwen3vl_daemon_ready 1.0" in text and 'qwen3vl_daemon_model_ready{model="embedding:' in text
     finally:
         own.stop(signal.SIGKILL)
+
+
+def test_a_client_dropped_without_close_stops_looking_names_up():
+    import gc
+
+    names = Names(daemons=["10.0.0.1"])
+    client = Client("dns+tcp://daemons:5555", resolver=names, dns_refresh_s=0.05)
+    wait_until(lambda: names.calls >= 2, timeout=5)
+    del client
+    gc.collect()
+    time.sleep(0.2)
+    calls = names.calls
+    time.sleep(0.3)
+    assert names.calls == calls  # the lookups ended with the client
