@@ -54,6 +54,7 @@ MAX_ENVELOPE_FRAMES = 8
 MAX_ROUTING_FRAME_BYTES = 255
 TRANSPORT_SLACK = 1 << 20  # ZMQ_MAXMSGSIZE is the payload limit plus this; within it, the decoder answers
 FLUSH_AFTER_ABORT_S = 2.0  # after the drain deadline: how long to wait for replies already being sent
+CLOSE_GRACE_S = 0.5  # then: how long the socket stays open for ZeroMQ to write those replies
 
 
 def _packable(value) -> bool:
@@ -451,8 +452,11 @@ class Server:
         while True:
             self._send_finished(router)
             if self._in_flight == 0 or time.monotonic() > end:
-                return
+                break
             self.outbox.wake.wait(0.01)
+        # Keep the socket open a moment: closing it right after these sends lost many of them over
+        # tcp (even with a linger), and their clients waited their whole timeout instead of retrying.
+        time.sleep(CLOSE_GRACE_S)
 
     # -- replies ---------------------------------------------------------------------------------
     def _send_finished(self, router: zmq.Socket) -> None:

@@ -157,3 +157,43 @@ def test_a_bad_metrics_address_is_refused_naming_the_option(tiny_dir):
     result = subprocess.run([sys.executable, "-m", "daemon", "serve", "--metrics-address", "nine-four-six-four",
                              "--embedding-model", str(tiny_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--metrics-address" in result.stderr and "HOST:PORT" in result.stderr
+
+
+def test_at_the_drain_timeout_every_accepted_request_over_tcp_gets_its_answer(tmp_path, tiny_dir):
+    """A pod's SIGTERM with forwards that outlast the drain: each accepted request is answered
+    `shutting_down` (so its client retries on another pod), none is left to time out."""
+    gate, port = tmp_path / "gate", free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    log = tmp_path / "daemon.log"
+    open_gate(gate, "load")
+    open_gate(gate, "forward")
+    process = subprocess.Popen(
+        [sys.executable, "-c", GATED, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
+         "--reranker-model", "none", "--drain-timeout", "1", "--max-batch-size", "1", "--log-level", "info"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
+    daemon = DaemonProcess(endpoint, process, log)
+    try:
+        hold_forwards(daemon, gate)
+
+        async def main():
+            async with AsyncClient(endpoint, timeout=30) as client:
+                async def one(i):
+                    try:
+                        await client.embed([f"request {i} " * 50] * 4)
+                        return "ok"
+                    except Exception as exc:
+                        return type(exc).__name__ + ": " + str(exc).split(":")[0]
+                calls = [asyncio.ensure_future(one(i)) for i in range(120)]
+                await asyncio.sleep(1.0)  # all admitted (or refused overloaded), the first forward held
+                process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*calls)
+
+        outcomes = asyncio.run(main())
+        open_gate(gate, "forward")  # the forward in progress ends; then the process exits
+        assert process.wait(30) == 0
+    finally:
+        open_gate(gate, "forward")
+        process.kill()
+    lost = [o for o in outcomes if o.startswith("DaemonTimeout")]
+    assert not lost and all(o.startswith(("DaemonError: shutting_down", "DaemonError: overloaded")) for o in outcomes), \
+        sorted(set(outcomes))
