@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 import threading
 import weakref
@@ -24,6 +25,10 @@ log = logging.getLogger("qwen3vl.discovery")
 SCHEME = "dns+tcp://"
 REFRESH_ENV = "QWEN3VL_DNS_REFRESH"
 DEFAULT_REFRESH_S = 10.0
+MAX_REFRESH_S = 86400.0
+# A DNS name as resolvers take it: labels of letters, digits, '-' and '_', dot-separated.
+HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 
 # host, port -> the host's addresses (IPv4 or IPv6 text); raises OSError when the lookup fails.
 Resolver = Callable[[str, int], list[str]]
@@ -40,13 +45,18 @@ def refresh_interval(env: dict[str, str] | None = None) -> float:
     raw = (os.environ if env is None else env).get(REFRESH_ENV, "").strip()
     if not raw:
         return DEFAULT_REFRESH_S
+    return checked_interval(raw, f"{REFRESH_ENV}={raw!r}")
+
+
+def checked_interval(value, what: str) -> float:
+    """A refresh interval: a positive, finite number of seconds (a day at most), else ValueError."""
     try:
-        value = float(raw)
+        seconds = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else -1.0
     except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{REFRESH_ENV}={raw!r}: give the seconds between DNS lookups, a positive number")
-    return value
+        seconds = -1.0
+    if not 0 < seconds <= MAX_REFRESH_S:
+        raise ValueError(f"{what}: give the seconds between DNS lookups, a positive number (at most a day)")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,25 @@ def parse_dns(endpoint: str) -> DnsName | None:
     """The name and port of a `dns+tcp://HOST:PORT` endpoint; None for any other endpoint."""
     if not endpoint.startswith(SCHEME):
         return None
-    rest = endpoint[len(SCHEME):]
-    host, sep, port = rest.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
-        raise ValueError(f"{endpoint}: a DNS endpoint is dns+tcp://HOST:PORT (a name and a port 1-65535)")
-    return DnsName(host, int(port))
+    host, sep, port = endpoint[len(SCHEME):].rpartition(":")
+    if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and _valid_host(host)):
+        raise ValueError(f"{endpoint}: a DNS endpoint is dns+tcp://HOST:PORT (a DNS name or an IP address, "
+                         "IPv6 in brackets, and a port 1-65535)")
+    return DnsName(host.strip("[]"), int(port))
+
+
+def _valid_host(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        return _ip(host[1:-1]) == 6
+    return _ip(host) == 4 or (HOSTNAME.fullmatch(host) is not None and not host.replace(".", "").isdigit())
+
+
+def _ip(text: str) -> int | None:
+    """The IP version of an address literal, else None."""
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return None
 
 
 def is_ipv6(endpoint: str) -> bool:
@@ -98,7 +121,12 @@ class Discovery:
         self._entries = [parse_dns(ep) or ep for ep in endpoints]
         self.names = [e for e in self._entries if isinstance(e, DnsName)]
         self._resolve = resolver or system_resolver
-        self.refresh_s = refresh_interval() if refresh_s is None else refresh_s
+        if not self.names:  # no lookups: no interval to check (a bad one never stops a plain client)
+            self.refresh_s = DEFAULT_REFRESH_S
+        elif refresh_s is None:
+            self.refresh_s = refresh_interval()
+        else:
+            self.refresh_s = checked_interval(refresh_s, f"dns_refresh_s={refresh_s!r}")
         self._addresses: dict[DnsName, list[str]] = {}
         self._looked_up: set[DnsName] = set()  # names whose first lookup has ended (well or not)
         self._errors: dict[DnsName, str] = {}
@@ -131,8 +159,8 @@ class Discovery:
         """Look every name up now; whether the set changed."""
         for name in dict.fromkeys(self.names):
             try:
-                found = [str(a) for a in self._resolve(name.host, name.port)]
-            except (OSError, UnicodeError) as exc:  # keep the last addresses: a DNS hiccup must not empty the set
+                found = self._lookup(name)
+            except Exception as exc:  # keep the last addresses: a DNS hiccup must not empty the set
                 self._note_error(name, f"lookup failed: {exc}")
             else:
                 with self._changed:
@@ -144,6 +172,17 @@ class Discovery:
             with self._changed:
                 self._looked_up.add(name)
         return self._publish()
+
+    def _lookup(self, name: DnsName) -> list[str]:
+        """The resolver's answer, each address checked (an injected resolver may give anything)."""
+        found = self._resolve(name.host, name.port)
+        if isinstance(found, (str, bytes)) or not hasattr(found, "__iter__"):
+            raise ValueError(f"the resolver gave {type(found).__name__}, not a list of IP addresses")
+        addresses = [str(a) for a in found]
+        for address in addresses:
+            if _ip(address) is None:
+                raise ValueError(f"the resolver gave {address[:80]!r}, not an IP address")
+        return addresses
 
     def _note_error(self, name: DnsName, message: str) -> None:
         with self._changed:

@@ -373,7 +373,8 @@ def keygen(directory: Path, name: str) -> None:
 def _client_options(fn):
     fn = click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=client_endpoint,
                       show_default="this user's socket if it exists, else the service's /run/qwen3vl/daemon.sock",
-                      help="Daemon endpoint; several, comma-separated, spread the requests.")(fn)
+                      help="Daemon endpoint; several, comma-separated, spread the requests; dns+tcp://HOST:PORT: every "
+                           "address of HOST, looked up again every $QWEN3VL_DNS_REFRESH s.")(fn)
     fn = click.option("--curve-server-key", envvar="QWEN3VL_CURVE_SERVER_KEY", default=None,
                       type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")(fn)
     fn = click.option("--curve-client-key", envvar="QWEN3VL_CURVE_CLIENT_KEY", default=None,
@@ -387,6 +388,8 @@ def _run_client(call, names: dict[str, str] | None = None):
     replaced by the files they came from."""
     def runner(endpoint: str, timeout: float, curve_server_key: str | None, curve_client_key: str | None):
         curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
+        # A failed DNS lookup is in the one error line below; the discovery's own warning is not printed.
+        logging.getLogger("qwen3vl.discovery").addHandler(logging.NullHandler())
         try:
             client = Client(endpoint, timeout=timeout, curve=curve)
         except ValueError as exc:  # a malformed dns+tcp:// endpoint or QWEN3VL_DNS_REFRESH

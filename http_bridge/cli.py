@@ -52,7 +52,9 @@ def check_exposure(host: str, token: str | None, allow_no_token: bool) -> None:
 
 @click.command()
 @click.option("--endpoint", envvar="QWEN3VL_ENDPOINT", default=client_endpoint,
-              help="The daemon's endpoint; several, comma-separated, spread the requests and fail over.")
+              help="The daemon's endpoint; several, comma-separated, spread the requests and fail over; "
+                   "dns+tcp://HOST:PORT: every address of HOST (a headless Service), looked up again every "
+                   "$QWEN3VL_DNS_REFRESH s.")
 @click.option("--curve-server-key", envvar="QWEN3VL_CURVE_SERVER_KEY", default=None,
               type=click.Path(exists=True, dir_okay=False), help="The daemon's public key file (CURVE).")
 @click.option("--curve-client-key", envvar="QWEN3VL_CURVE_CLIENT_KEY", default=None,

@@ -53,7 +53,10 @@ def test_a_dns_endpoint_names_a_host_and_a_port():
 
 @pytest.mark.parametrize("endpoint", ["dns+tcp://daemons", "dns+tcp://daemons:", "dns+tcp://:5555",
                                       "dns+tcp://daemons:0", "dns+tcp://daemons:65536", "dns+tcp://daemons:http",
-                                      "dns+tcp://daemons:5555/path", "dns+tcp://daemons:-1"])
+                                      "dns+tcp://daemons:5555/path", "dns+tcp://daemons:-1", "dns+tcp://[::1:5601",
+                                      "dns+tcp://host name:5601", "dns+tcp://*:5601", "dns+tcp://a@b:5601",
+                                      "dns+tcp://h:\u0665\u0666\u0660\u0661", "dns+tcp://fd00::1:7",
+                                      "dns+tcp://[10.0.0.1]:7", "dns+tcp://1.2.3:7", "dns+tcp://-lead.svc:7"])
 def test_a_malformed_dns_endpoint_is_refused_naming_it(endpoint):
     with pytest.raises(ValueError, match="dns\\+tcp://HOST:PORT") as info:
         Client(endpoint)
@@ -63,9 +66,23 @@ def test_a_malformed_dns_endpoint_is_refused_naming_it(endpoint):
 def test_the_refresh_interval_comes_from_the_environment():
     assert refresh_interval({}) == 10.0
     assert refresh_interval({"QWEN3VL_DNS_REFRESH": "2.5"}) == 2.5
-    for bad in ("0", "-1", "soon", "inf", "nan"):
+    for bad in ("0", "-1", "soon", "inf", "nan", "1e9"):
         with pytest.raises(ValueError, match="QWEN3VL_DNS_REFRESH"):
             refresh_interval({"QWEN3VL_DNS_REFRESH": bad})
+
+
+@pytest.mark.parametrize("refresh", [0, -5, "soon", float("nan"), float("inf"), True, object()])
+def test_a_refresh_interval_given_to_a_client_is_checked_too(refresh):
+    with pytest.raises(ValueError, match="dns_refresh_s"):
+        Client("dns+tcp://daemons:5555", resolver=Names(), dns_refresh_s=refresh)
+
+
+def test_a_bad_refresh_setting_never_stops_a_client_without_dns_names(monkeypatch):
+    monkeypatch.setenv("QWEN3VL_DNS_REFRESH", "never")
+    with Client("ipc:///nowhere.sock", timeout=1) as client:
+        assert client.daemons() == ["ipc:///nowhere.sock"]
+    with pytest.raises(ValueError, match="QWEN3VL_DNS_REFRESH"):
+        Client("dns+tcp://daemons:5555", resolver=Names())
 
 
 # -- the set of daemons ---------------------------------------------------------------------------------
@@ -133,6 +150,23 @@ def test_a_resolver_that_raises_anything_does_not_end_the_refreshes():
         wait_until(lambda: discovery.current()[1] == ["tcp://10.0.0.1:5555"], timeout=5)
     finally:
         discovery.close()
+
+
+@pytest.mark.parametrize("answer", [["tcp://127.0.0.2"], None, "10.0.0.1", [None], ValueError("odd"), KeyError("x")])
+def test_whatever_a_resolver_gives_or_raises_is_the_lookups_error_and_other_names_go_on(answer):
+    def resolver(host: str, port: int):
+        if host == "other":
+            return ["10.0.0.9"]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with Client("dns+tcp://odd:5555,dns+tcp://other:5555", timeout=5, connect_timeout=0.3, resolver=resolver,
+                dns_refresh_s=60) as client:
+        wait_until(lambda: client.daemons() == ["tcp://10.0.0.9:5555"])
+        with Client("dns+tcp://odd:5555", timeout=5, connect_timeout=0.3, resolver=resolver) as alone:
+            with pytest.raises(DaemonUnavailable, match="odd:5555 \\(lookup failed: "):
+                alone.health()
 
 
 def test_a_name_with_no_address_fails_the_request_at_once_naming_it():

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread;
 use std::time::Duration;
 
@@ -43,9 +43,35 @@ pub fn refresh_from_env() -> Result<Duration, String> {
 
 fn parse_refresh(raw: &str) -> Result<Duration, String> {
     match raw.parse::<f64>() {
-        Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!("{REFRESH_ENV}={raw:?}: give the seconds between DNS lookups, a positive number")),
+        Ok(s) if s > 0.0 && s <= MAX_REFRESH.as_secs_f64() => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("{REFRESH_ENV}={raw:?}: give the seconds between DNS lookups, a positive number (at most a day)")),
     }
+}
+
+/// The longest refresh interval taken (a day).
+pub const MAX_REFRESH: Duration = Duration::from_secs(86_400);
+
+/// A refresh interval given in code: more than zero, at most a day.
+pub fn checked_refresh(refresh: Duration) -> Result<Duration, String> {
+    if refresh.is_zero() || refresh > MAX_REFRESH {
+        return Err(format!("a DNS refresh interval of {refresh:?}: give more than zero, at most a day"));
+    }
+    Ok(refresh)
+}
+
+/// A DNS name (labels of letters, digits, '-' and '_'), an IPv4 address, or an IPv6 one in brackets.
+fn valid_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-')
+        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    !name.is_empty() && host.len() <= 253 && name.split('.').all(label_ok)
+        && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 /// A `dns+tcp://` endpoint's name and port.
@@ -68,15 +94,16 @@ impl DnsName {
 /// `None` for an endpoint that is not `dns+tcp://`; else its name, or why it is malformed.
 pub fn parse_dns(endpoint: &str) -> Option<Result<DnsName, String>> {
     let rest = endpoint.strip_prefix(SCHEME)?;
-    let bad = || format!("{endpoint}: a DNS endpoint is dns+tcp://HOST:PORT (a name and a port 1-65535)");
+    let bad = || format!("{endpoint}: a DNS endpoint is dns+tcp://HOST:PORT (a DNS name or an IP address, IPv6 in \
+                          brackets, and a port 1-65535)");
     let (host, port) = match rest.rsplit_once(':') {
         Some(parts) => parts,
         None => return Some(Err(bad())),
     };
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let port = port.parse::<u16>().ok().filter(|p| *p > 0 && port.bytes().all(|b| b.is_ascii_digit()));
     match port {
-        Some(port) if !host.is_empty() && !host.contains('/') => Some(Ok(DnsName { host: host.to_string(), port })),
+        Some(port) if valid_host(host) => Some(Ok(DnsName { host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
+                                                            port })),
         _ => Some(Err(bad())),
     }
 }
@@ -100,6 +127,7 @@ struct Shared {
     resolver: Resolver,
     refresh: Duration,
     state: Mutex<State>,
+    looked_up: Condvar,
 }
 
 /// The concrete endpoints behind a client's endpoint list, in the list's order, each once.
@@ -108,7 +136,9 @@ pub(crate) struct Discovery {
 }
 
 impl Discovery {
-    pub fn new(endpoints: &[String], resolver: Resolver, refresh: Duration) -> Result<Discovery, String> {
+    /// `refresh` matters only with a DNS name: a bad one never stops a client of plain endpoints.
+    pub fn new(endpoints: &[String], resolver: Resolver, refresh: Result<Duration, String>)
+               -> Result<Discovery, String> {
         let mut entries = Vec::new();
         for endpoint in endpoints {
             entries.push(match parse_dns(endpoint) {
@@ -116,9 +146,11 @@ impl Discovery {
                 None => Entry::Plain(endpoint.clone()),
             });
         }
+        let has_names = entries.iter().any(|e| matches!(e, Entry::Dns(_)));
+        let refresh = if has_names { refresh? } else { DEFAULT_REFRESH };
         let state = State { addresses: HashMap::new(), errors: HashMap::new(), looked_up: false, refresher: false,
                             version: 0, current: Arc::new(Vec::new()) };
-        let shared = Shared { entries, resolver, refresh, state: Mutex::new(state) };
+        let shared = Shared { entries, resolver, refresh, state: Mutex::new(state), looked_up: Condvar::new() };
         let current = Arc::new(shared.assemble(&HashMap::new()));
         shared.state.lock().unwrap().current = current;
         Ok(Discovery { shared: Arc::new(shared) })
@@ -128,14 +160,16 @@ impl Discovery {
         self.shared.entries.iter().any(|e| matches!(e, Entry::Dns(_)))
     }
 
-    /// The set now and its version (it changes whenever the set does). The first call looks the
-    /// names up and starts the thread that does so every refresh interval.
-    pub fn current(&self) -> (u64, Arc<Vec<String>>) {
-        if self.has_names() && !self.shared.state.lock().unwrap().looked_up {
-            self.shared.refresh();
+    /// The set now and its version (it changes whenever the set does). The first call starts the
+    /// thread that looks the names up at once and then every refresh interval, and waits at most
+    /// `wait` for that first lookup (a resolver that hangs never holds a call past its time).
+    pub fn current(&self, wait: Duration) -> (u64, Arc<Vec<String>>) {
+        if self.has_names() {
             self.start_refresher();
         }
         let state = self.shared.state.lock().unwrap();
+        let (state, _) = self.shared.looked_up
+            .wait_timeout_while(state, wait, |s| !s.looked_up && self.has_names()).unwrap();
         (state.version, state.current.clone())
     }
 
@@ -162,11 +196,11 @@ impl Discovery {
         let refresh = self.shared.refresh;
         // Holds only a weak reference: once the client is dropped the thread ends at its next wake-up.
         let _ = thread::Builder::new().name("qwen3vl-dns".into()).spawn(move || loop {
-            thread::sleep(refresh);
             match weak.upgrade() {
                 Some(shared) => shared.refresh(),
                 None => return,
             }
+            thread::sleep(refresh);
         });
     }
 }
@@ -207,6 +241,7 @@ impl Shared {
             state.current = Arc::new(current);
             state.version += 1;
         }
+        self.looked_up.notify_all();
     }
 
     fn assemble(&self, addresses: &HashMap<DnsName, Vec<IpAddr>>) -> Vec<String> {
@@ -253,10 +288,34 @@ mod tests {
         assert_eq!(parse_dns("dns+tcp://[fd00::1]:7").unwrap().unwrap().host, "fd00::1");
         assert!(parse_dns("tcp://127.0.0.1:5555").is_none());
         for bad in ["dns+tcp://daemons", "dns+tcp://:5555", "dns+tcp://d:0", "dns+tcp://d:65536", "dns+tcp://d:+1",
-                    "dns+tcp://d:5555/x"] {
+                    "dns+tcp://d:5555/x", "dns+tcp://[::1:5601", "dns+tcp://host name:1", "dns+tcp://*:1",
+                    "dns+tcp://a@b:1", "dns+tcp://fd00::1:7", "dns+tcp://[10.0.0.1]:7", "dns+tcp://1.2.3:7",
+                    "dns+tcp://-lead:7", "dns+tcp://h:\u{665}\u{666}"] {
             let err = parse_dns(bad).unwrap().unwrap_err();
             assert!(err.contains(bad) && err.contains("dns+tcp://HOST:PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_resolver_that_hangs_holds_the_first_call_no_longer_than_its_wait() {
+        let resolver: Resolver = Arc::new(|_: &str, _: u16| {
+            thread::sleep(Duration::from_secs(3));
+            Ok(vec![v4(1)])
+        });
+        let discovery = Discovery::new(&["dns+tcp://slow:5555".to_string()], resolver, Ok(DEFAULT_REFRESH)).unwrap();
+        let began = std::time::Instant::now();
+        assert!(discovery.current(Duration::from_millis(200)).1.is_empty());
+        assert!(began.elapsed() < Duration::from_secs(1), "{:?}", began.elapsed());
+        assert_eq!(*discovery.current(Duration::from_secs(10)).1, vec!["tcp://10.0.0.1:5555"]);
+    }
+
+    #[test]
+    fn a_bad_refresh_interval_refuses_only_clients_with_a_dns_name() {
+        let bad = Err("QWEN3VL_DNS_REFRESH=\"never\"".to_string());
+        assert!(Discovery::new(&["ipc:///a.sock".to_string()], system_resolver(), bad.clone()).is_ok());
+        assert!(Discovery::new(&["dns+tcp://d:1".to_string()], system_resolver(), bad).is_err());
+        assert!(checked_refresh(Duration::ZERO).is_err() && checked_refresh(Duration::from_secs(86_401)).is_err());
+        assert_eq!(checked_refresh(Duration::from_millis(5)).unwrap(), Duration::from_millis(5));
     }
 
     #[test]
@@ -272,20 +331,20 @@ mod tests {
         let answer = Arc::new(Mutex::new(Ok(vec![v4(1), v4(2), v4(1)])));
         let endpoints = vec!["ipc:///a.sock".to_string(), "dns+tcp://daemons:5555".to_string(),
                              "tcp://10.0.0.1:5555".to_string()];
-        let discovery = Discovery::new(&endpoints, steered(answer.clone()), Duration::from_secs(3600)).unwrap();
-        let (first, now) = discovery.current();
+        let discovery = Discovery::new(&endpoints, steered(answer.clone()), Ok(Duration::from_secs(3600))).unwrap();
+        let (first, now) = discovery.current(Duration::from_secs(5));
         assert_eq!(*now, vec!["ipc:///a.sock", "tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"]);
         *answer.lock().unwrap() = Ok(vec![v4(2), v4(3)]);
         discovery.shared.refresh();
-        let (second, now) = discovery.current();
+        let (second, now) = discovery.current(Duration::ZERO);
         assert_eq!(*now, vec!["ipc:///a.sock", "tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555", "tcp://10.0.0.1:5555"]);
         assert!(second > first);
         *answer.lock().unwrap() = Err(std::io::Error::new(std::io::ErrorKind::Other, "temporary failure"));
         discovery.shared.refresh();
-        assert_eq!(discovery.current(), (second, now.clone()));
+        assert_eq!(discovery.current(Duration::ZERO), (second, now.clone()));
         *answer.lock().unwrap() = Ok(vec![]);
         discovery.shared.refresh();
-        assert_eq!(discovery.current().1, now);
+        assert_eq!(discovery.current(Duration::ZERO).1, now);
         assert!(discovery.describe_empty().contains("no address"));
     }
 
@@ -298,8 +357,8 @@ mod tests {
             Ok(vec![v4(1)])
         });
         let discovery = Discovery::new(&["dns+tcp://daemons:5555".to_string()], resolver,
-                                       Duration::from_millis(20)).unwrap();
-        discovery.current();
+                                       Ok(Duration::from_millis(20))).unwrap();
+        discovery.current(Duration::from_secs(5));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while *calls.lock().unwrap() < 4 {
             assert!(std::time::Instant::now() < deadline, "no refresh");

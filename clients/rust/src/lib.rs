@@ -505,6 +505,7 @@ pub struct Client {
     discovery: std::result::Result<Discovery, String>,
     resolver: Resolver,
     refresh: std::result::Result<Duration, String>,
+    broken: Option<String>, // a setting that cannot work (from_env's keys): every call fails with it
     set: RwLock<DaemonSet>,
     curve: Option<CurveKeys>,
     timeout: Duration,
@@ -537,8 +538,8 @@ impl Client {
             endpoints.push(endpoint); // connecting to it reports the mistake
         }
         let (resolver, refresh) = (discovery::system_resolver(), discovery::refresh_from_env());
-        let discovery = refresh.clone().and_then(|refresh| Discovery::new(&endpoints, resolver.clone(), refresh));
-        Client { ctx: zmq::Context::new(), endpoints, discovery, resolver, refresh,
+        let discovery = Discovery::new(&endpoints, resolver.clone(), refresh.clone());
+        Client { ctx: zmq::Context::new(), endpoints, discovery, resolver, refresh, broken: None,
                  set: RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) }), curve: None,
                  timeout, connect_timeout: Duration::from_secs(1), next: AtomicUsize::new(0),
                  next_tag: AtomicU64::new(1) }
@@ -550,15 +551,15 @@ impl Client {
         self.rediscover()
     }
 
-    /// Look `dns+tcp://` names up again every `refresh` (default `$QWEN3VL_DNS_REFRESH`, else 10 s).
+    /// Look `dns+tcp://` names up again every `refresh` (default `$QWEN3VL_DNS_REFRESH`, else 10 s;
+    /// more than zero, at most a day, else every call fails with `Error::Config`).
     pub fn with_dns_refresh(mut self, refresh: Duration) -> Client {
-        self.refresh = Ok(refresh);
+        self.refresh = discovery::checked_refresh(refresh);
         self.rediscover()
     }
 
     fn rediscover(mut self) -> Client {
-        self.discovery = self.refresh.clone()
-            .and_then(|refresh| Discovery::new(&self.endpoints, self.resolver.clone(), refresh));
+        self.discovery = Discovery::new(&self.endpoints, self.resolver.clone(), self.refresh.clone());
         self.set = RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) });
         self
     }
@@ -580,7 +581,7 @@ impl Client {
     }
 
     fn broken(mut self, why: String) -> Client {
-        self.discovery = Err(why);
+        self.broken = Some(why);
         self
     }
 
@@ -630,8 +631,12 @@ impl Client {
 
     /// The daemon set, rebuilt when discovery found another (kept daemons keep their sockets).
     fn current(&self) -> Result<Arc<Vec<Arc<Daemon>>>> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Config(why.clone()));
+        }
         let discovery = self.discovery.as_ref().map_err(|e| Error::Config(e.clone()))?;
-        let (version, endpoints) = discovery.current();
+        // A first lookup is waited for as long as a daemon's connection would be.
+        let (version, endpoints) = discovery.current(self.connect_timeout.min(self.timeout));
         {
             let set = self.set.read().unwrap();
             if set.version == version {

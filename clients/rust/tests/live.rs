@@ -642,6 +642,8 @@ fn a_malformed_dns_endpoint_fails_every_call_with_a_config_error_naming_it() {
         Err(Error::Config(message)) => assert!(message.contains("dns+tcp://daemons"), "{message}"),
         other => panic!("expected Config, got {other:?}"),
     }
+    let never = Client::new("dns+tcp://daemons:5555", Duration::from_secs(5)).with_dns_refresh(Duration::ZERO);
+    assert!(matches!(never.health(), Err(Error::Config(m)) if m.contains("refresh")));
 }
 
 #[test]
@@ -674,11 +676,15 @@ fn curve_keys_from_keygen_files_let_the_client_in_and_no_keys_keep_it_out() {
     let from_env = Client::from_env(Duration::from_secs(5));
     std::env::set_var("QWEN3VL_CURVE_CLIENT_KEY", dir.join("missing.key_secret"));
     let broken = Client::from_env(Duration::from_secs(5));
+    let still_broken = Client::from_env(Duration::from_secs(5)).with_dns_refresh(Duration::from_secs(5))
+        .with_connect_timeout(Duration::from_millis(300));
     for name in ["QWEN3VL_ENDPOINT", "QWEN3VL_CURVE_SERVER_KEY", "QWEN3VL_CURVE_CLIENT_KEY"] {
         std::env::remove_var(name);
     }
     assert_eq!(from_env.health().unwrap().status, "ready");
     assert!(matches!(broken.health(), Err(Error::Config(m)) if m.contains("missing.key_secret")), "{:?}", broken.health());
+    // A builder after from_env keeps its refusal: never a client quietly without CURVE.
+    assert!(matches!(still_broken.health(), Err(Error::Config(_))), "{:?}", still_broken.health());
     let stranger = Client::new(endpoint, Duration::from_millis(1500)).with_connect_timeout(Duration::from_millis(500));
     assert!(matches!(stranger.health(), Err(Error::Unavailable { .. } | Error::Timeout { .. })));
     assert!(matches!(CurveKeys::from_files(dir.join("server.key"), dir.join("server.key")), Err(Error::Config(_))));
