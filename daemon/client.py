@@ -82,6 +82,14 @@ def _configure(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None) -> zmq.
     return sock
 
 
+def _connected(sock: zmq.Socket) -> bool:
+    """Whether a message could be queued to a connected daemon now (ZMQ_IMMEDIATE: only then)."""
+    try:
+        return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+    except zmq.ZMQError:
+        return False
+
+
 class DaemonTimeout(TimeoutError):
     """No reply in time. The client has reset its socket and is usable again."""
 
@@ -101,7 +109,9 @@ def _message(request_id: int, payload: dict, timeout: float) -> list[bytes]:
 
 
 class Rotation:
-    """Round robin over the daemons, shared by every request of one client (the set may change)."""
+    """Round robin over the daemons, shared by every request of one client (the set may change).
+    Each request takes the next start; one answered by another daemon than its start moves the
+    turn past that daemon, so the daemons skipped (not connected) do not tilt the load."""
 
     def __init__(self) -> None:
         self._next = 0
@@ -110,24 +120,37 @@ class Rotation:
         index, self._next = self._next % daemons, self._next + 1
         return index
 
+    def skip_to(self, index: int) -> None:
+        self._next = index + 1
+
 
 class Failover:
     """One request's tries over the daemons it found: each once at most, in the client's round
-    robin, within the request's own time. A try that finds no daemon connected, times out, or is
-    answered by a draining daemon moves on to the next; the last failure is the answer."""
+    robin, within the request's own time, the daemons connected now before the others (a daemon
+    that died is skipped at once while another is up, not waited on for the connect timeout). A try
+    that finds no daemon connected, times out, or is answered by a draining daemon moves on to the
+    next; the last failure is the answer."""
 
-    def __init__(self, rotation: Rotation, daemons: int, timeout: float, clock: Callable[[], float]):
+    def __init__(self, rotation: Rotation, daemons: int, timeout: float, clock: Callable[[], float],
+                 connected: Callable[[int], bool] | None = None):
         self.daemons, self._rotation, self._clock = daemons, rotation, clock
         self._deadline = clock() + timeout
+        self._connected = connected
+        self._start: int | None = None
+        self._current: int | None = None
         self._failure: Exception | dict | None = None  # an exception, or a draining reply
 
     def tries(self):
         """(daemon index, seconds left) for each try; the caller reports each outcome."""
-        for _ in range(self.daemons):
-            index = self._rotation.take(self.daemons)
+        start = self._start = self._rotation.take(self.daemons)
+        order = [(start + k) % self.daemons for k in range(self.daemons)]
+        if self._connected is not None and self.daemons > 1:
+            order.sort(key=lambda index: not self._connected(index))  # stable: round robin within each group
+        for index in order:
             remaining = self._deadline - self._clock()
             if remaining <= 0:
                 return
+            self._current = index
             yield index, remaining
 
     def failed(self, exc: Exception) -> None:
@@ -138,6 +161,8 @@ class Failover:
         if self.daemons > 1 and (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE:
             self._failure = reply
             return False
+        if self._current is not None and self._current != self._start:
+            self._rotation.skip_to(self._current)
         return True
 
     def give_up(self, endpoint: str) -> dict:
@@ -205,7 +230,8 @@ class Client:
             self._sync(min(self.connect_timeout, timeout))
             if not self._order:
                 raise DaemonUnavailable(f"{self.endpoint}: {self._discovery.describe_empty()}")
-            plan = Failover(self._rotation, len(self._order), timeout, time.monotonic)
+            plan = Failover(self._rotation, len(self._order), timeout, time.monotonic,
+                            lambda i: _connected(self._socks[self._order[i]]))
             for index, remaining in plan.tries():
                 try:
                     reply = self._request_on(self._order[index], payload, remaining)
@@ -354,7 +380,8 @@ class AsyncClient:
         order = self._order
         if not order:
             raise DaemonUnavailable(f"{self.endpoint}: {self._discovery.describe_empty()}")
-        plan = Failover(self._rotation, len(order), timeout - (clock() - started), clock)
+        plan = Failover(self._rotation, len(order), timeout - (clock() - started), clock,
+                        lambda i: order[i] in self._peers and _connected(self._peers[order[i]].sock))
         for index, remaining in plan.tries():
             try:
                 reply = await self._request_on(order[index], payload, remaining)

@@ -254,17 +254,31 @@ def test_a_killed_daemon_is_failed_over_and_a_replacement_joins(tmp_path, tiny_d
     try:
         for d in daemons.values():
             wait_ready(d)
-        with Client(f"dns+tcp://daemons:{port}", timeout=10, connect_timeout=0.5, resolver=names,
+        with Client(f"dns+tcp://daemons:{port}", timeout=10, connect_timeout=2.0, resolver=names,
                     dns_refresh_s=0.3) as client:
             for i in range(4):
                 client.embed([f"before {i}"], dimension=4)
             daemons["127.0.0.5"].stop(signal.SIGKILL)
+            time.sleep(0.3)  # the client's ZeroMQ sees the connection close
             slowest = 0.0
-            for i in range(10):  # the dead pod is still in DNS: each request fails over within connect_timeout
+            for i in range(10):  # the dead pod is still in DNS: skipped, never waited on for connect_timeout
                 started = time.monotonic()
                 assert client.embed([f"after {i}"], dimension=4).embeddings.shape == (1, 4)
                 slowest = max(slowest, time.monotonic() - started)
-            assert slowest < 0.5 + 2.0
+            assert slowest < 1.5, slowest
+
+            async def concurrent():
+                async with AsyncClient(f"dns+tcp://daemons:{port}", timeout=10, connect_timeout=2.0,
+                                       resolver=names, dns_refresh_s=0.3) as aclient:
+                    await aclient.health()  # connected to the live one
+                    await asyncio.sleep(0.3)
+                    began = time.monotonic()
+                    results = await asyncio.gather(*(aclient.embed([f"async after {i}"], dimension=4)
+                                                     for i in range(10)))
+                    return time.monotonic() - began, [r.embeddings.shape for r in results]
+
+            took, shapes = asyncio.run(concurrent())
+            assert shapes == [(1, 4)] * 10 and took < 1.5, took
             replacement = start_daemon(tmp_path / "new", "--embedding-model", str(tiny_dir), *ARGS,
                                        endpoint=f"tcp://127.0.0.7:{port}")
             names.set("daemons", ["127.0.0.6", "127.0.0.7"])  # the Service's endpoints now

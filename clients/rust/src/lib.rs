@@ -449,6 +449,17 @@ struct Daemon {
     idle: Mutex<Vec<zmq::Socket>>,
 }
 
+impl Daemon {
+    /// False when its idle socket says it is not connected now; true when connected or not known
+    /// (no idle socket yet).
+    fn maybe_connected(&self) -> bool {
+        match self.idle.lock().unwrap().last() {
+            Some(sock) => sock.get_events().map(|e| e.contains(zmq::POLLOUT)).unwrap_or(false),
+            None => true,
+        }
+    }
+}
+
 /// CURVE keys for `tcp://` daemons started with `--curve-secret-key` (32-byte keys).
 #[derive(Clone)]
 pub struct CurveKeys {
@@ -713,18 +724,29 @@ impl Client {
             return Err(Error::Unavailable { endpoint: format!("{} ({why})", self.endpoint()) });
         }
         let mut last = None;
-        for _ in 0..daemons.len() {
+        // Round robin from the next turn, the daemons known to be connected first (one that died is
+        // skipped at once while another is up, not waited on for the connect timeout).
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % daemons.len();
+        let mut order: Vec<usize> = (0..daemons.len()).map(|k| (start + k) % daemons.len()).collect();
+        if daemons.len() > 1 {
+            order.sort_by_key(|&i| !daemons[i].maybe_connected()); // stable: round robin within each group
+        }
+        for index in order {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            let index = self.next.fetch_add(1, Ordering::Relaxed) % daemons.len();
             let outcome = build(deadline_ms(left))
                 .and_then(|payload| self.round_trip(&daemons[index], &payload, left))
                 .and_then(|reply| decode(&reply));
             match outcome {
                 Err(err) if err.try_elsewhere() && daemons.len() > 1 => last = Some(err),
-                other => return other,
+                other => {
+                    if index != start {
+                        self.next.store(index + 1, Ordering::Relaxed); // the skipped ones do not tilt the load
+                    }
+                    return other;
+                }
             }
         }
         Err(last.unwrap_or_else(|| Error::Timeout { endpoint: self.endpoint(), timeout: self.timeout }))

@@ -597,7 +597,7 @@ fn a_dns_name_spreads_over_its_addresses_fails_over_a_killed_one_and_follows_a_n
         let endpoint = format!("tcp://127.0.0.{last}:{port}");
         Daemon::spawn(endpoint, vec!["--reranker-model".into(), "none".into()])
     };
-    let (mut a, b) = (pod(8), pod(9));
+    let (a, b) = (pod(8), pod(9));
     a.wait_ready();
     b.wait_ready();
     let addresses = Arc::new(Mutex::new(vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 8)),
@@ -615,11 +615,13 @@ fn a_dns_name_spreads_over_its_addresses_fails_over_a_killed_one_and_follows_a_n
         assert_eq!(client.embed_batch(&["spread"], Some(8), None).unwrap().len(), 1);
     }
     assert_eq!((embeds_served(&a, None), embeds_served(&b, None)), (3, 3));
-    a.terminate();
+    drop(a); // SIGKILL
+    thread::sleep(Duration::from_millis(300)); // the client's ZeroMQ sees the connection close
     for _ in 0..6 {
+        // The dead pod is still in DNS: skipped, never waited on for the connect timeout (500 ms).
         let start = Instant::now();
         assert_eq!(client.embed_batch(&["failover"], Some(8), None).unwrap().len(), 1);
-        assert!(start.elapsed() < Duration::from_millis(2500), "{:?}", start.elapsed());
+        assert!(start.elapsed() < Duration::from_millis(450), "{:?}", start.elapsed());
     }
     let c = pod(10);
     c.wait_ready();
