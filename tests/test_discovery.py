@@ -223,6 +223,8 @@ def test_the_async_client_spreads_over_the_name_too(pods):
 
     async def main():
         async with AsyncClient(f"dns+tcp://daemons:{port}", timeout=10, resolver=names, dns_refresh_s=60) as client:
+            await client.health()  # its sockets are made and connect (a first burst goes to those connected)
+            await asyncio.sleep(0.3)
             results = await asyncio.gather(*(client.embed([f"async {i}"], dimension=4) for i in range(30)))
         return [r.embeddings.shape for r in results]
 
