@@ -271,6 +271,8 @@ class Server:
                 path.unlink()  # we hold the lock: whatever is there was left by a daemon that died
         router = self.ctx.socket(zmq.ROUTER)
         router.linger = 0
+        if endpoint.startswith("tcp://["):  # an IPv6 address (`tcp://[::]:5555` also takes IPv4 on Linux)
+            router.ipv6 = 1
         self._secure(router, endpoint)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped silently
         # The transport refuses anything far past the payload limit; within it we answer too_large.

@@ -348,3 +348,14 @@ def test_a_client_dropped_without_close_stops_looking_names_up():
     calls = names.calls
     time.sleep(0.3)
     assert names.calls == calls  # the lookups ended with the client
+
+
+def test_a_daemon_on_an_ipv6_address_is_found_through_a_name_that_gives_it(tmp_path, tiny_dir):
+    port = free_port()
+    own = start_daemon(tmp_path, "--embedding-model", str(tiny_dir), *ARGS, endpoint=f"tcp://[::1]:{port}")
+    try:
+        with Client(f"dns+tcp://daemons:{port}", timeout=10, resolver=Names(daemons=["::1"])) as client:
+            assert client.daemons() == [f"tcp://[::1]:{port}"]
+            assert client.embed(["over ipv6"], dimension=4).embeddings.shape == (1, 4)
+    finally:
+        own.stop(signal.SIGKILL)
