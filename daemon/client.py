@@ -109,48 +109,45 @@ def _message(request_id: int, payload: dict, timeout: float) -> list[bytes]:
 
 
 class Rotation:
-    """Round robin over the daemons, shared by every request of one client (the set may change).
-    Each request takes the next start; one answered by another daemon than its start moves the
-    turn past that daemon, so the daemons skipped (not connected) do not tilt the load."""
+    """Round robin over the daemons, shared by every request of one client (the set may change)."""
 
     def __init__(self) -> None:
         self._next = 0
 
-    def take(self, daemons: int) -> int:
-        index, self._next = self._next % daemons, self._next + 1
-        return index
-
-    def skip_to(self, index: int) -> None:
-        self._next = index + 1
+    def take(self) -> int:
+        turn, self._next = self._next, self._next + 1
+        return turn
 
 
 class Failover:
-    """One request's tries over the daemons it found: each once at most, in the client's round
-    robin, within the request's own time, the daemons connected now before the others (a daemon
-    that died is skipped at once while another is up, not waited on for the connect timeout). A try
-    that finds no daemon connected, times out, or is answered by a draining daemon moves on to the
-    next; the last failure is the answer."""
+    """One request's tries over the daemons it found: each once at most, within the request's own
+    time. The turn picks among the daemons connected now, round robin (so a daemon that died is
+    skipped at once while another is up, not waited on for the connect timeout, and the live ones
+    share its turns evenly, bursts included); the others come after. A try that finds no daemon
+    connected, times out, or is answered by a draining daemon moves on to the next; the last
+    failure is the answer."""
 
     def __init__(self, rotation: Rotation, daemons: int, timeout: float, clock: Callable[[], float],
                  connected: Callable[[int], bool] | None = None):
         self.daemons, self._rotation, self._clock = daemons, rotation, clock
         self._deadline = clock() + timeout
         self._connected = connected
-        self._start: int | None = None
-        self._current: int | None = None
         self._failure: Exception | dict | None = None  # an exception, or a draining reply
+
+    def order(self) -> list[int]:
+        turn = self._rotation.take()
+        live = [i for i in range(self.daemons) if self._connected is None or self._connected(i)]
+        if not live or len(live) == self.daemons:
+            return [(turn + k) % self.daemons for k in range(self.daemons)]
+        first = turn % len(live)
+        return live[first:] + live[:first] + [i for i in range(self.daemons) if i not in live]
 
     def tries(self):
         """(daemon index, seconds left) for each try; the caller reports each outcome."""
-        start = self._start = self._rotation.take(self.daemons)
-        order = [(start + k) % self.daemons for k in range(self.daemons)]
-        if self._connected is not None and self.daemons > 1:
-            order.sort(key=lambda index: not self._connected(index))  # stable: round robin within each group
-        for index in order:
+        for index in self.order():
             remaining = self._deadline - self._clock()
             if remaining <= 0:
                 return
-            self._current = index
             yield index, remaining
 
     def failed(self, exc: Exception) -> None:
@@ -161,8 +158,6 @@ class Failover:
         if self.daemons > 1 and (reply.get("error") or {}).get("code") in RETRY_ELSEWHERE:
             self._failure = reply
             return False
-        if self._current is not None and self._current != self._start:
-            self._rotation.skip_to(self._current)
         return True
 
     def give_up(self, endpoint: str) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import numbers
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ log = logging.getLogger("qwen3vl.discovery")
 SCHEME = "dns+tcp://"
 REFRESH_ENV = "QWEN3VL_DNS_REFRESH"
 DEFAULT_REFRESH_S = 10.0
+MIN_REFRESH_S = 0.01  # below this a lookup loop is a busy loop against the cluster's DNS
 MAX_REFRESH_S = 86400.0
 # A DNS name as resolvers take it: labels of letters, digits, '-' and '_', dot-separated.
 HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -49,13 +51,14 @@ def refresh_interval(env: dict[str, str] | None = None) -> float:
 
 
 def checked_interval(value, what: str) -> float:
-    """A refresh interval: a positive, finite number of seconds (a day at most), else ValueError."""
+    """A refresh interval: a number of seconds from 0.01 to a day, else ValueError."""
     try:
-        seconds = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else -1.0
-    except ValueError:
+        numeric = isinstance(value, (numbers.Real, str)) and not isinstance(value, bool)
+        seconds = float(value) if numeric else -1.0
+    except (ValueError, TypeError):
         seconds = -1.0
-    if not 0 < seconds <= MAX_REFRESH_S:
-        raise ValueError(f"{what}: give the seconds between DNS lookups, a positive number (at most a day)")
+    if not MIN_REFRESH_S <= seconds <= MAX_REFRESH_S:
+        raise ValueError(f"{what}: give the seconds between DNS lookups, from {MIN_REFRESH_S:g} to {MAX_REFRESH_S:g}")
     return seconds
 
 
@@ -86,7 +89,7 @@ def parse_dns(endpoint: str) -> DnsName | None:
 
 def _valid_host(host: str) -> bool:
     if host.startswith("[") and host.endswith("]"):
-        return _ip(host[1:-1]) == 6
+        return "%" not in host and _ip(host[1:-1]) == 6  # no zone index: ZeroMQ's tcp:// takes none
     return _ip(host) == 4 or (HOSTNAME.fullmatch(host) is not None and not host.replace(".", "").isdigit())
 
 
@@ -160,7 +163,8 @@ class Discovery:
         for name in dict.fromkeys(self.names):
             try:
                 found = self._lookup(name)
-            except Exception as exc:  # keep the last addresses: a DNS hiccup must not empty the set
+            except BaseException as exc:  # keep the last addresses: a DNS hiccup must not empty the set
+                # (BaseException too: a resolver's SystemExit on this thread must not end the lookups)
                 self._note_error(name, f"lookup failed: {exc}")
             else:
                 with self._changed:
@@ -213,7 +217,7 @@ class Discovery:
         try:
             if self.refresh():
                 log.info("daemons now: %s", ", ".join(self._current) or "none")
-        except Exception:  # a resolver that raises anything else must not end the refreshes
+        except BaseException:  # nothing a resolver does may end the refreshes
             log.exception("DNS refresh failed")
             with self._changed:
                 self._looked_up.update(self.names)

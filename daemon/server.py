@@ -458,7 +458,11 @@ class Server:
             self.outbox.wake.wait(0.01)
         # Keep the socket open a moment: closing it right after these sends lost many of them over
         # tcp (even with a linger), and their clients waited their whole timeout instead of retrying.
-        time.sleep(CLOSE_GRACE_S)
+        # Requests that come meanwhile are answered `shutting_down`, not left unread.
+        end = time.monotonic() + CLOSE_GRACE_S
+        while (left := end - time.monotonic()) > 0:
+            if router.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                self._receive_requests(router)
 
     # -- replies ---------------------------------------------------------------------------------
     def _send_finished(self, router: zmq.Socket) -> None:

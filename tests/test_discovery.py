@@ -56,7 +56,8 @@ def test_a_dns_endpoint_names_a_host_and_a_port():
                                       "dns+tcp://daemons:5555/path", "dns+tcp://daemons:-1", "dns+tcp://[::1:5601",
                                       "dns+tcp://host name:5601", "dns+tcp://*:5601", "dns+tcp://a@b:5601",
                                       "dns+tcp://h:\u0665\u0666\u0660\u0661", "dns+tcp://fd00::1:7",
-                                      "dns+tcp://[10.0.0.1]:7", "dns+tcp://1.2.3:7", "dns+tcp://-lead.svc:7"])
+                                      "dns+tcp://[10.0.0.1]:7", "dns+tcp://1.2.3:7", "dns+tcp://-lead.svc:7",
+                                      "dns+tcp://[fe80::1%eth0]:7", "dns+tcp://" + "a." * 126 + "bc.:7"])
 def test_a_malformed_dns_endpoint_is_refused_naming_it(endpoint):
     with pytest.raises(ValueError, match="dns\\+tcp://HOST:PORT") as info:
         Client(endpoint)
@@ -66,15 +67,24 @@ def test_a_malformed_dns_endpoint_is_refused_naming_it(endpoint):
 def test_the_refresh_interval_comes_from_the_environment():
     assert refresh_interval({}) == 10.0
     assert refresh_interval({"QWEN3VL_DNS_REFRESH": "2.5"}) == 2.5
-    for bad in ("0", "-1", "soon", "inf", "nan", "1e9"):
+    for bad in ("0", "-1", "soon", "inf", "nan", "1e9", "1e-300", "0.001"):
         with pytest.raises(ValueError, match="QWEN3VL_DNS_REFRESH"):
             refresh_interval({"QWEN3VL_DNS_REFRESH": bad})
 
 
-@pytest.mark.parametrize("refresh", [0, -5, "soon", float("nan"), float("inf"), True, object()])
+@pytest.mark.parametrize("refresh", [0, -5, "soon", float("nan"), float("inf"), True, object(), 5e-324, 0.001,
+                                     86401, [1]])
 def test_a_refresh_interval_given_to_a_client_is_checked_too(refresh):
     with pytest.raises(ValueError, match="dns_refresh_s"):
         Client("dns+tcp://daemons:5555", resolver=Names(), dns_refresh_s=refresh)
+
+
+def test_a_refresh_interval_may_be_any_real_number_in_range():
+    import numpy as np
+
+    for given in (np.int64(3), np.float64(2.0), "5", 0.01, 86400):
+        with Client("dns+tcp://daemons:5555", resolver=Names(), dns_refresh_s=given) as client:
+            assert client._discovery.refresh_s == float(given)
 
 
 def test_a_bad_refresh_setting_never_stops_a_client_without_dns_names(monkeypatch):
@@ -359,3 +369,20 @@ def test_a_daemon_on_an_ipv6_address_is_found_through_a_name_that_gives_it(tmp_p
             assert client.embed(["over ipv6"], dimension=4).embeddings.shape == (1, 4)
     finally:
         own.stop(signal.SIGKILL)
+
+
+def test_the_live_daemons_share_a_dead_ones_turns_evenly_bursts_included():
+    from collections import Counter
+
+    from daemon.client import Failover, Rotation
+
+    rotation, alive = Rotation(), {1, 2}  # daemon 0 is dead (not connected)
+    firsts = Counter()
+    for _ in range(300):  # a burst: every request takes its turn before any is answered
+        plan = Failover(rotation, 3, 10.0, time.monotonic, lambda i: i in alive)
+        order = plan.order()
+        assert order[-1] == 0  # the dead one only last
+        firsts[order[0]] += 1
+    assert firsts == {1: 150, 2: 150}
+    everyone = Failover(Rotation(), 3, 10.0, time.monotonic, lambda i: False)  # none connected: plain round robin
+    assert everyone.order() == [0, 1, 2]

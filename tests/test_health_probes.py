@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, free_port, wait_ready
-from daemon.client import AsyncClient, Client
+from daemon.client import AsyncClient, Client, DaemonError
 
 # A daemon whose loading and whose forwards wait for a file to appear: the test decides when each ends.
 GATED = """
@@ -197,3 +197,42 @@ def test_at_the_drain_timeout_every_accepted_request_over_tcp_gets_its_answer(tm
     lost = [o for o in outcomes if o.startswith("DaemonTimeout")]
     assert not lost and all(o.startswith(("DaemonError: shutting_down", "DaemonError: overloaded")) for o in outcomes), \
         sorted(set(outcomes))
+
+
+def test_requests_that_come_while_the_socket_waits_to_close_are_refused_not_left_unread(tmp_path, tiny_dir):
+    """After the drain timeout the socket stays open a moment for the last replies to go out; a
+    request that comes then gets `shutting_down` (its client retries elsewhere), never silence."""
+    gate, port = tmp_path / "gate", free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    log = tmp_path / "daemon.log"
+    open_gate(gate, "load")
+    open_gate(gate, "forward")
+    long_grace = GATED.replace("from daemon.main import main", "import daemon.server\n"
+                               "daemon.server.CLOSE_GRACE_S = 8.0  # room for the test's requests\n"
+                               "from daemon.main import main")
+    process = subprocess.Popen(
+        [sys.executable, "-c", long_grace, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
+         "--reranker-model", "none", "--drain-timeout", "0.5", "--log-level", "info"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
+    daemon = DaemonProcess(endpoint, process, log)
+    try:
+        hold_forwards(daemon, gate)
+
+        async def main():
+            async with AsyncClient(endpoint, timeout=20) as client:
+                held = asyncio.ensure_future(client.embed(["held past the drain timeout"]))
+                await asyncio.sleep(0.5)
+                process.send_signal(signal.SIGTERM)
+                while "drain timeout" not in log.read_text():
+                    await asyncio.sleep(0.05)
+                late = await asyncio.gather(*(client.embed([f"late {i}"]) for i in range(10)),
+                                            return_exceptions=True)
+                return [held.exception() or held.result()] if held.done() else ["not answered"], late
+
+        held, late = asyncio.run(main())
+        open_gate(gate, "forward")
+        assert process.wait(30) == 0
+    finally:
+        open_gate(gate, "forward")
+        process.kill()
+    assert all(isinstance(o, DaemonError) and o.code == "shutting_down" for o in [*held, *late]), (held, late)

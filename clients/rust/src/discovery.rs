@@ -43,18 +43,21 @@ pub fn refresh_from_env() -> Result<Duration, String> {
 
 fn parse_refresh(raw: &str) -> Result<Duration, String> {
     match raw.parse::<f64>() {
-        Ok(s) if s > 0.0 && s <= MAX_REFRESH.as_secs_f64() => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!("{REFRESH_ENV}={raw:?}: give the seconds between DNS lookups, a positive number (at most a day)")),
+        Ok(s) if s >= MIN_REFRESH.as_secs_f64() && s <= MAX_REFRESH.as_secs_f64() => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("{REFRESH_ENV}={raw:?}: give the seconds between DNS lookups, from 0.01 to 86400")),
     }
 }
 
 /// The longest refresh interval taken (a day).
 pub const MAX_REFRESH: Duration = Duration::from_secs(86_400);
 
-/// A refresh interval given in code: more than zero, at most a day.
+/// The shortest refresh interval taken: below it a lookup loop is a busy loop against the DNS.
+pub const MIN_REFRESH: Duration = Duration::from_millis(10);
+
+/// A refresh interval given in code: from 10 ms to a day.
 pub fn checked_refresh(refresh: Duration) -> Result<Duration, String> {
-    if refresh.is_zero() || refresh > MAX_REFRESH {
-        return Err(format!("a DNS refresh interval of {refresh:?}: give more than zero, at most a day"));
+    if refresh < MIN_REFRESH || refresh > MAX_REFRESH {
+        return Err(format!("a DNS refresh interval of {refresh:?}: give from 10 ms to a day"));
     }
     Ok(refresh)
 }
@@ -70,7 +73,7 @@ fn valid_host(host: &str) -> bool {
     let name = host.strip_suffix('.').unwrap_or(host);
     let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-')
         && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    !name.is_empty() && host.len() <= 253 && name.split('.').all(label_ok)
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)
         && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
@@ -315,13 +318,14 @@ mod tests {
         assert!(Discovery::new(&["ipc:///a.sock".to_string()], system_resolver(), bad.clone()).is_ok());
         assert!(Discovery::new(&["dns+tcp://d:1".to_string()], system_resolver(), bad).is_err());
         assert!(checked_refresh(Duration::ZERO).is_err() && checked_refresh(Duration::from_secs(86_401)).is_err());
-        assert_eq!(checked_refresh(Duration::from_millis(5)).unwrap(), Duration::from_millis(5));
+        assert_eq!(checked_refresh(Duration::from_millis(50)).unwrap(), Duration::from_millis(50));
+        assert!(checked_refresh(Duration::from_nanos(1)).is_err());
     }
 
     #[test]
     fn the_refresh_interval_must_be_a_positive_number_of_seconds() {
         assert_eq!(parse_refresh("2.5").unwrap(), Duration::from_millis(2500));
-        for bad in ["0", "-1", "soon", "inf", "NaN"] {
+        for bad in ["0", "-1", "soon", "inf", "NaN", "1e-300", "0.001"] {
             assert!(parse_refresh(bad).unwrap_err().contains(REFRESH_ENV), "{bad}");
         }
     }

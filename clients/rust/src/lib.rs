@@ -563,7 +563,7 @@ impl Client {
     }
 
     /// Look `dns+tcp://` names up again every `refresh` (default `$QWEN3VL_DNS_REFRESH`, else 10 s;
-    /// more than zero, at most a day, else every call fails with `Error::Config`).
+    /// from 10 ms to a day, else a client with a DNS name fails every call with `Error::Config`).
     pub fn with_dns_refresh(mut self, refresh: Duration) -> Client {
         self.refresh = discovery::checked_refresh(refresh);
         self.rediscover()
@@ -724,14 +724,9 @@ impl Client {
             return Err(Error::Unavailable { endpoint: format!("{} ({why})", self.endpoint()) });
         }
         let mut last = None;
-        // Round robin from the next turn, the daemons known to be connected first (one that died is
-        // skipped at once while another is up, not waited on for the connect timeout).
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % daemons.len();
-        let mut order: Vec<usize> = (0..daemons.len()).map(|k| (start + k) % daemons.len()).collect();
-        if daemons.len() > 1 {
-            order.sort_by_key(|&i| !daemons[i].maybe_connected()); // stable: round robin within each group
-        }
-        for index in order {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let live: Vec<bool> = daemons.iter().map(|d| d.maybe_connected()).collect();
+        for index in try_order(turn, &live) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -741,12 +736,7 @@ impl Client {
                 .and_then(|reply| decode(&reply));
             match outcome {
                 Err(err) if err.try_elsewhere() && daemons.len() > 1 => last = Some(err),
-                other => {
-                    if index != start {
-                        self.next.store(index + 1, Ordering::Relaxed); // the skipped ones do not tilt the load
-                    }
-                    return other;
-                }
+                other => return other,
             }
         }
         Err(last.unwrap_or_else(|| Error::Timeout { endpoint: self.endpoint(), timeout: self.timeout }))
@@ -809,6 +799,21 @@ impl Client {
     pub fn request<T: for<'de> Deserialize<'de>>(&self, payload: &impl Serialize) -> Result<T> {
         self.call(|_| encode(payload))
     }
+}
+
+/// The daemons one call tries, in order: the turn picks among those connected (`live`), round
+/// robin, so a daemon that died is skipped at once while another is up and the live ones share its
+/// turns evenly, bursts included; the others come after. None or all live: plain round robin.
+fn try_order(turn: usize, live: &[bool]) -> Vec<usize> {
+    let n = live.len();
+    let up: Vec<usize> = (0..n).filter(|&i| live[i]).collect();
+    if up.is_empty() || up.len() == n {
+        return (0..n).map(|k| (turn + k) % n).collect();
+    }
+    let first = turn % up.len();
+    let mut order: Vec<usize> = up[first..].iter().chain(&up[..first]).copied().collect();
+    order.extend((0..n).filter(|&i| !live[i]));
+    order
 }
 
 /// The reply's bytes as `count` rows of the encoding's type, after checking their length.
@@ -922,6 +927,20 @@ mod tests {
         assert_eq!(deadline_ms(Duration::from_micros(10)), 1);
         assert_eq!(deadline_ms(Duration::from_millis(1500)), 1500);
         assert_eq!(deadline_ms(Duration::from_secs(3 * 86_400)), MAX_DEADLINE_MS);
+    }
+
+    #[test]
+    fn the_live_daemons_share_a_dead_ones_turns_evenly() {
+        let live = [false, true, true];
+        let mut firsts = [0; 3];
+        for turn in 0..300 {
+            let order = try_order(turn, &live);
+            assert_eq!(*order.last().unwrap(), 0);
+            firsts[order[0]] += 1;
+        }
+        assert_eq!(firsts, [0, 150, 150]);
+        assert_eq!(try_order(4, &[false, false, false]), vec![1, 2, 0]);
+        assert_eq!(try_order(4, &[true, true, true]), vec![1, 2, 0]);
     }
 
     #[test]
