@@ -103,12 +103,7 @@ def _ip(text: str) -> int | None:
 
 def is_ipv6(endpoint: str) -> bool:
     """Whether a tcp:// endpoint's host is an IPv6 address (the socket must then allow IPv6)."""
-    if not endpoint.startswith("tcp://["):
-        return False
-    try:
-        return ipaddress.ip_address(endpoint[len("tcp://["):].partition("]")[0]).version == 6
-    except ValueError:
-        return False
+    return endpoint.startswith("tcp://[") and _ip(endpoint[len("tcp://["):].partition("]")[0]) == 6
 
 
 class Discovery:

@@ -102,10 +102,6 @@ class MetricsServer:
         self._server, _thread = start_http_server(self.port, self.host, registry)
         log.info("metrics on http://%s:%d/metrics", self.host, self._server.server_port)
 
-    @property
-    def bound_port(self) -> int | None:
-        return self._server.server_port if self._server is not None else None
-
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

@@ -32,6 +32,7 @@ from .backends import load_model_backends, memory_gate
 from .bounded import BoundedCache
 from .cache import EmbeddingCache
 from .config import DaemonConfig
+from .discovery import is_ipv6
 from .engine import Engine, EngineState, Job, JobResult, Loader
 from .fit import describe_memory
 from .errors import ErrorCode, RequestError, too_large
@@ -271,7 +272,7 @@ class Server:
                 path.unlink()  # we hold the lock: whatever is there was left by a daemon that died
         router = self.ctx.socket(zmq.ROUTER)
         router.linger = 0
-        if endpoint.startswith("tcp://["):  # an IPv6 address (`tcp://[::]:5555` also takes IPv4 on Linux)
+        if is_ipv6(endpoint):  # `tcp://[::]:5555` also takes IPv4 on Linux
             router.ipv6 = 1
         self._secure(router, endpoint)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped silently

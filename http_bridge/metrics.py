@@ -4,7 +4,6 @@ families built from one `metrics` reply (daemon/prometheus.py, which the daemon'
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 

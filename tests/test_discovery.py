@@ -186,7 +186,7 @@ def test_a_name_with_no_address_fails_the_request_at_once_naming_it():
         started = time.monotonic()
         with pytest.raises(DaemonUnavailable, match="nowhere.example:5555.*Name or service not known"):
             client.health()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10  # not the request's 30 s
 
 
 # -- end to end: daemons on 127.0.0.x ----------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_a_killed_daemon_is_failed_over_and_a_replacement_joins(tmp_path, tiny_d
     try:
         for d in daemons.values():
             wait_ready(d)
-        with Client(f"dns+tcp://daemons:{port}", timeout=10, connect_timeout=2.0, resolver=names,
+        with Client(f"dns+tcp://daemons:{port}", timeout=20, connect_timeout=5.0, resolver=names,
                     dns_refresh_s=0.3) as client:
             for i in range(4):
                 client.embed([f"before {i}"], dimension=4)
@@ -277,10 +277,10 @@ def test_a_killed_daemon_is_failed_over_and_a_replacement_joins(tmp_path, tiny_d
                 started = time.monotonic()
                 assert client.embed([f"after {i}"], dimension=4).embeddings.shape == (1, 4)
                 slowest = max(slowest, time.monotonic() - started)
-            assert slowest < 1.5, slowest
+            assert slowest < 4.0, slowest  # a try of the dead one would take the 5 s connect timeout
 
             async def concurrent():
-                async with AsyncClient(f"dns+tcp://daemons:{port}", timeout=10, connect_timeout=2.0,
+                async with AsyncClient(f"dns+tcp://daemons:{port}", timeout=20, connect_timeout=5.0,
                                        resolver=names, dns_refresh_s=0.3) as aclient:
                     await aclient.health()  # connected to the live one
                     await asyncio.sleep(0.3)
@@ -290,7 +290,7 @@ def test_a_killed_daemon_is_failed_over_and_a_replacement_joins(tmp_path, tiny_d
                     return time.monotonic() - began, [r.embeddings.shape for r in results]
 
             took, shapes = asyncio.run(concurrent())
-            assert shapes == [(1, 4)] * 10 and took < 1.5, took
+            assert shapes == [(1, 4)] * 10 and took < 4.0, took
             replacement = start_daemon(tmp_path / "new", "--embedding-model", str(tiny_dir), *ARGS,
                                        endpoint=f"tcp://127.0.0.7:{port}")
             names.set("daemons", ["127.0.0.6", "127.0.0.7"])  # the Service's endpoints now

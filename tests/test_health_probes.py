@@ -50,23 +50,29 @@ def open_gate(gate: Path, name: str) -> None:
     Path(f"{gate}.{name}").touch()
 
 
+def start_gated(tmp_path: Path, tiny_dir: Path, endpoint: str, *args: str,
+                script: str = GATED) -> tuple[DaemonProcess, Path]:
+    """A daemon running `script` (GATED or a variant) on `endpoint`, and its gate's path."""
+    gate, log = tmp_path / "gate", tmp_path / "daemon.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
+         "--reranker-model", "none", "--log-level", "info", *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
+    return DaemonProcess(endpoint, process, log), gate
+
+
 @pytest.fixture
 def gated(tmp_path, tiny_dir):
-    gate, port = tmp_path / "gate", free_port()
-    endpoint = f"ipc://{tmp_path}/s/d.sock"
-    log = tmp_path / "daemon.log"
-    process = subprocess.Popen(
-        [sys.executable, "-c", GATED, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
-         "--reranker-model", "none", "--metrics-address", f"127.0.0.1:{port}", "--log-level", "info"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
-    daemon = DaemonProcess(endpoint, process, log)
+    port = free_port()
+    daemon, gate = start_gated(tmp_path, tiny_dir, f"ipc://{tmp_path}/s/d.sock", "--metrics-address",
+                               f"127.0.0.1:{port}")
     try:
         yield daemon, gate, port
     finally:
         open_gate(gate, "load")
         open_gate(gate, "forward")
-        process.kill()
-        process.wait(30)
+        daemon.process.kill()
+        daemon.process.wait(30)
 
 
 def hold_forwards(daemon: DaemonProcess, gate: Path) -> None:
@@ -150,7 +156,7 @@ def test_with_no_daemon_both_probes_fail_within_their_second(tmp_path):
         started = time.monotonic()
         result = probe(f"ipc://{tmp_path}/nobody.sock", flag)
         assert result.returncode == 1 and "no daemon" in result.stderr, result
-        assert time.monotonic() - started < 8  # the interpreter's start plus the probe's own 1 s
+        assert time.monotonic() - started < 20  # the interpreter's start plus the probe's own 1 s (not 60 s)
 
 
 def test_a_bad_metrics_address_is_refused_naming_the_option(tiny_dir):
@@ -162,16 +168,9 @@ def test_a_bad_metrics_address_is_refused_naming_the_option(tiny_dir):
 def test_at_the_drain_timeout_every_accepted_request_over_tcp_gets_its_answer(tmp_path, tiny_dir):
     """A pod's SIGTERM with forwards that outlast the drain: each accepted request is answered
     `shutting_down` (so its client retries on another pod), none is left to time out."""
-    gate, port = tmp_path / "gate", free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    log = tmp_path / "daemon.log"
-    open_gate(gate, "load")
-    open_gate(gate, "forward")
-    process = subprocess.Popen(
-        [sys.executable, "-c", GATED, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
-         "--reranker-model", "none", "--drain-timeout", "1", "--max-batch-size", "1", "--log-level", "info"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
-    daemon = DaemonProcess(endpoint, process, log)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon, gate = start_gated(tmp_path, tiny_dir, endpoint, "--drain-timeout", "1", "--max-batch-size", "1")
+    process = daemon.process
     try:
         hold_forwards(daemon, gate)
 
@@ -202,19 +201,12 @@ def test_at_the_drain_timeout_every_accepted_request_over_tcp_gets_its_answer(tm
 def test_requests_that_come_while_the_socket_waits_to_close_are_refused_not_left_unread(tmp_path, tiny_dir):
     """After the drain timeout the socket stays open a moment for the last replies to go out; a
     request that comes then gets `shutting_down` (its client retries elsewhere), never silence."""
-    gate, port = tmp_path / "gate", free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    log = tmp_path / "daemon.log"
-    open_gate(gate, "load")
-    open_gate(gate, "forward")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     long_grace = GATED.replace("from daemon.main import main", "import daemon.server\n"
                                "daemon.server.CLOSE_GRACE_S = 8.0  # room for the test's requests\n"
                                "from daemon.main import main")
-    process = subprocess.Popen(
-        [sys.executable, "-c", long_grace, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
-         "--reranker-model", "none", "--drain-timeout", "0.5", "--log-level", "info"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
-    daemon = DaemonProcess(endpoint, process, log)
+    daemon, gate = start_gated(tmp_path, tiny_dir, endpoint, "--drain-timeout", "0.5", script=long_grace)
+    process, log = daemon.process, daemon.log
     try:
         hold_forwards(daemon, gate)
 

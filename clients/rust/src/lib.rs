@@ -509,6 +509,13 @@ struct DaemonSet {
     daemons: Arc<Vec<Arc<Daemon>>>,
 }
 
+impl DaemonSet {
+    /// None yet: the next call builds the set from discovery.
+    fn unbuilt() -> RwLock<DaemonSet> {
+        RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) })
+    }
+}
+
 /// A client of one daemon or several. Cheap to share: `Client` is `Send + Sync`.
 pub struct Client {
     ctx: zmq::Context,
@@ -551,7 +558,7 @@ impl Client {
         let (resolver, refresh) = (discovery::system_resolver(), discovery::refresh_from_env());
         let discovery = Discovery::new(&endpoints, resolver.clone(), refresh.clone());
         Client { ctx: zmq::Context::new(), endpoints, discovery, resolver, refresh, broken: None,
-                 set: RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) }), curve: None,
+                 set: DaemonSet::unbuilt(), curve: None,
                  timeout, connect_timeout: Duration::from_secs(1), next: AtomicUsize::new(0),
                  next_tag: AtomicU64::new(1) }
     }
@@ -571,7 +578,7 @@ impl Client {
 
     fn rediscover(mut self) -> Client {
         self.discovery = Discovery::new(&self.endpoints, self.resolver.clone(), self.refresh.clone());
-        self.set = RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) });
+        self.set = DaemonSet::unbuilt();
         self
     }
 
@@ -599,7 +606,7 @@ impl Client {
     /// CURVE-encrypt and authenticate every `tcp://` daemon (those a DNS name gives included).
     pub fn with_curve(mut self, keys: CurveKeys) -> Client {
         self.curve = Some(keys);
-        self.set = RwLock::new(DaemonSet { version: u64::MAX, daemons: Arc::new(Vec::new()) });
+        self.set = DaemonSet::unbuilt(); // sockets made from now on carry the keys
         self
     }
 

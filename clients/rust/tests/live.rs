@@ -608,7 +608,7 @@ fn a_dns_name_spreads_over_its_addresses_fails_over_a_killed_one_and_follows_a_n
         Ok(answer.lock().unwrap().clone())
     });
     let client = Client::new(format!("dns+tcp://qwen3vl-daemon.ml.svc.cluster.local:{port}"), Duration::from_secs(10))
-        .with_connect_timeout(Duration::from_millis(500)).with_resolver(resolver)
+        .with_connect_timeout(Duration::from_secs(4)).with_resolver(resolver)
         .with_dns_refresh(Duration::from_millis(300));
     assert_eq!(client.daemons().unwrap(), vec![a.endpoint.clone(), b.endpoint.clone()]);
     for _ in 0..6 {
@@ -618,10 +618,10 @@ fn a_dns_name_spreads_over_its_addresses_fails_over_a_killed_one_and_follows_a_n
     drop(a); // SIGKILL
     thread::sleep(Duration::from_millis(300)); // the client's ZeroMQ sees the connection close
     for _ in 0..6 {
-        // The dead pod is still in DNS: skipped, never waited on for the connect timeout (500 ms).
+        // The dead pod is still in DNS: skipped, never waited on for the connect timeout (4 s).
         let start = Instant::now();
         assert_eq!(client.embed_batch(&["failover"], Some(8), None).unwrap().len(), 1);
-        assert!(start.elapsed() < Duration::from_millis(450), "{:?}", start.elapsed());
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
     }
     let c = pod(10);
     c.wait_ready();
