@@ -186,6 +186,7 @@ class FairQueue:
 
 
 LOAD_POLL_S = 0.1  # how often a load in progress looks for a SIGTERM
+RUN_UNTIL_POLL_S = 0.01  # how soon run_until sees a job failed off the model thread (preprocessing)
 LOAD_STAGES = ("import", "weights", "fingerprint", "warmup")  # where the time to READY goes
 
 
@@ -512,6 +513,16 @@ class Engine:
         while True:
             # A bounded wait, so the main thread regularly runs Python's signal handlers.
             batch = self.scheduler.next_batch(timeout=0.2)
+            if batch is not None:
+                self._forward(batch)
+            elif self.scheduler.closed:
+                return
+
+    def run_until(self, done: threading.Event) -> None:
+        """Run batches on the calling thread until `done` is set or `stop`: an in-process caller
+        (inprocess.py) is the model thread itself while it waits for its own job."""
+        while not done.is_set():
+            batch = self.scheduler.next_batch(timeout=RUN_UNTIL_POLL_S)
             if batch is not None:
                 self._forward(batch)
             elif self.scheduler.closed:

@@ -28,23 +28,15 @@ import zmq.auth
 from huggingface_hub import constants as hub_constants
 from zmq.auth.thread import ThreadAuthenticator
 
-from .backends import load_model_backends, memory_gate
-from .bounded import BoundedCache
-from .cache import EmbeddingCache
 from .config import DaemonConfig
+from .core import Core, StartupError
 from .discovery import is_ipv6
-from .engine import Engine, EngineState, Job, JobResult, Loader
+from .engine import EngineState, Job, JobResult, Loader
 from .fit import describe_memory
 from .errors import ErrorCode, RequestError, too_large
-from .handlers import Context, Handler, build_handlers
-from .logs import TracebackLimiter
-from .metrics import Metrics
+from .handlers import Handler
 from .notify import LoadProgress, Notifier
-from .preflight import hidden_size, looks_local
 from .protocol import OPS, MetricsRequest, Request, decode_payload, encode_error, encode_reply, parse_request
-from .quantize import Calibration, CalibrationError, Quantizer
-from .residency import Residency
-from .weights import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +52,6 @@ CLOSE_GRACE_S = 0.5  # then: how long the socket stays open for ZeroMQ to write 
 
 def _packable(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, bytes))
-
-
-class StartupError(Exception):
-    """The daemon cannot start (socket in use, unsafe directory, model not loadable): one line."""
 
 
 def _loopback(endpoint: str) -> bool:
@@ -202,37 +190,16 @@ class Outbox:
         return items
 
 
-def _calibration(config: DaemonConfig) -> Calibration | None:
-    """The operator's int8 calibration, read once, whole, before any model loads (against a local
-    embedding checkpoint's size), so that a bad file fails at once."""
-    if config.int8_calibration is None:
-        return None
-    embedding = config.embedding
-    size = hidden_size(Path(embedding.name).expanduser()) if embedding and looks_local(embedding.name) else None
-    try:
-        return Calibration.load(config.int8_calibration, size)
-    except CalibrationError as exc:
-        raise StartupError(f"--int8-calibration {exc}") from None
-
-
 class Server:
     def __init__(self, config: DaemonConfig, loader: Loader | None = None):
         """`loader` fills the engine's backends (default: the configured models); tests pass stand-ins."""
         self.config = config
         self.ctx = zmq.Context()
         self._stop = threading.Event()
-        self.metrics = Metrics()
-        self.tracebacks = TracebackLimiter()  # internal errors' tracebacks, rate-limited
-        calibration = _calibration(config)
-        images = BoundedCache(config.batching.image_cache_bytes) if config.batching.image_cache_bytes > 0 else None
         self.notifier = Notifier()
-        models = Residency(memory_gate(config), release_freed_memory, self._models_changed)
-        loader = loader or (lambda backends, step: load_model_backends(config, backends, step, calibration, images,
-                                                                       models))
-        self.engine = Engine(config.batching, loader, self.metrics, self.tracebacks, models)
-        cache = EmbeddingCache(config.batching.cache_bytes) if config.batching.cache_bytes > 0 else None
-        self.handlers = build_handlers(Context(config, self.engine, self.metrics, cache, Quantizer(calibration),
-                                               images))
+        core = Core.build(config, loader, self._models_changed)
+        self.metrics, self.tracebacks = core.metrics, core.tracebacks
+        self.engine, self.handlers = core.engine, core.handlers
         self.outbox = Outbox()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen3vl-reply")
         self._in_flight = 0  # jobs admitted whose reply is not yet sent (the socket thread's count)

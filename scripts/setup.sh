@@ -33,7 +33,7 @@ pip_install() {
 step 3 "torch 2.14.1 and torchvision 0.29.1 (the largest download: a few minutes on a first run)"
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 # QWEN3VL_EXTRAS: the optional parts (the container image leaves out the test tools).
-EXTRAS=${QWEN3VL_EXTRAS:-bridge,quant,test}
+EXTRAS=${QWEN3VL_EXTRAS:-bridge,quant,dataset,ray,test}
 step 4 "the daemon and its extras [$EXTRAS] (pinned in constraints.txt)"
 pip_install -e ".[$EXTRAS]"
 "$VENV/bin/python" -c "import daemon, torch, transformers, zmq, qwen_vl_utils, torchcodec, torchao" \

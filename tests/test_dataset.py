@@ -1,0 +1,263 @@
+"""embed-dataset, local mode: a real daemon on a real socket, the job as a real process."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import png_bytes, start_daemon
+from daemon.dataset.progress import Progress
+from daemon.dataset.store import ERRORS, Store
+from daemon.tiny import TinySpec, build_tiny_checkpoint
+
+READ = {"ignore_prefixes": [".", "_", "errors"]}  # errors.jsonl sits beside the parts
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_dir):
+    media = tmp_path_factory.mktemp("media")
+    (media / "red.png").write_bytes(png_bytes((255, 0, 0)))
+    daemon = start_daemon(tmp_path_factory.mktemp("dataset-daemon"), "--embedding-model", str(tiny_dir),
+                          "--reranker-model", "none", "--allow-path", str(media))
+    yield daemon, media
+    daemon.stop()
+
+
+def job(endpoint: str, source: Path, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "daemon", "embed-dataset", str(source), "--out", str(out),
+                           "--endpoint", endpoint, *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def texts(n: int) -> list[dict]:
+    return [{"id": i, "text": f"row {i}: " + "word " * (i % 40)} for i in range(n)]
+
+
+def read_out(out: Path) -> dict:
+    table = pq.read_table(out, **READ)
+    return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
+
+
+def reference(daemon, inputs: list, **options) -> np.ndarray:
+    with daemon.client() as client:
+        return np.concatenate([client.embed(inputs[i:i + 32], **options).embeddings for i in range(0, len(inputs), 32)])
+
+
+def errors(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / ERRORS).read_text().splitlines()]
+
+
+def test_every_row_is_written_once_with_the_vector_the_daemon_gives_for_it(served, tmp_path):
+    daemon, _ = served
+    rows = texts(150)
+    summary = json.loads(job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out",
+                             "--commit-rows", "40").stdout)
+    assert summary["written"] == 150 and summary["errors"] == 0
+    found = read_out(tmp_path / "out")
+    assert sorted(found) == list(range(150))
+    expected = reference(daemon, [r["text"] for r in rows])
+    np.testing.assert_allclose(np.array([found[i] for i in range(150)]), expected, atol=1e-5)
+
+
+def test_a_kill_at_any_moment_then_a_rerun_gives_every_id_exactly_once(served, tmp_path):
+    daemon, _ = served
+    rows = texts(1200)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "daemon", "embed-dataset", str(source), "--out", str(out), "--endpoint",
+            daemon.endpoint, "--commit-rows", "8", "--batch-rows", "4", "--in-flight", "1"]
+    for parts_before_kill in (1, 6):
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < parts_before_kill and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL, "the job ended before it could be killed"
+        assert len(read_out(out)) < len(rows)
+    summary = json.loads(job(daemon.endpoint, source, out).stdout)
+    assert summary["skipped"] > 0 and summary["written"] == len(rows) - summary["skipped"]
+    ids = pq.read_table(out, **READ).column("id").to_pylist()
+    assert sorted(ids) == list(range(len(rows)))  # each once: no id lost, none twice
+    found = read_out(out)
+    expected = reference(daemon, [r["text"] for r in rows])
+    np.testing.assert_allclose(np.array([found[i] for i in range(len(rows))]), expected, atol=1e-5)
+
+
+def test_bad_rows_go_to_the_error_file_with_their_row_id_and_code_and_the_job_goes_on(served, tmp_path):
+    daemon, media = served
+    rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": ""}, "not json", {"text": "no id"},
+            {"id": "c", "image": str(media / "missing.png")}, {"id": "a", "text": "again"},
+            {"id": 7, "text": "an integer among strings"}, {"id": "d", "image": "/etc/passwd"},
+            {"id": "e", "colour": "no input"}, {"id": "f", "image": str(media / "red.png")},
+            {"id": "g", "input": {"text": "x", "bogus": 1}}, {"id": "h", "text": "fine too"}]
+    out = tmp_path / "out"
+    summary = json.loads(job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", rows), out).stdout)
+    assert summary == {**summary, "written": 3, "errors": 9}
+    assert sorted(read_out(out)) == ["a", "f", "h"]
+    found = {e["row"]: e for e in errors(out)}
+    assert sorted(found) == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert found[1] == {"row": 1, "id": "b", "code": "invalid_request", "message": "text: empty text"}
+    assert found[2]["id"] is None and "not a JSON object" in found[2]["message"]
+    assert found[3]["message"] == "id: missing"
+    assert found[4]["code"] == "input_error" and found[4]["message"].startswith("input.image[0]")
+    assert found[5]["code"] == "duplicate_id" and "row 0" in found[5]["message"]
+    assert "this dataset's ids are string" in found[6]["message"]
+    assert found[7]["message"].startswith("input.image[0].path") and found[7]["id"] == "d"
+    assert found[8]["message"].startswith("no input")
+    assert found[10]["message"].startswith("input: unknown field(s) bogus")
+
+
+def test_a_rerun_skips_the_recorded_errors_unless_told_to_retry_them(served, tmp_path):
+    daemon, media = served
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "text": "ok"}, {"id": 2, "image": "gone.png"}])
+    out = tmp_path / "out"
+    job(daemon.endpoint, source, out)
+    again = json.loads(job(daemon.endpoint, source, out).stdout)
+    assert again["written"] == again["errors"] == 0 and again["skipped"] == 2
+    assert len(errors(out)) == 1
+    write_jsonl(source, [{"id": 1, "text": "ok"}, {"id": 2, "image": str(media / "red.png")}])
+    retried = json.loads(job(daemon.endpoint, source, out, "--retry-errors").stdout)
+    assert retried["written"] == 1 and sorted(read_out(out)) == [1, 2] and errors(out) == []
+
+
+def test_resuming_with_another_model_is_refused_in_one_line_unless_overwrite(served, tmp_path, tiny_dir):
+    daemon, _ = served
+    source = write_jsonl(tmp_path / "in.jsonl", texts(20))
+    out = tmp_path / "out"
+    job(daemon.endpoint, source, out)
+    other = build_tiny_checkpoint(tmp_path / "other", TinySpec(seed=7))
+    second = start_daemon(tmp_path / "second", "--embedding-model", str(other), "--reranker-model", "none")
+    try:
+        refused = job(second.endpoint, source, out, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and "fingerprint" in refused.stderr and "--overwrite" in refused.stderr
+        assert sorted(read_out(out)) == list(range(20))  # untouched
+        replaced = json.loads(job(second.endpoint, source, out, "--overwrite").stdout)
+        assert replaced["written"] == 20
+        with second.client() as client:
+            fingerprint = client.health()["embedding"]["fingerprint"]
+        assert pq.read_schema(next(out.glob("part-*.parquet"))).metadata[b"qwen3vl.fingerprint"] == fingerprint.encode()
+    finally:
+        second.stop()
+
+
+def test_resuming_with_other_settings_is_refused_naming_each(served, tmp_path):
+    daemon, _ = served
+    source = write_jsonl(tmp_path / "in.jsonl", texts(10))
+    out = tmp_path / "out"
+    job(daemon.endpoint, source, out, "--dimension", "32")
+    refused = job(daemon.endpoint, source, out, "--dimension", "16", "--instruction", "Other.", check=False)
+    assert refused.returncode == 1
+    assert "dimension 32 (this run: 16)" in refused.stderr and "instruction None (this run: 'Other.')" in refused.stderr
+    same = json.loads(job(daemon.endpoint, source, out).stdout)  # no --dimension: the dataset's is kept
+    assert same["skipped"] == 10
+
+
+def test_the_parquet_dataset_reads_back_with_pyarrow_with_its_settings_in_the_schema(served, tmp_path):
+    daemon, _ = served
+    out = tmp_path / "out"
+    job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", texts(12)), out, "--dimension", "32",
+        "--instruction", "Find the row.")
+    table = pq.read_table(out, **READ)
+    assert table.schema.field("id").type == pa.int64()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    with daemon.client() as client:
+        health = client.health()
+    assert meta == {"qwen3vl.fingerprint": health["embedding"]["fingerprint"],
+                    "qwen3vl.model": health["embedding"]["name"], "qwen3vl.dimension": "32",
+                    "qwen3vl.encoding": "float32", "qwen3vl.normalize": "true", "qwen3vl.instruction": "Find the row.",
+                    "qwen3vl.id_type": "int64"}
+    norms = np.linalg.norm(np.array(table.column("embedding").to_pylist()), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoding", ["int8", "ubinary"])
+def test_compact_encodings_are_fixed_size_binary_of_the_daemons_bytes(served, tmp_path, encoding):
+    daemon, _ = served
+    rows = texts(10)
+    out = tmp_path / "out"
+    job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", rows), out, "--encoding", encoding)
+    table = pq.read_table(out, **READ)
+    size = 64 if encoding == "int8" else 8
+    assert table.schema.field("embedding").type == pa.binary(size)
+    found = read_out(out)
+    expected = reference(daemon, [r["text"] for r in rows], encoding=encoding)
+    assert [found[i] for i in range(10)] == [row.tobytes() for row in expected]
+
+
+def test_parquet_input_with_image_bytes_and_whole_input_objects(served, tmp_path):
+    daemon, media = served
+    red = png_bytes((255, 0, 0))
+    table = pa.table({"key": ["x", "y", "z"], "caption": ["a caption", None, None], "image": [None, red, None],
+                      "input": [None, None, {"text": "a whole input", "image": str(media / "red.png")}]})
+    source = tmp_path / "in.parquet"
+    pq.write_table(table, source, row_group_size=2)
+    out = tmp_path / "out"
+    job(daemon.endpoint, source, out, "--id-column", "key", "--text-column", "caption")
+    found = read_out(out)
+    expected = reference(daemon, ["a caption", {"image": red}, {"text": "a whole input", "image": red}])
+    np.testing.assert_allclose(np.array([found[k] for k in "xyz"]), expected, atol=1e-5)
+
+
+def test_a_second_job_on_the_same_directory_is_refused(served, tmp_path):
+    daemon, _ = served
+    out = tmp_path / "out"
+    holder = Store(out)
+    holder.lock()
+    try:
+        refused = job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", texts(3)), out, check=False)
+        assert refused.returncode == 1 and "in use by another embed-dataset job" in refused.stderr
+    finally:
+        holder.close()
+
+
+def test_a_torn_error_line_and_temporary_files_from_a_kill_are_cleared_on_resume(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ERRORS).write_text('{"row": 0, "id": 1, "code": "invalid_request", "message": "x"}\n{"row": 1, "id"')
+    (out / ".tmp-part-000003-abc.parquet").write_bytes(b"half")
+    store = Store(out)
+    store.lock()
+    existing = store.open(overwrite=False, retry_errors=False)
+    store.close()
+    assert existing.failed == {(0, 1)} and not list(out.glob(".tmp-*"))
+    assert (out / ERRORS).read_text().endswith("}\n")
+
+
+def test_without_a_terminal_progress_is_a_log_line_every_few_seconds():
+    now = [0.0]
+    stream = io.StringIO()
+    progress = Progress(total=100, done_before=10, stream=stream, clock=lambda: now[0], every_s=5.0)
+    progress.advance(20, 0)
+    assert stream.getvalue() == ""
+    now[0] = 6.0
+    progress.advance(10, 2)
+    assert stream.getvalue() == "embed-dataset: 42/100 rows (42.0%), 5.3 rows/s, 2 errors, ETA 11 s\n"
+    summary = progress.close("out", skipped=10)
+    assert (summary.written, summary.errors, summary.skipped) == (30, 2, 10)
+
+
+def test_model_options_without_ray_are_refused(served, tmp_path):
+    daemon, _ = served
+    refused = job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", texts(1)), tmp_path / "out", "--device", "cpu",
+                  check=False)
+    assert refused.returncode == 2 and "--device: model options apply with --ray" in refused.stderr
