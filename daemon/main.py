@@ -689,14 +689,19 @@ def _finish_dataset_job(run) -> None:
     from .dataset.batches import JobFailed
     from .dataset.store import StoreError
 
-    stop = threading.Event()
+    stop, interrupted = threading.Event(), threading.Event()  # `stop` is also set by a failure
+
+    def on_signal(*_) -> None:
+        interrupted.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         summary = run(stop)
     except (JobFailed, StoreError, DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
-        sys.exit(130 if stop.is_set() else 1)
+        sys.exit(130 if interrupted.is_set() else 1)
     click.echo(summary.line(), err=True)
     click.echo(json.dumps(summary.to_json()))
 

@@ -107,13 +107,14 @@ def test_bad_rows_go_to_the_error_file_with_their_row_id_and_code_and_the_job_go
             {"id": "c", "image": str(media / "missing.png")}, {"id": "a", "text": "again"},
             {"id": 7, "text": "an integer among strings"}, {"id": "d", "image": "/etc/passwd"},
             {"id": "e", "colour": "no input"}, {"id": "f", "image": str(media / "red.png")},
-            {"id": "g", "input": {"text": "x", "bogus": 1}}, {"id": "h", "text": "fine too"}]
+            {"id": "g", "input": {"text": "x", "bogus": 1}}, {"id": "h", "text": "fine too"},
+            {"id": "i", "input": {}}, {"id": "j", "input": {"text": None, "image": None}}]
     out = tmp_path / "out"
     summary = json.loads(job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", rows), out).stdout)
-    assert summary == {**summary, "written": 3, "errors": 9}
+    assert summary == {**summary, "written": 3, "errors": 11}
     assert sorted(read_out(out)) == ["a", "f", "h"]
     found = {e["row"]: e for e in errors(out)}
-    assert sorted(found) == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert sorted(found) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 13]
     assert found[1] == {"row": 1, "id": "b", "code": "invalid_request", "message": "text: empty text"}
     assert found[2]["id"] is None and "not a JSON object" in found[2]["message"]
     assert found[3]["message"] == "id: missing"
@@ -123,6 +124,7 @@ def test_bad_rows_go_to_the_error_file_with_their_row_id_and_code_and_the_job_go
     assert found[7]["message"].startswith("input.image[0].path") and found[7]["id"] == "d"
     assert found[8]["message"].startswith("no input")
     assert found[10]["message"].startswith("input: unknown field(s) bogus")
+    assert found[12]["message"] == found[13]["message"] == "input: nothing to embed (no text, image or video)"
 
 
 def test_a_rerun_skips_the_recorded_errors_unless_told_to_retry_them(served, tmp_path):
@@ -261,3 +263,14 @@ def test_model_options_without_ray_are_refused(served, tmp_path):
     refused = job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", texts(1)), tmp_path / "out", "--device", "cpu",
                   check=False)
     assert refused.returncode == 2 and "--device: model options apply with --ray" in refused.stderr
+
+
+def test_a_failed_job_exits_1_and_an_unknown_model_is_named_before_any_request(served, tmp_path):
+    daemon, _ = served
+    refused = job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", texts(3)), tmp_path / "out", "--model", "nope",
+                  check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("qwen3vl-daemon: --model nope: the daemon serves no embedding model")
+    gone = job("ipc:///nonexistent/sock", tmp_path / "in.jsonl", tmp_path / "out2", "--timeout", "1",
+               "--retry-seconds", "1", check=False)
+    assert gone.returncode == 1 and gone.stderr.count("\n") == 1

@@ -183,8 +183,13 @@ def run_local(spec: JobSpec, connect: Callable[[], Client], stop: threading.Even
     job = open_job(spec)
     try:
         with connect() as probe:
-            fingerprint = model_fingerprint(probe.health(), spec.embed.model)
+            health = probe.health()
+            fingerprint = model_fingerprint(health, spec.embed.model)
             daemons = max(1, len(probe.daemons()))
+        if fingerprint is None and spec.embed.model is not None:
+            served = [m.get("name") for m in health.get("models") or [] if m.get("task") == "embedding"]
+            raise JobFailed(f"--model {spec.embed.model}: the daemon serves no embedding model of that name "
+                            f"(it serves: {', '.join(map(str, served)) or 'none'})")
         embed = pinned(spec, job.existing.settings, fingerprint)
         committer = Committer(job.store, spec, job.triage, job.progress)
         _pump(job, spec, embed, committer, connect, spec.in_flight * daemons, stop)

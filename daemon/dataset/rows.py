@@ -203,8 +203,10 @@ def _input_object(value: Any, column: str) -> Any:
 
 def _check_not_empty(value: Any, where: str) -> None:
     """An input of only empty texts embeds nothing: a row error, not a vector of the empty string."""
-    if isinstance(value, dict) and "image" not in value and "video" not in value:
+    if isinstance(value, dict) and value.get("image") is None and value.get("video") is None:
         texts = value.get("text")
+        if texts is None or texts == []:
+            raise ValueError(f"{where}: nothing to embed (no text, image or video)")
         texts = texts if isinstance(texts, list) else [texts]
         if all(isinstance(t, str) and not t.strip() for t in texts):
             raise ValueError(f"{where}: empty text")
