@@ -687,6 +687,7 @@ def _finish_dataset_job(run) -> None:
     import threading
 
     from .dataset.batches import JobFailed
+    from .dataset.rows import InputError
     from .dataset.store import StoreError
 
     stop, interrupted = threading.Event(), threading.Event()  # `stop` is also set by a failure
@@ -699,7 +700,7 @@ def _finish_dataset_job(run) -> None:
         signal.signal(sig, on_signal)
     try:
         summary = run(stop)
-    except (JobFailed, StoreError, DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
+    except (JobFailed, StoreError, InputError, DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
         sys.exit(130 if interrupted.is_set() else 1)
     click.echo(summary.line(), err=True)

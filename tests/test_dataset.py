@@ -187,7 +187,7 @@ def test_the_parquet_dataset_reads_back_with_pyarrow_with_its_settings_in_the_sc
     assert meta == {"qwen3vl.fingerprint": health["embedding"]["fingerprint"],
                     "qwen3vl.model": health["embedding"]["name"], "qwen3vl.dimension": "32",
                     "qwen3vl.encoding": "float32", "qwen3vl.normalize": "true", "qwen3vl.instruction": "Find the row.",
-                    "qwen3vl.id_type": "int64"}
+                    "qwen3vl.id_type": "int64", "qwen3vl.columns": "id=id,text=text,image=image,video=video,input=input"}
     norms = np.linalg.norm(np.array(table.column("embedding").to_pylist()), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
@@ -274,3 +274,23 @@ def test_a_failed_job_exits_1_and_an_unknown_model_is_named_before_any_request(s
     gone = job("ipc:///nonexistent/sock", tmp_path / "in.jsonl", tmp_path / "out2", "--timeout", "1",
                "--retry-seconds", "1", check=False)
     assert gone.returncode == 1 and gone.stderr.count("\n") == 1
+
+
+def test_a_column_no_row_has_is_refused_before_the_job_starts(served, tmp_path):
+    daemon, _ = served
+    source = write_jsonl(tmp_path / "in.jsonl", [{"key": 1, "body": "text"}, {"key": 2, "body": "more"}])
+    no_id = job(daemon.endpoint, source, tmp_path / "out", "--id-column", "ID", check=False)
+    assert no_id.returncode == 1 and "no row has the id column 'ID' (its columns: body, key)" in no_id.stderr
+    no_input = job(daemon.endpoint, source, tmp_path / "out", "--id-column", "key", check=False)
+    assert no_input.returncode == 1 and "no row has any of the columns text, image, video, input" in no_input.stderr
+    assert not list((tmp_path / "out").glob("part-*"))
+    assert json.loads(job(daemon.endpoint, source, tmp_path / "out", "--id-column", "key", "--text-column",
+                          "body").stdout)["written"] == 2
+
+
+def test_resuming_from_other_columns_is_refused(served, tmp_path):
+    daemon, _ = served
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "title": "a", "body": "b"}])
+    job(daemon.endpoint, source, tmp_path / "out", "--text-column", "title")
+    refused = job(daemon.endpoint, source, tmp_path / "out", "--text-column", "body", check=False)
+    assert refused.returncode == 1 and "columns" in refused.stderr and "text=body" in refused.stderr

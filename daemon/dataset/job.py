@@ -74,7 +74,7 @@ def pinned(spec: JobSpec, recorded: Settings | None, fingerprint: str | None) ->
         return replace(embed, expect_fingerprint=embed.expect_fingerprint or fingerprint)
     wanted = replace(recorded, fingerprint=embed.expect_fingerprint or fingerprint or recorded.fingerprint,
                      dimension=embed.dimension or recorded.dimension, encoding=embed.encoding,
-                     normalize=embed.normalize, instruction=embed.instruction)
+                     normalize=embed.normalize, instruction=embed.instruction, columns=spec.columns.describe())
     differences = recorded.differences(wanted)
     if differences:
         raise StoreError(f"{spec.out} was made with other settings: {'; '.join(differences)}; give --overwrite "
@@ -109,11 +109,13 @@ class Committer:
     def _check(self, outcome: BatchOutcome) -> None:
         made, embed = outcome.made_by, self.spec.embed
         settings = Settings(made.fingerprint or "", made.model, made.dimension, embed.encoding, embed.normalize,
-                            embed.instruction, made.quantization, self.triage.id_type or "string")
+                            embed.instruction, made.quantization, self.triage.id_type or "string",
+                            self.spec.columns.describe())
         try:
             self.store.start(settings)
         except StoreError as exc:
-            raise JobFailed(f"{exc}; the daemon changed model or settings during the job") from None
+            raise JobFailed(f"{exc}: the daemon's vectors are not the dataset's (another model or int8 map); "
+                            "none of them is written") from None
 
     def due(self) -> bool:
         waiting = len(self.ids) + len(self.errors)
@@ -171,6 +173,7 @@ def open_job(spec: JobSpec) -> Opened:
     try:
         existing = store.open(spec.overwrite, spec.retry_errors)
         source = InputFile(spec.input, spec.columns)
+        source.check_columns()
         done = len(existing.ids) + len(existing.failed)
         return Opened(store, existing, source, Triage(existing), Progress(source.count(), done, bar=spec.bar))
     except BaseException:

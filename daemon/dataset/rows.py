@@ -12,13 +12,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 PARQUET_MAGIC = b"PAR1"
 READ_BATCH_ROWS = 1024  # Parquet rows decoded at a time
+SNIFF_ROWS = 100  # JSONL rows looked at for the columns before the job starts
+
+
+class InputError(ValueError):
+    """INPUT cannot be this job's (none of its rows has the columns named): one line."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,9 @@ class Columns:
     image: str = "image"
     video: str = "video"
     input: str = "input"
+
+    def describe(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,37 @@ class InputFile:
     def __init__(self, path: Path, columns: Columns = Columns()):
         self.path, self.columns = Path(path), columns
         self.format = input_format(self.path)
+
+    def check_columns(self) -> None:
+        """Refuse INPUT at once when none of its rows (JSONL: of the first SNIFF_ROWS) has the id
+        column, or none has any input column: a misspelt --id-column or --text-column would else
+        make every row an error."""
+        c = self.columns
+        found = self._column_names()
+        if not found:
+            return  # no rows: nothing to refuse
+        every = sorted(set().union(*found))
+        if not any(c.id in names for names in found):
+            raise InputError(f"{self.path}: no row has the id column {c.id!r} (its columns: {', '.join(every)}); "
+                             "give --id-column")
+        wanted = (c.text, c.image, c.video, c.input)
+        if not any(name in names for names in found for name in wanted):
+            raise InputError(f"{self.path}: no row has any of the columns {', '.join(wanted)} (its columns: "
+                             f"{', '.join(every)}); give --text-column, --image-column, --video-column or "
+                             "--input-column")
+
+    def _column_names(self) -> list[set]:
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            return [set(pq.ParquetFile(self.path).schema_arrow.names)]
+        found: list[set] = []
+        for _, record in self._jsonl(None):
+            if isinstance(record, dict):
+                found.append(set(map(str, record)))
+                if len(found) == SNIFF_ROWS:
+                    break
+        return found
 
     def count(self) -> int:
         """How many rows INPUT holds (JSONL: its non-blank lines)."""

@@ -23,7 +23,7 @@ from ..quantize import row_bytes
 MANIFEST, ERRORS, LOCK = "_dataset.json", "errors.jsonl", ".lock"
 PART_PREFIX, PART_SUFFIX, TEMP_PREFIX = "part-", ".parquet", ".tmp-"
 META_PREFIX = "qwen3vl."
-COMPARED = ("fingerprint", "dimension", "encoding", "normalize", "instruction", "quantization")
+COMPARED = ("fingerprint", "dimension", "encoding", "normalize", "instruction", "quantization", "columns")
 
 
 class StoreError(Exception):
@@ -43,6 +43,7 @@ class Settings:
     instruction: str | None
     quantization: str | None  # int8/uint8: the daemon's map ("fixed" or "calibrated:<id>")
     id_type: str  # "int64" or "string"
+    columns: str  # INPUT's columns the inputs came from: "id=id,text=text,image=image,video=video,input=input"
 
     def differences(self, other: "Settings") -> list[str]:
         return [f"{name} {getattr(self, name)!r} (this run: {getattr(other, name)!r})"
