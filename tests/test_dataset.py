@@ -294,3 +294,30 @@ def test_resuming_from_other_columns_is_refused(served, tmp_path):
     job(daemon.endpoint, source, tmp_path / "out", "--text-column", "title")
     refused = job(daemon.endpoint, source, tmp_path / "out", "--text-column", "body", check=False)
     assert refused.returncode == 1 and "columns" in refused.stderr and "text=body" in refused.stderr
+
+
+def test_a_job_started_before_its_daemon_waits_for_it_and_pins_its_fingerprint(tmp_path, tiny_dir):
+    endpoint = f"ipc://{tmp_path}/late/daemon.sock"
+    source = write_jsonl(tmp_path / "in.jsonl", texts(5))
+    waiting = subprocess.Popen([sys.executable, "-m", "daemon", "embed-dataset", str(source), "--out",
+                                str(tmp_path / "out"), "--endpoint", endpoint, "--timeout", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    assert waiting.poll() is None  # still waiting for a daemon
+    daemon = start_daemon(tmp_path / "late", "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                          endpoint=endpoint)
+    try:
+        stdout, stderr = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, stderr
+        assert json.loads(stdout)["written"] == 5
+    finally:
+        daemon.stop()
+
+
+def test_on_a_terminal_the_progress_is_a_tqdm_bar_with_rows_and_errors():
+    stream = io.StringIO()
+    progress = Progress(total=50, done_before=0, stream=stream, bar=True)
+    progress.advance(20, 1)
+    progress.close("out", skipped=0)
+    shown = stream.getvalue()
+    assert "21/50" in shown and "rows/s" in shown and "errors=1" in shown

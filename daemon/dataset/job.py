@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..client import Client
+from ..client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 from ..errors import ErrorCode
-from .batches import DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, embed_batch, with_retries
+from .batches import DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, with_retries
 from .progress import Progress, Summary
 from .rows import Columns, InputFile, Row
 from .store import ErrorRecord, Existing, Settings, Store, StoreError
@@ -186,7 +186,7 @@ def run_local(spec: JobSpec, connect: Callable[[], Client], stop: threading.Even
     job = open_job(spec)
     try:
         with connect() as probe:
-            health = probe.health()
+            health = with_retries(lambda: _ready_health(probe), spec.retry_s, stop)
             fingerprint = model_fingerprint(health, spec.embed.model)
             daemons = max(1, len(probe.daemons()))
         if fingerprint is None and spec.embed.model is not None:
@@ -200,6 +200,18 @@ def run_local(spec: JobSpec, connect: Callable[[], Client], stop: threading.Even
         return job.progress.close(str(spec.out), job.triage.skipped)
     finally:
         job.store.close()
+
+
+def _ready_health(client: Client) -> dict:
+    """The daemon's health once it is ready (its models' fingerprints known, so the very first
+    request can pin one); Transient while it loads, restarts or cannot be reached."""
+    try:
+        health = client.health()
+    except (DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
+        raise Transient(str(exc)) from None
+    if health.get("status") != "ready":
+        raise Transient(f"the daemon is {health.get('status')}")
+    return health
 
 
 def _pump(job: Opened, spec: JobSpec, embed: EmbedSettings, committer: Committer, connect: Callable[[], Client],
