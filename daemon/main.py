@@ -586,7 +586,10 @@ def _ray_config(opts: dict) -> DaemonConfig:
     given = {p.name: (p.default() if callable(p.default) else p.default) for p in serve.params}
     given.update({k: v for k, v in opts.items() if k in given})
     given["reranker_models"] = ("none",)
-    return config_from_options(given)
+    config = config_from_options(given)
+    if config.embedding is None:
+        raise click.BadParameter("--ray needs an embedding model", param_hint="--embedding-model")
+    return config
 
 
 @cli.command("embed-dataset")

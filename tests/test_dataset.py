@@ -321,3 +321,10 @@ def test_on_a_terminal_the_progress_is_a_tqdm_bar_with_rows_and_errors():
     progress.close("out", skipped=0)
     shown = stream.getvalue()
     assert "21/50" in shown and "rows/s" in shown and "errors=1" in shown
+
+
+def test_ray_without_an_embedding_model_is_refused_before_ray_starts(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "daemon", "embed-dataset", str(write_jsonl(tmp_path / "in.jsonl",
+                              texts(1))), "--out", str(tmp_path / "out"), "--ray", "local", "--embedding-model", "none"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--ray needs an embedding model" in refused.stderr
