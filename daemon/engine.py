@@ -186,6 +186,7 @@ class FairQueue:
 
 
 LOAD_POLL_S = 0.1  # how often a load in progress looks for a SIGTERM
+RUN_POLL_S = 0.2  # how often the model thread, idle, lets the main thread run signal handlers
 RUN_UNTIL_POLL_S = 0.01  # how soon run_until sees a job failed off the model thread (preprocessing)
 LOAD_STAGES = ("import", "weights", "fingerprint", "warmup")  # where the time to READY goes
 
@@ -510,19 +511,19 @@ class Engine:
             self.load()
         if not self._loaded.is_set() or self.state is EngineState.FAILED:  # stopped while loading, or failed
             return
-        while True:
-            # A bounded wait, so the main thread regularly runs Python's signal handlers.
-            batch = self.scheduler.next_batch(timeout=0.2)
-            if batch is not None:
-                self._forward(batch)
-            elif self.scheduler.closed:
-                return
+        # A bounded wait, so the main thread regularly runs Python's signal handlers.
+        self._run_batches(lambda: False, RUN_POLL_S)
 
     def run_until(self, done: threading.Event) -> None:
         """Run batches on the calling thread until `done` is set or `stop`: an in-process caller
         (inprocess.py) is the model thread itself while it waits for its own job."""
-        while not done.is_set():
-            batch = self.scheduler.next_batch(timeout=RUN_UNTIL_POLL_S)
+        self._run_batches(done.is_set, RUN_UNTIL_POLL_S)
+
+    def _run_batches(self, finished: Callable[[], bool], poll_s: float) -> None:
+        """Forward batches as they come, looking at `finished` at least every `poll_s`, until it
+        says so or the scheduler is closed."""
+        while not finished():
+            batch = self.scheduler.next_batch(timeout=poll_s)
             if batch is not None:
                 self._forward(batch)
             elif self.scheduler.closed:

@@ -44,6 +44,11 @@ def too_large(message: str) -> RequestError:
     return RequestError(ErrorCode.TOO_LARGE, message)
 
 
+def internal_error(exc: Exception) -> RequestError:
+    """A bug's exception as the one request's `internal` error (its type and the start of its message)."""
+    return RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:160]}")
+
+
 def model_mismatch(kind: str, expected: str, actual: str | None) -> RequestError:
     return RequestError(ErrorCode.MODEL_MISMATCH,
                         f"expect_fingerprint: the request expects the {kind} model {expected}, "

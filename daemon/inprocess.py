@@ -14,7 +14,7 @@ from typing import Any
 from .config import DaemonConfig
 from .core import Core
 from .engine import EngineState, Job, JobResult
-from .errors import ErrorCode, ModelLoadError, RequestError
+from .errors import ErrorCode, ModelLoadError, RequestError, internal_error
 from .protocol import decode_payload, decode_reply, encode_error, encode_reply, pack, parse_request
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class InProcessDaemon:
             return encode_error(request_id, exc)
         except Exception as exc:  # as in the daemon: a bug fails this request, not the caller
             self.core.tracebacks.log(log, "an in-process request failed")
-            return encode_error(request_id, RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:160]}"))
+            return encode_error(request_id, internal_error(exc))
 
     def _run(self, job: Job) -> JobResult | RequestError:
         done, box = threading.Event(), {}

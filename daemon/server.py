@@ -33,7 +33,7 @@ from .core import Core, StartupError
 from .discovery import is_ipv6
 from .engine import EngineState, Job, JobResult, Loader
 from .fit import describe_memory
-from .errors import ErrorCode, RequestError, too_large
+from .errors import ErrorCode, RequestError, internal_error, too_large
 from .handlers import Handler
 from .notify import LoadProgress, Notifier
 from .protocol import OPS, MetricsRequest, Request, decode_payload, encode_error, encode_reply, parse_request
@@ -472,7 +472,7 @@ class Server:
 
     def _internal(self, request_id: Any, exc: Exception, what: str) -> bytes:
         self.tracebacks.log(log, what)
-        error = RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {str(exc)[:160]}")
+        error = internal_error(exc)
         return self._error(request_id if _packable(request_id) else None, error)
 
     # -- requests --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 from ..client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 from ..errors import ErrorCode
-from .batches import DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, with_retries
+from .batches import (DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, row_error,
+                      with_retries)
 from .progress import Progress, Summary
 from .rows import Columns, InputFile, Row
 from .store import ErrorRecord, Existing, Settings, Store, StoreError
@@ -36,6 +37,13 @@ class JobSpec:
     retry_s: float = 120.0  # how long a batch is retried while the daemons are busy or away
     bar: bool | None = None  # None: a bar on a terminal
 
+    def settings(self, fingerprint: str, model: str, dimension: int, quantization: str | None,
+                 id_type: str) -> Settings:
+        """The dataset settings of vectors made by this model for this job's requests and columns."""
+        embed = self.embed
+        return Settings(fingerprint, model, dimension, embed.encoding, embed.normalize, embed.instruction,
+                        quantization, id_type, self.columns.describe())
+
 
 class Triage:
     """Which rows this run embeds. Not those already done (committed, or in errors.jsonl); not a
@@ -55,14 +63,23 @@ class Triage:
             self.skipped += 1
             return None
         if row.error is not None:
-            return ErrorRecord(row.index, row.id, INVALID, row.error)
+            return row_error(row, INVALID, row.error)
         kind = "int64" if isinstance(row.id, int) else "string"
         self.id_type = self.id_type or kind
         if kind != self.id_type:
-            return ErrorRecord(row.index, row.id, INVALID, f"id: {kind}, but this dataset's ids are {self.id_type}")
+            return row_error(row, INVALID, f"id: {kind}, but this dataset's ids are {self.id_type}")
         if first != row.index:
-            return ErrorRecord(row.index, row.id, DUPLICATE_ID, f"id: row {first} has this id; only that row is embedded")
+            return row_error(row, DUPLICATE_ID, f"id: row {first} has this id; only that row is embedded")
         return row
+
+    def pending(self, rows: Iterable[Row], error: Callable[[ErrorRecord], None]) -> Iterator[Row]:
+        """The rows to embed, in order; each row that fails already goes to `error`."""
+        for row in rows:
+            sorted_ = self.sort(row)
+            if isinstance(sorted_, ErrorRecord):
+                error(sorted_)
+            elif sorted_ is not None:
+                yield sorted_
 
 
 def pinned(spec: JobSpec, recorded: Settings | None, fingerprint: str | None) -> EmbedSettings:
@@ -72,9 +89,8 @@ def pinned(spec: JobSpec, recorded: Settings | None, fingerprint: str | None) ->
     embed = spec.embed
     if recorded is None:
         return replace(embed, expect_fingerprint=embed.expect_fingerprint or fingerprint)
-    wanted = replace(recorded, fingerprint=embed.expect_fingerprint or fingerprint or recorded.fingerprint,
-                     dimension=embed.dimension or recorded.dimension, encoding=embed.encoding,
-                     normalize=embed.normalize, instruction=embed.instruction, columns=spec.columns.describe())
+    wanted = spec.settings(embed.expect_fingerprint or fingerprint or recorded.fingerprint, recorded.model,
+                           embed.dimension or recorded.dimension, recorded.quantization, recorded.id_type)
     differences = recorded.differences(wanted)
     if differences:
         raise StoreError(f"{spec.out} was made with other settings: {'; '.join(differences)}; give --overwrite "
@@ -107,10 +123,9 @@ class Committer:
         self.progress.advance(len(outcome.ids), len(outcome.errors))
 
     def _check(self, outcome: BatchOutcome) -> None:
-        made, embed = outcome.made_by, self.spec.embed
-        settings = Settings(made.fingerprint or "", made.model, made.dimension, embed.encoding, embed.normalize,
-                            embed.instruction, made.quantization, self.triage.id_type or "string",
-                            self.spec.columns.describe())
+        made = outcome.made_by
+        settings = self.spec.settings(made.fingerprint or "", made.model, made.dimension, made.quantization,
+                                      self.triage.id_type or "string")
         try:
             self.store.start(settings)
         except StoreError as exc:
@@ -135,15 +150,11 @@ class Committer:
 def batches(rows: Iterable[Row], triage: Triage, committer: Committer, size: int) -> Iterator[list[Row]]:
     """The rows to embed in batches of `size`; errors found on the way go to the committer."""
     batch: list[Row] = []
-    for row in rows:
-        sorted_ = triage.sort(row)
-        if isinstance(sorted_, ErrorRecord):
-            committer.add_error(sorted_)
-        elif sorted_ is not None:
-            batch.append(sorted_)
-            if len(batch) == size:
-                yield batch
-                batch = []
+    for row in triage.pending(rows, committer.add_error):
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 

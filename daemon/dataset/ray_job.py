@@ -76,13 +76,7 @@ def _plan(source: InputFile, triage, committer: Committer) -> list[dict]:
     (no id, a duplicate, unreadable) go to the committer."""
     work = []
     for chunk in source.chunks(READ_CHUNK_ROWS):
-        wanted = []
-        for row in source.rows(chunk, inputs=False):
-            sorted_ = triage.sort(row)
-            if isinstance(sorted_, ErrorRecord):
-                committer.add_error(sorted_)
-            elif sorted_ is not None:
-                wanted.append(row.index)
+        wanted = [row.index for row in triage.pending(source.rows(chunk, inputs=False), committer.add_error)]
         if wanted:
             work.append({"chunk": asdict(chunk), "rows": wanted})
     return work
