@@ -56,8 +56,10 @@ class Backend(Protocol):
         """`prepare` of each piece of work, or the exception it raised (one bad input fails only
         itself); work that can be prepared together is (one tokenizer call). Any thread."""
 
-    def forward(self, batch: list[Prepared]) -> Sequence[Any]:
-        """One result per prepared input, in order (an array's rows, or a list). The model thread only."""
+    def forward(self, batch: list[Prepared], between_layers: Callable[[], None] | None = None) -> Sequence[Any]:
+        """One result per prepared input, in order (an array's rows, or a list). The model thread only.
+        `between_layers`, when given, is called before each decoder layer (the vision tower's and the
+        language model's): it may run other forwards, and the results must not change for it."""
 
     def warmup(self) -> None:
         """One short forward, so that the first request does not pay for lazy initialisation."""
@@ -119,8 +121,8 @@ class EmbeddingBackend(_TorchBackend):
     def prepare_many(self, works: list[EmbedWork]) -> list:
         return self.model.prepare_many([(work.item, work.instruction) for work in works])
 
-    def forward(self, batch: list):
-        return self.model.embed(batch).numpy()
+    def forward(self, batch: list, between_layers: Callable[[], None] | None = None):
+        return self.model.embed(batch, between_layers).numpy()
 
 
 class RerankerBackend(_TorchBackend):
@@ -130,8 +132,8 @@ class RerankerBackend(_TorchBackend):
     def prepare_many(self, works: list[RerankWork]) -> list:
         return self.model.prepare_many([(work.query, work.document, work.instruction) for work in works])
 
-    def forward(self, batch: list):
-        return self.model.score(batch)
+    def forward(self, batch: list, between_layers: Callable[[], None] | None = None):
+        return self.model.score(batch, between_layers)
 
 
 def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step: Callable[..., None],

@@ -14,6 +14,17 @@ requests. Preprocessing threads `put` units once their token ids are known; the 
 - waits at most `max_wait_s` for more units, only while the batch is not full, and only when more are
   likely: some are still being preprocessed, or units have been arriving less than `max_wait_s` apart
   (traffic is flowing). A lone request on an idle daemon is never held.
+
+Two priority classes, each a round robin of its own, never mixed in one batch: `interactive` units
+(someone waits: a search's query) go before `batch` units (bulk re-embedding), with one exception
+that keeps batch work from starving under a steady stream of queries. The share rule: while batch
+work waits, it is owed `batch_share / (1 - batch_share)` seconds for every second of interactive
+forwards, and every second of batch forwards pays that debt back; once the debt exceeds `slack_s`,
+batch work goes first (and interactive work may not preempt it) until the debt is paid. So over any
+stretch of saturation batch work gets at least `batch_share` of the model thread's time, and a
+query never waits for batch work while the queries' own time stays under that line (a query every
+second of 0.5 s each, with the default share of 0.1, owes 0.06 s a query: paid by the first layer
+that runs). With no batch work waiting there is nothing to owe: the debt is forgiven.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import BATCH, INTERACTIVE
+
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -31,6 +44,8 @@ class BatchPolicy:
     max_batch_tokens: int = 32768
     max_wait_s: float = 0.0005
     window: int = 512  # ready units considered when grouping by length
+    batch_share: float = 0.1  # the least share of the model thread's time waiting batch work gets
+    slack_s: float = 0.5  # the batch time that may be owed before batch work goes first
 
 
 _seq = itertools.count()
@@ -48,6 +63,7 @@ class Unit:
     payload: Any = None
     tokens: int = 0
     work: Any = None  # what the owner asked to be done (the engine: its Task)
+    priority: str = INTERACTIVE  # its class: interactive or batch
     ready_at: float = 0.0  # when preprocessing finished
     seq: int = field(default_factory=lambda: next(_seq))
 
@@ -59,7 +75,8 @@ class Unit:
 class Scheduler:
     def __init__(self, policy: BatchPolicy):
         self.policy = policy
-        self._ready: dict[str, list[Unit]] = {}
+        self._ready: dict[tuple[str, str], list[Unit]] = {}  # by (priority, kind)
+        self._owed = 0.0  # seconds of model time owed to waiting batch work (the share rule)
         self._preparing = 0
         self._closed = False
         self._last_put = float("-inf")
@@ -86,7 +103,7 @@ class Scheduler:
             self._last_put = now
             self._preparing -= len(units)
             for unit in units:
-                self._ready.setdefault(unit.kind, []).append(unit)
+                self._ready.setdefault((unit.priority, unit.kind), []).append(unit)
                 # A request joins the rotation behind every request already in it (round robin), not
                 # ahead of one that was served in part.
                 if getattr(unit.owner, "turn", None) is None:
@@ -111,11 +128,12 @@ class Scheduler:
         with self._cond:
             while True:
                 self._drop_unwanted()
-                if any(self._ready.values()):
+                if self._waiting():
                     self._linger()
                     self._drop_unwanted()  # lingering may have let a request fail meanwhile
-                    if any(self._ready.values()):
-                        return self._take()
+                    priority = self._class_due()
+                    if priority is not None:
+                        return self._take(priority)
                     continue
                 if self._closed:
                     return None
@@ -124,12 +142,51 @@ class Scheduler:
                     return None
                 self._cond.wait(remaining)
 
+    def preempting_batch(self) -> list[Unit] | None:
+        """At once, without waiting: the next interactive batch to run inside a paused batch-priority
+        forward, when one is ready and the share rule lets it go first; else None."""
+        with self._cond:
+            if self._closed:
+                return None
+            self._drop_unwanted()
+            if not self._waiting(INTERACTIVE) or self._owed > self.policy.slack_s:
+                return None
+            return self._take(INTERACTIVE)
+
+    def charge(self, priority: str, seconds: float, batch_waiting: bool = False) -> None:
+        """The model thread spent `seconds` on a forward of `priority` (the share rule's accounts);
+        `batch_waiting`: a batch-priority forward was paused for it."""
+        with self._cond:
+            if priority == BATCH:
+                self._owed = max(0.0, self._owed - seconds)
+            elif batch_waiting or self._waiting(BATCH):
+                share = self.policy.batch_share
+                self._owed += seconds * share / (1.0 - share)
+            else:
+                self._owed = 0.0  # no batch work waited: nothing is owed
+
+    @property
+    def owed_s(self) -> float:
+        """The model time owed to waiting batch work now."""
+        return self._owed
+
+    def _waiting(self, priority: str | None = None) -> bool:
+        return any(q for (p, _), q in self._ready.items() if priority is None or p == priority)
+
+    def _class_due(self) -> str | None:
+        """Which class leads the next batch: interactive while any waits, unless batch work waits and
+        is owed more than the slack."""
+        interactive, batch = self._waiting(INTERACTIVE), self._waiting(BATCH)
+        if interactive and not (batch and self._owed > self.policy.slack_s):
+            return INTERACTIVE
+        return BATCH if batch else None
+
     def _linger(self) -> None:
         """Wait briefly for more units, while the next batch would not be full and more are likely."""
         end = time.monotonic() + self.policy.max_wait_s
         while (self._preparing > 0 or self._flowing) and not self._closed:
-            kind = self._oldest_kind()
-            if len(self._ready[kind]) >= self.policy.max_batch_size:
+            priority = self._class_due()
+            if priority is None or len(self._ready[self._oldest_key(priority)]) >= self.policy.max_batch_size:
                 return
             remaining = end - time.monotonic()
             if remaining <= 0:
@@ -137,21 +194,21 @@ class Scheduler:
             self._cond.wait(remaining)
 
     def _drop_unwanted(self) -> None:
-        for kind, queue in self._ready.items():
+        for key, queue in self._ready.items():
             if any(u.unwanted for u in queue):
-                self._ready[kind] = [u for u in queue if not u.unwanted]
+                self._ready[key] = [u for u in queue if not u.unwanted]
 
     def _priority(self, unit: Unit) -> tuple[int, int]:
         """Round robin over requests: the one served least recently (or, never served, that arrived
         earliest) first; within it, the oldest unit."""
         return unit.owner.turn, unit.seq
 
-    def _oldest_kind(self) -> str:
-        return min((q[0].seq, kind) for kind, q in self._ready.items() if q)[1]
+    def _oldest_key(self, priority: str) -> tuple[str, str]:
+        return min((q[0].seq, key) for key, q in self._ready.items() if q and key[0] == priority)[1]
 
-    def _take(self) -> list[Unit]:
-        first = min((u for q in self._ready.values() for u in q), key=self._priority)
-        queue = self._ready[first.kind]
+    def _take(self, priority: str) -> list[Unit]:
+        first = min((u for (p, _), q in self._ready.items() if p == priority for u in q), key=self._priority)
+        queue = self._ready[(priority, first.kind)]
         queue.sort(key=lambda u: u.seq)
         window = [u for u in queue[:self.policy.window] if u is not first]
         by_length = sorted(window, key=lambda u: (abs(u.tokens - first.tokens), u.seq))

@@ -254,19 +254,24 @@ class Client:
 
     def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
               normalize: bool = True, timeout: float | None = None, encoding: str | None = None,
-              expect_fingerprint: str | None = None, model: str | None = None) -> EmbedResult:
+              expect_fingerprint: str | None = None, model: str | None = None,
+              priority: str | None = None) -> EmbedResult:
         """Embeddings of `inputs`. `encoding` (float32 by default; int8, uint8, binary, ubinary) sets
         the array's type; `expect_fingerprint` refuses another model (ModelMismatch), or, without
-        `model`, picks the served model of that fingerprint; `model` names one (UnknownModel if none)."""
-        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint, model)
+        `model`, picks the served model of that fingerprint; `model` names one (UnknownModel if none).
+        `priority`: "interactive" (the default: someone waits) or "batch" (bulk work, which yields to
+        interactive requests)."""
+        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint, model,
+                                priority)
         return EmbedReply.from_wire(checked(self.request(payload, timeout)))
 
     def rerank(self, query: Any, documents: list, instruction: str | None = None,
                timeout: float | None = None, top_n: int | None = None,
-               expect_fingerprint: str | None = None, model: str | None = None) -> RerankResult:
-        """Scores in document order; with `top_n`, also `top`: the best documents' indices. `model`
-        and `expect_fingerprint` choose the reranker as in `embed`."""
-        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint, model)
+               expect_fingerprint: str | None = None, model: str | None = None,
+               priority: str | None = None) -> RerankResult:
+        """Scores in document order; with `top_n`, also `top`: the best documents' indices. `model`,
+        `expect_fingerprint` and `priority` as in `embed`."""
+        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint, model, priority)
         return RerankReply.from_wire(checked(self.request(payload, timeout)))
 
     def health(self, timeout: float | None = None) -> dict:
@@ -414,14 +419,17 @@ class AsyncClient:
 
     async def embed(self, inputs: list, instruction: str | None = None, dimension: int | None = None,
                     normalize: bool = True, timeout: float | None = None, encoding: str | None = None,
-                    expect_fingerprint: str | None = None, model: str | None = None) -> EmbedResult:
-        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint, model)
+                    expect_fingerprint: str | None = None, model: str | None = None,
+                    priority: str | None = None) -> EmbedResult:
+        payload = embed_request(inputs, instruction, dimension, normalize, encoding, expect_fingerprint, model,
+                                priority)
         return EmbedReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def rerank(self, query: Any, documents: list, instruction: str | None = None,
                      timeout: float | None = None, top_n: int | None = None,
-                     expect_fingerprint: str | None = None, model: str | None = None) -> RerankResult:
-        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint, model)
+                     expect_fingerprint: str | None = None, model: str | None = None,
+                     priority: str | None = None) -> RerankResult:
+        payload = rerank_request(query, documents, instruction, top_n, expect_fingerprint, model, priority)
         return RerankReply.from_wire(checked(await self.request(payload, timeout)))
 
     async def health(self, timeout: float | None = None) -> dict:

@@ -71,6 +71,10 @@ def default_model_name(source: str) -> str:
 
 
 LOAD_MODES = ("at-start", "on-demand")
+# Request priorities (PROTOCOL.md): someone waits on interactive work (a search's query); batch work
+# is bulk (re-embedding a store) and yields to it, down to the decoder layer (engine.py).
+INTERACTIVE, BATCH = "interactive", "batch"
+PRIORITIES = (INTERACTIVE, BATCH)
 
 
 def is_disabled(name: str | None) -> bool:
@@ -134,6 +138,10 @@ class Batching:
     max_batch_size: int = 32  # inputs per forward pass
     max_batch_tokens: int | None = None  # padded tokens per forward (size x longest); None: by device
     max_wait_ms: float = 0.5  # longest a ready input waits for others still being preprocessed
+    # The least share of the model thread's time that waiting batch-priority work gets while
+    # interactive work keeps coming (batching.py's rule); interactive work otherwise goes first.
+    batch_share: float = 0.1
+    preempt: bool = True  # interactive work runs between two decoder layers of a batch-priority forward
     # Preprocessing threads: half the CPUs (at most 4), leaving the rest to a CPU forward's own threads.
     prep_workers: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)))
     max_queued_inputs: int = 8192  # inputs and documents accepted, not yet answered; beyond: overloaded

@@ -7,6 +7,11 @@ finished it. Tasks are preprocessed on a thread pool (chunks taken round robin a
 across jobs by the Scheduler, and run by the model thread (the main thread, `run`). A job whose
 deadline passes, or every live job at the drain deadline, is failed at once.
 
+Preemption: a forward of batch-priority work is paused before each decoder layer (the backend calls
+`between_layers`), and the model thread runs the interactive batches that are ready then (forwards
+of their own, not preemptible) before letting the layer go on. The paused forward's tensors wait on
+its stack untouched, so its outputs are bit-identical to an unpaused run (tests/test_preemption.py).
+
 The engine never sees sockets, envelopes or msgpack, and never asks what op a job came from.
 """
 
@@ -27,7 +32,7 @@ import numpy as np
 
 from .backends import Backend
 from .batching import BatchPolicy, Scheduler, Unit
-from .config import Batching
+from .config import BATCH, INTERACTIVE, PRIORITIES, Batching
 from .errors import ErrorCode, ModelLoadError, RequestError
 from .logs import TracebackLimiter
 from .metrics import Metrics
@@ -36,9 +41,10 @@ from .residency import Residency
 log = logging.getLogger(__name__)
 
 PREP_CHUNK = 16  # tasks per preprocessing chunk: small enough that the first forward starts early
-# Default padded-token budget per forward. On a CPU, attention over padded batches grows with
-# size x length^2 and batches of ~4k tokens measured fastest; accelerators want large batches.
-CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 4096, 32768
+# Default padded-token budget per forward. On a CPU the matmuls of the 2B shapes stop gaining by
+# ~512 rows (bench.cpu_batch: BENCHMARKS.md), so a larger forward buys nothing and only makes
+# whatever waits behind it wait longer; accelerators want large batches.
+CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 1024, 32768
 
 
 class EngineState(str, Enum):
@@ -70,6 +76,7 @@ class Job:
     deadline_ms: float | None = None
     inline: bool = False  # cheap enough to preprocess on the submitting thread
     context: Any = None  # the handler's own data for its reply; the engine never reads it
+    priority: str = INTERACTIVE  # interactive (someone waits) or batch (bulk work that yields to it)
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,17 @@ class EngineStatus:
     uptime_s: float
     queue_depth: int  # results admitted and not yet answered
     queued_tokens: int  # their estimated tokens
+    queues: dict = field(default_factory=dict)  # by priority: {"inputs": n, "tokens": n}
+    preemptions: int = 0  # batch-priority forwards paused for interactive work, since start
+
+
+@dataclass
+class _Pause:
+    """A batch-priority forward in progress, as its pauses see it."""
+
+    mark: float  # when the forward last made progress of its own (began, or resumed)
+    nested_s: float = 0.0  # time spent on interactive forwards inside it
+    paused: bool = False  # whether it was paused at least once
 
 
 class Engine:
@@ -228,11 +246,14 @@ class Engine:
         self._loaded_after: float | None = None  # seconds from start to the end of loading
         self.started_at = time.monotonic()
         self.scheduler = Scheduler(BatchPolicy(batching.max_batch_size, batching.max_batch_tokens or CPU_BATCH_TOKENS,
-                                               batching.max_wait_ms / 1000.0))
+                                               batching.max_wait_ms / 1000.0, batch_share=batching.batch_share))
         self._pool = ThreadPoolExecutor(max_workers=batching.prep_workers, thread_name_prefix="qwen3vl-prep")
         self._prep_queue = FairQueue()
         self._queued_inputs = 0
         self._queued_tokens = 0
+        self._queued_by = {priority: [0, 0] for priority in PRIORITIES}  # inputs, tokens
+        self._pause: _Pause | None = None  # the batch-priority forward running now, if any
+        self.preemptions = 0
         self._live: set[Ticket] = set()  # admitted, not yet answered
         self._deadlines: list[tuple[float, int, Ticket]] = []  # a heap, swept by `expire`
         self._seq = itertools.count()
@@ -355,7 +376,9 @@ class Engine:
     def status(self) -> EngineStatus:
         with self._lock:
             queued, queued_tokens = self._queued_inputs, self._queued_tokens
-        return EngineStatus(self.state, time.monotonic() - self.started_at, queued, queued_tokens)
+            queues = {p: {"inputs": n, "tokens": t} for p, (n, t) in self._queued_by.items()}
+        return EngineStatus(self.state, time.monotonic() - self.started_at, queued, queued_tokens, queues,
+                            self.preemptions)
 
     # -- admission (the submitting thread) -------------------------------------------------------
     def check_open(self) -> None:
@@ -428,6 +451,9 @@ class Engine:
                                                          f"~{self._queued_tokens} tokens waiting); retry later")
             self._queued_inputs += size
             self._queued_tokens += est
+            mine = self._queued_by[ticket.job.priority]
+            mine[0] += size
+            mine[1] += est
             self._live.add(ticket)
             if ticket.deadline is not None:
                 heapq.heappush(self._deadlines, (ticket.deadline, next(self._seq), ticket))
@@ -438,6 +464,9 @@ class Engine:
                 return
             self._queued_inputs -= ticket.job.size
             self._queued_tokens -= ticket.job.est_tokens
+            mine = self._queued_by[ticket.job.priority]
+            mine[0] -= ticket.job.size
+            mine[1] -= ticket.job.est_tokens
             self._live.discard(ticket)
             for kind in ticket.kinds:
                 self.models.release(kind)
@@ -450,7 +479,8 @@ class Engine:
         """Queue a job's tasks for preprocessing in a few chunks, one per worker, so that they reach
         the scheduler in groups and share forwards instead of trickling in one by one. An `inline`
         job is prepared right here instead: that costs less than a thread handoff."""
-        units = [Unit(task.kind, ticket, task.index, work=task) for task in ticket.job.tasks]
+        units = [Unit(task.kind, ticket, task.index, work=task, priority=ticket.job.priority)
+                 for task in ticket.job.tasks]
         self.scheduler.expect(len(units))
         if ticket.job.inline:
             self._prepare_chunk(units)
@@ -542,24 +572,38 @@ class Engine:
             raise RequestError(ErrorCode.NOT_LOADED, f"model {kind!r} is not loaded")
         return backend
 
-    def _forward(self, batch: list[Unit]) -> None:
+    def _forward(self, batch: list[Unit], nested: bool = False) -> None:
+        """One forward of `batch`, its results given to their jobs. A batch-priority forward (unless
+        `nested` in another, or preemption is off) pauses before each decoder layer for the
+        interactive work that is ready."""
         batch = [u for u in batch if not (u.owner.closed or self._expired(u.owner))]
         if not batch:
             return
         backend = self.backends.get(batch[0].kind)
         if backend is None:  # only answered jobs' units can outlive their model
             return
+        priority = batch[0].priority
         start = time.monotonic()
+        pause = _Pause(start) if priority == BATCH and self.batching.preempt and not nested else None
+        if not nested:
+            self._pause = pause
         try:
-            values = self._run_split_on_oom(backend, batch)
+            values = self._run_split_on_oom(backend, batch, self._between_layers if pause else None)
         except Exception as exc:  # a failed forward fails the jobs in this batch only
             self.tracebacks.log(log, "forward failed")
             error = RequestError(ErrorCode.INTERNAL, f"forward failed: {type(exc).__name__}: {str(exc)[:160]}")
             for unit in batch:
                 unit.owner.fail(error)
             return
-        self.metrics.batch(len(batch), time.monotonic() - start, sum(start - u.ready_at for u in batch),
-                           batch[0].kind)
+        finally:
+            if not nested:
+                self._pause = None
+            end = time.monotonic()
+            # The share rule's accounts: a batch forward's own time (less the interactive forwards
+            # inside it, charged as they ran) since its last pause; an interactive forward whole.
+            self.scheduler.charge(priority, end - (pause.mark if pause else start), batch_waiting=nested)
+        own_s = end - start - (pause.nested_s if pause else 0.0)
+        self.metrics.batch(len(batch), own_s, sum(start - u.ready_at for u in batch), batch[0].kind, priority)
         for unit, value, ok in zip(batch, values, _finite_rows(values)):
             if ok:
                 unit.owner.set(unit.index, value, unit.tokens)
@@ -567,11 +611,38 @@ class Engine:
                 unit.owner.fail(RequestError(ErrorCode.INTERNAL, f"{unit.work.where}: the model produced a "
                                                     "non-finite output (try --dtype float32)"))
 
-    def _run_split_on_oom(self, backend: Backend, batch: list[Unit]) -> list:
+    def _between_layers(self) -> None:
+        """Called by the backend before each decoder layer of a batch-priority forward (the model
+        thread): run the interactive batches ready now, each whole, then let the layer go on. Never
+        raises into the paused forward: a failed interactive forward fails its own jobs only."""
+        pause = self._pause
+        if pause is None:
+            return
+        now = time.monotonic()
+        self.scheduler.charge(BATCH, now - pause.mark)
+        pause.mark = now
+        try:
+            while (batch := self.scheduler.preempting_batch()) is not None:
+                if not pause.paused:
+                    pause.paused = True
+                    with self._lock:
+                        self.preemptions += 1
+                began = time.monotonic()
+                self._forward(batch, nested=True)
+                pause.nested_s += time.monotonic() - began
+        except Exception:  # a bug here must not fail the paused forward's jobs
+            self.tracebacks.log(log, "running interactive work inside a batch forward failed")
+        finally:
+            pause.mark = time.monotonic()
+
+    def _run_split_on_oom(self, backend: Backend, batch: list[Unit],
+                          between_layers: Callable[[], None] | None = None) -> list:
         """One forward; on out-of-memory, free what can be freed and retry in halves, down to single
         inputs, before giving up (then the error fails only this batch's jobs)."""
         try:
-            values = backend.forward([u.payload for u in batch])
+            payloads = [u.payload for u in batch]
+            values = (backend.forward(payloads) if between_layers is None
+                      else backend.forward(payloads, between_layers=between_layers))
             if len(values) != len(batch):  # else some jobs would wait forever for their results
                 raise RuntimeError(f"the backend returned {len(values)} results for {len(batch)} inputs")
             return values
@@ -581,7 +652,8 @@ class Engine:
             log.warning("out of memory on a batch of %d; retrying in halves", len(batch))
             backend.free_memory()
             half = len(batch) // 2
-            return [*self._run_split_on_oom(backend, batch[:half]), *self._run_split_on_oom(backend, batch[half:])]
+            return [*self._run_split_on_oom(backend, batch[:half], between_layers),
+                    *self._run_split_on_oom(backend, batch[half:], between_layers)]
 
 
 def _finite_rows(values) -> list[bool]:

@@ -101,7 +101,7 @@ def _job(card: ModelCard, tasks: list[Task], items: tuple[InputItem, ...], text:
     """The job of `tasks`: admitted by the estimated tokens of `items` (capped by the model's
     limit), prepared inline when few and all of `text` (with the instruction) is short text."""
     cap = card.max_length + 8
-    return Job(size=len(items), tasks=tasks, deadline_ms=request.deadline_ms,
+    return Job(size=len(items), tasks=tasks, deadline_ms=request.deadline_ms, priority=request.priority,
                est_tokens=sum(estimate_tokens(item, cap) for item in items),
                inline=len(tasks) <= INLINE_MAX_UNITS and _small_text(text, request.instruction), **fields)
 
@@ -224,7 +224,7 @@ class HealthHandler(Handler):
                    "cache_bytes": cache.size_bytes if cache else 0, **_image_cache(self.ctx.image_cache)},
             load={**{key: round(value, 3) if isinstance(value, float) else value
                      for key, value in asdict(engine.load_report()).items()}, **memory_totals(loaded)},
-            models=engine.models.rows(), load_mode=config.load,
+            models=engine.models.rows(), load_mode=config.load, queues=status.queues,
         )
 
 
@@ -264,11 +264,14 @@ class MetricsHandler(Handler):
     def start(self, request: MetricsRequest) -> MetricsReply:
         engine = self.ctx.engine
         status, wire = engine.status(), self.ctx.metrics.to_wire()
-        forwards = wire.pop("models")
+        forwards, by_priority = wire.pop("models"), wire.pop("priorities")
         empty = {"batches": 0, "batched_inputs": 0, "forward_s": 0.0}
         models = {name: {**empty, **forwards.get(name, {}), **life} for name, life in engine.models.counters().items()}
+        priorities = {name: {**empty, **by_priority.get(name, {}), "queued_inputs": queue["inputs"],
+                             "queued_tokens": queue["tokens"]} for name, queue in status.queues.items()}
         return MetricsReply(**wire, queue_depth=status.queue_depth, queued_tokens=status.queued_tokens,
-                            uptime_s=status.uptime_s, models=models, status=status.state.value)
+                            uptime_s=status.uptime_s, models=models, status=status.state.value,
+                            priorities=priorities, preemptions=status.preemptions)
 
 
 HANDLERS: dict[str, type[Handler]] = {h.op: h for h in (EmbedHandler, RerankHandler, HealthHandler, MetricsHandler)}

@@ -173,6 +173,13 @@ def _metrics_address(ctx, param, value: str | None) -> str | None:
 @click.option("--max-wait-ms", envvar="QWEN3VL_MAX_WAIT_MS", type=click.FloatRange(min=0),
               default=Batching.max_wait_ms, show_default=True,
               help="Longest a ready input waits for others still being preprocessed.")
+@click.option("--batch-share", envvar="QWEN3VL_BATCH_SHARE", type=click.FloatRange(min=0.01, max=0.99),
+              default=Batching.batch_share, show_default=True,
+              help="The least share of the model's time that waiting priority=batch work gets while interactive "
+                   "requests keep coming (they otherwise go first).")
+@click.option("--preempt/--no-preempt", envvar="QWEN3VL_PREEMPT", default=Batching.preempt, show_default=True,
+              help="Run interactive requests between two decoder layers of a running priority=batch forward "
+                   "instead of after it.")
 @click.option("--prep-workers", envvar="QWEN3VL_PREP_WORKERS", type=click.IntRange(min=1), default=None,
               help="Preprocessing threads (default: half the CPUs, at most 4).")
 @click.option("--max-queued-inputs", envvar="QWEN3VL_MAX_QUEUED_INPUTS", type=click.IntRange(min=1),
@@ -293,6 +300,7 @@ def config_from_options(o: dict) -> DaemonConfig:
                     max_msgpack_depth=o["max_msgpack_depth"], max_msgpack_items=o["max_msgpack_items"])
     batching = Batching(max_batch_size=o["max_batch_size"], max_batch_tokens=o["max_batch_tokens"],
                         max_wait_ms=o["max_wait_ms"], max_queued_inputs=o["max_queued_inputs"],
+                        batch_share=o["batch_share"], preempt=o["preempt"],
                         max_queued_tokens=o["max_queued_tokens"], cache_bytes=o["cache_bytes"],
                         image_cache_bytes=o["image_cache_bytes"],
                         **({"prep_workers": o["prep_workers"]} if o["prep_workers"] else {}))
@@ -453,9 +461,11 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--expect-fingerprint", default=None,
               help="Refuse unless the model has this fingerprint (health); without --model, the model that has it.")
 @click.option("--model", default=None, help="The daemon's model of this name (health lists them); default: its default.")
+@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
+              help="batch: bulk work that yields to interactive requests (PROTOCOL.md).")
 @_client_options
 def embed(texts, images, videos, frames, separate, instruction, dimension, encoding, expect_fingerprint, model,
-          endpoint, timeout, curve_server_key, curve_client_key) -> None:
+          priority, endpoint, timeout, curve_server_key, curve_client_key) -> None:
     """Embed TEXTS and media; prints JSON.
 
     Texts alone are one input each. With --image, --video or --frame, the texts and media make one
@@ -464,7 +474,8 @@ def embed(texts, images, videos, frames, separate, instruction, dimension, encod
         raise click.UsageError("give at least one text, --image, --video or --frame")
     inputs, names = embed_inputs(texts, images, videos, frames, separate)
     result = _run_client(lambda c: c.embed(inputs, instruction, dimension, encoding=encoding,
-                                           expect_fingerprint=expect_fingerprint, model=model), names)(
+                                           expect_fingerprint=expect_fingerprint, model=model,
+                                           priority=priority), names)(
         endpoint, timeout, curve_server_key, curve_client_key)
     rows = ([[round(float(x), 6) for x in row] for row in result.embeddings] if encoding == "float32"
             else result.embeddings.tolist())
@@ -480,12 +491,15 @@ def embed(texts, images, videos, frames, separate, instruction, dimension, encod
 @click.option("--expect-fingerprint", default=None,
               help="Refuse unless the model has this fingerprint (health); without --model, the model that has it.")
 @click.option("--model", default=None, help="The daemon's reranker of this name (health lists them).")
+@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
+              help="batch: bulk work that yields to interactive requests (PROTOCOL.md).")
 @_client_options
-def rerank(query, documents, instruction, top_n, expect_fingerprint, model, endpoint, timeout, curve_server_key,
-           curve_client_key) -> None:
+def rerank(query, documents, instruction, top_n, expect_fingerprint, model, priority, endpoint, timeout,
+           curve_server_key, curve_client_key) -> None:
     """Score DOCUMENTS against QUERY; prints JSON."""
     result = _run_client(lambda c: c.rerank(query, list(documents), instruction, top_n=top_n,
-                                            expect_fingerprint=expect_fingerprint, model=model))(
+                                            expect_fingerprint=expect_fingerprint, model=model,
+                                            priority=priority))(
         endpoint, timeout, curve_server_key, curve_client_key)
     body = {"model": result.model, "fingerprint": result.fingerprint, "tokens": result.tokens, "scores": result.scores}
     click.echo(json.dumps(body if result.top is None else {**body, "top": result.top}))

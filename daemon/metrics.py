@@ -44,6 +44,9 @@ class Metrics:
         self.forward_s = 0.0  # time in forwards
         self.queue_wait_s = 0.0  # summed waits of ready inputs before their forward began
         self.models: dict[str, dict] = {}  # per model name: batches, batched_inputs, forward_s
+        # Per priority class: batches, batched_inputs, forward_s (its own time: a paused batch
+        # forward's excludes the interactive forwards run inside it).
+        self.priorities: dict[str, dict] = {}
 
     def request(self, op: str) -> None:
         with self._lock:
@@ -59,16 +62,18 @@ class Metrics:
             self.inputs[op] += inputs
             self.tokens[op] += tokens
 
-    def batch(self, size: int, forward_s: float, waited_s: float, model: str | None = None) -> None:
+    def batch(self, size: int, forward_s: float, waited_s: float, model: str | None = None,
+              priority: str | None = None) -> None:
         with self._lock:
             self.batch_size.observe(size)
             self.forward_s += forward_s
             self.queue_wait_s += waited_s
-            if model is not None:
-                mine = self.models.setdefault(model, {"batches": 0, "batched_inputs": 0, "forward_s": 0.0})
-                mine["batches"] += 1
-                mine["batched_inputs"] += size
-                mine["forward_s"] += forward_s
+            for table, key in ((self.models, model), (self.priorities, priority)):
+                if key is not None:
+                    mine = table.setdefault(key, {"batches": 0, "batched_inputs": 0, "forward_s": 0.0})
+                    mine["batches"] += 1
+                    mine["batched_inputs"] += size
+                    mine["forward_s"] += forward_s
 
     def batching(self) -> dict:
         """Batch counters: forwards run, inputs they held, time in them, time inputs waited."""
@@ -88,4 +93,5 @@ class Metrics:
                 "forward_s": self.forward_s,
                 "queue_wait_s": self.queue_wait_s,
                 "models": {name: dict(values) for name, values in self.models.items()},
+                "priorities": {name: dict(values) for name, values in self.priorities.items()},
             }

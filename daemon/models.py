@@ -417,6 +417,22 @@ class _QwenVL:
         self.vision_tokens = attempt(VisionTokens.of, self.processor)
         self.pixel_writer = None if self.layout is None else PixelWriter(self.layout, self.device, self.dtype)
         self.vision = False  # the vision path, once `_enable_vision_path` has checked it
+        self._running = 0  # forwards in progress: more than one while a paused forward runs another
+        self._between_layers: list = []  # each running forward's pause callback (None: not paused), inner last
+        self._hook_layers()
+
+    def _hook_layers(self) -> None:
+        """A pre-forward hook on each decoder layer of the vision tower and the language model: where
+        a running forward may be paused (engine.py's preemption). It changes no tensor."""
+        layers = [*getattr(getattr(self.model, "visual", None), "blocks", ()),
+                  *getattr(getattr(self.model, "language_model", None), "layers", ())]
+        for layer in layers:
+            layer.register_forward_pre_hook(self._before_layer)
+
+    def _before_layer(self, _module, _args) -> None:
+        pause = self._between_layers[-1] if self._between_layers else None
+        if pause is not None:
+            pause()
 
     @property
     def hidden_size(self) -> int:
@@ -731,7 +747,9 @@ class _QwenVL:
         images = [p for f in batch for p in f.images]
         videos = [v.pixels for f in batch for v in f.videos]
         if images or videos:  # written into one buffer
-            (pixels, grid), (video_pixels, video_grid) = self.pixel_writer.write(images, videos)
+            # A forward run inside a paused one must not write into the buffer the paused one may read.
+            (pixels, grid), (video_pixels, video_grid) = self.pixel_writer.write(images, videos,
+                                                                               reuse=self._running <= 1)
             if images:
                 out["pixel_values"], out["image_grid_thw"] = pixels, grid
             if videos:
@@ -763,12 +781,20 @@ class _QwenVL:
             value = value.to(self.device)
         return value.to(self.dtype) if value.is_floating_point() else value
 
-    def _last_hidden(self, batch: list[Features]):
+    def _last_hidden(self, batch: list[Features], between_layers=None):
+        """The last hidden states of a batch, and its lengths; `between_layers` (if any) is called
+        before each decoder layer of this forward, and not of the forwards it runs meanwhile."""
         torch = self._torch
-        inputs = self._collate(batch)
-        lengths = inputs.pop("lengths")
-        with torch.inference_mode():
-            hidden = self.model(**inputs).last_hidden_state
+        self._running += 1
+        self._between_layers.append(between_layers)
+        try:
+            inputs = self._collate(batch)
+            lengths = inputs.pop("lengths")
+            with torch.inference_mode():
+                hidden = self.model(**inputs).last_hidden_state
+        finally:
+            self._between_layers.pop()
+            self._running -= 1
         return hidden, lengths
 
     def warmup(self) -> None:
@@ -833,11 +859,11 @@ class EmbeddingModel(_QwenVL):
             features.input_ids = self._keep_special_and_first(head, self.max_length - self.suffix_len, where) + tail
         return features
 
-    def embed(self, batch: list[Features]):
+    def embed(self, batch: list[Features], between_layers=None):
         """Raw (not normalised) float32 embeddings, one row per input: the last hidden state at the
         last position whose attention mask is 1."""
         torch = self._torch
-        hidden, lengths = self._last_hidden(batch)
+        hidden, lengths = self._last_hidden(batch, between_layers)
         # Right padding: the last position whose attention mask is 1 is each row's length - 1.
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = self._to_device(torch.from_numpy(lengths - 1))  # pinned and non-blocking on CUDA
@@ -921,10 +947,10 @@ class RerankerModel(_QwenVL):
         features.input_ids = self._keep_special_and_first(head, self.max_length, where) + tail
         return features
 
-    def score(self, batch: list[Features]):
+    def score(self, batch: list[Features], between_layers=None):
         """sigmoid(h · (W[yes] − W[no])) with h the last hidden state at the final position."""
         torch = self._torch
-        hidden, _ = self._last_hidden(batch)
+        hidden, _ = self._last_hidden(batch, between_layers)
         logits = hidden[:, -1] @ self.score_vector.to(hidden.device)
         return torch.sigmoid(logits.float()).cpu().numpy()
 

@@ -16,13 +16,13 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from .config import Limits, MediaPolicy
+from .config import INTERACTIVE, PRIORITIES, Limits, MediaPolicy
 from .errors import ErrorCode, RequestError, invalid, too_large
 from .inputs import InputItem, parse_input, parse_instruction
 from .quantize import COMPACT, SCALED, row_bytes
 
 __all__ = [
-    "PROTOCOL_VERSION", "OPS", "ENCODINGS", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
+    "PROTOCOL_VERSION", "OPS", "ENCODINGS", "PRIORITIES", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
     "DaemonError", "ModelMismatch", "UnknownModel", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
     "EmbedReply", "RerankReply", "HealthReply", "ModelHealth", "MetricsReply", "Reply",
     "pack", "unpack", "decode_payload", "parse_request", "encode_reply", "encode_error", "decode_reply",
@@ -143,6 +143,17 @@ def _model(payload: dict) -> str | None:
     return value
 
 
+def _priority(payload: dict) -> str:
+    """`priority`: interactive (someone waits on it; the default) or batch (bulk work that yields to
+    interactive work, down to a decoder layer); nil or absent: interactive."""
+    value = payload.get("priority")
+    if value is None:
+        return INTERACTIVE
+    if not isinstance(value, str) or value not in PRIORITIES:
+        raise invalid(f"priority: expected {' or '.join(PRIORITIES)}, or nil")
+    return value
+
+
 def _required(payload: dict, *names: str) -> None:
     for name in names:
         if name not in payload:
@@ -154,7 +165,7 @@ class EmbedRequest:
     op: ClassVar[str] = "embed"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"op", "id", "inputs", "instruction", "dimension", "normalize", "encoding", "deadline_ms",
-         "expect_fingerprint", "model"})
+         "expect_fingerprint", "model", "priority"})
 
     id: Any
     inputs: tuple[InputItem, ...]
@@ -165,6 +176,7 @@ class EmbedRequest:
     deadline_ms: float | None = None
     expect_fingerprint: str | None = None
     model: str | None = None
+    priority: str = INTERACTIVE
 
     @classmethod
     def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "EmbedRequest":
@@ -189,14 +201,16 @@ class EmbedRequest:
         return cls(id=payload.get("id"), inputs=inputs,
                    instruction=parse_instruction(payload.get("instruction"), "instruction", limits),
                    dimension=dimension, normalize=normalize, encoding=encoding, deadline_ms=_deadline(payload),
-                   expect_fingerprint=_expect_fingerprint(payload), model=_model(payload))
+                   expect_fingerprint=_expect_fingerprint(payload), model=_model(payload),
+                   priority=_priority(payload))
 
 
 @dataclass(frozen=True)
 class RerankRequest:
     op: ClassVar[str] = "rerank"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"op", "id", "query", "documents", "instruction", "deadline_ms", "top_n", "expect_fingerprint", "model"})
+        {"op", "id", "query", "documents", "instruction", "deadline_ms", "top_n", "expect_fingerprint", "model",
+         "priority"})
 
     id: Any
     query: InputItem
@@ -206,6 +220,7 @@ class RerankRequest:
     top_n: int | None = None
     expect_fingerprint: str | None = None
     model: str | None = None
+    priority: str = INTERACTIVE
 
     @classmethod
     def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "RerankRequest":
@@ -221,6 +236,7 @@ class RerankRequest:
             top_n=_top_n(payload),
             expect_fingerprint=_expect_fingerprint(payload),
             model=_model(payload),
+            priority=_priority(payload),
         )
 
 
@@ -393,13 +409,16 @@ class HealthReply:
     # error, loads, unloads (PROTOCOL.md).
     models: list = field(default_factory=list)
     load_mode: str = "at-start"  # at-start | on-demand
+    # Admitted, unanswered work by priority: {"interactive": {"inputs", "tokens"}, "batch": {...}}
+    queues: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return {"status": self.status, "version": self.version, "protocol": self.protocol,
                 "uptime_s": round(self.uptime_s, 3), "queue_depth": self.queue_depth,
                 "queued_tokens": self.queued_tokens, "device": self.device, "dtype": self.dtype,
                 "embedding": self.embedding.to_wire(True), "reranker": self.reranker.to_wire(False),
-                "stats": self.stats, "load": self.load, "models": self.models, "load_mode": self.load_mode}
+                "stats": self.stats, "load": self.load, "models": self.models, "load_mode": self.load_mode,
+                "queues": self.queues}
 
     @classmethod
     def from_wire(cls, body: dict) -> "HealthReply":
@@ -409,7 +428,8 @@ class HealthReply:
                    dtype=body.get("dtype"), embedding=ModelHealth.from_wire(body.get("embedding")),
                    reranker=ModelHealth.from_wire(body.get("reranker")), stats=dict(body.get("stats") or {}),
                    protocol=int(body.get("protocol", PROTOCOL_VERSION)), load=dict(body.get("load") or {}),
-                   models=list(body.get("models") or []), load_mode=str(body.get("load_mode") or "at-start"))
+                   models=list(body.get("models") or []), load_mode=str(body.get("load_mode") or "at-start"),
+                   queues=dict(body.get("queues") or {}))
 
 
 @dataclass(frozen=True)
@@ -430,14 +450,21 @@ class MetricsReply:
     # Per model name: batches, batched_inputs, forward_s, loads, unloads, load_s, state (newer daemons).
     models: dict = field(default_factory=dict)
     status: str = ""  # loading | ready | draining, as health says ("" from older daemons)
+    # Per priority (interactive, batch): batches, batched_inputs, forward_s, queued_inputs,
+    # queued_tokens (newer daemons); preemptions: batch forwards paused for interactive work.
+    priorities: dict = field(default_factory=dict)
+    preemptions: int = 0
+
+    NEWER: ClassVar[tuple[str, ...]] = ("models", "status", "priorities", "preemptions")  # absent from older daemons
 
     def to_wire(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_wire(cls, body: dict) -> "MetricsReply":
-        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name not in ("models", "status")},
-                   models=dict(body.get("models") or {}), status=str(body.get("status") or ""))
+        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name not in cls.NEWER},
+                   models=dict(body.get("models") or {}), status=str(body.get("status") or ""),
+                   priorities=dict(body.get("priorities") or {}), preemptions=int(body.get("preemptions") or 0))
 
 
 Reply = EmbedReply | RerankReply | HealthReply | MetricsReply
@@ -502,15 +529,26 @@ def _optional(**fields) -> dict:
 
 def embed_request(inputs: list, instruction: str | None = None, dimension: int | None = None,
                   normalize: bool = True, encoding: str | None = None,
-                  expect_fingerprint: str | None = None, model: str | None = None) -> dict:
+                  expect_fingerprint: str | None = None, model: str | None = None,
+                  priority: str | None = None) -> dict:
     return {"op": "embed", "inputs": list(inputs), "instruction": instruction, "dimension": dimension,
-            "normalize": normalize, **_optional(encoding=encoding, expect_fingerprint=expect_fingerprint, model=model)}
+            "normalize": normalize, **_optional(encoding=encoding, expect_fingerprint=expect_fingerprint, model=model,
+                                                priority=_checked_priority(priority))}
 
 
 def rerank_request(query: Any, documents: list, instruction: str | None = None, top_n: int | None = None,
-                   expect_fingerprint: str | None = None, model: str | None = None) -> dict:
+                   expect_fingerprint: str | None = None, model: str | None = None,
+                   priority: str | None = None) -> dict:
     return {"op": "rerank", "query": query, "documents": list(documents), "instruction": instruction,
-            **_optional(top_n=top_n, expect_fingerprint=expect_fingerprint, model=model)}
+            **_optional(top_n=top_n, expect_fingerprint=expect_fingerprint, model=model,
+                        priority=_checked_priority(priority))}
+
+
+def _checked_priority(priority: str | None) -> str | None:
+    """A client's priority, refused before sending when it is none the protocol knows."""
+    if priority is not None and priority not in PRIORITIES:
+        raise ValueError(f"priority: expected {' or '.join(PRIORITIES)}, not {priority!r}")
+    return priority
 
 
 def health_request() -> dict:

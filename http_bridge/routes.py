@@ -7,10 +7,11 @@ import re
 import uuid
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response
 
 from daemon.client import AsyncClient, DaemonTimeout, DaemonUnavailable
+from daemon.config import PRIORITIES
 from daemon.protocol import (EmbedReply, ErrorCode, HealthReply, MetricsReply, RerankReply, embed_request,
                              health_request, metrics_request, rerank_request)
 
@@ -21,6 +22,7 @@ from .schemas import (ERRORS, CohereRerankBody, CohereRerankResponse, EmbedBody,
                       to_protocol_input)
 
 FINGERPRINT_HEADER = "X-Model-Fingerprint"
+PRIORITY_HEADER = "X-Priority"  # interactive | batch, for callers that cannot add a body field (SDKs)
 # The daemon's field names in error messages, as /v1/embeddings calls them.
 OPENAI_FIELDS = {"dimension": "dimensions", "inputs": "input", "encoding": "embedding_type"}
 
@@ -94,6 +96,21 @@ async def call_for_model(gateway: DaemonGateway, payload: dict, requested: str |
         raise
 
 
+def priority(field: str | None, header: str | None) -> str | None:
+    """A request's priority: its body's `priority`, else the X-Priority header, else none (the
+    daemon's default, interactive). A header that names no priority is refused by name."""
+    if field is not None or header is None:
+        return field
+    value = header.strip().lower()
+    if value not in PRIORITIES:
+        raise invalid_request(f"{PRIORITY_HEADER} header: expected {' or '.join(PRIORITIES)}")
+    return value
+
+
+PRIORITY_HEADER_PARAM = Header(None, alias=PRIORITY_HEADER, description="interactive or batch (the body's "
+                                                                         "`priority` wins)")
+
+
 def document_json(document: str | InputObject) -> dict:
     return {"text": document} if isinstance(document, str) else document.model_dump(exclude_none=True)
 
@@ -103,29 +120,29 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
     guarded = [Depends(authorized)]
 
     @router.post("/embed", response_model=EmbedResponse, responses=ERRORS, dependencies=guarded)
-    async def embed(body: EmbedBody):
+    async def embed(body: EmbedBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
         """Embed texts (`texts`, the sidecar contract) or multimodal `inputs`."""
         if (body.texts is None) == (body.inputs is None):
             raise invalid_request("body: give exactly one of texts and inputs")
         inputs = list(body.texts) if body.texts is not None else [
             to_protocol_input(item, f"inputs[{i}]") for i, item in enumerate(body.inputs)]
         payload = embed_request(inputs, body.instruction, body.dimension, body.normalize,
-                                expect_fingerprint=body.expect_fingerprint)
+                                expect_fingerprint=body.expect_fingerprint, priority=priority(body.priority, x_priority))
         result = EmbedReply.from_wire(await gateway.call(payload))
         return answer({"embeddings": result.embeddings.tolist(), "dimension": result.dimension,
                        "model": result.model}, result.fingerprint)
 
     @router.post("/rerank", response_model=RerankResponse, responses=ERRORS, dependencies=guarded)
-    async def rerank(body: RerankBody):
+    async def rerank(body: RerankBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
         """Score documents against a query; scores come back in document order."""
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
         payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
-                                 expect_fingerprint=body.expect_fingerprint)
+                                 expect_fingerprint=body.expect_fingerprint, priority=priority(body.priority, x_priority))
         result = RerankReply.from_wire(await gateway.call(payload))
         return answer({"scores": result.scores, "model": result.model}, result.fingerprint)
 
     @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERRORS, dependencies=guarded)
-    async def cohere_rerank(body: CohereRerankBody):
+    async def cohere_rerank(body: CohereRerankBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
         """Cohere- and Jina-compatible reranking: results by descending relevance, at most top_n."""
         for name in ("rank_fields", "max_chunks_per_doc"):
             if getattr(body, name) is not None:
@@ -134,7 +151,8 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
             raise invalid_request("documents: must not be empty")
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
         payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
-                                 top_n=body.top_n or len(documents), **route(body.model, body.expect_fingerprint))
+                                 top_n=body.top_n or len(documents), priority=priority(body.priority, x_priority),
+                                 **route(body.model, body.expect_fingerprint))
         result = RerankReply.from_wire(await call_for_model(gateway, payload, body.model))
         results = [{"index": i, "relevance_score": result.scores[i],
                     **({"document": document_json(body.documents[i])} if body.return_documents else {})}
@@ -166,7 +184,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @router.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, responses=ERRORS, dependencies=guarded)
-    async def openai_embeddings(body: OpenAIEmbeddingsBody):
+    async def openai_embeddings(body: OpenAIEmbeddingsBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
         """OpenAI-compatible embeddings (text input). `model`, when given, picks the daemon's model of
         that name (or path, hub id or fingerprint); one it does not serve is 404 model_not_found.
         The extension field `embedding_type` asks for int8, uint8, binary or ubinary vectors."""
@@ -175,7 +193,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
             raise invalid_request("input: must not be empty")
         encoding = None if body.embedding_type == "float" else body.embedding_type
         payload = embed_request(texts, dimension=body.dimensions, encoding=encoding,
-                                **route(body.model, body.expect_fingerprint))
+                                priority=priority(body.priority, x_priority), **route(body.model, body.expect_fingerprint))
         result = EmbedReply.from_wire(await call_for_model(gateway, payload, body.model, fields=OPENAI_FIELDS))
         data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}
                 for i, row in enumerate(result.embeddings)]

@@ -35,6 +35,11 @@ FINGERPRINT_FIELD = Field(None, min_length=1, max_length=128,
                                       "fingerprint (the X-Model-Fingerprint header of earlier replies)")
 
 
+Priority = Literal["interactive", "batch"]
+PRIORITY_FIELD = Field(None, description="interactive (the default: someone waits) or batch (bulk work that yields "
+                                         "to interactive requests); overrides the X-Priority header")
+
+
 class EmbedBody(BaseModel):
     texts: list[str] | None = Field(None, description="Texts to embed (the sidecar contract)")
     inputs: list[Union[str, InputObject]] | None = Field(None, description="Multimodal inputs instead of texts")
@@ -42,6 +47,7 @@ class EmbedBody(BaseModel):
     dimension: StrictInt | None = Field(None, ge=1)
     normalize: StrictBool | None = Field(True, description="null means true, as on the socket")
     expect_fingerprint: str | None = FINGERPRINT_FIELD
+    priority: Priority | None = PRIORITY_FIELD
 
 
 class EmbedResponse(BaseModel):
@@ -55,6 +61,7 @@ class RerankBody(BaseModel):
     documents: list[Union[str, InputObject]]
     instruction: str | None = None
     expect_fingerprint: str | None = FINGERPRINT_FIELD
+    priority: Priority | None = PRIORITY_FIELD
 
 
 class RerankResponse(BaseModel):
@@ -96,6 +103,7 @@ class OpenAIEmbeddingsBody(BaseModel):
                              "sign bits (dimensions/8 bytes). With encoding_format float: a list of integers; "
                              "base64: the raw bytes")
     expect_fingerprint: str | None = FINGERPRINT_FIELD
+    priority: Priority | None = PRIORITY_FIELD
 
 
 class OpenAIEmbedding(BaseModel):
@@ -129,6 +137,7 @@ class CohereRerankBody(BaseModel):
     return_documents: StrictBool = False
     instruction: str | None = None
     expect_fingerprint: str | None = FINGERPRINT_FIELD
+    priority: Priority | None = PRIORITY_FIELD
     # Any value of these is refused by name (400 unsupported), whatever its type.
     rank_fields: Any = Field(None, description="Not supported: give documents as text or input objects")
     max_chunks_per_doc: Any = Field(None, description="Not supported: long documents are truncated")

@@ -4,6 +4,7 @@ milliseconds. Each result is a pure function of its input, so a test can say wha
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,8 +34,13 @@ class StandIn:
     replace preparation or the forward to make faults."""
 
     def __init__(self, kind: str, dim: int = 8, device: str = "cpu",
-                 forward: Callable[[list], list] | None = None, prepare: Callable[[Any], Any] | None = None):
+                 forward: Callable[[list], list] | None = None, prepare: Callable[[Any], Any] | None = None,
+                 layers: int = 0, layer_s: float = 0.0):
+        """`layers`: a forward is that many "decoder layers" of `layer_s` seconds each, with the
+        engine's pause callback called before each (as the real models' hooks do)."""
         self.kind, self.dim = kind, dim
+        self.layers, self.layer_s = layers, layer_s
+        self.pauses = 0  # pause callbacks made before a layer
         self.info = BackendInfo(name=f"stand-in-{kind}", device=device, dtype="float32", max_length=512,
                                 hidden_size=dim if kind == EMBEDDING else None)
         self.batches: list[list[str]] = []  # the texts of every forward, in order
@@ -52,9 +58,14 @@ class StandIn:
     def prepare_many(self, works: list) -> list:
         return [attempt(self.prepare, work) for work in works]
 
-    def forward(self, batch: list[Prepared]) -> list:
+    def forward(self, batch: list[Prepared], between_layers: Callable[[], None] | None = None) -> list:
         with self.lock:
             self.batches.append([p.text for p in batch])
+        for _ in range(self.layers):
+            if between_layers is not None:
+                self.pauses += 1
+                between_layers()
+            time.sleep(self.layer_s)
         if self._forward_hook is not None:
             return self._forward_hook(batch)
         return [self.value(p.text) for p in batch]

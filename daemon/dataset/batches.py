@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from ..client import DaemonTimeout, DaemonUnavailable
+from ..config import BATCH
 from ..errors import ErrorCode
 from ..protocol import EmbedReply, embed_request
 from .rows import Row
@@ -52,10 +53,12 @@ class EmbedSettings:
     encoding: str = "float32"
     expect_fingerprint: str | None = None
     model: str | None = None
+    # A job is bulk work: a search made meanwhile goes first, even in the middle of the job's forward.
+    priority: str = BATCH
 
     def payload(self, inputs: list) -> dict:
         return embed_request(inputs, self.instruction, self.dimension, self.normalize, self.encoding,
-                             self.expect_fingerprint, self.model)
+                             self.expect_fingerprint, self.model, self.priority)
 
 
 @dataclass(frozen=True)

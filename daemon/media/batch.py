@@ -28,9 +28,10 @@ class PixelWriter:
     reuse_bytes: int = 64 * 1024 * 1024  # the largest CPU batch buffer kept between batches (13 448x448 images)
     _buffers: dict = field(default_factory=dict, repr=False)  # dtype -> the reused CPU buffer
 
-    def write(self, *groups: list[Pixels]) -> list[tuple[Any, Any]]:
+    def write(self, *groups: list[Pixels], reuse: bool = True) -> list[tuple[Any, Any]]:
         """For each group (a batch's images, its videos) its pixel rows in the model's dtype and
-        its grid_thw, on the device; the groups' rows are slices of one tensor."""
+        its grid_thw, on the device; the groups' rows are slices of one tensor. `reuse`: the CPU
+        buffer kept between batches may be written (not while another forward may still read it)."""
         import torch
 
         parts = [p for group in groups for p in group]
@@ -40,9 +41,9 @@ class PixelWriter:
             cuda = self.device.type == "cuda"
             grids = [g.pin_memory().to(self.device, non_blocking=True) if cuda else g.to(self.device) for g in grids]
         else:
-            rows = self.layout.written(parts, self.device, self._buffer(torch.float32, parts))
+            rows = self.layout.written(parts, self.device, self._buffer(torch.float32, parts, reuse))
             if self.dtype != torch.float32:
-                rows = self._buffer(self.dtype, parts).view(rows.shape).copy_(rows)
+                rows = self._buffer(self.dtype, parts, reuse).view(rows.shape).copy_(rows)
         out, at = [], 0
         for group, grid in zip(groups, grids):
             count = sum(p.patches for p in group)
@@ -53,11 +54,14 @@ class PixelWriter:
     def _accelerated(self) -> bool:
         return self.device.type != "cpu"
 
-    def _buffer(self, dtype, parts: list[Pixels]):
-        """A CPU tensor for the parts' pixel rows in `dtype`: the kept one when it is large enough."""
+    def _buffer(self, dtype, parts: list[Pixels], reuse: bool = True):
+        """A CPU tensor for the parts' pixel rows in `dtype`: the kept one when it is large enough
+        (and may be reused), else a new one."""
         import torch
 
         need = sum(p.patches for p in parts) * self.layout.width
+        if not reuse:
+            return torch.empty(need, dtype=dtype)
         kept = self._buffers.get(dtype)
         if kept is not None and kept.numel() >= need:
             return kept[:need]
