@@ -51,6 +51,7 @@ class DaemonSnapshot:
             family.add_metric([], _buckets(batch), batch["sum"])
             yield family
         yield from _per_model(s.models)
+        yield from _per_priority(s.priorities, s.preemptions)
 
 
 # Per model (the daemon's name for it, `task:name`): what its forwards and its loads took.
@@ -61,6 +62,25 @@ MODEL_COUNTERS = (("batches", "qwen3vl_daemon_model_batches", "Forward passes"),
                   ("unloads", "qwen3vl_daemon_model_unloads", "Times the model was unloaded"),
                   ("load_s", "qwen3vl_daemon_model_load_seconds", "Time loading the model"))
 MODEL_STATES = ("unloaded", "loading", "loaded", "failed")
+
+
+def _per_priority(priorities: dict, preemptions: int) -> Iterator:
+    """Queued work and forwards by priority class (interactive, batch), and preemptions."""
+    if not priorities:  # older daemons do not send them
+        return
+    for field, name, help, kind in (
+            ("queued_inputs", "qwen3vl_daemon_priority_queue_depth", "Inputs admitted and not yet answered",
+             GaugeMetricFamily),
+            ("queued_tokens", "qwen3vl_daemon_priority_queued_tokens", "Their estimated tokens", GaugeMetricFamily),
+            ("batches", "qwen3vl_daemon_priority_batches", "Forward passes", CounterMetricFamily),
+            ("forward_s", "qwen3vl_daemon_priority_forward_seconds", "Time in forward passes (a paused batch "
+             "forward's without the interactive forwards run inside it)", CounterMetricFamily)):
+        family = kind(name, f"{help}, by priority", labels=["priority"])
+        for priority, values in sorted(priorities.items()):
+            family.add_metric([priority], float(values.get(field, 0)))
+        yield family
+    yield CounterMetricFamily("qwen3vl_daemon_preemptions", "Batch-priority forwards paused to run interactive work",
+                              value=preemptions)
 
 
 def _per_model(models: dict) -> Iterator:

@@ -432,6 +432,9 @@ class HealthReply:
                    queues=dict(body.get("queues") or {}))
 
 
+_NEWER_METRICS = ("models", "status", "priorities", "preemptions")  # fields older daemons do not send
+
+
 @dataclass(frozen=True)
 class MetricsReply:
     """Counters since start; histograms as {"buckets", "counts" (cumulative, +Inf last), "sum"}."""
@@ -455,14 +458,12 @@ class MetricsReply:
     priorities: dict = field(default_factory=dict)
     preemptions: int = 0
 
-    NEWER: ClassVar[tuple[str, ...]] = ("models", "status", "priorities", "preemptions")  # absent from older daemons
-
     def to_wire(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_wire(cls, body: dict) -> "MetricsReply":
-        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name not in cls.NEWER},
+        return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name not in _NEWER_METRICS},
                    models=dict(body.get("models") or {}), status=str(body.get("status") or ""),
                    priorities=dict(body.get("priorities") or {}), preemptions=int(body.get("preemptions") or 0))
 

@@ -309,3 +309,87 @@ def test_a_bad_priority_is_invalid_naming_the_field(op, payload, value):
     with pytest.raises(RequestError) as err:
         parse_request({"op": op, **payload, "priority": value}, Limits(), MediaPolicy())
     assert err.value.code is ErrorCode.INVALID_REQUEST and err.value.message.startswith("priority:")
+
+
+# -- through the socket, the clients, the CLI and the bridge ---------------------------------------
+def test_both_priorities_give_the_same_vectors_and_scores_through_the_socket(client):
+    texts = ["a stored memory", "another one, longer than the first"]
+    interactive, batch = client.embed(texts), client.embed(texts, priority=BATCH)
+    assert np.array_equal(interactive.embeddings, batch.embeddings)
+    scores = [client.rerank("q", texts, priority=p).scores for p in (INTERACTIVE, BATCH)]
+    assert scores[0] == scores[1]
+
+
+def test_health_and_metrics_count_queued_work_and_forwards_by_priority(client):
+    client.embed(["counted as batch work"], priority=BATCH)
+    health = client.health()
+    assert set(health["queues"]) == {INTERACTIVE, BATCH}
+    assert set(health["queues"][BATCH]) == {"inputs", "tokens"}
+    metrics = client.request({"op": "metrics"})
+    assert set(metrics["priorities"]) == {INTERACTIVE, BATCH} and "preemptions" in metrics
+    assert metrics["priorities"][BATCH]["batches"] >= 1
+    assert {"queued_inputs", "queued_tokens", "forward_s"} <= set(metrics["priorities"][BATCH])
+
+
+def test_the_clients_refuse_an_unknown_priority_before_sending(client):
+    with pytest.raises(ValueError, match="priority"):
+        client.embed(["x"], priority="urgent")
+
+
+def test_the_async_client_sends_the_priority(daemon):
+    import asyncio
+
+    from daemon.client import AsyncClient
+
+    async def run():
+        async with AsyncClient(daemon.endpoint, timeout=30) as c:
+            return (await c.embed(["async"], priority=BATCH)).embeddings, (await c.embed(["async"])).embeddings
+
+    batch, interactive = asyncio.run(run())
+    assert np.array_equal(batch, interactive)
+
+
+def test_the_cli_takes_a_priority(daemon):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "daemon", "embed", "--endpoint", daemon.endpoint, "--priority", "batch",
+                          "cli text"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["embeddings"]) == 1
+    bad = subprocess.run([sys.executable, "-m", "daemon", "embed", "--endpoint", daemon.endpoint, "--priority", "soon",
+                          "x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--priority" in bad.stderr
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/embed", {"texts": ["bridge text"]}),
+    ("/rerank", {"query": "q", "documents": ["d"]}),
+    ("/v1/embeddings", {"input": ["bridge text"]}),
+    ("/v1/rerank", {"query": "q", "documents": ["d"]}),
+])
+def test_the_bridge_takes_the_priority_as_a_field_and_as_a_header(bridge, daemon, path, body):
+    with daemon.client() as c:
+        before = c.request({"op": "metrics"})["priorities"][BATCH]["batched_inputs"]
+    with bridge.http() as http:
+        assert http.post(path, json={**body, "priority": "batch"}).status_code == 200
+        assert http.post(path, json=body, headers={"X-Priority": "batch"}).status_code == 200
+        assert http.post(path, json=body, headers={"X-Priority": "Batch"}).status_code == 200
+        bad_header = http.post(path, json=body, headers={"X-Priority": "urgent"})
+        bad_field = http.post(path, json={**body, "priority": "urgent"})
+    with daemon.client() as c:
+        after = c.request({"op": "metrics"})["priorities"][BATCH]["batched_inputs"]
+    assert after - before == 3  # one input each
+    # The bridge's status for an invalid request (422, as for any body it refuses), naming what was wrong.
+    assert bad_header.status_code == 422 and "X-Priority" in bad_header.json()["error"]["message"]
+    assert bad_field.status_code == 422 and "priority" in bad_field.text
+
+
+def test_the_prometheus_export_has_the_per_priority_families(bridge):
+    with bridge.http() as http:
+        text = http.get("/metrics").text
+    for family in ("qwen3vl_daemon_priority_queue_depth", "qwen3vl_daemon_priority_forward_seconds_total",
+                   "qwen3vl_daemon_preemptions_total"):
+        assert family in text
+    assert 'qwen3vl_daemon_priority_queue_depth{priority="batch"}' in text
