@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{Client, EmbedOptions, Error, Input, RerankOptions, Vectors};
+use crate::{Client, EmbedOptions, Error, Input, Priority, RerankOptions, Vectors};
 
 pub trait EmbeddingPipeline: Send + Sync {
     fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>>;
@@ -55,6 +55,9 @@ pub struct DaemonPipeline {
     pub model: Option<String>,
     /// The daemon's reranker of this name (`None`: its default).
     pub reranker_model: Option<String>,
+    /// The priority of `EmbeddingPipeline::embed_batch`, the server's ingest path (default
+    /// `Priority::Batch`: a search's `embed_text` and `rerank`, always interactive, go first).
+    pub ingest_priority: Priority,
 }
 
 impl DaemonPipeline {
@@ -66,7 +69,7 @@ impl DaemonPipeline {
     pub fn with_client(client: Client) -> DaemonPipeline {
         DaemonPipeline { client, dimension: None, instruction: None,
                          max_image_file_bytes: 64 * 1024 * 1024 - 64 * 1024, expect_fingerprint: None, model: None,
-                         reranker_model: None }
+                         reranker_model: None, ingest_priority: Priority::Batch }
     }
 
     /// The daemon's default endpoint (`$QWEN3VL_ENDPOINT` or the runtime directory's socket; in a
@@ -80,10 +83,10 @@ impl DaemonPipeline {
         &self.client
     }
 
-    fn embed_inputs(&self, inputs: &[Input]) -> anyhow::Result<Vec<Vec<f32>>> {
+    fn embed_inputs(&self, inputs: &[Input], priority: Priority) -> anyhow::Result<Vec<Vec<f32>>> {
         let options = EmbedOptions { dimension: self.dimension, instruction: self.instruction.as_deref(),
                                      expect_fingerprint: self.expect_fingerprint.as_deref(), model: self.model.as_deref(),
-                                     ..Default::default() };
+                                     priority, ..Default::default() };
         match self.client.embed_with(inputs, &options)?.vectors {
             Vectors::Float32(rows) => Ok(rows),
             _ => Err(Error::Protocol("float32 asked, another encoding answered".into()).into()),
@@ -91,7 +94,8 @@ impl DaemonPipeline {
     }
 
     fn embed_one(&self, input: Input) -> anyhow::Result<Vec<f32>> {
-        self.embed_inputs(&[input])?.pop().ok_or_else(|| anyhow::anyhow!("the daemon returned no embedding"))
+        self.embed_inputs(&[input], Priority::Interactive)?.pop()
+            .ok_or_else(|| anyhow::anyhow!("the daemon returned no embedding"))
     }
 
     /// The file's bytes, at most `max_image_file_bytes` of them (read through a bound, so a file
@@ -114,16 +118,17 @@ impl DaemonPipeline {
 }
 
 impl EmbeddingPipeline for DaemonPipeline {
+    /// A search's query: interactive.
     fn embed_text(&self, text: &str) -> anyhow::Result<Vec<f32>> {
-        let mut rows = self.embed_batch(&[text])?;
-        rows.pop().ok_or_else(|| anyhow::anyhow!("the daemon returned no embedding"))
+        self.embed_one(Input::from(text))
     }
 
+    /// The ingest path: `ingest_priority` (batch unless set otherwise).
     fn embed_batch(&self, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        self.embed_inputs(&texts.iter().map(|t| Input::from(*t)).collect::<Vec<_>>())
+        self.embed_inputs(&texts.iter().map(|t| Input::from(*t)).collect::<Vec<_>>(), self.ingest_priority)
     }
 }
 

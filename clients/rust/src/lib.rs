@@ -211,6 +211,34 @@ impl Encoding {
     }
 }
 
+/// Who waits on a request: the daemon runs `Interactive` work (a search's query) before `Batch` work
+/// (bulk ingestion, re-embedding a store), even in the middle of a batch forward, while batch work
+/// keeps a share of the model's time. Daemons before priorities refuse the field, so `Interactive`
+/// (the default) is not sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        }
+    }
+
+    /// The wire field: absent for the default.
+    fn field(self) -> Option<&'static str> {
+        match self {
+            Priority::Interactive => None,
+            Priority::Batch => Some("batch"),
+        }
+    }
+}
+
 /// Everything an embed request can say; `Default` is the daemon's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct EmbedOptions<'a> {
@@ -226,6 +254,8 @@ pub struct EmbedOptions<'a> {
     /// The daemon's model of this name (`Health::models`); `None`: its default. A name it does not
     /// serve is `Error::UnknownModel`.
     pub model: Option<&'a str>,
+    /// `Priority::Batch` for bulk work that should yield to searches.
+    pub priority: Priority,
 }
 
 /// Everything a rerank request can say; `Default` is the daemon's defaults.
@@ -237,6 +267,7 @@ pub struct RerankOptions<'a> {
     pub expect_fingerprint: Option<&'a str>,
     /// The daemon's reranker of this name; `None`: its default.
     pub model: Option<&'a str>,
+    pub priority: Priority,
 }
 
 #[derive(Serialize)]
@@ -252,6 +283,8 @@ struct EmbedRequest<'a> {
     expect_fingerprint: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -267,6 +300,8 @@ struct RerankRequest<'a> {
     expect_fingerprint: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -765,6 +800,7 @@ impl Client {
             op: "embed", inputs, instruction: options.instruction, dimension: options.dimension,
             normalize: options.normalize.unwrap_or(true), encoding: options.encoding.as_str(),
             deadline_ms: Some(left_ms), expect_fingerprint: options.expect_fingerprint, model: options.model,
+            priority: options.priority.field(),
         }))?;
         let vectors = split_rows(&reply, options.encoding)?;
         Ok(EncodedEmbeddings { vectors, dimension: reply.dimension, model: reply.model, tokens: reply.tokens,
@@ -787,6 +823,7 @@ impl Client {
         let reply: RerankReply = self.call(|left_ms| encode(&RerankRequest {
             op: "rerank", query, documents, instruction: options.instruction, deadline_ms: Some(left_ms),
             top_n: options.top_n, expect_fingerprint: options.expect_fingerprint, model: options.model,
+            priority: options.priority.field(),
         }))?;
         Ok(Scores { scores: reply.scores.into_iter().map(|s| s as f32).collect(), model: reply.model,
                     tokens: reply.tokens, fingerprint: reply.fingerprint, top: reply.top })
@@ -882,10 +919,21 @@ mod tests {
         let value: rmpv_like::Value = rmpv_like::decode(&rmp_serde::to_vec_named(&EmbedRequest {
             op: "embed", inputs: &[Input::text("a"), Input::image(vec![1u8, 2])], instruction: None,
             dimension: Some(8), normalize: true, encoding: "float32", deadline_ms: Some(1500), expect_fingerprint: None,
-            model: None,
+            model: None, priority: Priority::Interactive.field(),
         }).unwrap());
         assert_eq!(value.0, "op=embed;inputs=[a,{image=[bin2]}];instruction=nil;dimension=8;normalize=true;\
                              encoding=float32;deadline_ms=1500");
+    }
+
+    #[test]
+    fn a_batch_priority_is_sent_and_the_default_is_not() {
+        let request = |priority: Priority| rmpv_like::decode(&rmp_serde::to_vec_named(&RerankRequest {
+            op: "rerank", query: &Input::text("q"), documents: &[Input::text("d")], instruction: None,
+            deadline_ms: None, top_n: None, expect_fingerprint: None, model: None, priority: priority.field(),
+        }).unwrap()).0;
+        assert!(request(Priority::Batch).ends_with(";priority=batch"), "{}", request(Priority::Batch));
+        assert!(!request(Priority::Interactive).contains("priority"));
+        assert_eq!(Priority::Batch.as_str(), "batch");
     }
 
     #[test]

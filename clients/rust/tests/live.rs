@@ -691,3 +691,45 @@ fn curve_keys_from_keygen_files_let_the_client_in_and_no_keys_keep_it_out() {
     assert!(matches!(stranger.health(), Err(Error::Unavailable { .. } | Error::Timeout { .. })));
     assert!(matches!(CurveKeys::from_files(dir.join("server.key"), dir.join("server.key")), Err(Error::Config(_))));
 }
+
+#[derive(serde::Deserialize)]
+struct ClassCounts {
+    batched_inputs: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct PriorityMetrics {
+    priorities: std::collections::HashMap<String, ClassCounts>,
+}
+
+fn batched_by_priority(client: &Client) -> (u64, u64) {
+    #[derive(serde::Serialize)]
+    struct Op { op: &'static str }
+    let metrics: PriorityMetrics = client.request(&Op { op: "metrics" }).unwrap();
+    (metrics.priorities["interactive"].batched_inputs, metrics.priorities["batch"].batched_inputs)
+}
+
+#[test]
+fn the_adapter_ingests_at_batch_priority_and_searches_interactively() {
+    let daemon = Daemon::start(&[]);
+    let pipeline = DaemonPipeline::new(daemon.endpoint.clone(), Duration::from_secs(60));
+    let (interactive, batch) = batched_by_priority(pipeline.client());
+    let stored = pipeline.embed_batch(&["stored one", "stored two", "stored three"]).unwrap();
+    let query = EmbeddingPipeline::embed_text(&pipeline, "stored one").unwrap();
+    pipeline.rerank("stored", &["stored one"]).unwrap();
+    assert_close(&query, &stored[0], 2e-5); // the same vector whatever the priority
+    assert_eq!(batched_by_priority(pipeline.client()), (interactive + 2, batch + 3));
+}
+
+#[test]
+fn the_client_sends_a_batch_priority_on_embed_and_rerank() {
+    use qwen3vl_client::Priority;
+    let daemon = Daemon::start(&[]);
+    let client = Client::new(daemon.endpoint.clone(), Duration::from_secs(60));
+    let (interactive, batch) = batched_by_priority(&client);
+    let options = EmbedOptions { priority: Priority::Batch, ..Default::default() };
+    client.embed_with(&[Input::text("bulk")], &options).unwrap();
+    let rerank = RerankOptions { priority: Priority::Batch, ..Default::default() };
+    client.rerank_with(&Input::text("q"), &[Input::text("a"), Input::text("b")], &rerank).unwrap();
+    assert_eq!(batched_by_priority(&client), (interactive, batch + 3));
+}
