@@ -38,6 +38,10 @@ PER_PATCH_S = 2e-6  # the vision tower, per 16x16 patch
 PIXEL_LAUNCH_S = 5e-6  # GIL held per kernel an eager op launches
 PIXEL_KERNEL_S = 2e-6  # device time per small kernel
 PIXEL_BYTES_S = 1 / 2e12  # device memory traffic, at about 2/3 of an H100's bandwidth
+# The 2B model's decoder layers: the device time is spent in this many steps (the vision tower's
+# share over its blocks first), with the daemon's pre-layer hooks run before each, as on a GPU where
+# the daemon keeps the launches at most a layer or two ahead of the device (models.py).
+TEXT_LAYERS, VISION_BLOCKS = 28, 24
 
 DEVICE_STAGE = "device (emulated)"  # timed too, so that no host stage counts it
 IDLE_STAGE = "model thread waiting for a batch"
@@ -132,9 +136,18 @@ def install(recorder: Recorder, stages: bool = True) -> None:
         recorder.pending_device_s[0] = 0.0
         while time.monotonic() - start < LAUNCH_S:  # holds the GIL, as Python launching kernels does
             pass
-        rest = start + gpu_s - time.monotonic()
-        if rest > 0:
-            time.sleep(rest)
+        vision_s = PER_PATCH_S * patches
+        steps = ([(_first(self, "visual", "blocks"), vision_s / VISION_BLOCKS)] * VISION_BLOCKS if patches else [])
+        steps += [(_first(self, "language_model", "layers"), (gpu_s - vision_s) / TEXT_LAYERS)] * TEXT_LAYERS
+        began = time.monotonic()
+        for layer, layer_s in steps:
+            if layer is not None:
+                for hook in list(layer._forward_pre_hooks.values()):
+                    hook(layer, ())
+            began = max(began, time.monotonic()) + layer_s  # a forward run inside the hook took the device meanwhile
+            rest = began - time.monotonic()
+            if rest > 0:
+                time.sleep(rest)
         recorder.forwards.append((start, gpu_s, rows, width, patches))
         return BaseModelOutputWithPast(last_hidden_state=zeros(rows, width, self))
 
@@ -148,6 +161,11 @@ def install(recorder: Recorder, stages: bool = True) -> None:
         return buffer[0][:need].view(rows, width, hidden)
 
     buffer = [None]
+
+    def _first(model, part: str, layers: str):
+        """The first layer of the model's `part` (whose hooks stand for every layer's), if any."""
+        found = getattr(getattr(model, part, None), layers, None)
+        return found[0] if found else None
 
     def device_rows(self, staged, parts):
         """The device's part of `PixelWriter`: launches held under the GIL, device time queued."""

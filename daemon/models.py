@@ -9,6 +9,7 @@ processors treat each image and video on its own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -53,6 +54,7 @@ RERANK_SYSTEM_PROMPT = (
 
 
 NO_MEDIA: tuple[tuple, tuple] = ((), ())  # a text-only input's images and videos
+LAUNCH_AHEAD_LAYERS = 2  # on CUDA, how far a preemptible forward's launches may run ahead of the device
 PROBE_MAX_LENGTH = 4096  # tokens the vision path's probe may take (it needs about 300)
 
 
@@ -419,6 +421,7 @@ class _QwenVL:
         self.vision = False  # the vision path, once `_enable_vision_path` has checked it
         self._running = 0  # forwards in progress: more than one while a paused forward runs another
         self._between_layers: list = []  # each running forward's pause callback (None: not paused), inner last
+        self._launched: collections.deque = collections.deque()
         self._hook_layers()
 
     def _hook_layers(self) -> None:
@@ -431,8 +434,23 @@ class _QwenVL:
 
     def _before_layer(self, _module, _args) -> None:
         pause = self._between_layers[-1] if self._between_layers else None
-        if pause is not None:
-            pause()
+        if pause is None:
+            return
+        if self.device.type == "cuda":
+            self._stay_near_the_device()
+        pause()
+
+    def _stay_near_the_device(self) -> None:
+        """On CUDA the Python side launches a forward's layers far ahead of the device and then
+        waits at the result's copy, so a pause there would come after all the device work was
+        queued: a paused forward keeps its launches at most LAUNCH_AHEAD_LAYERS layers ahead (an
+        event per layer), so interactive work waits for about that many layers of it. Not measured
+        on a GPU yet (BENCHMARKS.md)."""
+        event = self._torch.cuda.Event()
+        event.record()
+        self._launched.append(event)
+        if len(self._launched) > LAUNCH_AHEAD_LAYERS:
+            self._launched.popleft().synchronize()
 
     @property
     def hidden_size(self) -> int:
@@ -787,6 +805,8 @@ class _QwenVL:
         torch = self._torch
         self._running += 1
         self._between_layers.append(between_layers)
+        if between_layers is not None:
+            self._launched = collections.deque()  # the CUDA events of this forward's layers (_stay_near_the_device)
         try:
             inputs = self._collate(batch)
             lengths = inputs.pop("lengths")
