@@ -3,8 +3,9 @@ priorities and preemption, in one run.
 
     .venv/bin/python -m bench.priority [--checkpoint DIR] [--seconds 60] [--emulated]
 
-On the CPU: the embedding model on the 2B shapes in bfloat16 (random weights, Qwen3's tokenizer; built
-as bench.weights builds it unless given). With --emulated: the daemon on the emulated accelerator
+On the CPU: the embedding model on the 2B shapes in the dtype `--dtype auto` picks (bfloat16 on CPUs
+with native bf16, else float32; random weights, Qwen3's tokenizer; built as bench.weights builds it
+unless given). With --emulated: the daemon on the emulated accelerator
 (bench.emulator: an H100 running the 2B model, its forward stepping through the decoder layers so
 that the daemon's layer hooks run) on the tiny checkpoint, with image batches as the bulk work.
 
@@ -13,7 +14,7 @@ For each configuration, a fresh daemon (no reranker):
 2. bulk alone: 4 clients, each sending 32-input batches back to back (texts of ~128 tokens; with
    --emulated, images), for --seconds: the bulk inputs/s (and tokens/s), counted at forward
    boundaries from the daemon's metrics;
-3. bulk with queries: the same bulk, and one query every 2 s for --seconds: the queries' p50, p95
+3. bulk with queries: the same bulk, and one query every 2 s (--query-every) for --seconds: the queries' p50, p95
    and max latency (and their ratio to the idle p50), and the bulk throughput with the device time
    the queries' own forwards take set aside (their count x the idle p50), as a ratio to 2.
 
@@ -79,7 +80,7 @@ class Bulk:
     def inputs(self, seed: int) -> list:
         if self.emulated:
             return [{"image": gradient_png(seed * BULK_SIZE + i, size=(448, 448))} for i in range(BULK_SIZE)]
-        return [text(seed * BULK_SIZE + i, 56) for i in range(BULK_SIZE)]  # ~128 tokens with the template
+        return [text(seed * BULK_SIZE + i, 100) for i in range(BULK_SIZE)]  # ~128 tokens with the template
 
     def run(self, worker: int) -> None:
         with Client(self.endpoint, timeout=3600) as client:
@@ -87,7 +88,7 @@ class Bulk:
             while not self.stop.is_set():
                 try:
                     reply = client.embed(self.inputs(seed), priority=self.priority)
-                    self.tokens_per_input = reply.tokens / reply.count
+                    self.tokens_per_input = self.tokens_per_input or reply.tokens / reply.count
                 except (DaemonError, DaemonTimeout, DaemonUnavailable):
                     if self.stop.is_set():
                         return
@@ -100,15 +101,17 @@ class Bulk:
 
 
 class Progress:
-    """The bulk inputs forwarded so far, polled from the daemon's metrics: every input forwarded,
-    less the queries (one input each) this bench sent."""
+    """The bulk inputs forwarded so far, polled from the daemon's metrics: the batch class's when the
+    bulk is sent as batch, else every input forwarded less the queries (one input each) answered."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, by_class: bool):
         self.client = Client(endpoint, timeout=30)
-        self.queries = 0
+        self.queries, self.by_class = 0, by_class
 
     def bulk_inputs(self) -> int:
         metrics = self.client.request({"op": "metrics"})
+        if self.by_class:
+            return int(metrics["priorities"]["batch"]["batched_inputs"])
         return int(metrics["batch_size"]["sum"]) - self.queries
 
     def watch(self, seconds: float, during=None) -> tuple[float, float, int]:
@@ -122,7 +125,8 @@ class Progress:
                 during(time.monotonic())
             time.sleep(0.05)
             now, value = time.monotonic(), self.bulk_inputs()
-            if value != last:
+            # A bulk forward adds several inputs; a query's (counted before its reply) only one.
+            if value >= last + 2:
                 marks.append((now, value))
                 last = value
         if len(marks) < 2:
@@ -130,10 +134,15 @@ class Progress:
         return marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1], len(marks)
 
 
-def idle_latency(endpoint: str, progress: Progress) -> list[float]:
+def idle_latency(endpoint: str, progress: Progress, bulk: "Bulk") -> list[float]:
+    """The idle one-text latencies (after 3 warm-up queries); also counts a bulk input's tokens."""
     with Client(endpoint, timeout=600) as client:
         for i in range(3):
             client.embed([query_text(900 + i)])
+            progress.queries += 1
+        if not bulk.emulated:
+            one = client.embed(bulk.inputs(10_000)[:1])
+            bulk.tokens_per_input = one.tokens
             progress.queries += 1
         times = []
         for i in range(10):
@@ -145,16 +154,16 @@ def idle_latency(endpoint: str, progress: Progress) -> list[float]:
 
 
 class Queries:
-    """One query every QUERY_EVERY_S on its own thread (a slow one does not delay the next)."""
+    """One query every `every_s` on its own thread (a slow one does not delay the next)."""
 
-    def __init__(self, endpoint: str, progress: Progress):
-        self.endpoint, self.progress = endpoint, progress
+    def __init__(self, endpoint: str, progress: Progress, every_s: float):
+        self.endpoint, self.progress, self.every_s = endpoint, progress, every_s
         self.latencies: list[float] = []
         self.next_at, self.seed, self.threads = time.monotonic(), 100, []
 
     def tick(self, now: float) -> None:
         if now >= self.next_at:
-            self.next_at += QUERY_EVERY_S
+            self.next_at += self.every_s
             self.seed += 1
             thread = threading.Thread(target=self.one, args=(self.seed,), daemon=True)
             thread.start()
@@ -172,30 +181,41 @@ class Queries:
             thread.join()
 
 
+def auto_dtype() -> str:
+    """What --dtype auto is on this CPU: bfloat16 where it has native bf16, else float32."""
+    import torch
+
+    from daemon.models import resolve_dtype
+
+    return str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", "")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def run_config(servers: Servers, work: Path, ckpt: Path, config: Config, seconds: float, emulated: bool,
-               extra: tuple[str, ...]) -> dict:
+               extra: tuple[str, ...], every_s: float = QUERY_EVERY_S) -> dict:
     runner = (("-m", "bench.emulator", "--log", str(work / f"{config.name}.npz"), "--no-stages", "--")
               if emulated else ("-m", "daemon"))
     endpoint = servers.daemon(work, config.name, ckpt, "--reranker-model", "none", *extra, *config.daemon_args,
                               runner=runner)
-    progress = Progress(endpoint)
-    idle = idle_latency(endpoint, progress)
-    idle_p50 = statistics.median(idle)
+    progress = Progress(endpoint, by_class=config.bulk_priority == "batch")
     bulk = Bulk(endpoint, config.bulk_priority, emulated)
+    idle = idle_latency(endpoint, progress, bulk)
+    idle_p50 = statistics.median(idle)
     bulk.start()
     while progress.bulk_inputs() == 0:  # the first bulk forward has ended: the pipeline is full
         time.sleep(0.05)
     alone_s, alone_n, alone_forwards = progress.watch(seconds)
-    queries = Queries(endpoint, progress)
+    queries = Queries(endpoint, progress, every_s)
     mixed_s, mixed_n, mixed_forwards = progress.watch(seconds, during=queries.tick)
     queries.join()
     bulk.stop.set()
-    servers.by_name[config.name].terminate()
+    proc = servers.by_name[config.name]
+    proc.kill()  # not drained: the next configuration must not share the CPU with its last forward
+    proc.wait(60)
     alone_rate = alone_n / alone_s if alone_s else 0.0
     # The queries' own device time within the span the bulk rate is measured over (every query
     # was sent within the window of `seconds`).
@@ -228,13 +248,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--emulated", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated configurations to run")
+    parser.add_argument("--query-every", type=float, default=QUERY_EVERY_S, help="seconds between queries")
     args = parser.parse_args()
     configs = EMULATED_CONFIGS if args.emulated else CPU_CONFIGS
     if args.only:
         configs = tuple(c for c in configs if c.name in args.only.split(","))
     # The emulated accelerator gets the settings the daemon picks on a GPU (as bench.emulated does).
     extra = (("--device", "cpu", "--dtype", "float32", "--max-batch-tokens", "32768") if args.emulated
-             else ("--device", "cpu", "--dtype", "bfloat16"))
+             else ("--device", "cpu", "--dtype", "auto"))
     with tempfile.TemporaryDirectory() as tmp, Servers() as servers:
         work = Path(tmp)
         ckpt = args.checkpoint
@@ -243,12 +264,12 @@ def main() -> None:
 
             spec = TinySpec() if args.emulated else replace(QWEN3VL_2B_SPEC, tokenizer="qwen3", dtype="bfloat16")
             ckpt = build_tiny_checkpoint(work / "ckpt", spec)
-        print(f"{'emulated accelerator, image bulk' if args.emulated else 'CPU, 2B shapes, bfloat16, text bulk'}; "
-              f"{CLIENTS} bulk clients x {BULK_SIZE} inputs; a query every {QUERY_EVERY_S:g} s for {args.seconds:g} s; "
+        print(f"{'emulated accelerator, image bulk' if args.emulated else f'CPU, 2B shapes, {auto_dtype()}, text bulk'}; "
+              f"{CLIENTS} bulk clients x {BULK_SIZE} inputs; a query every {args.query_every:g} s for {args.seconds:g} s; "
               f"{os.cpu_count()} CPUs", flush=True)
         rows = []
         for config in configs:
-            rows.append(run_config(servers, work, ckpt, config, args.seconds, args.emulated, extra))
+            rows.append(run_config(servers, work, ckpt, config, args.seconds, args.emulated, extra, args.query_every))
             print(rows[-1], flush=True)
         report(rows, "in/s")
 

@@ -41,8 +41,8 @@ from .residency import Residency
 log = logging.getLogger(__name__)
 
 PREP_CHUNK = 16  # tasks per preprocessing chunk: small enough that the first forward starts early
-# Default padded-token budget per forward. On a CPU the matmuls of the 2B shapes stop gaining by
-# ~512 rows (bench.cpu_batch: BENCHMARKS.md), so a larger forward buys nothing and only makes
+# Default padded-token budget per forward. On a CPU a forward of the 2B shapes stops gaining at about
+# 1000 padded tokens (bench.cpu_batch: BENCHMARKS.md), so a larger one buys nothing and only makes
 # whatever waits behind it wait longer; accelerators want large batches.
 CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 1024, 32768
 

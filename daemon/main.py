@@ -169,7 +169,7 @@ def _metrics_address(ctx, param, value: str | None) -> str | None:
 @click.option("--max-batch-size", envvar="QWEN3VL_MAX_BATCH_SIZE", type=click.IntRange(min=1),
               default=Batching.max_batch_size, show_default=True, help="Inputs per forward pass.")
 @click.option("--max-batch-tokens", envvar="QWEN3VL_MAX_BATCH_TOKENS", type=click.IntRange(min=64), default=None,
-              help="Padded tokens per forward pass (batch size x longest input); default 4096 on CPU, 32768 on GPU.")
+              help="Padded tokens per forward pass (batch size x longest input); default 1024 on CPU, 32768 on GPU.")
 @click.option("--max-wait-ms", envvar="QWEN3VL_MAX_WAIT_MS", type=click.FloatRange(min=0),
               default=Batching.max_wait_ms, show_default=True,
               help="Longest a ready input waits for others still being preprocessed.")

@@ -328,3 +328,9 @@ def test_ray_without_an_embedding_model_is_refused_before_ray_starts(tmp_path):
                               texts(1))), "--out", str(tmp_path / "out"), "--ray", "local", "--embedding-model", "none"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--ray needs an embedding model" in refused.stderr
+
+
+def test_the_job_sends_its_batches_at_batch_priority():
+    from daemon.dataset.batches import EmbedSettings
+
+    assert EmbedSettings().payload(["a row"])["priority"] == "batch"
