@@ -19,12 +19,12 @@ Two priority classes, each a round robin of its own, never mixed in one batch: `
 (someone waits: a search's query) go before `batch` units (bulk re-embedding), with one exception
 that keeps batch work from starving under a steady stream of queries. The share rule: while batch
 work waits, it is owed `batch_share / (1 - batch_share)` seconds for every second of interactive
-forwards, and every second of batch forwards pays that debt back; once the debt exceeds `slack_s`,
-batch work goes first (and interactive work may not preempt it) until the debt is paid. So over any
-stretch of saturation batch work gets at least `batch_share` of the model thread's time, and a
-query never waits for batch work while the queries' own time stays under that line (a query every
-second of 0.5 s each, with the default share of 0.1, owes 0.06 s a query: paid by the first layer
-that runs). With no batch work waiting there is nothing to owe: the debt is forgiven.
+forwards, and every second of batch forwards pays that debt back; while the debt exceeds `slack_s`,
+batch work goes first (and interactive work may not preempt it), until it is back within the slack.
+So over any stretch of saturation batch work gets at least `batch_share` of the model thread's time,
+and a query never waits for batch work while the queries' own time stays under that line (a query
+every second of 0.5 s each, with the default share of 0.1, owes 0.06 s a query: paid by the first
+layer that runs). With no batch work waiting there is nothing to owe: the debt is forgiven.
 """
 
 from __future__ import annotations
@@ -146,12 +146,12 @@ class Scheduler:
         """At once, without waiting: the next interactive batch to run inside a paused batch-priority
         forward, when one is ready and the share rule lets it go first; else None."""
         with self._cond:
-            if self._closed:
+            # Called before every decoder layer: costs nothing that grows with the queues unless
+            # interactive work is there to run.
+            if self._closed or self._owed > self.policy.slack_s or not self._waiting(INTERACTIVE):
                 return None
-            self._drop_unwanted()
-            if not self._waiting(INTERACTIVE) or self._owed > self.policy.slack_s:
-                return None
-            return self._take(INTERACTIVE)
+            self._drop_unwanted(INTERACTIVE)
+            return self._take(INTERACTIVE) if self._waiting(INTERACTIVE) else None
 
     def charge(self, priority: str, seconds: float, batch_waiting: bool = False) -> None:
         """The model thread spent `seconds` on a forward of `priority` (the share rule's accounts);
@@ -177,6 +177,8 @@ class Scheduler:
         """Which class leads the next batch: interactive while any waits, unless batch work waits and
         is owed more than the slack."""
         interactive, batch = self._waiting(INTERACTIVE), self._waiting(BATCH)
+        if not batch:
+            self._owed = 0.0  # the batch work it was owed to is gone (answered, expired, dropped)
         if interactive and not (batch and self._owed > self.policy.slack_s):
             return INTERACTIVE
         return BATCH if batch else None
@@ -193,9 +195,9 @@ class Scheduler:
                 return
             self._cond.wait(remaining)
 
-    def _drop_unwanted(self) -> None:
+    def _drop_unwanted(self, priority: str | None = None) -> None:
         for key, queue in self._ready.items():
-            if any(u.unwanted for u in queue):
+            if (priority is None or key[0] == priority) and any(u.unwanted for u in queue):
                 self._ready[key] = [u for u in queue if not u.unwanted]
 
     def _priority(self, unit: Unit) -> tuple[int, int]:

@@ -24,7 +24,8 @@ import zmq.asyncio
 from .config import client_endpoint
 from .discovery import Discovery, Resolver, is_ipv6
 from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel, checked,
-                       decode_reply, embed_request, health_request, pack, rerank_request, with_deadline)
+                       decode_reply, embed_request, health_request, pack, refuses_priority, rerank_request,
+                       with_deadline, without_priority)
 
 __all__ = ["Client", "AsyncClient", "CurveKeys", "DaemonError", "DaemonTimeout", "DaemonUnavailable",
            "ModelMismatch", "UnknownModel", "EmbedResult", "RerankResult", "split_endpoints"]
@@ -230,6 +231,8 @@ class Client:
             for index, remaining in plan.tries():
                 try:
                     reply = self._request_on(self._order[index], payload, remaining)
+                    if refuses_priority(payload, reply):  # a daemon from before priorities
+                        reply = self._request_on(self._order[index], without_priority(payload), remaining)
                 except (DaemonUnavailable, DaemonTimeout) as exc:
                     plan.failed(exc)
                     continue
@@ -385,6 +388,8 @@ class AsyncClient:
         for index, remaining in plan.tries():
             try:
                 reply = await self._request_on(order[index], payload, remaining)
+                if refuses_priority(payload, reply):  # a daemon from before priorities
+                    reply = await self._request_on(order[index], without_priority(payload), remaining)
             except (DaemonUnavailable, DaemonTimeout) as exc:
                 plan.failed(exc)
                 continue

@@ -572,16 +572,27 @@ class Engine:
             raise RequestError(ErrorCode.NOT_LOADED, f"model {kind!r} is not loaded")
         return backend
 
-    def _forward(self, batch: list[Unit], nested: bool = False) -> None:
-        """One forward of `batch`, its results given to their jobs. A batch-priority forward (unless
-        `nested` in another, or preemption is off) pauses before each decoder layer for the
-        interactive work that is ready."""
+    def _forward(self, batch: list[Unit], nested: bool = False) -> bool:
+        """One forward of `batch`, its results given to their jobs; False when none was run (every
+        unit's job already answered). A batch-priority forward (unless `nested` in another, or
+        preemption is off) pauses before each decoder layer for the interactive work that is ready."""
         batch = [u for u in batch if not (u.owner.closed or self._expired(u.owner))]
         if not batch:
-            return
-        backend = self.backends.get(batch[0].kind)
+            return False
+        kind = batch[0].kind
+        backend = self.backends.get(kind)
         if backend is None:  # only answered jobs' units can outlive their model
-            return
+            return False
+        # Held while its forward runs, even if every job of the batch is answered meanwhile (a
+        # deadline passing during a pause): a model being computed with is never unloaded.
+        self.models.hold(kind)
+        try:
+            self._forward_on(backend, batch, nested)
+        finally:
+            self.models.release(kind)
+        return True
+
+    def _forward_on(self, backend: Backend, batch: list[Unit], nested: bool) -> None:
         priority = batch[0].priority
         start = time.monotonic()
         pause = _Pause(start) if priority == BATCH and self.batching.preempt and not nested else None
@@ -623,13 +634,13 @@ class Engine:
         pause.mark = now
         try:
             while (batch := self.scheduler.preempting_batch()) is not None:
-                if not pause.paused:
+                began = time.monotonic()
+                ran = self._forward(batch, nested=True)
+                pause.nested_s += time.monotonic() - began
+                if ran and not pause.paused:
                     pause.paused = True
                     with self._lock:
                         self.preemptions += 1
-                began = time.monotonic()
-                self._forward(batch, nested=True)
-                pause.nested_s += time.monotonic() - began
         except Exception:  # a bug here must not fail the paused forward's jobs
             self.tracebacks.log(log, "running interactive work inside a batch forward failed")
         finally:

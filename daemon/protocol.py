@@ -10,6 +10,7 @@ every request at once and answers bad requests without queueing them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ __all__ = [
     "DaemonError", "ModelMismatch", "UnknownModel", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
     "EmbedReply", "RerankReply", "HealthReply", "ModelHealth", "MetricsReply", "Reply",
     "pack", "unpack", "decode_payload", "parse_request", "encode_reply", "encode_error", "decode_reply",
-    "checked", "top_indices", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
+    "checked", "top_indices", "refuses_priority", "without_priority", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
 ]
 
 PROTOCOL_VERSION = 1
@@ -546,10 +547,26 @@ def rerank_request(query: Any, documents: list, instruction: str | None = None, 
 
 
 def _checked_priority(priority: str | None) -> str | None:
-    """A client's priority, refused before sending when it is none the protocol knows."""
+    """A client's priority as sent: refused before sending when the protocol knows no such one, and
+    left out when it is the default (so that an interactive request reads the same to a daemon from
+    before priorities)."""
     if priority is not None and priority not in PRIORITIES:
         raise ValueError(f"priority: expected {' or '.join(PRIORITIES)}, not {priority!r}")
-    return priority
+    return None if priority == INTERACTIVE else priority
+
+
+def refuses_priority(payload: dict, reply: dict) -> bool:
+    """Whether `reply` is a daemon from before priorities refusing `payload`'s priority field (the
+    clients then send it again without: an older daemon runs everything as interactive)."""
+    if "priority" not in payload or reply.get("ok"):
+        return False
+    error = reply.get("error") or {}
+    return (error.get("code") == ErrorCode.INVALID_REQUEST.value
+            and re.search(r"unknown field\(s\) (.*, )?priority(,|$)", str(error.get("message", ""))) is not None)
+
+
+def without_priority(payload: dict) -> dict:
+    return {key: value for key, value in payload.items() if key != "priority"}
 
 
 def health_request() -> dict:

@@ -96,15 +96,17 @@ async def call_for_model(gateway: DaemonGateway, payload: dict, requested: str |
         raise
 
 
-def priority(field: str | None, header: str | None) -> str | None:
+def priority(field: str | None, headers: list[str] | None) -> str | None:
     """A request's priority: its body's `priority`, else the X-Priority header, else none (the
-    daemon's default, interactive). A header that names no priority is refused by name."""
-    if field is not None or header is None:
-        return field
-    value = header.strip().lower()
-    if value not in PRIORITIES:
-        raise invalid_request(f"{PRIORITY_HEADER} header: expected {' or '.join(PRIORITIES)}")
-    return value
+    daemon's default, interactive). The header is checked even when the body wins: a value that
+    names no priority (any case and spacing is taken), or two headers that disagree, are refused."""
+    values = {value.strip().lower() for value in headers or ()}
+    wrong = sorted(values - set(PRIORITIES))
+    if wrong:
+        raise invalid_request(f"{PRIORITY_HEADER} header: expected {' or '.join(PRIORITIES)}, not {wrong[0][:40]!r}")
+    if len(values) > 1:
+        raise invalid_request(f"{PRIORITY_HEADER} header: given more than once with different values")
+    return field if field is not None else next(iter(values), None)
 
 
 PRIORITY_HEADER_PARAM = Header(None, alias=PRIORITY_HEADER, description="interactive or batch (the body's "
@@ -120,7 +122,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
     guarded = [Depends(authorized)]
 
     @router.post("/embed", response_model=EmbedResponse, responses=ERRORS, dependencies=guarded)
-    async def embed(body: EmbedBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
+    async def embed(body: EmbedBody, x_priority: list[str] | None = PRIORITY_HEADER_PARAM):
         """Embed texts (`texts`, the sidecar contract) or multimodal `inputs`."""
         if (body.texts is None) == (body.inputs is None):
             raise invalid_request("body: give exactly one of texts and inputs")
@@ -133,7 +135,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
                        "model": result.model}, result.fingerprint)
 
     @router.post("/rerank", response_model=RerankResponse, responses=ERRORS, dependencies=guarded)
-    async def rerank(body: RerankBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
+    async def rerank(body: RerankBody, x_priority: list[str] | None = PRIORITY_HEADER_PARAM):
         """Score documents against a query; scores come back in document order."""
         documents = [to_protocol_input(d, f"documents[{i}]") for i, d in enumerate(body.documents)]
         payload = rerank_request(to_protocol_input(body.query, "query"), documents, body.instruction,
@@ -142,7 +144,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         return answer({"scores": result.scores, "model": result.model}, result.fingerprint)
 
     @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERRORS, dependencies=guarded)
-    async def cohere_rerank(body: CohereRerankBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
+    async def cohere_rerank(body: CohereRerankBody, x_priority: list[str] | None = PRIORITY_HEADER_PARAM):
         """Cohere- and Jina-compatible reranking: results by descending relevance, at most top_n."""
         for name in ("rank_fields", "max_chunks_per_doc"):
             if getattr(body, name) is not None:
@@ -184,7 +186,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @router.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, responses=ERRORS, dependencies=guarded)
-    async def openai_embeddings(body: OpenAIEmbeddingsBody, x_priority: str | None = PRIORITY_HEADER_PARAM):
+    async def openai_embeddings(body: OpenAIEmbeddingsBody, x_priority: list[str] | None = PRIORITY_HEADER_PARAM):
         """OpenAI-compatible embeddings (text input). `model`, when given, picks the daemon's model of
         that name (or path, hub id or fingerprint); one it does not serve is 404 model_not_found.
         The extension field `embedding_type` asks for int8, uint8, binary or ubinary vectors."""

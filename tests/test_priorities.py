@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -249,43 +250,87 @@ def test_a_failing_interactive_forward_fails_only_its_own_request(engines):
     assert isinstance(bulk.outcome, JobResult)
 
 
+def _rerank_job(text: str) -> Job:
+    work = RerankWork(InputItem(texts=("q",), where="query"), InputItem(texts=(text,), where="documents[0]"), None)
+    return Job(size=1, tasks=[Task(RERANKER, 0, work, "documents[0]")])
+
+
 def test_a_steady_query_stream_cannot_starve_a_batch_forward(engines):
-    """Queries back to back, each a 0.1 s forward: the paused batch forward still progresses at
-    its share (0.3 of the time here), and ends."""
-    backend = StandIn(EMBEDDING, layers=10, layer_s=0.05)  # 0.5 s of its own
-    engine = engines(backend, batch_share=0.3)
+    """Queries back to back from two clients, each a 0.1 s forward of the other model: the paused
+    0.5 s batch forward still progresses at its share (0.3 here) and ends within its own time
+    over the share, plus the slack."""
+    backend = StandIn(EMBEDDING, layers=10, layer_s=0.05)
+    queries = StandIn(RERANKER, layers=1, layer_s=0.1)
+    engine = engines(backend, queries, batch_share=0.3)
     bulk = _submit(engine, ["bulk"], BATCH)
     _wait_forwarding(backend)
-    stop = threading.Event()
+    began, stop = time.monotonic(), threading.Event()
 
     def flood() -> None:
         while not stop.is_set():
-            _submit(engine, ["q"], INTERACTIVE).done.wait(10)
+            waiter = Waiter()
+            engine.submit(_rerank_job("doc"), waiter)
+            waiter.done.wait(10)
 
     floods = [threading.Thread(target=flood, daemon=True) for _ in range(2)]
     for thread in floods:
         thread.start()
-    backend.layer_s = 0.05
     try:
-        # Its 0.5 s at a share of 0.3 or more, plus the slack: well within 6 s.
-        assert bulk.done.wait(6), "the batch forward starved"
+        # 0.5 s of its own at a share of 0.3: ~1.7 s, and ~1.2 s of queries the slack lets go first.
+        assert bulk.done.wait(5), "the batch forward starved"
     finally:
         stop.set()
-    assert isinstance(bulk.outcome, JobResult)
+    assert isinstance(bulk.outcome, JobResult) and len(queries.batches) >= 5  # the queries did run inside it
+    assert bulk.at - began < 4.5
+
+
+def test_the_debt_is_forgiven_once_the_batch_work_it_was_owed_to_is_gone():
+    s = _scheduler(batch_share=0.5, slack_s=0.1)
+    owner = _owner()
+    _put(s, _units(2, BATCH, owner=owner))
+    s.charge(INTERACTIVE, 1.0)  # owes 1 s: batch would go first
+    owner.closed = True  # its request answered (a deadline, a client gone)
+    _put(s, _units(1, INTERACTIVE))
+    assert s.next_batch(0)[0].priority == INTERACTIVE and s.owed_s == 0.0
+    _put(s, _units(1, BATCH))  # a new batch request owes nothing it did not wait for
+    _put(s, _units(1, INTERACTIVE))
+    assert s.next_batch(0)[0].priority == INTERACTIVE
+
+
+def test_a_pause_costs_nothing_that_grows_with_the_batch_queue():
+    """The check before every decoder layer, with no interactive work ready, does not look at the
+    queued batch units (8192 of them here)."""
+    s = _scheduler()
+    _put(s, _units(8192, BATCH))
+    began = time.perf_counter()
+    for _ in range(1000):
+        assert s.preempting_batch() is None
+    assert (time.perf_counter() - began) / 1000 < 2e-4
 
 
 def test_queued_work_is_counted_by_priority(engines):
     gate = threading.Event()
     backend = StandIn(EMBEDDING, forward=lambda b: (gate.wait(5), [np.ones(8, np.float32)] * len(b))[1])
     engine = engines(backend, preempt=False)
-    bulk = _submit(engine, ["a", "b", "c"], BATCH)
-    query = _submit(engine, ["q"], INTERACTIVE)
-    queues = engine.status().queues
-    assert queues[BATCH]["inputs"] == 3 and queues[INTERACTIVE]["inputs"] == 1
-    assert queues[BATCH]["tokens"] == 0 and queues[INTERACTIVE]["tokens"] == 0  # this test's jobs estimate none
+    waiters = []
+    for texts, priority, tokens in ((["a", "b", "c"], BATCH, 300), (["q"], INTERACTIVE, 20)):
+        waiters.append(Waiter())
+        engine.submit(replace(_embed_job(texts, EMBEDDING, priority), est_tokens=tokens), waiters[-1])
+    assert engine.status().queues == {INTERACTIVE: {"inputs": 1, "tokens": 20}, BATCH: {"inputs": 3, "tokens": 300}}
     gate.set()
-    assert bulk.done.wait(5) and query.done.wait(5)
+    assert all(w.done.wait(5) for w in waiters)
     assert engine.status().queues == {INTERACTIVE: {"inputs": 0, "tokens": 0}, BATCH: {"inputs": 0, "tokens": 0}}
+
+
+def test_a_pause_that_finds_every_query_answered_counts_no_preemption(engines):
+    backend = StandIn(EMBEDDING, layers=10, layer_s=0.03)
+    engine = engines(backend)
+    bulk = _submit(engine, ["bulk"], BATCH)
+    _wait_forwarding(backend)
+    waiter = Waiter()
+    ticket = engine.submit(_embed_job(["too late"], EMBEDDING, INTERACTIVE), waiter)
+    ticket.fail(RequestError(ErrorCode.DEADLINE_EXCEEDED, "gone"))  # answered before its forward
+    assert bulk.done.wait(5) and engine.status().preemptions == 0
 
 
 # -- the wire field --------------------------------------------------------------------------------
@@ -393,3 +438,87 @@ def test_the_prometheus_export_has_the_per_priority_families(bridge):
                    "qwen3vl_daemon_preemptions_total"):
         assert family in text
     assert 'qwen3vl_daemon_priority_queue_depth{priority="batch"}' in text
+
+
+class OlderDaemon:
+    """A ROUTER that answers as a daemon from before priorities: `priority` is an unknown field;
+    without it, an embed reply of one 4-wide vector per input. Records every payload it got."""
+
+    def __init__(self, tmp_path):
+        import zmq
+
+        self.endpoint = f"ipc://{tmp_path}/older.sock"
+        self.payloads: list[dict] = []
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.bind(self.endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from daemon.protocol import pack, unpack
+
+        while not self._stop.is_set():
+            if not self._sock.poll(50):
+                continue
+            *route, payload = self._sock.recv_multipart()
+            request = unpack(payload)
+            self.payloads.append(request)
+            if "priority" in request:
+                body = {"ok": False, "error": {"code": "invalid_request",
+                                               "message": f"{request['op']}: unknown field(s) priority"}}
+            else:
+                count = len(request["inputs"])
+                body = {"ok": True, "embeddings": np.ones((count, 4), np.float32).tobytes(), "dimension": 4,
+                        "count": count, "encoding": "float32", "model": "old", "tokens": count, "fingerprint": None}
+            self._sock.send_multipart([*route, pack({"id": request.get("id"), **body})])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def test_interactive_requests_leave_the_field_out_and_batch_ones_fall_back_on_an_older_daemon(tmp_path):
+    import asyncio
+
+    from daemon.client import AsyncClient, Client
+
+    older = OlderDaemon(tmp_path)
+    try:
+        with Client(older.endpoint, timeout=10) as client:
+            assert client.embed(["x"]).count == 1 and client.embed(["x"], priority=INTERACTIVE).count == 1
+            assert client.embed(["x", "y"], priority=BATCH).count == 2
+
+        async def run():
+            async with AsyncClient(older.endpoint, timeout=10) as c:
+                return (await c.embed(["z"], priority=BATCH)).count
+
+        assert asyncio.run(run()) == 1
+    finally:
+        older.close()
+    sent = [p.get("priority") for p in older.payloads]
+    # interactive: never sent; batch: sent, refused, sent again without it
+    assert sent == [None, None, BATCH, None, BATCH, None]
+
+
+def test_health_queues_return_to_zero_after_work_of_both_priorities(client):
+    texts = [f"queued text {i}" for i in range(6)]
+    client.embed(texts, priority=BATCH)
+    client.rerank("q", texts)
+    queues = client.health()["queues"]
+    assert queues == {INTERACTIVE: {"inputs": 0, "tokens": 0}, BATCH: {"inputs": 0, "tokens": 0}}
+
+
+def test_the_bridge_refuses_a_bad_or_conflicting_header_even_when_the_body_names_a_priority(bridge):
+    body = {"texts": ["x"], "priority": "interactive"}
+    with bridge.http() as http:
+        bad = http.post("/embed", json=body, headers={"X-Priority": "urgent"})
+        twice = http.post("/embed", json={"texts": ["x"]}, headers=[("X-Priority", "batch"), ("X-Priority", "interactive")])
+        same_twice = http.post("/embed", json={"texts": ["x"]}, headers=[("X-Priority", "batch"), ("X-Priority", "batch")])
+        spaced = http.post("/embed", json=body, headers={"X-Priority": "BATCH"})
+    assert bad.status_code == 422 and "X-Priority" in bad.json()["error"]["message"]
+    assert twice.status_code == 422 and "more than once" in twice.json()["error"]["message"]
+    assert same_twice.status_code == 200 and spaced.status_code == 200

@@ -214,7 +214,7 @@ impl Encoding {
 /// Who waits on a request: the daemon runs `Interactive` work (a search's query) before `Batch` work
 /// (bulk ingestion, re-embedding a store), even in the middle of a batch forward, while batch work
 /// keeps a share of the model's time. Daemons before priorities refuse the field, so `Interactive`
-/// (the default) is not sent.
+/// (the default) is not sent, and a `Batch` request such a daemon refuses is sent again without it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Priority {
     #[default]
@@ -237,6 +237,22 @@ impl Priority {
             Priority::Batch => Some("batch"),
         }
     }
+}
+
+/// The request sent with its priority field; when a daemon from before priorities refuses the field
+/// (`invalid_request`: "... unknown field(s) priority"), sent again without it (that daemon runs
+/// everything as interactive).
+fn with_priority_or_without<T>(priority: Priority, send: impl Fn(Option<&'static str>) -> Result<T>) -> Result<T> {
+    match send(priority.field()) {
+        Err(Error::InvalidRequest(message)) if priority.field().is_some() && refuses_priority(&message) => send(None),
+        other => other,
+    }
+}
+
+/// Whether an `invalid_request` message is a daemon refusing the `priority` field as unknown.
+fn refuses_priority(message: &str) -> bool {
+    message.split_once("unknown field(s) ")
+        .is_some_and(|(_, fields)| fields.split(", ").any(|field| field == "priority"))
 }
 
 /// Everything an embed request can say; `Default` is the daemon's defaults.
@@ -796,12 +812,13 @@ impl Client {
 
     /// Embed inputs with every option: compact encodings, a pinned model fingerprint, raw vectors.
     pub fn embed_with(&self, inputs: &[Input], options: &EmbedOptions) -> Result<EncodedEmbeddings> {
-        let reply: EmbedReply = self.call(|left_ms| encode(&EmbedRequest {
+        let send = |priority: Option<&'static str>| self.call(|left_ms| encode(&EmbedRequest {
             op: "embed", inputs, instruction: options.instruction, dimension: options.dimension,
             normalize: options.normalize.unwrap_or(true), encoding: options.encoding.as_str(),
             deadline_ms: Some(left_ms), expect_fingerprint: options.expect_fingerprint, model: options.model,
-            priority: options.priority.field(),
-        }))?;
+            priority,
+        }));
+        let reply: EmbedReply = with_priority_or_without(options.priority, send)?;
         let vectors = split_rows(&reply, options.encoding)?;
         Ok(EncodedEmbeddings { vectors, dimension: reply.dimension, model: reply.model, tokens: reply.tokens,
                                fingerprint: reply.fingerprint, quantization: reply.quantization })
@@ -820,11 +837,11 @@ impl Client {
 
     /// Score documents with every option: `top_n` (the best documents' indices), a pinned fingerprint.
     pub fn rerank_with(&self, query: &Input, documents: &[Input], options: &RerankOptions) -> Result<Scores> {
-        let reply: RerankReply = self.call(|left_ms| encode(&RerankRequest {
+        let send = |priority: Option<&'static str>| self.call(|left_ms| encode(&RerankRequest {
             op: "rerank", query, documents, instruction: options.instruction, deadline_ms: Some(left_ms),
-            top_n: options.top_n, expect_fingerprint: options.expect_fingerprint, model: options.model,
-            priority: options.priority.field(),
-        }))?;
+            top_n: options.top_n, expect_fingerprint: options.expect_fingerprint, model: options.model, priority,
+        }));
+        let reply: RerankReply = with_priority_or_without(options.priority, send)?;
         Ok(Scores { scores: reply.scores.into_iter().map(|s| s as f32).collect(), model: reply.model,
                     tokens: reply.tokens, fingerprint: reply.fingerprint, top: reply.top })
     }
@@ -934,6 +951,24 @@ mod tests {
         assert!(request(Priority::Batch).ends_with(";priority=batch"), "{}", request(Priority::Batch));
         assert!(!request(Priority::Interactive).contains("priority"));
         assert_eq!(Priority::Batch.as_str(), "batch");
+    }
+
+    #[test]
+    fn an_older_daemons_refusal_of_the_priority_field_is_recognised() {
+        assert!(refuses_priority("embed: unknown field(s) priority"));
+        assert!(refuses_priority("rerank: unknown field(s) model, priority"));
+        assert!(!refuses_priority("embed: unknown field(s) priorityx"));
+        assert!(!refuses_priority("priority: expected interactive or batch, or nil"));
+        let sent = std::cell::RefCell::new(Vec::new());
+        let got = with_priority_or_without(Priority::Batch, |priority| {
+            sent.borrow_mut().push(priority);
+            match priority {
+                Some(_) => Err(Error::InvalidRequest("embed: unknown field(s) priority".into())),
+                None => Ok(7),
+            }
+        });
+        assert_eq!(got.unwrap(), 7);
+        assert_eq!(*sent.borrow(), vec![Some("batch"), None]);
     }
 
     #[test]
