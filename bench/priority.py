@@ -16,7 +16,8 @@ For each configuration, a fresh daemon (no reranker):
    boundaries from the daemon's metrics;
 3. bulk with queries: the same bulk, and one query every 2 s (--query-every) for --seconds: the queries' p50, p95
    and max latency (and their ratio to the idle p50), and the bulk throughput with the device time
-   the queries' own forwards take set aside (their count x the idle p50), as a ratio to 2.
+   the queries' own forwards take set aside (their count x the idle p50: "adj. ratio"; the daemon's
+   own count of its interactive forwards' seconds: "meas. ratio"), as a ratio to 2.
 
 Configurations: `before` (the daemon as it was: everything interactive, no preemption; on the CPU
 --max-batch-tokens 4096, the old default), `priorities` (bulk sent with priority batch, no
@@ -109,14 +110,21 @@ class Progress:
         self.queries, self.by_class = 0, by_class
 
     def bulk_inputs(self) -> int:
+        return self.sample()[0]
+
+    def sample(self) -> tuple[int, float]:
+        """(bulk inputs forwarded, seconds of interactive forwards) so far; the second only where
+        the bulk is its own class (else nan)."""
         metrics = self.client.request({"op": "metrics"})
         if self.by_class:
-            return int(metrics["priorities"]["batch"]["batched_inputs"])
-        return int(metrics["batch_size"]["sum"]) - self.queries
+            classes = metrics["priorities"]
+            return int(classes["batch"]["batched_inputs"]), float(classes["interactive"]["forward_s"])
+        return int(metrics["batch_size"]["sum"]) - self.queries, float("nan")
 
-    def watch(self, seconds: float, during=None) -> tuple[float, float, int]:
-        """(seconds, bulk inputs) between the first and the last forward that ended within the
-        window, and the forwards seen; `during(now)` is called every poll."""
+    def watch(self, seconds: float, during=None) -> tuple[float, float, float, int]:
+        """(seconds, bulk inputs, seconds of interactive forwards) between the first and the last
+        bulk forward that ended within the window, and the forwards seen; `during(now)` is called
+        every poll."""
         end = time.monotonic() + seconds
         last = self.bulk_inputs()
         marks = []
@@ -124,14 +132,15 @@ class Progress:
             if during is not None:
                 during(time.monotonic())
             time.sleep(0.05)
-            now, value = time.monotonic(), self.bulk_inputs()
+            now, (value, interactive_s) = time.monotonic(), self.sample()
             # A bulk forward adds several inputs; a query's (counted before its reply) only one.
             if value >= last + 2:
-                marks.append((now, value))
+                marks.append((now, value, interactive_s))
                 last = value
         if len(marks) < 2:
-            return 0.0, 0.0, len(marks)
-        return marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1], len(marks)
+            return 0.0, 0.0, 0.0, len(marks)
+        first, final = marks[0], marks[-1]
+        return final[0] - first[0], final[1] - first[1], final[2] - first[2], len(marks)
 
 
 def idle_latency(endpoint: str, progress: Progress, bulk: "Bulk") -> list[float]:
@@ -208,35 +217,40 @@ def run_config(servers: Servers, work: Path, ckpt: Path, config: Config, seconds
     bulk.start()
     while progress.bulk_inputs() == 0:  # the first bulk forward has ended: the pipeline is full
         time.sleep(0.05)
-    alone_s, alone_n, alone_forwards = progress.watch(seconds)
+    alone_s, alone_n, _, alone_forwards = progress.watch(seconds)
     queries = Queries(endpoint, progress, every_s)
-    mixed_s, mixed_n, mixed_forwards = progress.watch(seconds, during=queries.tick)
+    mixed_s, mixed_n, queries_s, mixed_forwards = progress.watch(seconds, during=queries.tick)
     queries.join()
     bulk.stop.set()
     proc = servers.by_name[config.name]
     proc.kill()  # not drained: the next configuration must not share the CPU with its last forward
     proc.wait(60)
     alone_rate = alone_n / alone_s if alone_s else 0.0
-    # The queries' own device time within the span the bulk rate is measured over (every query
-    # was sent within the window of `seconds`).
-    set_aside = mixed_s - len(queries.latencies) * (mixed_s / seconds) * idle_p50
     mixed_rate = mixed_n / mixed_s if mixed_s else 0.0
-    adjusted = mixed_n / set_aside if set_aside > 0 else 0.0
+    # The queries' own device time set aside, as the issue counts it (their count within the span
+    # the bulk rate is measured over, x the idle p50; every query was sent within the window) and
+    # as the daemon measured it (its interactive forwards' seconds in that span).
+    by_count = mixed_s - len(queries.latencies) * (mixed_s / seconds) * idle_p50
+    by_metrics = mixed_s - queries_s
+    adjusted = mixed_n / by_count if by_count > 0 else 0.0
+    measured = mixed_n / by_metrics if by_metrics > 0 else float("nan")
     lat = queries.latencies
     return {"config": config.name, "idle_p50": idle_p50, "queries": len(lat), "p50": pct(lat, 0.5),
             "p95": pct(lat, 0.95), "max": max(lat), "alone_rate": alone_rate, "mixed_rate": mixed_rate,
-            "adjusted_ratio": adjusted / alone_rate if alone_rate else 0.0, "tokens_per_input": bulk.tokens_per_input,
+            "adjusted_ratio": adjusted / alone_rate if alone_rate else 0.0,
+            "measured_ratio": measured / alone_rate if alone_rate else float("nan"), "tokens_per_input": bulk.tokens_per_input,
             "forwards": (alone_forwards, mixed_forwards)}
 
 
 def report(rows: list[dict], unit: str) -> None:
     print(f"\n{'config':<11} {'idle p50':>9} {'queries':>7} {'q p50':>8} {'q p95':>8} {'q max':>8} "
-          f"{'p95/idle':>8} {'max/idle':>8} {'bulk alone':>11} {'with q':>9} {'adj. ratio':>10} {'forwards':>9}")
+          f"{'p95/idle':>8} {'max/idle':>8} {'bulk alone':>11} {'with q':>9} {'adj. ratio':>10} {'meas. ratio':>11} "
+          f"{'forwards':>9}")
     for r in rows:
         print(f"{r['config']:<11} {r['idle_p50']:>8.3f}s {r['queries']:>7} {r['p50']:>7.3f}s {r['p95']:>7.3f}s "
               f"{r['max']:>7.3f}s {r['p95'] / r['idle_p50']:>8.1f} {r['max'] / r['idle_p50']:>8.1f} "
               f"{r['alone_rate']:>7.2f} {unit} {r['mixed_rate']:>5.2f} {unit} {r['adjusted_ratio']:>10.2f} "
-              f"{r['forwards'][0]:>4}/{r['forwards'][1]:<4}")
+              f"{r['measured_ratio']:>11.2f} {r['forwards'][0]:>4}/{r['forwards'][1]:<4}")
     for r in rows:
         print(f"  {r['config']}: ~{r['tokens_per_input']:.0f} tokens per bulk input: "
               f"{r['alone_rate'] * r['tokens_per_input']:.0f} tokens/s alone")
