@@ -5,8 +5,9 @@
 Before the daemon starts, this process replaces transformers' `Qwen3VLModel.forward` (not the
 project's code) with a stand-in that behaves like an H100 running Qwen3-VL-2B in bf16 under eager
 transformers: it holds the GIL for `LAUNCH_S` (the Python side of 28 layers launching kernels), then
-releases it and sleeps until `FIXED_S + PER_TOKEN_S x padded tokens (+ PER_PATCH_S x vision patches)`
-has passed since it began, and returns zeros of the right shape. It also wraps the daemon's host-path
+releases it and sleeps `FIXED_S + PER_TOKEN_S x padded tokens (+ PER_PATCH_S x vision patches)` in
+steps, one per decoder layer (the vision tower's blocks first, when there are patches), running the
+daemon's pre-layer hooks before each (its preemption), and returns zeros of the right shape. It also wraps the daemon's host-path
 functions with timers that record each call's exclusive time (its own, less that of the timed calls it
 makes), unless --no-stages. On exit the records are written to FILE (numpy .npz) for `bench.emulated`.
 

@@ -39,18 +39,18 @@ def test_out_of_memory_is_retried_in_smaller_batches_then_fails_only_its_batch(t
     real = model.embed
     sizes: list[int] = []
 
-    def tight_memory(batch):  # the real forward, behind a device that only fits 2 inputs
+    def tight_memory(batch, between_layers=None):  # the real forward, behind a device that only fits 2 inputs
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(batch)
+        return real(batch, between_layers)
 
     texts = [f"text number {i} " * (i + 1) for i in range(8)]
     try:
         with Client(config.endpoint, timeout=60) as c:
             model.embed = tight_memory
             got = c.embed(texts).embeddings
-            model.embed = lambda batch: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
+            model.embed = lambda batch, between_layers=None: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
             failed = c.request({"op": "embed", "inputs": ["no memory at all"]})
             model.embed = real
             want = np.concatenate([c.embed([t]).embeddings for t in texts])
