@@ -12,6 +12,7 @@ import pytest
 
 from conftest import start_daemon
 from daemon.errors import ModelLoadError
+from daemon.engine import CPU_BATCH_TOKENS
 from daemon.fit import Free, Plan, check_fit, checkpoint_shape, cpu_free, estimate, need_bytes, read_header
 
 GIB = 1 << 30
@@ -211,7 +212,8 @@ def _advised_flags(message: str) -> list[str]:
 
 def test_a_start_that_cannot_fit_stops_before_loading_and_its_advice_starts(tmp_path, tiny_dir):
     models = ("--embedding-model", str(tiny_dir), "--reranker-model", str(tiny_dir))
-    need = need_bytes(check_fit(_plans(tiny_dir), 4096, Free(10 * GIB, ""), None, True, False))
+    # What the daemon itself budgets for: a batch of the CPU's default size.
+    need = need_bytes(check_fit(_plans(tiny_dir), CPU_BATCH_TOKENS, Free(10 * GIB, ""), None, True, False))
     budget = str(need - 1)
     refused = start_daemon(tmp_path / "refused", *models, "--memory-budget", budget, wait=False)
     assert refused.process.wait(120) == 1
