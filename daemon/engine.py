@@ -249,9 +249,7 @@ class Engine:
                                                batching.max_wait_ms / 1000.0, batch_share=batching.batch_share))
         self._pool = ThreadPoolExecutor(max_workers=batching.prep_workers, thread_name_prefix="qwen3vl-prep")
         self._prep_queue = FairQueue()
-        self._queued_inputs = 0
-        self._queued_tokens = 0
-        self._queued_by = {priority: [0, 0] for priority in PRIORITIES}  # inputs, tokens
+        self._queued = {priority: [0, 0] for priority in PRIORITIES}  # admitted, unanswered: inputs, tokens
         self._pause: _Pause | None = None  # the batch-priority forward running now, if any
         self.preemptions = 0
         self._live: set[Ticket] = set()  # admitted, not yet answered
@@ -375,8 +373,8 @@ class Engine:
 
     def status(self) -> EngineStatus:
         with self._lock:
-            queued, queued_tokens = self._queued_inputs, self._queued_tokens
-            queues = {p: {"inputs": n, "tokens": t} for p, (n, t) in self._queued_by.items()}
+            queued, queued_tokens = self._queued_totals()
+            queues = {p: {"inputs": n, "tokens": t} for p, (n, t) in self._queued.items()}
         return EngineStatus(self.state, time.monotonic() - self.started_at, queued, queued_tokens, queues,
                             self.preemptions)
 
@@ -446,25 +444,26 @@ class Engine:
                                                     f"the queue's capacity of {b.max_queued_tokens} "
                                                     "(max_queued_tokens); split it")
         with self._lock:
-            if self._queued_inputs + size > b.max_queued_inputs or self._queued_tokens + est > b.max_queued_tokens:
-                raise RequestError(ErrorCode.OVERLOADED, f"queue full ({self._queued_inputs} inputs, "
-                                                         f"~{self._queued_tokens} tokens waiting); retry later")
-            self._queued_inputs += size
-            self._queued_tokens += est
-            mine = self._queued_by[ticket.job.priority]
+            queued, queued_tokens = self._queued_totals()
+            if queued + size > b.max_queued_inputs or queued_tokens + est > b.max_queued_tokens:
+                raise RequestError(ErrorCode.OVERLOADED, f"queue full ({queued} inputs, "
+                                                         f"~{queued_tokens} tokens waiting); retry later")
+            mine = self._queued[ticket.job.priority]
             mine[0] += size
             mine[1] += est
             self._live.add(ticket)
             if ticket.deadline is not None:
                 heapq.heappush(self._deadlines, (ticket.deadline, next(self._seq), ticket))
 
+    def _queued_totals(self) -> tuple[int, int]:
+        """The inputs and estimated tokens admitted and not yet answered, every class together (under _lock)."""
+        return sum(n for n, _ in self._queued.values()), sum(t for _, t in self._queued.values())
+
     def release(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket not in self._live:
                 return
-            self._queued_inputs -= ticket.job.size
-            self._queued_tokens -= ticket.job.est_tokens
-            mine = self._queued_by[ticket.job.priority]
+            mine = self._queued[ticket.job.priority]
             mine[0] -= ticket.job.size
             mine[1] -= ticket.job.est_tokens
             self._live.discard(ticket)
@@ -651,9 +650,7 @@ class Engine:
         """One forward; on out-of-memory, free what can be freed and retry in halves, down to single
         inputs, before giving up (then the error fails only this batch's jobs)."""
         try:
-            payloads = [u.payload for u in batch]
-            values = (backend.forward(payloads) if between_layers is None
-                      else backend.forward(payloads, between_layers=between_layers))
+            values = backend.forward([u.payload for u in batch], between_layers=between_layers)
             if len(values) != len(batch):  # else some jobs would wait forever for their results
                 raise RuntimeError(f"the backend returned {len(values)} results for {len(batch)} inputs")
             return values

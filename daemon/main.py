@@ -20,8 +20,8 @@ from click.core import ParameterSource
 from . import __version__
 from .client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
 from .catalog import CatalogError, apply_settings, check_names, parse_duration, split_spec
-from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, LOAD_MODES,
-                     RERANKER_MAX_LENGTH, Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint,
+from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, INTERACTIVE, LOAD_MODES,
+                     PRIORITIES, RERANKER_MAX_LENGTH, Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint,
                      default_endpoint, is_disabled, show_envvars)
 from .logs import quiet_libraries
 
@@ -444,6 +444,8 @@ def embed_inputs(texts: tuple[str, ...], images: tuple[Path, ...], videos: tuple
 
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+PRIORITY_OPTION = click.option("--priority", type=click.Choice(PRIORITIES), default=INTERACTIVE, show_default=True,
+                               help="batch: bulk work that yields to interactive requests (PROTOCOL.md).")
 
 
 @cli.command()
@@ -461,8 +463,7 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--expect-fingerprint", default=None,
               help="Refuse unless the model has this fingerprint (health); without --model, the model that has it.")
 @click.option("--model", default=None, help="The daemon's model of this name (health lists them); default: its default.")
-@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
-              help="batch: bulk work that yields to interactive requests (PROTOCOL.md).")
+@PRIORITY_OPTION
 @_client_options
 def embed(texts, images, videos, frames, separate, instruction, dimension, encoding, expect_fingerprint, model,
           priority, endpoint, timeout, curve_server_key, curve_client_key) -> None:
@@ -491,8 +492,7 @@ def embed(texts, images, videos, frames, separate, instruction, dimension, encod
 @click.option("--expect-fingerprint", default=None,
               help="Refuse unless the model has this fingerprint (health); without --model, the model that has it.")
 @click.option("--model", default=None, help="The daemon's reranker of this name (health lists them).")
-@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
-              help="batch: bulk work that yields to interactive requests (PROTOCOL.md).")
+@PRIORITY_OPTION
 @_client_options
 def rerank(query, documents, instruction, top_n, expect_fingerprint, model, priority, endpoint, timeout,
            curve_server_key, curve_client_key) -> None:

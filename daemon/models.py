@@ -419,8 +419,9 @@ class _QwenVL:
         self.vision_tokens = attempt(VisionTokens.of, self.processor)
         self.pixel_writer = None if self.layout is None else PixelWriter(self.layout, self.device, self.dtype)
         self.vision = False  # the vision path, once `_enable_vision_path` has checked it
-        self._running = 0  # forwards in progress: more than one while a paused forward runs another
-        self._between_layers: list = []  # each running forward's pause callback (None: not paused), inner last
+        # Each forward in progress's pause callback (None: not paused), inner last: more than one
+        # while a paused forward runs another.
+        self._between_layers: list = []
         self._launched: collections.deque = collections.deque()
         self._hook_layers()
 
@@ -767,7 +768,7 @@ class _QwenVL:
         if images or videos:  # written into one buffer
             # A forward run inside a paused one must not write into the buffer the paused one may read.
             (pixels, grid), (video_pixels, video_grid) = self.pixel_writer.write(images, videos,
-                                                                               reuse=self._running <= 1)
+                                                                               reuse=len(self._between_layers) <= 1)
             if images:
                 out["pixel_values"], out["image_grid_thw"] = pixels, grid
             if videos:
@@ -803,7 +804,6 @@ class _QwenVL:
         """The last hidden states of a batch, and its lengths; `between_layers` (if any) is called
         before each decoder layer of this forward, and not of the forwards it runs meanwhile."""
         torch = self._torch
-        self._running += 1
         self._between_layers.append(between_layers)
         if between_layers is not None:
             self._launched = collections.deque()  # the CUDA events of this forward's layers (_stay_near_the_device)
@@ -814,7 +814,6 @@ class _QwenVL:
                 hidden = self.model(**inputs).last_hidden_state
         finally:
             self._between_layers.pop()
-            self._running -= 1
         return hidden, lengths
 
     def warmup(self) -> None:
