@@ -103,12 +103,12 @@ def test_a_paused_batch_forward_counts_as_batch_work_waiting():
 
 
 def test_preempting_takes_only_interactive_work_and_never_waits():
-    s = _scheduler()
+    s = _scheduler(max_wait_s=5.0)  # a batch would linger up to 5 s for units still being prepared
     _put(s, _units(3, BATCH))
     began = time.monotonic()
     assert s.preempting_batch() is None
     s.expect(1)  # one interactive unit still being prepared: not waited for
-    assert s.preempting_batch() is None and time.monotonic() - began < 0.05
+    assert s.preempting_batch() is None and time.monotonic() - began < 2.0
 
 
 def test_under_a_saturating_query_stream_batch_work_gets_its_share():
@@ -186,7 +186,7 @@ def test_an_interactive_request_is_answered_inside_a_running_batch_forward(engin
     query = _submit(engine, ["a query"], INTERACTIVE)
     assert query.done.wait(10) and bulk.done.wait(10)
     assert isinstance(query.outcome, JobResult) and isinstance(bulk.outcome, JobResult)
-    assert query.at < bulk.at - 0.3  # answered with most of the bulk forward still to run
+    assert query.at < bulk.at  # answered while the bulk forward was paused, not after it
     assert engine.status().preemptions == 1
     assert backend.batches[1] == ["a query"]  # its own forward, not added to the paused one
 
@@ -230,7 +230,7 @@ def test_an_interactive_rerank_runs_inside_a_batch_embedding_forward(engines):
     work = RerankWork(InputItem(texts=("q",), where="query"), InputItem(texts=("doc",), where="documents[0]"), None)
     engine.submit(Job(size=1, tasks=[Task(RERANKER, 0, work, "documents[0]")]), waiter)
     assert waiter.done.wait(10) and bulk.done.wait(10)
-    assert waiter.at < bulk.at - 0.3 and reranker.pauses == 0
+    assert waiter.at < bulk.at and reranker.pauses == 0
     assert waiter.outcome.values[0] == pytest.approx(1 / (1 + len("q|doc")))
 
 
@@ -264,7 +264,7 @@ def test_a_steady_query_stream_cannot_starve_a_batch_forward(engines):
     engine = engines(backend, queries, batch_share=0.3)
     bulk = _submit(engine, ["bulk"], BATCH)
     _wait_forwarding(backend)
-    began, stop = time.monotonic(), threading.Event()
+    stop = threading.Event()
 
     def flood() -> None:
         while not stop.is_set():
@@ -276,12 +276,12 @@ def test_a_steady_query_stream_cannot_starve_a_batch_forward(engines):
     for thread in floods:
         thread.start()
     try:
-        # 0.5 s of its own at a share of 0.3: ~1.7 s, and ~1.2 s of queries the slack lets go first.
-        assert bulk.done.wait(5), "the batch forward starved"
+        # 0.5 s of its own at a share of 0.3: ~1.7 s, and ~1.2 s of queries the slack lets go first;
+        # starved, it would never end.
+        assert bulk.done.wait(15), "the batch forward starved"
     finally:
         stop.set()
     assert isinstance(bulk.outcome, JobResult) and len(queries.batches) >= 5  # the queries did run inside it
-    assert bulk.at - began < 4.5
 
 
 def test_the_debt_is_forgiven_once_the_batch_work_it_was_owed_to_is_gone():
@@ -297,15 +297,29 @@ def test_the_debt_is_forgiven_once_the_batch_work_it_was_owed_to_is_gone():
     assert s.next_batch(0)[0].priority == INTERACTIVE
 
 
+class CountingOwner:
+    """A request whose every look at `closed` (the scheduler checking its units) is counted."""
+
+    def __init__(self) -> None:
+        self.turn, self.looks = None, 0
+
+    @property
+    def closed(self) -> bool:
+        self.looks += 1
+        return False
+
+
 def test_a_pause_costs_nothing_that_grows_with_the_batch_queue():
     """The check before every decoder layer, with no interactive work ready, does not look at the
-    queued batch units (8192 of them here)."""
+    queued batch units (8192 of them here), and with some ready, looks at those only."""
     s = _scheduler()
-    _put(s, _units(8192, BATCH))
-    began = time.perf_counter()
-    for _ in range(1000):
+    bulk = CountingOwner()
+    _put(s, _units(8192, BATCH, owner=bulk))
+    for _ in range(100):
         assert s.preempting_batch() is None
-    assert (time.perf_counter() - began) / 1000 < 2e-4
+    _put(s, _units(1, INTERACTIVE))
+    assert s.preempting_batch()[0].priority == INTERACTIVE
+    assert bulk.looks == 0
 
 
 def test_queued_work_is_counted_by_priority(engines):
