@@ -384,7 +384,8 @@ class Engine:
         if self.state is EngineState.DRAINING:
             raise RequestError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; retry on another instance")
         if self.state is not EngineState.READY:
-            raise RequestError(ErrorCode.NOT_LOADED, f"models are {self.state.value}; retry when health says ready")
+            raise RequestError(ErrorCode.NOT_LOADED, f"models are {self.state.value}; retry when health says ready",
+                               {"status": self.state.value})
 
     def submit(self, job: Job, done: Completion) -> Ticket:
         """Admit a job or raise RequestError (not loaded, draining, too large, overloaded). Once

@@ -225,6 +225,7 @@ class HealthHandler(Handler):
             load={**{key: round(value, 3) if isinstance(value, float) else value
                      for key, value in asdict(engine.load_report()).items()}, **memory_totals(loaded)},
             models=engine.models.rows(), load_mode=config.load, queues=status.queues,
+            limits=asdict(config.limits),
         )
 
 

@@ -412,6 +412,9 @@ class HealthReply:
     load_mode: str = "at-start"  # at-start | on-demand
     # Admitted, unanswered work by priority: {"interactive": {"inputs", "tokens"}, "batch": {...}}
     queues: dict = field(default_factory=dict)
+    # The daemon's per-request limits (config.Limits): clients refuse a payload over max_message_bytes
+    # themselves, since the socket drops one far past it without an answer.
+    limits: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return {"status": self.status, "version": self.version, "protocol": self.protocol,
@@ -419,7 +422,7 @@ class HealthReply:
                 "queued_tokens": self.queued_tokens, "device": self.device, "dtype": self.dtype,
                 "embedding": self.embedding.to_wire(True), "reranker": self.reranker.to_wire(False),
                 "stats": self.stats, "load": self.load, "models": self.models, "load_mode": self.load_mode,
-                "queues": self.queues}
+                "queues": self.queues, "limits": self.limits}
 
     @classmethod
     def from_wire(cls, body: dict) -> "HealthReply":
@@ -430,7 +433,7 @@ class HealthReply:
                    reranker=ModelHealth.from_wire(body.get("reranker")), stats=dict(body.get("stats") or {}),
                    protocol=int(body.get("protocol", PROTOCOL_VERSION)), load=dict(body.get("load") or {}),
                    models=list(body.get("models") or []), load_mode=str(body.get("load_mode") or "at-start"),
-                   queues=dict(body.get("queues") or {}))
+                   queues=dict(body.get("queues") or {}), limits=dict(body.get("limits") or {}))
 
 
 _NEWER_METRICS = ("models", "status", "priorities", "preemptions")  # fields older daemons do not send

@@ -4,36 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, free_port, wait_ready
+from conftest import free_port, wait_ready
+from gates import GATED, hold_forwards, open_gate, start_gated
 from daemon.client import AsyncClient, Client, DaemonError
-
-# A daemon whose loading and whose forwards wait for a file to appear: the test decides when each ends.
-GATED = """
-import os, sys, time
-import daemon.backends, daemon.engine
-gate = os.environ["GATE"]
-def held(original, name):
-    def wait(*args, **kwargs):
-        while not os.path.exists(gate + "." + name):
-            time.sleep(0.02)
-        return original(*args, **kwargs)
-    return wait
-daemon.backends.fingerprint_directory = held(daemon.backends.fingerprint_directory, "load")
-daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
-from daemon.main import main
-main()
-"""
 
 
 def probe(endpoint: str, *args: str) -> subprocess.CompletedProcess:
@@ -44,21 +26,6 @@ def probe(endpoint: str, *args: str) -> subprocess.CompletedProcess:
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
-
-
-def open_gate(gate: Path, name: str) -> None:
-    Path(f"{gate}.{name}").touch()
-
-
-def start_gated(tmp_path: Path, tiny_dir: Path, endpoint: str, *args: str,
-                script: str = GATED) -> tuple[DaemonProcess, Path]:
-    """A daemon running `script` (GATED or a variant) on `endpoint`, and its gate's path."""
-    gate, log = tmp_path / "gate", tmp_path / "daemon.log"
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, "serve", "--endpoint", endpoint, "--embedding-model", str(tiny_dir),
-         "--reranker-model", "none", "--log-level", "info", *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GATE": str(gate)})
-    return DaemonProcess(endpoint, process, log), gate
 
 
 @pytest.fixture
@@ -73,14 +40,6 @@ def gated(tmp_path, tiny_dir):
         open_gate(gate, "forward")
         daemon.process.kill()
         daemon.process.wait(30)
-
-
-def hold_forwards(daemon: DaemonProcess, gate: Path) -> None:
-    """Let the daemon load and warm up, then hold every forward until the gate opens again."""
-    open_gate(gate, "load")
-    open_gate(gate, "forward")
-    wait_ready(daemon)
-    Path(f"{gate}.forward").unlink()
 
 
 def wait_for(predicate, timeout: float = 60.0):

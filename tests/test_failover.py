@@ -1,0 +1,233 @@
+"""A daemon that dies or freezes with requests on it costs a resend, not the request's timeout
+(daemon/liveness.py; PROTOCOL.md, "When a daemon is lost"): real daemons over tcp and ipc, killed
+in a held forward, killed before reading, stopped (SIGSTOP), restarted on the same endpoint.
+
+Assertions say where the answer came from and how many daemons served it; each bound on time is
+half the request's timeout, the defect being the whole of it (the seconds are in bench/failover.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, free_port, start_daemon
+from daemon.client import AsyncClient, Client, DaemonError, DaemonUnavailable
+from daemon.liveness import Heartbeat
+from gates import hold_forwards, open_gate, start_gated
+
+TIMEOUT_S = 60.0
+FAST = Heartbeat(interval_s=0.2, timeout_s=1.0)  # a frozen daemon is lost after a second
+
+
+def endpoint(kind: str, tmp_path: Path, name: str) -> str:
+    return f"tcp://127.0.0.1:{free_port()}" if kind == "tcp" else f"ipc://{tmp_path}/{name}/s/d.sock"
+
+
+def embeds_served(daemon: DaemonProcess) -> int:
+    with Client(daemon.endpoint, timeout=30) as own:
+        return own.request({"op": "metrics"})["requests"].get("embed", 0)
+
+
+def queued(daemon: DaemonProcess) -> int:
+    with Client(daemon.endpoint, timeout=30) as own:
+        return own.health()["queue_depth"]
+
+
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.05)
+
+
+def kill(daemon: DaemonProcess) -> None:
+    daemon.process.send_signal(signal.SIGCONT)  # a stopped process must be able to die
+    daemon.process.kill()
+    daemon.process.wait(30)
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def pair(request, tmp_path, tiny_dir):
+    """A daemon holding every forward (first in the list: it gets a fresh client's first request)
+    and a free one."""
+    kind = request.param
+    (tmp_path / "held").mkdir()
+    held, gate = start_gated(tmp_path / "held", tiny_dir, endpoint(kind, tmp_path, "held"))
+    free = start_daemon(tmp_path / "free", "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                        endpoint=endpoint(kind, tmp_path, "free"))
+    try:
+        hold_forwards(held, gate)
+        yield held, gate, free
+    finally:
+        open_gate(gate, "forward")
+        for d in (held, free):
+            kill(d)
+
+
+def both_connected(client: Client) -> Client:
+    """`client` once both daemons answered it: its next request goes to the first, the held one."""
+    client.health(), client.health()
+    return client
+
+
+def embed_in_thread(client: Client, outcome: dict) -> threading.Thread:
+    def run():
+        started = time.monotonic()
+        try:
+            outcome["result"] = client.embed(["where is my answer"], dimension=4)
+        except Exception as exc:  # the test reads it
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_daemon_killed_in_a_forward_passes_its_request_to_the_other(pair):
+    held, _, free = pair
+    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S)) as client:
+        outcome: dict = {}
+        thread = embed_in_thread(client, outcome)
+        wait_until(lambda: queued(held) == 1)
+        kill(held)
+        thread.join(TIMEOUT_S)
+    assert "result" in outcome, outcome
+    assert outcome["result"].embeddings.shape == (1, 4)
+    assert outcome["seconds"] < TIMEOUT_S / 2
+    assert embeds_served(free) == 1
+
+
+def test_a_daemon_killed_before_reading_the_request_passes_it_on(pair):
+    held, _, free = pair
+    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S)) as client:
+        held.process.send_signal(signal.SIGSTOP)  # the request reaches its socket, never the daemon
+        outcome: dict = {}
+        thread = embed_in_thread(client, outcome)
+        time.sleep(0.2)
+        kill(held)
+        thread.join(TIMEOUT_S)
+    assert "result" in outcome and outcome["seconds"] < TIMEOUT_S / 2, outcome
+    assert embeds_served(free) == 1
+
+
+def test_a_frozen_daemon_is_lost_after_the_heartbeat_timeout(pair):
+    held, _, free = pair
+    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S, heartbeat=FAST)) as client:
+        outcome: dict = {}
+        thread = embed_in_thread(client, outcome)
+        wait_until(lambda: queued(held) == 1)
+        held.process.send_signal(signal.SIGSTOP)
+        thread.join(TIMEOUT_S)
+    assert "result" in outcome and outcome["seconds"] < TIMEOUT_S / 2, outcome
+    assert embeds_served(free) == 1
+
+
+def test_a_daemon_busy_far_longer_than_the_heartbeat_timeout_is_not_taken_for_lost(pair):
+    held, gate, free = pair
+    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S, heartbeat=FAST)) as client:
+        outcome: dict = {}
+        thread = embed_in_thread(client, outcome)
+        wait_until(lambda: queued(held) == 1)
+        time.sleep(5 * FAST.timeout_s)  # libzmq's I/O thread answers the PINGs meanwhile
+        open_gate(gate, "forward")
+        thread.join(TIMEOUT_S)
+    assert "result" in outcome, outcome
+    assert (embeds_served(held), embeds_served(free)) == (1, 0)  # answered where it was sent, once
+
+
+def test_the_async_client_fails_every_request_of_a_killed_daemon_over(pair):
+    held, _, free = pair
+
+    async def scenario():
+        async with AsyncClient([held.endpoint, free.endpoint], timeout=TIMEOUT_S) as client:
+            for _ in range(2):  # both connected: requests then alternate, and half wait in the held queue
+                await client.health()
+            tasks = [asyncio.create_task(client.embed([f"text {i}"], dimension=4)) for i in range(8)]
+            while await asyncio.to_thread(queued, held) < 4:
+                await asyncio.sleep(0.05)
+            started = time.monotonic()
+            kill(held)
+            results = await asyncio.gather(*tasks)
+            return results, time.monotonic() - started
+
+    results, seconds = asyncio.run(scenario())
+    assert [r.embeddings.shape for r in results] == [(1, 4)] * 8
+    assert seconds < TIMEOUT_S / 2
+    assert embeds_served(free) == 8  # its own 4, and the 4 the killed daemon held
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ipc"])
+def test_a_lone_daemon_restarted_on_its_endpoint_answers_the_request_it_lost(kind, tmp_path, tiny_dir):
+    args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    where = endpoint(kind, tmp_path, "d")
+    daemon = start_daemon(tmp_path / "d", *args, endpoint=where)
+    try:
+        with Client(where, timeout=TIMEOUT_S) as client:
+            client.health()  # connected
+            daemon.process.send_signal(signal.SIGSTOP)
+            outcome: dict = {}
+            thread = embed_in_thread(client, outcome)
+            time.sleep(0.2)
+            kill(daemon)
+            daemon = start_daemon(tmp_path / "d", *args, endpoint=where)  # as systemd would
+            thread.join(TIMEOUT_S)
+        assert "result" in outcome, outcome
+        assert outcome["result"].embeddings.shape == (1, 4)
+        assert embeds_served(daemon) >= 1  # the new process answered it (after refusals while it loaded)
+    finally:
+        kill(daemon)
+
+
+def test_a_lost_daemon_that_never_comes_back_is_reported_lost_not_slow(tmp_path, tiny_dir):
+    daemon = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    with Client(daemon.endpoint, timeout=5) as client:
+        client.health()  # connected
+        daemon.process.send_signal(signal.SIGSTOP)
+        outcome: dict = {}
+        thread = embed_in_thread(client, outcome)
+        time.sleep(0.2)
+        kill(daemon)
+        thread.join(30)
+    error = outcome.get("error")
+    assert isinstance(error, DaemonUnavailable), outcome
+    assert "lost" in str(error) and daemon.endpoint in str(error)
+
+
+def test_a_payload_over_the_daemons_limit_is_refused_before_sending(tmp_path, tiny_dir):
+    daemon = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                          "--max-message-bytes", str(1 << 20))
+    huge = "x" * (3 << 20)  # past the limit and the socket's slack: the daemon's socket would drop it
+
+    async def scenario():
+        async with AsyncClient(daemon.endpoint, timeout=TIMEOUT_S) as client:
+            small = [asyncio.create_task(client.embed([f"small {i}"], dimension=4)) for i in range(4)]
+            started = time.monotonic()
+            with pytest.raises(DaemonError) as refused:
+                await client.embed([huge])
+            seconds = time.monotonic() - started
+            answered = await asyncio.gather(*small)
+            return refused.value, seconds, answered
+
+    try:
+        error, seconds, answered = asyncio.run(scenario())
+        assert error.code == "too_large" and "max_message_bytes" in str(error) and str(1 << 20) in str(error)
+        assert seconds < 5  # no timeout waited: refused by the client
+        assert len(answered) == 4  # its neighbours on the shared socket were not disturbed
+        with Client(daemon.endpoint, timeout=TIMEOUT_S) as client, pytest.raises(DaemonError) as refused:
+            client.embed([huge])
+        assert refused.value.code == "too_large"
+        assert embeds_served(daemon) == 4  # the huge ones never reached it
+    finally:
+        kill(daemon)
+
+
+def test_health_tells_clients_the_daemons_limits(daemon):
+    with daemon.client() as client:
+        limits = client.health()["limits"]
+    assert limits["max_message_bytes"] == 64 * 1024 * 1024 and limits["max_inputs"] == 1024
