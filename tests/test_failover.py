@@ -13,9 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from conftest import DaemonProcess, free_port, start_daemon
+from conftest import Bridge, DaemonProcess, free_port, start_daemon
 from daemon.client import AsyncClient, Client, DaemonError, DaemonUnavailable
 from daemon.liveness import Heartbeat
 from gates import hold_forwards, open_gate, start_gated
@@ -231,3 +232,45 @@ def test_health_tells_clients_the_daemons_limits(daemon):
     with daemon.client() as client:
         limits = client.health()["limits"]
     assert limits["max_message_bytes"] == 64 * 1024 * 1024 and limits["max_inputs"] == 1024
+
+
+def test_the_bridge_answers_a_request_whose_daemon_was_killed_from_the_other(pair):
+    held, _, free = pair
+    bridge = Bridge(f"{held.endpoint},{free.endpoint}")
+    try:
+        for _ in range(2):  # both connected; the next request goes to the held daemon
+            assert httpx.get(f"{bridge.url}/health", timeout=30).status_code == 200
+        outcome: dict = {}
+
+        def post():
+            outcome["response"] = httpx.post(f"{bridge.url}/embed", json={"texts": ["held"]}, timeout=TIMEOUT_S)
+
+        thread = threading.Thread(target=post)
+        thread.start()
+        wait_until(lambda: queued(held) == 1)
+        kill(held)
+        thread.join(TIMEOUT_S)
+        assert outcome["response"].status_code == 200, outcome["response"].text
+        assert embeds_served(free) == 1
+    finally:
+        bridge.stop()
+
+
+def test_the_bridge_answers_503_naming_a_lost_daemon_that_never_came_back(tmp_path, tiny_dir):
+    daemon = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    bridge = Bridge(daemon.endpoint, "--timeout", "5")
+    try:
+        assert httpx.get(f"{bridge.url}/health", timeout=30).status_code == 200
+        daemon.process.send_signal(signal.SIGSTOP)
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.update(
+            response=httpx.post(f"{bridge.url}/embed", json={"texts": ["lost"]}, timeout=TIMEOUT_S)))
+        thread.start()
+        time.sleep(0.3)
+        kill(daemon)
+        thread.join(TIMEOUT_S)
+        response = outcome["response"]
+        assert response.status_code == 503 and "lost" in response.text, response.text
+    finally:
+        bridge.stop()
+        kill(daemon)
