@@ -73,6 +73,10 @@ pub enum Error {
     Timeout { endpoint: String, timeout: Duration },
     #[error("no daemon is connected on {endpoint}")]
     Unavailable { endpoint: String },
+    /// The daemon holding the request was lost (its connection ended, or it went silent past the
+    /// heartbeat timeout) and no daemon answered the request again within the call's time.
+    #[error("the daemon at {endpoint} was lost with the request on it; {why}")]
+    Lost { endpoint: String, why: String },
     #[error("zmq: {0}")]
     Transport(#[from] zmq::Error),
     #[error("malformed message: {0}")]
@@ -122,7 +126,7 @@ impl Error {
     /// Whether trying again later (or on another daemon) may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Overloaded(_) | Error::ShuttingDown(_) | Error::NotLoaded(_) | Error::Timeout { .. }
-                       | Error::Unavailable { .. } | Error::DeadlineExceeded(_))
+                       | Error::Unavailable { .. } | Error::Lost { .. } | Error::DeadlineExceeded(_))
     }
 
     /// Whether the same request should go to the next daemon of the client's list.
@@ -498,6 +502,8 @@ pub struct ServedModel {
 struct Daemon {
     endpoint: String,
     idle: Mutex<Vec<zmq::Socket>>,
+    /// Its `max_message_bytes` as its health said; unknown until a payload needs it.
+    limit: Mutex<Option<u64>>,
 }
 
 impl Daemon {
@@ -505,7 +511,7 @@ impl Daemon {
     /// (no idle socket yet).
     fn maybe_connected(&self) -> bool {
         match self.idle.lock().unwrap().last() {
-            Some(sock) => sock.get_events().map(|e| e.contains(zmq::POLLOUT)).unwrap_or(false),
+            Some(sock) => writable(sock),
             None => true,
         }
     }
@@ -579,8 +585,105 @@ pub struct Client {
     curve: Option<CurveKeys>,
     timeout: Duration,
     connect_timeout: Duration,
+    heartbeat: Heartbeat,
     next: AtomicUsize,
     next_tag: AtomicU64,
+}
+
+/// A request lost this many times is not sent again: what kills every daemon it reaches (an input
+/// that exhausts memory) must not take the fleet down one restart after another.
+pub const MAX_RESENDS: usize = 2;
+/// How often a call in flight looks at its daemon's connection.
+const CHECK: Duration = Duration::from_millis(50);
+/// Between tries of a lost request on a daemon that is back but still loading its models.
+const STARTING_PAUSE: Duration = Duration::from_millis(250);
+/// A daemon answers a payload up to its limit plus this itself (the smallest limit is 1024 bytes).
+const ANSWERED_UP_TO_BYTES: usize = 1 << 20;
+/// PROTOCOL.md's default `max_message_bytes`, for a daemon too old to report its own.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 << 20;
+
+/// ZMTP heartbeats on each connection to a daemon (ZMQ_HEARTBEAT_IVL/_TIMEOUT/_TTL): a daemon that
+/// answers nothing, not even a PING, for `timeout` is lost, and its requests go elsewhere. A daemon
+/// busy in a long forward still answers: libzmq's I/O thread does, whatever its model thread does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Heartbeat {
+        Heartbeat { interval: Duration::from_secs(1), timeout: Duration::from_secs(3) }
+    }
+}
+
+/// Whether a message could be queued to a connected daemon now (ZMQ_IMMEDIATE: only then).
+fn writable(sock: &zmq::Socket) -> bool {
+    sock.get_events().map(|e| e.contains(zmq::POLLOUT)).unwrap_or(false)
+}
+
+/// What one call's tries have met so far.
+struct Tries {
+    lost: Vec<String>,   // the endpoints lost with the request on them
+    refused: Vec<bool>,  // daemons that answered shutting_down
+    starting: bool,      // the last try's daemon answered that it is still loading
+    last: Option<Error>,
+}
+
+impl Tries {
+    fn new(daemons: usize) -> Tries {
+        Tries { lost: Vec::new(), refused: vec![false; daemons], starting: false, last: None }
+    }
+
+    fn give_up(self, endpoint: String, timeout: Duration) -> Error {
+        if !self.lost.is_empty() && !matches!(self.last, Some(Error::Timeout { .. })) {
+            let mut lost = self.lost.clone();
+            lost.dedup();
+            let why = if self.starting {
+                "it is back but still loading its models".to_string()
+            } else if self.lost.len() > MAX_RESENDS {
+                format!("lost {} times: not sent again, it may be what ends them", self.lost.len())
+            } else {
+                "no daemon was connected again within the call's time".to_string()
+            };
+            return Error::Lost { endpoint: lost.join(", "), why };
+        }
+        self.last.unwrap_or(Error::Timeout { endpoint, timeout })
+    }
+}
+
+#[derive(Deserialize)]
+struct Peek {
+    #[serde(default)]
+    error: Option<PeekError>,
+    #[serde(default)]
+    limits: Option<PeekLimits>,
+}
+
+#[derive(Deserialize)]
+struct PeekError {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PeekLimits {
+    #[serde(default)]
+    max_message_bytes: Option<u64>,
+}
+
+/// Whether a reply says its daemon is still loading (`not_loaded` with `status: loading`).
+fn still_loading(reply: &[u8]) -> bool {
+    rmp_serde::from_slice::<Peek>(reply).ok().and_then(|p| p.error)
+        .map_or(false, |e| e.code == "not_loaded" && e.status.as_deref() == Some("loading"))
+}
+
+/// The `limits.max_message_bytes` of a health reply; the protocol's default when it has none.
+fn max_message_bytes(health: &[u8]) -> u64 {
+    rmp_serde::from_slice::<Peek>(health).ok().and_then(|p| p.limits).and_then(|l| l.max_message_bytes)
+        .filter(|&n| n > 0).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
 }
 
 /// The largest `deadline_ms` the protocol accepts (one day).
@@ -610,7 +713,8 @@ impl Client {
         let discovery = Discovery::new(&endpoints, resolver.clone(), refresh.clone());
         Client { ctx: zmq::Context::new(), endpoints, discovery, resolver, refresh, broken: None,
                  set: DaemonSet::unbuilt(), curve: None,
-                 timeout, connect_timeout: Duration::from_secs(1), next: AtomicUsize::new(0),
+                 timeout, connect_timeout: Duration::from_secs(1), heartbeat: Heartbeat::default(),
+                 next: AtomicUsize::new(0),
                  next_tag: AtomicU64::new(1) }
     }
 
@@ -667,6 +771,14 @@ impl Client {
         self
     }
 
+    /// ZMTP heartbeats on each connection (default: a PING every second, lost after 3 s of silence).
+    /// Sockets made from now on use them.
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Client {
+        self.heartbeat = heartbeat;
+        self.set = DaemonSet::unbuilt();
+        self
+    }
+
     /// The endpoint every command uses by default: `$QWEN3VL_ENDPOINT`; else this user's socket,
     /// `qwen3vl/daemon.sock` under `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR` or the temp dir, if it
     /// exists; else the system service's `/run/qwen3vl/daemon.sock` if that exists; else this user's.
@@ -716,7 +828,8 @@ impl Client {
         if set.version != version {
             let daemons = endpoints.iter().map(|endpoint| {
                 set.daemons.iter().find(|d| &d.endpoint == endpoint).cloned()
-                    .unwrap_or_else(|| Arc::new(Daemon { endpoint: endpoint.clone(), idle: Mutex::new(Vec::new()) }))
+                    .unwrap_or_else(|| Arc::new(Daemon { endpoint: endpoint.clone(), idle: Mutex::new(Vec::new()),
+                                                       limit: Mutex::new(None) }))
             }).collect();
             *set = DaemonSet { version, daemons: Arc::new(daemons) };
         }
@@ -729,8 +842,14 @@ impl Client {
         }
         let sock = self.ctx.socket(zmq::DEALER)?;
         sock.set_linger(0)?;
-        // Queue only to a connected daemon, so that a request never waits on one that is down.
+        // Queue only to a connected daemon, so that a request never waits on one that is down; and
+        // no send limit, so that the socket stops taking messages only when its daemon is gone.
         sock.set_immediate(true)?;
+        sock.set_sndhwm(0)?;
+        let ms = |d: Duration| d.as_millis().min(6_553_500) as i32;
+        sock.set_heartbeat_ivl(ms(self.heartbeat.interval))?;
+        sock.set_heartbeat_timeout(ms(self.heartbeat.timeout))?;
+        sock.set_heartbeat_ttl(ms(self.heartbeat.timeout))?;
         sock.set_reconnect_ivl(100)?;
         sock.set_reconnect_ivl_max(1000)?;
         if daemon.endpoint.starts_with("tcp://[") {
@@ -745,27 +864,95 @@ impl Client {
         Ok(sock)
     }
 
-    /// One round trip to one daemon: the raw reply payload (msgpack), `Unavailable` when it is not
-    /// connected within the connect timeout, or `Timeout`.
-    fn round_trip(&self, daemon: &Daemon, payload: &[u8], left: Duration) -> Result<Vec<u8>> {
-        let sock = self.checkout(daemon)?;
-        let connect = self.connect_timeout.min(left);
-        if sock.poll(zmq::POLLOUT, connect.as_millis().max(1) as i64)? == 0 {
-            daemon.idle.lock().unwrap().push(sock); // still connecting; keep it for the next call
-            return Err(Error::Unavailable { endpoint: daemon.endpoint.clone() });
+    /// The first of `candidates` whose socket is connected (waiting up to `wait` for one), with
+    /// that socket; the others go back to their pools.
+    fn first_connected(&self, daemons: &[Arc<Daemon>], candidates: &[usize], wait: Duration)
+                       -> Result<Option<(usize, zmq::Socket)>> {
+        let mut socks = Vec::with_capacity(candidates.len());
+        for &index in candidates {
+            socks.push((index, self.checkout(&daemons[index])?));
         }
+        let end = Instant::now() + wait;
+        let found = loop {
+            if let Some(pos) = socks.iter().position(|(_, sock)| writable(sock)) {
+                break Some(pos);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            let mut items: Vec<zmq::PollItem> = socks.iter().map(|(_, sock)| sock.as_poll_item(zmq::POLLOUT)).collect();
+            zmq::poll(&mut items, left.as_millis().max(1) as i64)?;
+        };
+        let chosen = found.map(|pos| socks.swap_remove(pos));
+        for (index, sock) in socks {
+            daemons[index].idle.lock().unwrap().push(sock); // still connecting; kept for the next call
+        }
+        Ok(chosen)
+    }
+
+    /// One round trip on a connected socket: the raw reply payload (msgpack); `TooLarge` before
+    /// sending a payload over the daemon's `max_message_bytes`; `Lost` or `Timeout` (the socket is
+    /// then dropped, and a late reply with it).
+    fn round_trip(&self, daemon: &Daemon, sock: zmq::Socket, payload: &[u8], deadline: Instant) -> Result<Vec<u8>> {
+        let result = self.check_size(daemon, &sock, payload.len(), deadline)
+            .and_then(|()| self.exchange(daemon, &sock, payload, deadline));
+        if matches!(result, Ok(_) | Err(Error::TooLarge(_))) {
+            daemon.idle.lock().unwrap().push(sock);
+        }
+        result
+    }
+
+    /// `TooLarge` for a payload over the daemon's limit, asking its health for the limit first when
+    /// only the limit could refuse the payload (a daemon answers up to its limit plus 1 MiB itself;
+    /// its socket drops anything larger without a word).
+    fn check_size(&self, daemon: &Daemon, sock: &zmq::Socket, size: usize, deadline: Instant) -> Result<()> {
+        if size <= ANSWERED_UP_TO_BYTES {
+            return Ok(());
+        }
+        let known = *daemon.limit.lock().unwrap();
+        let limit = match known {
+            Some(limit) => limit,
+            None => {
+                let reply = self.exchange(daemon, sock, &encode(&OpOnly { op: "health" })?, deadline)?;
+                let limit = max_message_bytes(&reply);
+                *daemon.limit.lock().unwrap() = Some(limit);
+                limit
+            }
+        };
+        if size as u64 > limit {
+            return Err(Error::TooLarge(format!("payload: {size} bytes exceed the limit of {limit} (max_message_bytes \
+                                                of {}); not sent", daemon.endpoint)));
+        }
+        Ok(())
+    }
+
+    /// Send one payload and wait for its reply, looking at the connection every `CHECK`: a socket
+    /// that can no longer send lost its daemon (ZMQ_IMMEDIATE, one connection), and the request with it.
+    fn exchange(&self, daemon: &Daemon, sock: &zmq::Socket, payload: &[u8], deadline: Instant) -> Result<Vec<u8>> {
+        let lost = || {
+            *daemon.limit.lock().unwrap() = None; // a daemon back from a restart may have another
+            Error::Lost { endpoint: daemon.endpoint.clone(), why: "its connection ended".into() }
+        };
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-        sock.send_multipart([&tag[..], b"", payload], 0)?;
-        let deadline = Instant::now() + left;
+        match sock.send_multipart([&tag[..], b"", payload], zmq::DONTWAIT) {
+            Err(zmq::Error::EAGAIN) => return Err(lost()),
+            other => other?,
+        }
+        let budget = deadline.saturating_duration_since(Instant::now());
         loop {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            if wait.is_zero() || sock.poll(zmq::POLLIN, wait.as_millis().max(1) as i64)? == 0 {
-                // Dropping the socket closes it: its late reply can never reach another call.
-                return Err(Error::Timeout { endpoint: daemon.endpoint.clone(), timeout: left });
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout { endpoint: daemon.endpoint.clone(), timeout: budget });
+            }
+            if sock.poll(zmq::POLLIN, left.min(CHECK).as_millis().max(1) as i64)? == 0 {
+                if !writable(sock) {
+                    return Err(lost());
+                }
+                continue;
             }
             let frames = sock.recv_multipart(0)?;
             if frames.len() == 3 && frames[0] == tag {
-                daemon.idle.lock().unwrap().push(sock);
                 return Ok(frames.into_iter().nth(2).unwrap());
             }
         }
@@ -773,7 +960,10 @@ impl Client {
 
     /// Send a request (built for the milliseconds the caller has left) round robin over the
     /// daemons, trying the next one on `Unavailable`, `Timeout` or `ShuttingDown` while time is
-    /// left; decode a successful reply into `T`, or return the typed error.
+    /// left. A daemon lost with the request on it passes it at once to whichever daemon is
+    /// connected first (the same one back from a restart included, waited for while it loads),
+    /// at most `MAX_RESENDS` times within the call's time. Decode a successful reply into `T`, or
+    /// return the typed error.
     fn call<T: for<'de> Deserialize<'de>>(&self, build: impl Fn(u64) -> Result<Vec<u8>>) -> Result<T> {
         let deadline = Instant::now() + self.timeout;
         let daemons = self.current()?;
@@ -781,23 +971,75 @@ impl Client {
             let why = self.discovery.as_ref().map(Discovery::describe_empty).unwrap_or_default();
             return Err(Error::Unavailable { endpoint: format!("{} ({why})", self.endpoint()) });
         }
-        let mut last = None;
+        let mut tries = Tries::new(daemons.len());
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let live: Vec<bool> = daemons.iter().map(|d| d.maybe_connected()).collect();
         for index in try_order(turn, &live) {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || !tries.lost.is_empty() {
                 break;
             }
-            let outcome = build(deadline_ms(left))
-                .and_then(|payload| self.round_trip(&daemons[index], &payload, left))
-                .and_then(|reply| decode(&reply));
-            match outcome {
-                Err(err) if err.try_elsewhere() && daemons.len() > 1 => last = Some(err),
-                other => return other,
+            match self.first_connected(&daemons, &[index], self.connect_timeout.min(left))? {
+                Some((_, sock)) => if let Some(result) = self.try_on(&daemons, index, sock, &build, deadline, &mut tries) {
+                    return result;
+                },
+                None if daemons.len() > 1 => tries.last = Some(Error::Unavailable { endpoint: daemons[index].endpoint.clone() }),
+                None => return Err(Error::Unavailable { endpoint: daemons[index].endpoint.clone() }),
             }
         }
-        Err(last.unwrap_or_else(|| Error::Timeout { endpoint: self.endpoint(), timeout: self.timeout }))
+        while !tries.lost.is_empty() && tries.lost.len() <= MAX_RESENDS {
+            if tries.starting {
+                std::thread::sleep(STARTING_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let candidates: Vec<usize> = (0..daemons.len()).filter(|&i| !tries.refused[i]).collect();
+            if left.is_zero() || candidates.is_empty() {
+                break;
+            }
+            match self.first_connected(&daemons, &candidates, left)? {
+                Some((index, sock)) => if let Some(result) = self.try_on(&daemons, index, sock, &build, deadline, &mut tries) {
+                    return result;
+                },
+                None => break,
+            }
+        }
+        Err(tries.give_up(self.endpoint(), self.timeout))
+    }
+
+    /// One try on a connected socket: `Some` with the call's result, or `None` to go on (the
+    /// try's failure is in `tries`).
+    fn try_on<T: for<'de> Deserialize<'de>>(&self, daemons: &[Arc<Daemon>], index: usize, sock: zmq::Socket,
+                                            build: &impl Fn(u64) -> Result<Vec<u8>>, deadline: Instant,
+                                            tries: &mut Tries) -> Option<Result<T>> {
+        let several = daemons.len() > 1;
+        tries.starting = false;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reply = match build(deadline_ms(left)).and_then(|payload| self.round_trip(&daemons[index], sock, &payload, deadline)) {
+            Ok(reply) => reply,
+            Err(err @ Error::Lost { .. }) => {
+                tries.lost.push(daemons[index].endpoint.clone());
+                tries.last = Some(err);
+                return None;
+            }
+            Err(err) if err.try_elsewhere() && several => {
+                tries.last = Some(err);
+                return None;
+            }
+            Err(err) => return Some(Err(err)),
+        };
+        if !tries.lost.is_empty() && still_loading(&reply) {
+            tries.starting = true; // back from a restart: the request it lost waits for it
+            tries.last = decode::<T>(&reply).err();
+            return None;
+        }
+        match decode::<T>(&reply) {
+            Err(err @ Error::ShuttingDown(_)) if several => {
+                tries.refused[index] = true;
+                tries.last = Some(err);
+                None
+            }
+            other => Some(other),
+        }
     }
 
     /// Embed inputs; `dimension` keeps the first components (Matryoshka), `None` the daemon default.

@@ -733,3 +733,161 @@ fn the_client_sends_a_batch_priority_on_embed_and_rerank() {
     client.rerank_with(&Input::text("q"), &[Input::text("a"), Input::text("b")], &rerank).unwrap();
     assert_eq!(batched_by_priority(&client), (interactive, batch + 3));
 }
+
+// -- a daemon lost with a request on it (PROTOCOL.md, "When a daemon is lost") ----------------------
+
+/// tests/gates.py's daemon: its forwards wait while `GATE.forward` is missing.
+const GATED: &str = r#"
+import os, time
+import daemon.backends, daemon.engine
+gate = os.environ["GATE"]
+def held(original, name):
+    def wait(*args, **kwargs):
+        while not os.path.exists(gate + "." + name):
+            time.sleep(0.02)
+        return original(*args, **kwargs)
+    return wait
+daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
+from daemon.main import main
+main()
+"#;
+
+/// A daemon on `endpoint` whose forwards are held from when it is ready, and its gate file.
+fn held_daemon(endpoint: String) -> (Daemon, PathBuf) {
+    let gate = scratch().join("gate");
+    let forward = PathBuf::from(format!("{}.forward", gate.display()));
+    std::fs::write(&forward, b"").unwrap();
+    let child = Command::new(env("QWEN3VL_TEST_PYTHON"))
+        .args(["-c", GATED, "serve", "--endpoint", &endpoint, "--embedding-model", &env("QWEN3VL_TEST_CHECKPOINT"),
+               "--reranker-model", "none", "--log-level", "warning"])
+        .env("HF_HUB_OFFLINE", "1").env("GATE", &gate)
+        .env("QWEN3VL_FINGERPRINT_CACHE", scratch().join("fingerprints.json"))
+        .stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the gated daemon");
+    let daemon = Daemon { child: Some(child), endpoint, args: Vec::new() };
+    daemon.wait_ready();
+    std::fs::remove_file(&forward).unwrap();
+    (daemon, forward)
+}
+
+fn signal(daemon: &Daemon, name: &str) {
+    let pid = daemon.child.as_ref().expect("running").id().to_string();
+    assert!(Command::new("kill").args([name, &pid]).status().unwrap().success());
+}
+
+fn queued(daemon: &Daemon) -> u64 {
+    daemon.client(10).health().unwrap().queue_depth as u64
+}
+
+fn wait_until(what: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !what() {
+        assert!(Instant::now() < deadline, "not in time");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A held daemon first and a free one, both connected to `client`: its next call goes to the held one.
+fn held_and_free(heartbeat: Option<qwen3vl_client::Heartbeat>) -> (Daemon, PathBuf, Daemon, Arc<Client>) {
+    let (held, gate) = held_daemon(format!("tcp://127.0.0.1:{}", free_port()));
+    let free = Daemon::start(&["--reranker-model", "none"]);
+    let mut client = Client::new(format!("{},{}", held.endpoint, free.endpoint), Duration::from_secs(60));
+    if let Some(heartbeat) = heartbeat {
+        client = client.with_heartbeat(heartbeat);
+    }
+    client.health().unwrap();
+    client.health().unwrap();
+    (held, gate, free, Arc::new(client))
+}
+
+fn embed_in_thread(client: &Arc<Client>) -> thread::JoinHandle<(Result<Vec<Vec<f32>>, Error>, Duration)> {
+    let client = client.clone();
+    thread::spawn(move || {
+        let start = Instant::now();
+        (client.embed_batch(&["where is my answer"], Some(8), None), start.elapsed())
+    })
+}
+
+#[test]
+fn a_daemon_killed_in_a_held_forward_passes_the_request_to_the_other() {
+    let (mut held, _gate, free, client) = held_and_free(None);
+    let call = embed_in_thread(&client);
+    wait_until(|| queued(&held) == 1);
+    let mut child = held.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (result, took) = call.join().unwrap();
+    assert_eq!(result.unwrap().len(), 1);
+    assert!(took < Duration::from_secs(30), "{took:?}"); // half the timeout: the defect was all of it
+    assert_eq!(embeds_served(&free, None), 1);
+}
+
+#[test]
+fn a_frozen_daemon_is_lost_after_the_heartbeat_timeout_and_a_busy_one_is_not() {
+    let fast = qwen3vl_client::Heartbeat { interval: Duration::from_millis(200), timeout: Duration::from_secs(1) };
+    let (held, gate, free, client) = held_and_free(Some(fast));
+    // Busy for five heartbeat timeouts: answered where it was sent, once.
+    let call = embed_in_thread(&client);
+    wait_until(|| queued(&held) == 1);
+    thread::sleep(Duration::from_secs(5));
+    std::fs::write(&gate, b"").unwrap();
+    assert_eq!(call.join().unwrap().0.unwrap().len(), 1);
+    assert_eq!((embeds_served(&held, None), embeds_served(&free, None)), (1, 0));
+    // Frozen: its request goes to the other daemon.
+    std::fs::remove_file(&gate).unwrap();
+    client.health().unwrap(); // the free daemon's turn; the next is the held one's
+    let call = embed_in_thread(&client);
+    wait_until(|| queued(&held) == 1);
+    signal(&held, "-STOP");
+    let (result, took) = call.join().unwrap();
+    signal(&held, "-CONT");
+    assert_eq!(result.unwrap().len(), 1);
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(embeds_served(&free, None), 1);
+}
+
+#[test]
+fn a_lone_daemon_restarted_on_its_endpoint_answers_the_request_it_lost() {
+    let mut daemon = Daemon::start_on(format!("tcp://127.0.0.1:{}", free_port()),
+                                      vec!["--reranker-model".into(), "none".into()]);
+    let client = Arc::new(daemon.client(60));
+    client.health().unwrap();
+    signal(&daemon, "-STOP"); // the request reaches its socket, never the daemon
+    let call = embed_in_thread(&client);
+    thread::sleep(Duration::from_millis(200));
+    signal(&daemon, "-KILL");
+    daemon.child.take().unwrap().wait().unwrap();
+    daemon.restart(); // as systemd would
+    assert_eq!(call.join().unwrap().0.unwrap().len(), 1);
+}
+
+#[test]
+fn a_lost_daemon_that_never_comes_back_is_a_lost_error_naming_it() {
+    let mut daemon = Daemon::start(&["--reranker-model", "none"]);
+    let client = Arc::new(daemon.client(5));
+    client.health().unwrap();
+    signal(&daemon, "-STOP");
+    let call = embed_in_thread(&client);
+    thread::sleep(Duration::from_millis(200));
+    signal(&daemon, "-KILL");
+    daemon.child.take().unwrap().wait().unwrap();
+    match call.join().unwrap().0 {
+        Err(Error::Lost { endpoint, .. }) => assert_eq!(endpoint, daemon.endpoint),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_payload_over_the_daemons_limit_is_refused_before_sending() {
+    let daemon = Daemon::start(&["--reranker-model", "none", "--max-message-bytes", "1048576"]);
+    let client = daemon.client(60);
+    let huge = "x".repeat(3 << 20); // past the limit and the socket's slack: its socket would drop it
+    let start = Instant::now();
+    match client.embed_batch(&[huge.as_str()], None, None) {
+        Err(Error::TooLarge(message)) => assert!(message.contains("max_message_bytes") && message.contains("1048576"),
+                                                 "{message}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(client.embed_batch(&["small"], Some(8), None).unwrap().len(), 1);
+    assert_eq!(embeds_served(&daemon, Some(&client)), 1); // the huge one never reached it
+}
