@@ -628,6 +628,10 @@ def _ray_config(opts: dict) -> DaemonConfig:
               help="Longest time between commits.")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=32, show_default=True,
               help="Rows per request (per actor call with --ray).")
+@click.option("--batch-bytes", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
+              help="Bytes of inputs per request at most (local mode; also kept under the daemon's "
+                   "--max-message-bytes): a larger row goes alone, one the daemon cannot take is that row's "
+                   "too_large error.")
 @click.option("--in-flight", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests in flight per daemon (local mode).")
 @click.option("--retry-seconds", type=click.FloatRange(min=0), default=120.0, show_default=True,
@@ -645,8 +649,8 @@ def _ray_config(opts: dict) -> DaemonConfig:
 @_client_options
 @_model_options
 def embed_dataset(input_path, out, id_column, text_column, image_column, video_column, input_column, instruction,
-                  dimension, encoding, normalize, model, commit_rows, commit_seconds, batch_rows, in_flight,
-                  retry_seconds, overwrite, retry_errors, ray_address, ray_actors, ray_actor_cpus, endpoint, timeout,
+                  dimension, encoding, normalize, model, commit_rows, commit_seconds, batch_rows, batch_bytes,
+                  in_flight, retry_seconds, overwrite, retry_errors, ray_address, ray_actors, ray_actor_cpus, endpoint, timeout,
                   curve_server_key, curve_client_key, **model_opts) -> None:
     """Embed every row of INPUT (JSONL or Parquet: an id and text, image, video or a whole input)
     into the Parquet dataset --out, resumably: run it again to finish after a stop or a crash.
@@ -670,13 +674,13 @@ def embed_dataset(input_path, out, id_column, text_column, image_column, video_c
     spec = JobSpec(input=input_path, out=out,
                    columns=Columns(id_column, text_column, image_column, video_column, input_column),
                    embed=EmbedSettings(instruction, dimension, normalize, encoding, model=model),
-                   commit_rows=commit_rows, commit_seconds=commit_seconds, batch_rows=batch_rows, in_flight=in_flight,
-                   overwrite=overwrite, retry_errors=retry_errors, retry_s=retry_seconds)
+                   commit_rows=commit_rows, commit_seconds=commit_seconds, batch_rows=batch_rows, batch_bytes=batch_bytes,
+                   in_flight=in_flight, overwrite=overwrite, retry_errors=retry_errors, retry_s=retry_seconds)
     if ray_address is None:
         run = _local_runner(spec, endpoint, timeout, curve_server_key, curve_client_key)
     else:
         run = _ray_runner(spec, ray_address, _ray_config(model_opts), ray_actors, ray_actor_cpus)
-    _finish_dataset_job(run)
+    _finish_dataset_job(run, input_path)
 
 
 def _local_runner(spec, endpoint, timeout, curve_server_key, curve_client_key):
@@ -697,7 +701,11 @@ def _ray_runner(spec, address, config, actors, actor_cpus):
     return lambda stop: run_ray(spec, RayPlan(address, config, actors, actor_cpus), stop)
 
 
-def _finish_dataset_job(run) -> None:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:300]
+
+
+def _finish_dataset_job(run, input_path) -> None:
     """Run the job with SIGINT/SIGTERM stopping it cleanly (what is done is committed); one line on
     failure, the summary on success."""
     import signal
@@ -720,6 +728,16 @@ def _finish_dataset_job(run) -> None:
     except (JobFailed, StoreError, InputError, DaemonError, DaemonTimeout, DaemonUnavailable) as exc:
         click.echo(f"qwen3vl-daemon: {exc}", err=True)
         sys.exit(130 if interrupted.is_set() else 1)
+    except OSError as exc:  # the disk full, OUT read-only: the job resumes once fixed
+        where, why = (exc.filename, exc.strerror) if exc.filename else (input_path, f"cannot be read: {exc}")
+        click.echo(f"qwen3vl-daemon: {where}: {_one_line(why)}", err=True)
+        sys.exit(130 if interrupted.is_set() else 1)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("pyarrow"):
+            raise
+        # A truncated or corrupt Parquet file, or one nested past what pyarrow reads.
+        click.echo(f"qwen3vl-daemon: {input_path}: cannot be read: {_one_line(str(exc))}", err=True)
+        sys.exit(1)
     click.echo(summary.line(), err=True)
     click.echo(json.dumps(summary.to_json()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import signal
 import subprocess
@@ -334,3 +335,77 @@ def test_the_job_sends_its_batches_at_batch_priority():
     from daemon.dataset.batches import EmbedSettings
 
     assert EmbedSettings().payload(["a row"])["priority"] == "batch"
+
+
+def test_rows_no_request_can_carry_are_row_errors_and_the_job_goes_on(served, tmp_path):
+    daemon, _ = served
+    deep = '{"id": "deep", "input": ' + "[" * 10000 + "]" * 10000 + "}"  # past json's recursion limit
+    daemon_too_deep = json.dumps({"id": "nest", "input": {"text": "x", "extra": json.loads("[" * 600 + "]" * 600)}})
+    rows = [{"id": "a", "text": "fine"}, deep, '{"id": "s", "text": "\\ud800 a lone surrogate"}', daemon_too_deep,
+            {"id": "b", "text": "fine too"}]
+    out = tmp_path / "out"
+    summary = json.loads(job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", rows), out).stdout)
+    assert summary == {**summary, "written": 2, "errors": 3}
+    assert sorted(read_out(out)) == ["a", "b"]
+    found = {e["row"]: e for e in errors(out)}
+    assert "nested too deep" in found[1]["message"]
+    assert found[2]["id"] == "s" and found[2]["message"].startswith("input: cannot be sent")
+    assert found[3]["id"] == "nest" and found[3]["code"] == "too_large" and "max_msgpack_depth" in found[3]["message"]
+
+
+def test_batches_are_sized_by_bytes_as_well_as_rows_and_a_larger_row_goes_alone():
+    from daemon.dataset.job import sized
+    from daemon.dataset.rows import Row
+
+    rows = [Row(i, i, {"text": "t"}, size=s) for i, s in enumerate([40, 40, 40, 500, 10, 10, 10, 10, 10])]
+    batches = [[r.index for r in batch] for batch in sized(rows, 4, 100)]
+    assert batches == [[0, 1], [2], [3], [4, 5, 6, 7], [8]]
+
+
+def test_a_row_larger_than_the_daemon_takes_is_that_rows_too_large_and_the_rest_embed(tmp_path, tiny_dir):
+    daemon = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none",
+                          "--max-message-bytes", str(1 << 20))
+    try:
+        rows = texts(10) + [{"id": 10000, "text": "x" * (3 << 20)}] + texts(20)[10:]
+        out = tmp_path / "out"
+        done = job(daemon.endpoint, write_jsonl(tmp_path / "in.jsonl", rows), out, "--timeout", "30",
+                   "--retry-seconds", "10")
+        assert json.loads(done.stdout) == {**json.loads(done.stdout), "written": 20, "errors": 1}
+        (error,) = errors(out)
+        assert error["id"] == 10000 and error["code"] == "too_large" and "max_message_bytes" in error["message"]
+    finally:
+        daemon.stop()
+
+
+def test_an_unreadable_parquet_file_is_one_line_not_a_traceback(served, tmp_path):
+    daemon, _ = served
+    whole = tmp_path / "whole.parquet"
+    pq.write_table(pa.table({"id": list(range(50)), "text": [f"t{i}" for i in range(50)]}), whole)
+    data = whole.read_bytes()
+    for name, broken in {"truncated": data[: len(data) // 2], "no footer": data[:-8], "magic only": b"PAR1",
+                         "garbled": data[:4] + bytes(len(data) - 8) + data[-4:]}.items():
+        source = tmp_path / f"{name}.parquet"
+        source.write_bytes(broken)
+        done = job(daemon.endpoint, source, tmp_path / f"out-{name}", check=False)
+        assert done.returncode == 1, (name, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, (name, done.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs takes root")
+def test_a_full_disk_stops_the_job_in_one_line_and_a_resume_finishes_it(served, tmp_path):
+    daemon, _ = served
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], check=True)
+    try:
+        source = write_jsonl(tmp_path / "in.jsonl", texts(3000))
+        full = job(daemon.endpoint, source, disk / "out", "--commit-rows", "200", check=False)
+        assert full.returncode == 1 and full.stderr.count("\n") == 1, full.stderr
+        assert "No space left on device" in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        job(daemon.endpoint, source, disk / "out")
+        ids = sorted(read_out(disk / "out"))
+        assert ids == list(range(3000))
+        assert not list((disk / "out").glob(".tmp*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

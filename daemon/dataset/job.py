@@ -31,6 +31,9 @@ class JobSpec:
     commit_rows: int = 4096
     commit_seconds: float = 5.0
     batch_rows: int = 32  # inputs per request (local) or per actor call (Ray)
+    # Bytes of inputs per request, at most (and under the daemon's max_message_bytes): a row larger
+    # than this goes alone, and one larger than the daemon takes is that row's too_large.
+    batch_bytes: int = 8 << 20
     in_flight: int = 4  # requests in flight per daemon (local)
     overwrite: bool = False
     retry_errors: bool = False
@@ -147,16 +150,37 @@ class Committer:
             self.commit()
 
 
-def batches(rows: Iterable[Row], triage: Triage, committer: Committer, size: int) -> Iterator[list[Row]]:
-    """The rows to embed in batches of `size`; errors found on the way go to the committer."""
+def batches(rows: Iterable[Row], triage: Triage, committer: Committer, size: int,
+            max_bytes: int) -> Iterator[list[Row]]:
+    """The rows to embed in batches of `size` rows and `max_bytes` of inputs at most (a larger row
+    alone); errors found on the way go to the committer."""
+    return sized(triage.pending(rows, committer.add_error), size, max_bytes)
+
+
+def sized(rows: Iterable[Row], size: int, max_bytes: int) -> Iterator[list[Row]]:
     batch: list[Row] = []
-    for row in triage.pending(rows, committer.add_error):
+    held = 0
+    for row in rows:
+        if batch and held + row.size > max_bytes:
+            yield batch
+            batch, held = [], 0
         batch.append(row)
+        held += row.size
         if len(batch) == size:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
+
+
+def batch_bytes(spec_bytes: int, health: dict) -> int:
+    """The job's batch bytes, kept under the daemon's max_message_bytes (room left for the rest of
+    the request)."""
+    limits = health.get("limits")
+    limit = limits.get("max_message_bytes") if isinstance(limits, dict) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return max(1, min(spec_bytes, limit - min(limit // 8, 64 << 10)))
+    return spec_bytes
 
 
 def model_fingerprint(health: dict, model: str | None) -> str | None:
@@ -206,6 +230,7 @@ def run_local(spec: JobSpec, connect: Callable[[], Client], stop: threading.Even
                             f"(it serves: {', '.join(map(str, served)) or 'none'})")
         embed = pinned(spec, job.existing.settings, fingerprint)
         committer = Committer(job.store, spec, job.triage, job.progress)
+        spec = replace(spec, batch_bytes=batch_bytes(spec.batch_bytes, health))
         _pump(job, spec, embed, committer, connect, spec.in_flight * daemons, stop)
         committer.commit()
         return job.progress.close(str(spec.out), job.triage.skipped)
@@ -244,7 +269,7 @@ def _pump(job: Opened, spec: JobSpec, embed: EmbedSettings, committer: Committer
     pending: set[Future] = set()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen3vl-dataset")
     try:
-        for batch in batches(job.source.rows(), job.triage, committer, spec.batch_rows):
+        for batch in batches(job.source.rows(), job.triage, committer, spec.batch_rows, spec.batch_bytes):
             if stop.is_set():
                 break
             while len(pending) >= 2 * workers:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..protocol import pack
+
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 PARQUET_MAGIC = b"PAR1"
 READ_BATCH_ROWS = 1024  # Parquet rows decoded at a time
@@ -44,6 +46,7 @@ class Row:
     id: Any = None  # int or str; None when it has none
     input: Any = None  # the wire input object; None when `error` says why there is none
     error: str | None = None
+    size: int = 0  # the input's bytes in a request (msgpack)
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class InputFile:
                     yield index, json.loads(line)
                 except (ValueError, UnicodeDecodeError) as exc:
                     yield index, _Unreadable(f"not a JSON object: {str(exc)[:120]}")
+                except RecursionError:
+                    yield index, _Unreadable("not a JSON object this job can read: nested too deep")
 
     def _parquet(self, chunk: Chunk | None, inputs: bool = True) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
@@ -189,9 +194,19 @@ def make_row(index: int, record: Any, columns: Columns) -> Row:
     if why:
         return Row(index, error=why)
     try:
-        return Row(index, row_id, to_input(record, columns))
+        value = to_input(record, columns)
+        return Row(index, row_id, value, size=wire_size(value))
     except ValueError as exc:
         return Row(index, row_id, error=str(exc))
+
+
+def wire_size(value: Any) -> int:
+    """The input's bytes in a request; ValueError when no request can carry it (a lone surrogate
+    in a text, nesting past what msgpack packs)."""
+    try:
+        return len(pack(value))
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ValueError(f"input: cannot be sent: {str(exc)[:120]}") from None
 
 
 def check_id(value: Any, column: str) -> tuple[Any, str | None]:
