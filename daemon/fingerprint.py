@@ -60,6 +60,7 @@ class Fingerprint:
     seconds: float
     directory: Path | None = None  # where the files are
     identities: tuple[tuple[str, Identity], ...] = ()  # (name, identity) of each file, as it was hashed
+    digests: tuple[tuple[str, str], ...] = ()  # (name, sha256) of each file
 
     def check_unchanged(self, since: str = "while the model was loading",
                         advice: str = "start again once the model's files are written") -> None:
@@ -69,14 +70,21 @@ class Fingerprint:
         now = model_files(self.directory)
         for name, identity in self.identities:
             path = now.pop(name, None)
-            try:
-                changed = path is None or _identity(path) != identity
-            except OSError:
-                changed = True
-            if changed:
+            if path is None or not self._same(name, path, identity):
                 raise ModelLoadError(f"{self.directory / name} changed {since}; {advice}")
         if now:
             raise ModelLoadError(f"{next(iter(now.values()))} appeared {since}; {advice}")
+
+    def _same(self, name: str, path: Path, identity: Identity) -> bool:
+        """Whether `path` is still the file that was hashed: the same identity, or, when only its
+        metadata changed (a chmod, a touch, a byte-identical copy put back), the same content."""
+        try:
+            if _identity(path) == identity:
+                return True
+            digest = dict(self.digests).get(name)
+            return digest is not None and os.path.realpath(path) == identity[0] and _hash_file(path)[0] == digest
+        except (OSError, ModelLoadError):
+            return False
 
 
 def _identity(path: Path) -> Identity:
@@ -89,6 +97,9 @@ def model_directory(name: str, local_files_only: bool = False) -> Path:
     fingerprinted before the weights are loaded, and loaded from the very directory that was."""
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")):  # a path, never a hub id: say what is wrong with it
+        what = "is not a directory" if Path(name).expanduser().exists() else "does not exist"
+        raise ModelLoadError(f"cannot load model {name!r}: the directory {what}")
     from huggingface_hub import snapshot_download
 
     try:
@@ -283,7 +294,7 @@ def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
     files = model_files(directory)
     if not any(name.endswith(WEIGHTS_SUFFIX) for name in files):
         raise ModelLoadError(f"cannot fingerprint {directory}: it holds no *.safetensors weights")
-    manifest, total, hashed, identities = hashlib.sha256(), 0, 0, []
+    manifest, total, hashed, identities, digests = hashlib.sha256(), 0, 0, [], []
     for name, path in files.items():
         try:
             digest, size, read, identity = file_digest(path, cache)
@@ -292,9 +303,10 @@ def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
         manifest.update(f"{name}\t{digest}\n".encode())
         total, hashed = total + size, hashed + read
         identities.append((name, identity))
+        digests.append((name, digest))
     cache.save()
     return Fingerprint(manifest.hexdigest()[:FINGERPRINT_HEX], len(files), total, hashed, time.monotonic() - began,
-                       directory, tuple(identities))
+                       directory, tuple(identities), tuple(digests))
 
 
 def weights_fingerprint(files: str, fmt: str) -> str:

@@ -192,6 +192,20 @@ def test_a_file_changed_after_it_was_hashed_fails_the_unchanged_check_naming_it(
     assert str(copy) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("change", ["chmod", "touch", "the same bytes copied back"])
+def test_a_file_whose_metadata_alone_changed_passes_the_unchanged_check(copy, change):
+    found = fingerprint_directory(copy, DigestCache(None))
+    config = copy / "config.json"
+    if change == "chmod":
+        os.chmod(config, 0o644)  # the same mode: only its ctime moves
+    elif change == "touch":
+        os.utime(config, ns=(1, 1))
+    else:
+        (copy / "new").write_bytes(config.read_bytes())
+        os.replace(copy / "new", config)
+    found.check_unchanged()  # its content is what was hashed: the fingerprint is still its own
+
+
 def test_weights_replaced_while_loading_stop_the_start_in_one_line(tiny_dir, copy, tmp_path):
     """The real loader, with the weights swapped for other bytes at the moment loading begins: the
     model may hold either version, so no fingerprint may be given to it."""
@@ -418,3 +432,9 @@ def test_a_hub_blob_that_is_itself_a_link_to_other_bytes_is_refused(tiny_dir, tm
     blob.symlink_to(elsewhere)  # blobs/<sha256 of A> -> a file holding other bytes
     with pytest.raises(ModelLoadError, match="corrupt or was edited"):
         fingerprint(snapshot)
+
+
+@pytest.mark.parametrize("missing", ["/nonexistent/qwen3vl-model", "./gone-model", "~/no-such-model-dir"])
+def test_a_model_path_that_is_gone_is_named_as_a_missing_directory_not_a_hub_id(missing):
+    with pytest.raises(ModelLoadError, match="the directory does not exist"):
+        model_directory(missing, local_files_only=True)
