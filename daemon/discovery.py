@@ -28,6 +28,7 @@ REFRESH_ENV = "QWEN3VL_DNS_REFRESH"
 DEFAULT_REFRESH_S = 10.0
 MIN_REFRESH_S = 0.01  # below this a lookup loop is a busy loop against the cluster's DNS
 MAX_REFRESH_S = 86400.0
+MAX_ADDRESSES = 256  # of one name that a client uses (one socket, one descriptor each)
 # A DNS name as resolvers take it: labels of letters, digits, '-' and '_', dot-separated.
 HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
@@ -101,6 +102,11 @@ def _ip(text: str) -> int | None:
         return None
 
 
+def _ip_order(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
+
+
 def is_ipv6(endpoint: str) -> bool:
     """Whether a tcp:// endpoint's host is an IPv6 address (the socket must then allow IPv6)."""
     return endpoint.startswith("tcp://[") and _ip(endpoint[len("tcp://["):].partition("]")[0]) == 6
@@ -128,6 +134,7 @@ class Discovery:
         self._addresses: dict[DnsName, list[str]] = {}
         self._looked_up: set[DnsName] = set()  # names whose first lookup has ended (well or not)
         self._errors: dict[DnsName, str] = {}
+        self._capped: set[DnsName] = set()  # names whose addresses were cut to MAX_ADDRESSES (warned once)
         self._version = 0
         self._current = self._assemble()
         self._changed = threading.Condition()
@@ -177,10 +184,17 @@ class Discovery:
         found = self._resolve(name.host, name.port)
         if isinstance(found, (str, bytes)) or not hasattr(found, "__iter__"):
             raise ValueError(f"the resolver gave {type(found).__name__}, not a list of IP addresses")
-        addresses = [str(a) for a in found]
+        addresses = list(dict.fromkeys(str(a) for a in found))
         for address in addresses:
             if _ip(address) is None:
                 raise ValueError(f"the resolver gave {address[:80]!r}, not an IP address")
+        if len(addresses) > MAX_ADDRESSES:
+            # One socket each: a name with thousands of addresses must not take every descriptor.
+            # The lowest are kept, so that the set stays put from one lookup to the next.
+            if name not in self._capped:
+                log.warning("%s: %d addresses; using %d of them", name.endpoint, len(addresses), MAX_ADDRESSES)
+                self._capped.add(name)
+            addresses = sorted(addresses, key=_ip_order)[:MAX_ADDRESSES]
         return addresses
 
     def _note_error(self, name: DnsName, message: str) -> None:

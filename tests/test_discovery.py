@@ -386,3 +386,17 @@ def test_the_live_daemons_share_a_dead_ones_turns_evenly_bursts_included():
     assert firsts == {1: 150, 2: 150}
     everyone = Failover(Rotation(), 3, 10.0, time.monotonic, lambda i: False)  # none connected: plain round robin
     assert everyone.order() == [0, 1, 2]
+
+
+def test_a_name_with_thousands_of_addresses_uses_the_lowest_256_and_the_set_stays_put():
+    import random
+
+    addresses = [f"10.{i // 250}.{i % 250}.1" for i in range(1000)] + ["fd00::1"]
+    resolver = lambda host, port: random.sample(addresses, len(addresses))  # noqa: E731 (another order each time)
+    discovery = Discovery(["dns+tcp://many:5555"], resolver, 3600)
+    discovery.refresh()
+    version, first = discovery.current()
+    discovery.refresh()
+    assert discovery.current() == (version, first)  # no churn from the resolver's order
+    assert len(first) == 256 and first[0] == "tcp://10.0.0.1:5555" and "tcp://[fd00::1]:5555" not in first
+    discovery.close()

@@ -13,6 +13,9 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread;
 use std::time::Duration;
 
+/// The most addresses of one name that a client uses (as the Python client: discovery.py).
+pub const MAX_ADDRESSES: usize = 256;
+
 /// Looks a host up: its addresses, or why the lookup failed. `Client::with_resolver` injects one.
 pub type Resolver = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<IpAddr>> + Send + Sync>;
 
@@ -218,7 +221,12 @@ impl Shared {
                     continue;
                 }
                 match (self.resolver)(&name.host, name.port) {
-                    Ok(addresses) if !addresses.is_empty() => {
+                    Ok(mut addresses) if !addresses.is_empty() => {
+                        // One socket each: a name with thousands of addresses must not take every
+                        // descriptor. The lowest ones are kept, so the set stays put between lookups.
+                        addresses.sort();
+                        addresses.dedup();
+                        addresses.truncate(MAX_ADDRESSES);
                         found.insert(name.clone(), addresses);
                     }
                     Ok(_) => {
