@@ -194,7 +194,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         if not texts:
             raise invalid_request("input: must not be empty")
         encoding = None if body.embedding_type == "float" else body.embedding_type
-        payload = embed_request(texts, dimension=body.dimensions, encoding=encoding,
+        payload = embed_request(texts, body.instruction, dimension=body.dimensions, encoding=encoding,
                                 priority=priority(body.priority, x_priority), **route(body.model, body.expect_fingerprint))
         result = EmbedReply.from_wire(await call_for_model(gateway, payload, body.model, fields=OPENAI_FIELDS))
         data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}

@@ -7,7 +7,7 @@ import base64
 import binascii
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from .errors import BridgeError, invalid_request
 
@@ -90,8 +90,18 @@ class HealthResponse(BaseModel):
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 
 
+# Token ids in `input` are another tokenizer's (LangChain's OpenAIEmbeddings sends tiktoken's by
+# default): embedding them as Qwen's would be silently wrong, so they are refused, naming the fix.
+TOKEN_IDS_REFUSED = ("token ids are not accepted: they would be another tokenizer's (tiktoken's), not this "
+                     "model's; send the texts themselves. LangChain: OpenAIEmbeddings(..., "
+                     "check_embedding_ctx_length=False); LlamaIndex: OpenAILikeEmbedding or "
+                     "OpenAIEmbedding(model_name=...)")
+
+
 class OpenAIEmbeddingsBody(BaseModel):
     input: str | list[str]
+    instruction: str | None = Field(None, description="Extension: the task instruction (as /embed's); unset: the "
+                                                      "daemon's default")
     model: str | None = Field(None, description="The daemon's embedding model of this name (or configured path or "
                                                 "hub id, or fingerprint); unset: its default; one it does not serve "
                                                 "is refused with 404 model_not_found")
@@ -104,6 +114,20 @@ class OpenAIEmbeddingsBody(BaseModel):
                              "base64: the raw bytes")
     expect_fingerprint: str | None = FINGERPRINT_FIELD
     priority: Priority | None = PRIORITY_FIELD
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(_token_ids(v) for v in value[:8]) or _token_ids(value):
+            raise ValueError(TOKEN_IDS_REFUSED)
+        return value
+
+
+def _token_ids(value: Any) -> bool:
+    """An int, or a non-empty list of ints (what OpenAI's API takes as pre-tokenized input)."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class OpenAIEmbedding(BaseModel):
