@@ -21,6 +21,25 @@ from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# A daemon whose loading and whose forwards wait for a file to appear: the test decides when each ends.
+GATED = """
+import os, sys, time
+import daemon.backends, daemon.engine
+gate = os.environ["GATE"]
+def held(original, name):
+    def wait(*args, **kwargs):
+        while not os.path.exists(gate + "." + name):
+            time.sleep(0.02)
+        return original(*args, **kwargs)
+    return wait
+daemon.backends.fingerprint_directory = held(daemon.backends.fingerprint_directory, "load")
+daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
+from daemon.main import main
+main()
+"""
+
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,24 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.harness import GATED
 from conftest import DaemonProcess, wait_ready
-
-# A daemon whose loading and whose forwards wait for a file to appear: the test decides when each ends.
-GATED = """
-import os, sys, time
-import daemon.backends, daemon.engine
-gate = os.environ["GATE"]
-def held(original, name):
-    def wait(*args, **kwargs):
-        while not os.path.exists(gate + "." + name):
-            time.sleep(0.02)
-        return original(*args, **kwargs)
-    return wait
-daemon.backends.fingerprint_directory = held(daemon.backends.fingerprint_directory, "load")
-daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
-from daemon.main import main
-main()
-"""
 
 
 def open_gate(gate: Path, name: str) -> None:

@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 
 from conftest import free_port, wait_ready
-from gates import GATED, hold_forwards, open_gate, start_gated
+from bench.harness import GATED
+from gates import hold_forwards, open_gate, start_gated
 from daemon.client import AsyncClient, Client, DaemonError
 
 
