@@ -90,14 +90,25 @@ def embed_in_thread(client: Client, outcome: dict) -> threading.Thread:
     return thread
 
 
-def test_a_daemon_killed_in_a_forward_passes_its_request_to_the_other(pair):
+def through_the_held_daemon(pair, fault, heartbeat: Heartbeat | None = None, before=lambda: None,
+                            queued_first: bool = True) -> dict:
+    """One request over both daemons that goes to the held one; `before` runs before it is sent,
+    `fault` once it is on the wire (with `queued_first`, once the held daemon has it queued)."""
     held, _, free = pair
-    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S)) as client:
+    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S, heartbeat=heartbeat)) as client:
+        before()
         outcome: dict = {}
         thread = embed_in_thread(client, outcome)
-        wait_until(lambda: queued(held) == 1)
-        kill(held)
+        if queued_first:
+            wait_until(lambda: queued(held) == 1)
+        fault()
         thread.join(TIMEOUT_S)
+    return outcome
+
+
+def test_a_daemon_killed_in_a_forward_passes_its_request_to_the_other(pair):
+    held, _, free = pair
+    outcome = through_the_held_daemon(pair, lambda: kill(held))
     assert "result" in outcome, outcome
     assert outcome["result"].embeddings.shape == (1, 4)
     assert outcome["seconds"] < TIMEOUT_S / 2
@@ -106,38 +117,28 @@ def test_a_daemon_killed_in_a_forward_passes_its_request_to_the_other(pair):
 
 def test_a_daemon_killed_before_reading_the_request_passes_it_on(pair):
     held, _, free = pair
-    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S)) as client:
-        held.process.send_signal(signal.SIGSTOP)  # the request reaches its socket, never the daemon
-        outcome: dict = {}
-        thread = embed_in_thread(client, outcome)
-        time.sleep(0.2)
-        kill(held)
-        thread.join(TIMEOUT_S)
+    # Stopped first: the request reaches its socket, never the daemon.
+    outcome = through_the_held_daemon(pair, lambda: (time.sleep(0.2), kill(held)), queued_first=False,
+                                      before=lambda: held.process.send_signal(signal.SIGSTOP))
     assert "result" in outcome and outcome["seconds"] < TIMEOUT_S / 2, outcome
     assert embeds_served(free) == 1
 
 
 def test_a_frozen_daemon_is_lost_after_the_heartbeat_timeout(pair):
     held, _, free = pair
-    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S, heartbeat=FAST)) as client:
-        outcome: dict = {}
-        thread = embed_in_thread(client, outcome)
-        wait_until(lambda: queued(held) == 1)
-        held.process.send_signal(signal.SIGSTOP)
-        thread.join(TIMEOUT_S)
+    outcome = through_the_held_daemon(pair, lambda: held.process.send_signal(signal.SIGSTOP), FAST)
     assert "result" in outcome and outcome["seconds"] < TIMEOUT_S / 2, outcome
     assert embeds_served(free) == 1
 
 
 def test_a_daemon_busy_far_longer_than_the_heartbeat_timeout_is_not_taken_for_lost(pair):
     held, gate, free = pair
-    with both_connected(Client([held.endpoint, free.endpoint], timeout=TIMEOUT_S, heartbeat=FAST)) as client:
-        outcome: dict = {}
-        thread = embed_in_thread(client, outcome)
-        wait_until(lambda: queued(held) == 1)
+
+    def busy_then_done():
         time.sleep(5 * FAST.timeout_s)  # libzmq's I/O thread answers the PINGs meanwhile
         open_gate(gate, "forward")
-        thread.join(TIMEOUT_S)
+
+    outcome = through_the_held_daemon(pair, busy_then_done, FAST)
     assert "result" in outcome, outcome
     assert (embeds_served(held), embeds_served(free)) == (1, 0)  # answered where it was sent, once
 
