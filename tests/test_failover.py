@@ -164,38 +164,38 @@ def test_the_async_client_fails_every_request_of_a_killed_daemon_over(pair):
     assert embeds_served(free) == 8  # its own 4, and the 4 the killed daemon held
 
 
-@pytest.mark.parametrize("kind", ["tcp", "ipc"])
-def test_a_lone_daemon_restarted_on_its_endpoint_answers_the_request_it_lost(kind, tmp_path, tiny_dir):
-    args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
-    where = endpoint(kind, tmp_path, "d")
-    daemon = start_daemon(tmp_path / "d", *args, endpoint=where)
-    try:
-        with Client(where, timeout=TIMEOUT_S) as client:
-            client.health()  # connected
-            daemon.process.send_signal(signal.SIGSTOP)
-            outcome: dict = {}
-            thread = embed_in_thread(client, outcome)
-            time.sleep(0.2)
-            kill(daemon)
-            daemon = start_daemon(tmp_path / "d", *args, endpoint=where)  # as systemd would
-            thread.join(TIMEOUT_S)
-        assert "result" in outcome, outcome
-        assert outcome["result"].embeddings.shape == (1, 4)
-        assert embeds_served(daemon) >= 1  # the new process answered it (after refusals while it loaded)
-    finally:
-        kill(daemon)
-
-
-def test_a_lost_daemon_that_never_comes_back_is_reported_lost_not_slow(tmp_path, tiny_dir):
-    daemon = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none")
-    with Client(daemon.endpoint, timeout=5) as client:
+def lose_a_lone_daemon(daemon: DaemonProcess, timeout: float, then=lambda: None) -> dict:
+    """A request to a lone daemon killed before it read it (stopped first); `then` runs after the
+    kill (a restart), while the request waits."""
+    with Client(daemon.endpoint, timeout=timeout) as client:
         client.health()  # connected
         daemon.process.send_signal(signal.SIGSTOP)
         outcome: dict = {}
         thread = embed_in_thread(client, outcome)
         time.sleep(0.2)
         kill(daemon)
-        thread.join(30)
+        then()
+        thread.join(timeout + 30)
+    return outcome
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ipc"])
+def test_a_lone_daemon_restarted_on_its_endpoint_answers_the_request_it_lost(kind, tmp_path, tiny_dir):
+    args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    daemons = [start_daemon(tmp_path / "d", *args, endpoint=endpoint(kind, tmp_path, "d"))]
+    try:  # restarted as systemd would
+        outcome = lose_a_lone_daemon(daemons[0], TIMEOUT_S, lambda: daemons.append(
+            start_daemon(tmp_path / "d", *args, endpoint=daemons[0].endpoint)))
+        assert "result" in outcome, outcome
+        assert outcome["result"].embeddings.shape == (1, 4)
+        assert embeds_served(daemons[-1]) >= 1  # the new process answered it (after refusals while it loaded)
+    finally:
+        kill(daemons[-1])
+
+
+def test_a_lost_daemon_that_never_comes_back_is_reported_lost_not_slow(tmp_path, tiny_dir):
+    daemon = start_daemon(tmp_path / "d", "--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    outcome = lose_a_lone_daemon(daemon, 5)
     error = outcome.get("error")
     assert isinstance(error, DaemonUnavailable), outcome
     assert "lost" in str(error) and daemon.endpoint in str(error)
