@@ -23,7 +23,8 @@ import zmq.asyncio
 
 from .config import client_endpoint
 from .discovery import Discovery, Resolver, is_ipv6
-from .liveness import CHECK_S, MAX_RESENDS, DaemonLost, DaemonUnavailable, Heartbeat, writable
+from .liveness import (CHECK_S, MAX_RESENDS, DaemonLost, DaemonUnavailable, Heartbeat, checked_heartbeat,
+                       checked_timeout, writable)
 from .sizing import SizeGuard
 from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel, checked,
                        decode_reply, embed_request, health_request, pack, refuses_priority, rerank_request,
@@ -96,6 +97,10 @@ def _send_now(sock: zmq.Socket, frames: list[bytes], endpoint: str) -> None:
         sock.send_multipart(frames, zmq.NOBLOCK)
     except zmq.Again:
         raise DaemonLost(f"the daemon at {endpoint} was lost (its connection ended) as the request went") from None
+
+
+class ClientClosed(DaemonUnavailable):
+    """The client was closed while the request waited: it is not sent again."""
 
 
 class DaemonTimeout(TimeoutError):
@@ -240,7 +245,7 @@ class Client:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.curve = curve
-        self.heartbeat = heartbeat or Heartbeat()
+        self.heartbeat = checked_heartbeat(heartbeat)
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -276,14 +281,18 @@ class Client:
 
     def request(self, payload: dict, timeout: float | None = None) -> dict:
         """Send one payload and return the reply map (errors are in it, not raised)."""
-        timeout = self.timeout if timeout is None else timeout
-        with self._lock:
+        timeout = checked_timeout(self.timeout if timeout is None else timeout)
+        deadline = time.monotonic() + timeout
+        # The time waited for another thread's request counts: the caller's timeout is the whole.
+        if not self._lock.acquire(timeout=timeout):
+            raise DaemonTimeout(f"no reply from {self.endpoint} within {timeout:g}s (this client's other "
+                                "requests held it)")
+        try:
             self._sync(min(self.connect_timeout, timeout))
             if not self._order:
                 raise DaemonUnavailable(f"{self.endpoint}: {self._discovery.describe_empty()}")
             order = self._order
-            deadline = time.monotonic() + timeout
-            plan = Failover(self._rotation, len(order), timeout, time.monotonic,
+            plan = Failover(self._rotation, len(order), deadline - time.monotonic(), time.monotonic,
                             lambda i: writable(self._socks[order[i]]), self.connect_timeout)
             for attempt in plan.tries():
                 time.sleep(attempt.pause_s)
@@ -300,6 +309,8 @@ class Client:
                 if plan.accept(order.index(endpoint), reply):
                     return reply
             return plan.give_up(self.endpoint)
+        finally:
+            self._lock.release()
 
     def _first_connected(self, endpoints: list[str], wait_s: float) -> str | None:
         """The first of `endpoints` whose daemon is connected, waiting up to `wait_s` for one."""
@@ -314,7 +325,7 @@ class Client:
         (it is then forgotten, and its socket reconnects by itself); DaemonTimeout at the deadline."""
         request_id, budget = next(self._ids), deadline - time.monotonic()
         frames = _message(request_id, payload, budget)
-        if self._sizes.needs_limit(endpoint, len(frames[-1])):
+        if self._sizes.needs_limit(len(frames[-1])):
             self._request_on(endpoint, health_request(), deadline)  # learns the limit
         refusal = self._sizes.refusal(endpoint, len(frames[-1]))
         if refusal is not None:
@@ -413,7 +424,7 @@ class AsyncClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.curve = curve
-        self.heartbeat = heartbeat or Heartbeat()
+        self.heartbeat = checked_heartbeat(heartbeat)
         self._ctx = zmq.asyncio.Context.instance()
         self._ids = itertools.count(1)
         self._peers: dict[str, _Peer] = {}
@@ -480,7 +491,7 @@ class AsyncClient:
         peer.watcher = None
 
     async def request(self, payload: dict, timeout: float | None = None) -> dict:
-        timeout = self.timeout if timeout is None else timeout
+        timeout = checked_timeout(self.timeout if timeout is None else timeout)
         clock = asyncio.get_running_loop().time
         deadline = clock() + timeout
         await self._sync(min(self.connect_timeout, timeout))
@@ -499,6 +510,8 @@ class AsyncClient:
                 reply = await self._request_on(endpoint, payload, deadline)
                 if refuses_priority(payload, reply):  # a daemon from before priorities
                     reply = await self._request_on(endpoint, without_priority(payload), deadline)
+            except ClientClosed:
+                raise
             except (DaemonUnavailable, DaemonTimeout) as exc:
                 plan.failed(exc, endpoint or "")
                 continue
@@ -538,7 +551,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         request_id, budget = next(self._ids), deadline - loop.time()
         frames = _message(request_id, payload, budget)
-        if self._sizes.needs_limit(endpoint, len(frames[-1])):
+        if self._sizes.needs_limit(len(frames[-1])):
             await self._exchange(endpoint, peer, health_request(), deadline)  # learns the limit
         refusal = self._sizes.refusal(endpoint, len(frames[-1]))
         if refusal is not None:
@@ -574,8 +587,14 @@ class AsyncClient:
         return checked(await self.request(health_request(), timeout))
 
     async def close(self) -> None:
+        """Close every socket; requests still waiting fail at once with DaemonUnavailable."""
         self._discovery.close()
-        for peer in self._peers.values():
+        for endpoint, peer in self._peers.items():
+            for future in peer.waiting.values():
+                if not future.done():
+                    future.set_exception(ClientClosed(f"the client was closed with the request to {endpoint} "
+                                                      "on the wire"))
+            peer.waiting.clear()
             peer.close()
         self._peers, self._order, self._version = {}, [], -1
 

@@ -33,21 +33,48 @@ CHECK_S = 0.05  # how often a request in flight looks at its daemon's connection
 class Heartbeat:
     """ZMTP heartbeats on a client's connection to a daemon (ZMQ_HEARTBEAT_IVL/_TIMEOUT/_TTL).
 
-    A daemon that answers nothing, not even a PING, for `timeout_s` is taken for lost; the daemon is
+    A PING goes every `interval_s`; a daemon that answers nothing, not even a PING, for `timeout_s`
+    after one is lost, so a frozen daemon is noticed within interval_s + timeout_s. The daemon is
     told (TTL) to drop this connection after as long without a word from the client."""
 
     interval_s: float = 1.0
     timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
-        if not 0.1 <= self.interval_s <= self.timeout_s <= 6553.0:
-            raise ValueError(f"heartbeat: 0.1 <= interval_s ({self.interval_s}) <= timeout_s ({self.timeout_s}) "
-                             "<= 6553 seconds (ZMQ_HEARTBEAT_TTL's range)")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.interval_s, self.timeout_s))
+        # The timeout leaves room for a PING's answer, and the TTL (libzmq counts it in tenths of a
+        # second, rounding down) for the next PING: else healthy daemons look lost.
+        if not (numbers and 0.1 <= self.interval_s and 2 * self.interval_s <= self.timeout_s <= 3000.0):
+            raise ValueError(f"heartbeat: give seconds with interval_s >= 0.1 and 2 x interval_s <= timeout_s <= 3000 "
+                             f"(got interval_s={self.interval_s!r}, timeout_s={self.timeout_s!r})")
+
+    @property
+    def ttl_s(self) -> float:
+        return self.timeout_s + self.interval_s
 
     def apply(self, sock: zmq.Socket) -> None:
         sock.heartbeat_ivl = int(self.interval_s * 1000)
         sock.heartbeat_timeout = int(self.timeout_s * 1000)
-        sock.heartbeat_ttl = int(self.timeout_s * 1000)
+        sock.heartbeat_ttl = int(self.ttl_s * 1000)
+
+
+def checked_heartbeat(heartbeat: "Heartbeat | None") -> "Heartbeat":
+    if heartbeat is None:
+        return Heartbeat()
+    if not isinstance(heartbeat, Heartbeat):
+        raise TypeError(f"heartbeat: give a Heartbeat(interval_s, timeout_s), not {type(heartbeat).__name__}")
+    return heartbeat
+
+
+MAX_TIMEOUT_S = 365 * 86400.0  # an infinite timeout waits this long
+
+
+def checked_timeout(timeout) -> float:
+    """A request's timeout in seconds: a positive number (infinity: a year), else ValueError."""
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+    if not ok:  # NaN fails `> 0` too
+        raise ValueError(f"timeout: give a positive number of seconds, not {timeout!r}")
+    return min(float(timeout), MAX_TIMEOUT_S)
 
 
 class DaemonUnavailable(ConnectionError):

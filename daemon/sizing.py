@@ -2,9 +2,10 @@
 
 A daemon answers a payload a little over its limit with `too_large`; one far past it (more than
 the limit plus TRANSPORT_SLACK) is dropped by its socket, which closes the connection without a
-word. So a client refuses such a request itself, before sending: it learns each daemon's limit
-from its `health` reply (`limits.max_message_bytes`), asking for it before the first payload that
-only a limit could refuse, and takes PROTOCOL.md's default from a daemon too old to say.
+word. So a client refuses such a request itself, before sending: it asks the daemon's `health`
+for its limit (`limits.max_message_bytes`) before each payload that only a limit could refuse (a
+daemon restarted meanwhile may have another; one round trip beside a payload of megabytes), and
+takes PROTOCOL.md's default from a daemon too old to say.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ class SizeGuard:
     def __init__(self) -> None:
         self._limits: dict[str, int] = {}
 
-    def needs_limit(self, endpoint: str, size: int) -> bool:
-        """Whether `endpoint`'s limit must be asked for before a payload of `size` bytes goes."""
-        return size > ANSWERED_UP_TO_BYTES and endpoint not in self._limits
+    @staticmethod
+    def needs_limit(size: int) -> bool:
+        """Whether the daemon's limit must be asked for before a payload of `size` bytes goes."""
+        return size > ANSWERED_UP_TO_BYTES
 
     def noted(self, endpoint: str, payload: dict, reply: dict) -> dict:
         """`reply`, after learning the daemon's limit from it if it answers a health request."""

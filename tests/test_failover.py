@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import zmq
 
 from conftest import Bridge, DaemonProcess, free_port, start_daemon
 from daemon.client import AsyncClient, Client, DaemonError, DaemonUnavailable
@@ -275,3 +276,97 @@ def test_the_bridge_answers_503_naming_a_lost_daemon_that_never_came_back(tmp_pa
     finally:
         bridge.stop()
         kill(daemon)
+
+
+def test_a_daemon_restarted_with_a_smaller_limit_while_the_client_was_idle_is_asked_again(tmp_path, tiny_dir):
+    args = ("--embedding-model", str(tiny_dir), "--reranker-model", "none")
+    daemon = start_daemon(tmp_path / "d", *args, "--max-message-bytes", str(3_000_000))
+    payload = "x" * 2_500_000
+    try:
+        with Client(daemon.endpoint, timeout=TIMEOUT_S) as client:
+            with pytest.raises(DaemonError) as first:  # under the limit: sent, and the daemon's own answer
+                client.embed([payload])
+            assert "max_text_chars" in str(first.value)
+            daemon.stop()
+            daemon = start_daemon(tmp_path / "d", *args, "--max-message-bytes", str(1_100_000))
+            started = time.monotonic()
+            with pytest.raises(DaemonError) as refused:
+                client.embed([payload])
+            assert refused.value.code == "too_large" and "1100000" in str(refused.value)
+            assert time.monotonic() - started < 5  # refused before sending, not lost and resent
+    finally:
+        kill(daemon)
+
+
+@pytest.mark.parametrize("interval, timeout", [(1.0, 1.0), (0.5, 0.9), (0.05, 1.0), (True, 3), ("1", "3"),
+                                               (1.0, float("nan")), (1.0, float("inf"))])
+def test_heartbeats_that_would_take_a_healthy_daemon_for_lost_are_refused(interval, timeout):
+    with pytest.raises(ValueError, match="heartbeat"):
+        Heartbeat(interval, timeout)
+
+
+def test_the_daemon_is_told_to_wait_past_the_clients_next_ping():
+    beat = Heartbeat(0.2, 0.4)
+    assert beat.ttl_s > beat.timeout_s + beat.interval_s - 1e-9
+
+
+def test_a_heartbeat_of_another_type_and_a_timeout_that_is_no_time_are_refused_at_once(daemon):
+    with pytest.raises(TypeError, match="Heartbeat"):
+        Client(daemon.endpoint, heartbeat=(1, 3))
+    with pytest.raises(TypeError, match="Heartbeat"):
+        AsyncClient(daemon.endpoint, heartbeat={"interval_s": 1})
+    with daemon.client() as client:
+        for bad in (0, -1, float("nan"), True):
+            with pytest.raises(ValueError, match="timeout"):
+                client.health(timeout=bad)
+        assert client.health(timeout=float("inf"))["status"] == "ready"
+
+
+def silent_daemon() -> tuple[zmq.Context, zmq.Socket, str]:
+    """A ROUTER that takes requests and never answers (a real socket; no daemon behind it)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    return ctx, router, f"tcp://127.0.0.1:{port}"
+
+
+def test_closing_an_async_client_fails_its_waiting_requests_at_once():
+    ctx, router, where = silent_daemon()
+
+    async def scenario():
+        client = AsyncClient(where, timeout=TIMEOUT_S)
+        waiting = [asyncio.create_task(client.health()) for _ in range(5)]
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        await client.close()
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        return outcomes, time.monotonic() - started
+
+    try:
+        outcomes, seconds = asyncio.run(scenario())
+        assert all(isinstance(o, DaemonUnavailable) and "closed" in str(o) for o in outcomes), outcomes
+        assert seconds < 5
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_the_time_a_request_waits_for_the_clients_other_threads_counts_against_its_timeout():
+    ctx, router, where = silent_daemon()
+    ended: list[float] = []
+    try:
+        with Client(where, timeout=1.0) as client:
+            started = time.monotonic()
+
+            def ask():
+                with pytest.raises(Exception):
+                    client.health()
+                ended.append(time.monotonic() - started)
+
+            threads = [threading.Thread(target=ask) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        assert len(ended) == 4 and max(ended) < 2.5, ended  # one after another: 4 s
+    finally:
+        ctx.destroy(linger=0)

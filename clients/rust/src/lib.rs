@@ -502,8 +502,6 @@ pub struct ServedModel {
 struct Daemon {
     endpoint: String,
     idle: Mutex<Vec<zmq::Socket>>,
-    /// Its `max_message_bytes` as its health said; unknown until a payload needs it.
-    limit: Mutex<Option<u64>>,
 }
 
 impl Daemon {
@@ -772,8 +770,15 @@ impl Client {
     }
 
     /// ZMTP heartbeats on each connection (default: a PING every second, lost after 3 s of silence).
-    /// Sockets made from now on use them.
+    /// Sockets made from now on use them. `interval` at least 100 ms and `timeout` from twice it to
+    /// 3000 s (room for a PING's answer), else every call fails with `Error::Config`.
     pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Client {
+        let fits = heartbeat.interval >= Duration::from_millis(100) && heartbeat.timeout >= 2 * heartbeat.interval
+            && heartbeat.timeout <= Duration::from_secs(3000);
+        if !fits {
+            return self.broken(format!("heartbeat: give interval >= 100 ms and 2 x interval <= timeout <= 3000 s \
+                                        (got {:?}, {:?})", heartbeat.interval, heartbeat.timeout));
+        }
         self.heartbeat = heartbeat;
         self.set = DaemonSet::unbuilt();
         self
@@ -828,8 +833,7 @@ impl Client {
         if set.version != version {
             let daemons = endpoints.iter().map(|endpoint| {
                 set.daemons.iter().find(|d| &d.endpoint == endpoint).cloned()
-                    .unwrap_or_else(|| Arc::new(Daemon { endpoint: endpoint.clone(), idle: Mutex::new(Vec::new()),
-                                                       limit: Mutex::new(None) }))
+                    .unwrap_or_else(|| Arc::new(Daemon { endpoint: endpoint.clone(), idle: Mutex::new(Vec::new()) }))
             }).collect();
             *set = DaemonSet { version, daemons: Arc::new(daemons) };
         }
@@ -849,7 +853,8 @@ impl Client {
         let ms = |d: Duration| d.as_millis().min(6_553_500) as i32;
         sock.set_heartbeat_ivl(ms(self.heartbeat.interval))?;
         sock.set_heartbeat_timeout(ms(self.heartbeat.timeout))?;
-        sock.set_heartbeat_ttl(ms(self.heartbeat.timeout))?;
+        // The daemon drops us after this long silent: past our own next PING, whatever its rounding.
+        sock.set_heartbeat_ttl(ms(self.heartbeat.timeout + self.heartbeat.interval))?;
         sock.set_reconnect_ivl(100)?;
         sock.set_reconnect_ivl_max(1000)?;
         if daemon.endpoint.starts_with("tcp://[") {
@@ -910,16 +915,9 @@ impl Client {
         if size <= ANSWERED_UP_TO_BYTES {
             return Ok(());
         }
-        let known = *daemon.limit.lock().unwrap();
-        let limit = match known {
-            Some(limit) => limit,
-            None => {
-                let reply = self.exchange(daemon, sock, &encode(&OpOnly { op: "health" })?, deadline)?;
-                let limit = max_message_bytes(&reply);
-                *daemon.limit.lock().unwrap() = Some(limit);
-                limit
-            }
-        };
+        // Asked each time: a daemon restarted meanwhile may have another limit.
+        let reply = self.exchange(daemon, sock, &encode(&OpOnly { op: "health" })?, deadline)?;
+        let limit = max_message_bytes(&reply);
         if size as u64 > limit {
             return Err(Error::TooLarge(format!("payload: {size} bytes exceed the limit of {limit} (max_message_bytes \
                                                 of {}); not sent", daemon.endpoint)));
@@ -930,10 +928,7 @@ impl Client {
     /// Send one payload and wait for its reply, looking at the connection every `CHECK`: a socket
     /// that can no longer send lost its daemon (ZMQ_IMMEDIATE, one connection), and the request with it.
     fn exchange(&self, daemon: &Daemon, sock: &zmq::Socket, payload: &[u8], deadline: Instant) -> Result<Vec<u8>> {
-        let lost = || {
-            *daemon.limit.lock().unwrap() = None; // a daemon back from a restart may have another
-            Error::Lost { endpoint: daemon.endpoint.clone(), why: "its connection ended".into() }
-        };
+        let lost = || Error::Lost { endpoint: daemon.endpoint.clone(), why: "its connection ended".into() };
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed).to_be_bytes();
         match sock.send_multipart([&tag[..], b"", payload], zmq::DONTWAIT) {
             Err(zmq::Error::EAGAIN) => return Err(lost()),
@@ -1273,6 +1268,17 @@ mod tests {
         assert_eq!(firsts, [0, 150, 150]);
         assert_eq!(try_order(4, &[false, false, false]), vec![1, 2, 0]);
         assert_eq!(try_order(4, &[true, true, true]), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn heartbeats_that_would_take_a_healthy_daemon_for_lost_fail_every_call_as_config() {
+        let ms = Duration::from_millis;
+        for (interval, timeout) in [(ms(1000), ms(1000)), (ms(50), ms(1000)), (ms(0), ms(3000)), (ms(1000), ms(1900))] {
+            let client = Client::new("ipc:///nonexistent/sock", ms(500)).with_heartbeat(Heartbeat { interval, timeout });
+            assert!(matches!(client.health(), Err(Error::Config(m)) if m.contains("heartbeat")), "{interval:?} {timeout:?}");
+        }
+        let fine = Client::new("ipc:///nonexistent/sock", ms(300)).with_heartbeat(Heartbeat { interval: ms(200), timeout: ms(400) });
+        assert!(matches!(fine.health(), Err(Error::Unavailable { .. })));
     }
 
     #[test]
