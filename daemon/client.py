@@ -185,7 +185,10 @@ class Failover:
             remaining = self._deadline - self._clock() - (STARTING_PAUSE_S if self._starting else 0.0)
             if not self._lost or len(self._lost) > MAX_RESENDS or not candidates or remaining <= 0:
                 return
+            seen = (len(self._lost), len(self._refused))
             yield Try(candidates, remaining, remaining, STARTING_PAUSE_S if self._starting else 0.0)
+            if (len(self._lost), len(self._refused)) == seen and not self._starting:
+                return  # it failed otherwise (no daemon came back in time): that failure is the answer
 
     def failed(self, exc: Exception, endpoint: str) -> None:
         if isinstance(exc, DaemonLost):
