@@ -92,9 +92,12 @@ def _configure(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None, heartbe
 
 
 def _send_now(sock: zmq.Socket, frames: list[bytes], endpoint: str) -> None:
-    """Queue a request on a connected socket; DaemonLost if its connection ended a moment ago."""
+    """Queue a request on a connected socket; DaemonLost if its connection ended a moment ago. (An
+    asyncio socket gives a future, done at once for a non-blocking send: its error is raised here.)"""
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK)
+        sent = sock.send_multipart(frames, zmq.NOBLOCK)
+        if isinstance(sent, asyncio.Future) and sent.done():
+            sent.result()
     except zmq.Again:
         raise DaemonLost(f"the daemon at {endpoint} was lost (its connection ended) as the request went") from None
 
@@ -523,7 +526,10 @@ class AsyncClient:
         return plan.give_up(self.endpoint)
 
     async def _first_connected(self, endpoints: list[str], wait_s: float) -> str | None:
-        """The first of `endpoints` whose daemon is connected, waiting up to `wait_s` for one."""
+        """The first of `endpoints` whose daemon is connected, waiting up to `wait_s` for one.
+
+        Looked at every CHECK_S, never polled for POLLOUT: pyzmq's asyncio poll leaves a send event
+        queued on the socket, and a send queued behind it waits for an edge that may never come."""
         clock = asyncio.get_running_loop().time
         end = clock() + wait_s
         while True:
@@ -533,11 +539,7 @@ class AsyncClient:
                     return endpoint
             if clock() >= end:
                 return None
-            poller = zmq.asyncio.Poller()
-            for endpoint in endpoints:
-                if endpoint in self._peers:
-                    poller.register(self._peers[endpoint].sock, zmq.POLLOUT)
-            await poller.poll(max(1, int(min(end - clock(), 1.0) * 1000)))
+            await asyncio.sleep(min(CHECK_S, max(0.0, end - clock())))
 
     async def _request_on(self, endpoint: str, payload: dict, deadline: float) -> dict:
         peer = self._peers.get(endpoint)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import gradient_png
+from conftest import exchange, gradient_png
 from daemon.fingerprint import DigestCache, fingerprint_directory
 
 
@@ -251,10 +251,8 @@ def test_async_client_works_as_an_async_context_manager_and_closes(daemon):
 
 
 def test_oversized_payload_error_reaches_the_right_request(daemon):
-    from daemon.client import Client
-
-    with Client(daemon.endpoint, timeout=30) as c:
-        reply = c.request({"op": "embed", "inputs": [{"image": b"\x00" * (64 * 1024 * 1024 + 4096)}]})
+    # A raw socket: the project's clients refuse such a payload before sending (test_failover.py).
+    (reply,) = exchange(daemon.endpoint, [{"op": "embed", "inputs": [{"image": b"\x00" * (64 * 1024 * 1024 + 4096)}]}])
     assert reply["error"]["code"] == "too_large" and reply["id"] is None
 
 
