@@ -362,11 +362,11 @@ def test_the_time_a_request_waits_for_the_clients_other_threads_counts_against_i
                     client.health()
                 ended.append(time.monotonic() - started)
 
-            threads = [threading.Thread(target=ask) for _ in range(4)]
+            threads = [threading.Thread(target=ask) for _ in range(8)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(30)
-        assert len(ended) == 4 and max(ended) < 2.5, ended  # one after another: 4 s
+        assert len(ended) == 8 and max(ended) < 4.0, ended  # each within ~1 s; one after another: 8 s
     finally:
         ctx.destroy(linger=0)
