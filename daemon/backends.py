@@ -36,7 +36,7 @@ class BackendInfo:
     max_length: int  # tokens per input
     hidden_size: int | None = None  # the embedding's full dimension
     fingerprint: str | None = None  # of the model's files and weight format (fingerprint.py)
-    weights: str = "float32"  # the weight format: the dtype (unquantized), int8, nf4 or fp8
+    weights: str = "float32"  # the weight format: the dtype (unquantized), int8, nf4, fp8 or w8a8
     memory_bytes: int = 0  # what the model's parameters and buffers hold on its device
     memory_estimate_bytes: int | None = None  # what fit.py estimated before loading (weights only)
     task: str | None = None  # embedding | reranker

@@ -91,7 +91,7 @@ class ModelSettings:
     attn_implementation: str = "sdpa"
     max_length: int = EMBEDDING_MAX_LENGTH
     local_files_only: bool = False
-    quantize: str = "none"  # none | int8 | nf4 | fp8: the language model's linear layers (weights.py)
+    quantize: str = "none"  # none | int8 | nf4 | fp8 | w8a8: the language model's linear layers (weights.py)
     alias: str | None = None  # the name requests use (`model`); None: the directory's or hub id's last part
     keep_alive_s: float | None = None  # idle this long, the model is unloaded; None: kept loaded forever
 

@@ -146,7 +146,8 @@ def _metrics_address(ctx, param, value: str | None) -> str | None:
               help="auto (bfloat16 on CUDA, MPS and CPUs with native bf16 (AVX512-BF16, AMX), else float32), "
                    "bfloat16, float32 or float16.")
 @click.option("--quantize", envvar="QWEN3VL_QUANTIZE", default=ModelSettings.quantize, show_default=True,
-              help="Language model weights: none (the dtype), int8, nf4, or fp8 (CUDA 8.9+); needs the [quant] extra.")
+              help="Language model weights: none (the dtype), int8, nf4, fp8 (CUDA 8.9+; these three need the "
+                   "[quant] extra), or w8a8 (computed in int8: x86 CPUs with AVX2 or newer, CUDA).")
 @click.option("--embedding-quantize", envvar="QWEN3VL_EMBEDDING_QUANTIZE", default=None,
               help="--quantize for the embedding model only.")
 @click.option("--reranker-quantize", envvar="QWEN3VL_RERANKER_QUANTIZE", default=None,

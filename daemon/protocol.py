@@ -368,7 +368,7 @@ class ModelHealth:
     fingerprint: str | None = None  # of the loaded model's files; nil until loaded
     quantization: str | None = None  # embedding only: int8/uint8's map ("fixed" or "calibrated:<id>")
     calibrated_dimensions: list[int] | None = None  # embedding only: the dimensions a calibration covers
-    weights: str | None = None  # bfloat16, float32, float16 (unquantized), int8, nf4 or fp8; nil until loaded
+    weights: str | None = None  # bfloat16, float32, float16 (unquantized), int8, nf4, fp8 or w8a8; nil until loaded
     memory_bytes: int | None = None  # what its weights hold on its device; nil until loaded
     memory_estimate_bytes: int | None = None  # what the start estimated from its files; nil if not estimated
 

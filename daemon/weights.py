@@ -1,5 +1,5 @@
 """How a model holds its weights: in its compute dtype, or with the language model's linear layers
-quantized (int8, nf4, fp8) through torchao.
+quantized (int8, nf4, fp8) through torchao, or computed in int8 (w8a8, w8a8.py).
 
 The language model's decoder linear layers (q/k/v/o and the MLP's gate/up/down: 1.41 of the 2B
 model's 2.13 billion weights) take the format; its token embedding table (0.31 billion) takes int8
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-NONE, INT8, NF4, FP8 = "none", "int8", "nf4", "fp8"
-FORMATS = (NONE, INT8, NF4, FP8)
-QUANTIZED = (INT8, NF4, FP8)
+NONE, INT8, NF4, FP8, W8A8 = "none", "int8", "nf4", "fp8", "w8a8"
+FORMATS = (NONE, INT8, NF4, FP8, W8A8)
+QUANTIZED = (INT8, NF4, FP8, W8A8)
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first with float8 tensor cores (torch._scaled_mm)
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA's block)
 NF4_SCALER_BLOCK = 256  # scales per second-level scale (double quantization)
@@ -41,13 +41,21 @@ def parse_format(spec: str | None, what: str = "--quantize") -> str:
     """The format `spec` names; `what` names the setting in the message."""
     value = (spec or NONE).strip().lower()
     if value not in FORMATS:
-        raise FormatError(f"{what}: unknown format {str(spec)[:40]!r}; use none, int8, nf4 or fp8")
+        raise FormatError(f"{what}: unknown format {str(spec)[:40]!r}; use none, int8, nf4, fp8 or w8a8")
     return value
 
 
 def check_format(fmt: str, device, what: str = "--quantize") -> None:
     """Refuse, before any weight is read, a format this device or environment cannot run."""
     if fmt == NONE:
+        return
+    if fmt == W8A8:  # its own kernels (w8a8.py): no torchao
+        from .w8a8 import W8A8Unavailable, check_device
+
+        try:
+            check_device(device)
+        except W8A8Unavailable as exc:
+            raise FormatError(f"{what}: {exc}") from None
         return
     try:
         import torchao  # noqa: F401
@@ -66,7 +74,8 @@ def check_format(fmt: str, device, what: str = "--quantize") -> None:
 # computes changes (its layers, its table, its rounding), so that old vectors cannot pass for new.
 RECIPES = {INT8: "int8/1: torchao int8 per-row linear layers, int8-row token table",
            NF4: "nf4/1: nf4 64-blocks nearest in float32, double-quantized scales; int8-row token table",
-           FP8: "fp8/1: torchao float8 e4m3 per-row weights and per-token activations; int8-row token table"}
+           FP8: "fp8/1: torchao float8 e4m3 per-row weights and per-token activations; int8-row token table",
+           W8A8: "w8a8/1: int8 per-row weights, 7-bit per-token activations, int32 sums; int8-row token table"}
 
 
 def _cuda_capability(device) -> tuple[int, int] | None:
@@ -106,13 +115,19 @@ def convert(model, fmt: str, device, dtype) -> Converted:
 
     layers = weights = 0
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for name, module in list(model.named_modules()):
             if is_quantized_layer(name, module):
+                weights += module.weight.numel()
+                layers += 1
+                if fmt == W8A8:
+                    from .w8a8 import linear_class
+
+                    parent, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(parent), attr, linear_class()(module, device))
+                    continue
                 module.weight = torch.nn.Parameter(module.weight.detach().to(device=device, dtype=dtype),
                                                    requires_grad=False)
-                weights += module.weight.numel()
                 _quantize(module, fmt)
-                layers += 1
         _int8_table(model, device, dtype)
         quantized = {id(p) for p in model.parameters() if is_quantized_tensor(p)}
         for param in model.parameters():
@@ -162,7 +177,8 @@ def int8_embedding_class():
 def _quantize(layer, fmt: str) -> None:
     """Replace the weight of `layer` (on its device, in the compute dtype) by its `fmt` form: int8
     per output row (symmetric absmax), nf4 per block of 64 with double-quantized scales (QLoRA),
-    fp8 e4m3 per row with activations quantized per token at run time (torch._scaled_mm)."""
+    fp8 e4m3 per row with activations quantized per token at run time (torch._scaled_mm). w8a8
+    replaces the layer itself (`convert` does that)."""
     import torch
 
     if fmt == NF4:
@@ -254,7 +270,8 @@ def model_bytes(model) -> int:
         if key not in seen:
             seen.add(key)
             total += tensor_bytes(data)
-    return total
+    # w8a8's CPU layers hold their weights in fbgemm's packed objects, which are not tensors.
+    return total + sum(getattr(module, "packed_bytes", 0) for module in model.modules())
 
 
 def weights_label(fmt: str, dtype) -> str:

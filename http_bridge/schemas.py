@@ -78,7 +78,7 @@ class HealthResponse(BaseModel):
     device: str | None = None
     embedding_dim: int | None = None
     # Additions (the sidecar's fields above are unchanged): how each model holds its weights
-    # (bfloat16, float32, int8, nf4, fp8), their bytes on the device, and their fingerprints.
+    # (bfloat16, float32, int8, nf4, fp8, w8a8), their bytes on the device, and their fingerprints.
     embedding_weights: str | None = None
     reranker_weights: str | None = None
     embedding_memory_bytes: int | None = None

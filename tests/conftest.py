@@ -28,6 +28,21 @@ from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable 
 from daemon.tiny import TinySpec, build_tiny_checkpoint  # noqa: E402
 
 
+def _w8a8_refusal() -> str | None:
+    from daemon.w8a8 import W8A8Unavailable, check_device
+
+    try:
+        check_device("cpu")
+    except W8A8Unavailable as exc:
+        return str(exc)
+    return None
+
+
+# w8a8 runs where the CPU has an int8 kernel (x86-64 with AVX2 or newer); elsewhere its tests say why not.
+W8A8_REFUSAL = _w8a8_refusal()
+needs_w8a8 = pytest.mark.skipif(W8A8_REFUSAL is not None, reason=f"this CPU cannot run w8a8: {W8A8_REFUSAL}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_fingerprint_cache(tmp_path_factory):
     """Every daemon the tests start, however started, keeps model digests in the run's own folder,

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import exchange, gradient_png, start_daemon
+from conftest import exchange, gradient_png, needs_w8a8, start_daemon
 from daemon.batching import BatchPolicy, Scheduler, Unit
 
 
@@ -148,7 +148,7 @@ def test_flowing_traffic_lingers_for_a_fuller_batch_but_at_most_max_wait():
 
 # Each weight format batches as the unquantized model does: an input's vector is the same alone
 # and in any batch.
-@pytest.fixture(scope="module", params=["none", "int8", "nf4"])
+@pytest.fixture(scope="module", params=["none", "int8", "nf4", pytest.param("w8a8", marks=needs_w8a8)])
 def batching_daemon(request, tmp_path_factory, tiny_dir):
     proc = start_daemon(tmp_path_factory.mktemp("batching"), "--embedding-model", str(tiny_dir),
                         "--reranker-model", str(tiny_dir), "--max-batch-size", "6", "--max-wait-ms", "2",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Bridge, gradient_png, start_daemon
+from conftest import W8A8_REFUSAL, Bridge, gradient_png, needs_w8a8, start_daemon
 from daemon.backends import _check_calibration_print
 from daemon.config import MediaPolicy, ModelSettings
 from daemon.errors import ModelLoadError
@@ -22,14 +22,17 @@ from daemon.fingerprint import weights_fingerprint
 from daemon.fit import checkpoint_shape, weights_bytes
 from daemon.inputs import InputItem, MediaReader, MediaSource
 from daemon.models import EmbeddingModel, RerankerModel
+from daemon.w8a8 import linear_class
 from daemon.weights import FormatError, check_format, is_quantized_layer, is_quantized_tensor, model_bytes, to_nf4
 
-FORMATS = ("int8", "nf4")
+FORMATS = ("int8", "nf4", "w8a8")
 # Relative error (Frobenius norm of the difference over the exact output's) that a quantized layer
 # may make on the model's own activations. Measured on the tiny model's random weights: int8 at most
-# 0.006, nf4 at most 0.11 (NF4's levels are ~0.1 apart at the block's scale); a wrong scale or a
-# swapped nibble order makes either exceed 0.5 (see the last test here).
-LAYER_BOUND = {"int8": 0.02, "nf4": 0.2}
+# 0.006, nf4 at most 0.11 (NF4's levels are ~0.1 apart at the block's scale), w8a8 at most 0.016 (its
+# 7-bit activations: a step of absmax/63); a wrong scale, layout or nibble order makes each exceed 0.5
+# (see the checks below).
+LAYER_BOUND = {"int8": 0.02, "nf4": 0.2, "w8a8": 0.04}
+FORMAT_PARAMS = [pytest.param(f, marks=needs_w8a8) if f == "w8a8" else f for f in FORMATS]
 
 
 def _model(cls, tiny_dir, quantize: str):
@@ -41,7 +44,7 @@ def exact(tiny_dir):
     return _model(EmbeddingModel, tiny_dir, "none")
 
 
-@pytest.fixture(scope="module", params=FORMATS)
+@pytest.fixture(scope="module", params=FORMAT_PARAMS)
 def quantized(request, tiny_dir):
     return request.param, _model(EmbeddingModel, tiny_dir, request.param)
 
@@ -65,6 +68,8 @@ def test_a_format_converts_the_language_models_linear_layers_and_keeps_the_rest_
         else:  # the vision tower and its mergers
             assert not is_quantized_tensor(module.weight) and module.weight.dtype == torch.float32, name
             kept += 1
+    if fmt == "w8a8":  # the layers themselves are replaced
+        converted = sum(isinstance(m, linear_class()) for m in model.full_model.modules())
     assert converted == 7 * model.config.text_config.num_hidden_layers and kept > 0
     table = model.model.get_input_embeddings()
     assert table.rows.dtype == torch.int8 and table.scales.dtype == torch.float32
@@ -108,11 +113,11 @@ def _layer_inputs(model, features) -> dict[str, torch.Tensor]:
 def test_each_quantized_layer_matches_its_exact_layer_on_the_models_own_activations(exact, quantized):
     fmt, model = quantized
     inputs = _layer_inputs(exact, _mixed(exact))
-    layers = dict(model.full_model.named_modules())
+    layers, exact_layers = dict(model.full_model.named_modules()), dict(exact.full_model.named_modules())
     errors = {}
     with torch.inference_mode():
         for name, x in inputs.items():
-            want = layers[name].__class__.forward(dict(exact.full_model.named_modules())[name], x)
+            want = exact_layers[name](x)
             got = layers[name](x)
             errors[name] = float((got - want).norm() / want.norm())
     assert len(errors) == 7 * model.config.text_config.num_hidden_layers
@@ -144,10 +149,10 @@ def test_vectors_of_a_format_stay_close_to_the_exact_models(exact, quantized):
     features = _mixed(exact)
     want, got = exact.embed(features).numpy(), model.embed(_mixed(model)).numpy()
     cosine = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
-    assert cosine.min() >= {"int8": 0.999, "nf4": 0.95}[fmt], cosine
+    assert cosine.min() >= {"int8": 0.999, "nf4": 0.95, "w8a8": 0.999}[fmt], cosine
 
 
-@pytest.mark.parametrize("fmt", ["none", *FORMATS])
+@pytest.mark.parametrize("fmt", ["none", *FORMAT_PARAMS])
 def test_the_estimate_from_the_headers_is_what_the_loaded_model_holds(tiny_dir, fmt):
     model = _model(EmbeddingModel, tiny_dir, fmt)
     estimate, held = weights_bytes(checkpoint_shape(tiny_dir), fmt, "float32"), model_bytes(model.full_model)
@@ -155,23 +160,24 @@ def test_the_estimate_from_the_headers_is_what_the_loaded_model_holds(tiny_dir, 
 
 
 def test_a_quantized_model_holds_less_than_the_exact_one(tiny_dir, exact):
-    sizes = {fmt: model_bytes(_model(EmbeddingModel, tiny_dir, fmt).full_model) for fmt in FORMATS}
-    assert sizes["nf4"] < sizes["int8"] < model_bytes(exact.full_model)
+    here = [f for f in FORMATS if f != "w8a8" or W8A8_REFUSAL is None]
+    sizes = {fmt: model_bytes(_model(EmbeddingModel, tiny_dir, fmt).full_model) for fmt in here}
+    assert sizes["nf4"] < sizes["int8"] < sizes.get("w8a8", sizes["int8"] + 1) < model_bytes(exact.full_model)
 
 
 def test_the_fingerprint_is_the_files_unquantized_and_one_per_format_otherwise():
     files = "0123456789abcdef0123"
     assert weights_fingerprint(files, "none") == files
-    each = {fmt: weights_fingerprint(files, fmt) for fmt in ("int8", "nf4", "fp8")}
-    assert len(set(each.values())) == 3 and files not in each.values()
-    assert each == {fmt: weights_fingerprint(files, fmt) for fmt in ("int8", "nf4", "fp8")}  # stable
+    each = {fmt: weights_fingerprint(files, fmt) for fmt in ("int8", "nf4", "fp8", "w8a8")}
+    assert len(set(each.values())) == 4 and files not in each.values()
+    assert each == {fmt: weights_fingerprint(files, fmt) for fmt in ("int8", "nf4", "fp8", "w8a8")}  # stable
     assert weights_fingerprint("fedcba9876543210fedc", "int8") != each["int8"]
 
 
 def test_the_fingerprint_of_each_format_is_the_formula_protocol_md_states():
     doc = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
-    recipes = dict(re.findall(r"^\| `(int8|nf4|fp8)` \| `([^`]+)` \|$", doc, re.MULTILINE))
-    assert set(recipes) == {"int8", "nf4", "fp8"}
+    recipes = dict(re.findall(r"^\| `(int8|nf4|fp8|w8a8)` \| `([^`]+)` \|$", doc, re.MULTILINE))
+    assert set(recipes) == {"int8", "nf4", "fp8", "w8a8"}
     files = "0123456789abcdef0123"
     for fmt, recipe in recipes.items():
         assert weights_fingerprint(files, fmt) == hashlib.sha256(f"{files}\tweights\t{recipe}\n".encode()).hexdigest()[:20]
@@ -210,7 +216,7 @@ def plain_daemon(tmp_path_factory, tiny_dir):
     proc.stop()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMAT_PARAMS)
 def test_a_quantized_daemon_serves_under_its_own_fingerprint_and_says_its_weights(tmp_path, tiny_dir, plain_daemon,
                                                                                   fmt):
     with plain_daemon.client() as c:
@@ -250,7 +256,7 @@ def test_a_quantized_daemon_serves_under_its_own_fingerprint_and_says_its_weight
 
 @pytest.mark.parametrize("flags, says", [
     (("--quantize", "int4"), "the embedding model's weights (--embedding-quantize, else --quantize): unknown "
-                             "format 'int4'; use none, int8, nf4 or fp8"),
+                             "format 'int4'; use none, int8, nf4, fp8 or w8a8"),
     (("--reranker-quantize", "fp8"), "the reranker model's weights (--reranker-quantize, else --quantize): fp8 needs "
                                      "a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); this is device cpu: "
                                      "pass int8 instead"),
