@@ -1,6 +1,7 @@
 """Latency of the Rust server's hot path (1-text and 2-text calls through the bridge's `/embed`, and
-the socket), idle and beside other busy processes, under libgomp's default wait policy and the
-daemon's (OMP_WAIT_POLICY=PASSIVE); and what the policy costs a large batch on an idle machine.
+the socket), idle and beside other busy processes, under libgomp's default wait policy, under
+OMP_WAIT_POLICY=PASSIVE alone, and under the daemon's default (PASSIVE with a short spin,
+GOMP_SPINCOUNT=10000); and what each costs a large batch on an idle machine.
 
     .venv/bin/python -m bench.contention [--spec bench|tiny] [--calls 60] [--busy 2]
 
@@ -29,7 +30,12 @@ from bench.harness import Servers
 from daemon.client import Client
 from daemon.tiny import BENCH_SPEC, build_tiny_checkpoint
 
-POLICIES = {"libgomp default": "", "PASSIVE (daemon default)": None}  # "" reads as unset to libgomp
+# Each policy: the OpenMP variables the daemon starts with (None: left to the daemon's own defaults;
+# "" reads as unset to libgomp).
+POLICIES = {"libgomp default": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": None},
+            "PASSIVE, no spin (before issue 35)": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+            "daemon default (PASSIVE, 10,000 spins)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
 
 
@@ -88,10 +94,9 @@ def main() -> None:
         work = Path(tmp)
         ckpt = build_tiny_checkpoint(work / "ckpt", **({"spec": BENCH_SPEC} if args.spec == "bench" else {}))
         results = {}
-        for name, value in POLICIES.items():
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            if value is not None:
-                env["OMP_WAIT_POLICY"] = value
+        for name, values in POLICIES.items():
+            env = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
+            env.update({k: v for k, v in values.items() if v is not None})
             with _environ(env):
                 endpoint = servers.daemon(work, f"d{len(results)}", ckpt)
                 url = servers.bridge(work, f"b{len(results)}", endpoint)
@@ -102,10 +107,11 @@ def main() -> None:
             print(f"-- OMP wait policy: {name}")
             for label, ms in found.items():
                 print(row(label, ms))
-        before, after = results.values()
-        print("-- ratio default / PASSIVE (p99; >1: PASSIVE is faster)")
-        for label in before:
-            print(f"{label:<44} {np.percentile(before[label], 99) / np.percentile(after[label], 99):6.2f}")
+        *others, daemon = results.items()
+        for name, found in others:
+            print(f"-- p99 ratio {name} / the daemon's default (>1: the daemon's default is faster)")
+            for label in found:
+                print(f"{label:<44} {np.percentile(found[label], 99) / np.percentile(daemon[1][label], 99):6.2f}")
 
 
 @contextlib.contextmanager

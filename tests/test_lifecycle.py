@@ -492,7 +492,8 @@ PRINT_OMP = """
 import os, sys
 import daemon.preflight
 def report(config):
-    print("OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "<unset>"), "torch" in sys.modules)
+    print(*(f"{k}=" + os.environ.get(k, "<unset>") for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")),
+          "torch" in sys.modules)
     sys.exit(0)
 daemon.preflight.check_config = report
 from daemon.main import main
@@ -500,11 +501,17 @@ main()
 """
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_idle_openmp_threads_sleep_unless_the_operator_says_otherwise(tmp_path, tiny_dir, given, expected):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
+@pytest.mark.parametrize("given, expected", [
+    ({}, ("PASSIVE", "10000")),  # idle threads sleep after a short spin
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", "<unset>")),  # the operator's policy, with libgomp's own spin
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", "<unset>")),  # theirs: no spin at all
+    ({"GOMP_SPINCOUNT": "0"}, ("PASSIVE", "0")),  # the operator's spin under the daemon's policy
+])
+def test_idle_openmp_threads_sleep_after_a_short_spin_unless_the_operator_says_otherwise(tmp_path, tiny_dir, given,
+                                                                                          expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
     done = subprocess.run([sys.executable, "-c", PRINT_OMP, "serve", "--endpoint", f"ipc://{tmp_path}/d.sock",
                            "--embedding-model", str(tiny_dir)], capture_output=True, text=True, env=env, timeout=60)
-    assert done.stdout.split() == [f"OMP_WAIT_POLICY={expected}", "False"], done.stdout + done.stderr
+    want = [f"OMP_WAIT_POLICY={expected[0]}", f"GOMP_SPINCOUNT={expected[1]}", "False"]
+    assert done.stdout.split() == want, done.stdout + done.stderr
