@@ -75,7 +75,8 @@ def check_format(fmt: str, device, what: str = "--quantize") -> None:
 RECIPES = {INT8: "int8/1: torchao int8 per-row linear layers, int8-row token table",
            NF4: "nf4/1: nf4 64-blocks nearest in float32, double-quantized scales; int8-row token table",
            FP8: "fp8/1: torchao float8 e4m3 per-row weights and per-token activations; int8-row token table",
-           W8A8: "w8a8/1: int8 per-row weights, 7-bit per-token activations, int32 sums; int8-row token table"}
+           W8A8: "w8a8/1: int8 per-row weights within +-64, int8 per-token activations, int32 sums; int8-row token "
+                 "table"}
 
 
 def _cuda_capability(device) -> tuple[int, int] | None:

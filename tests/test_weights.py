@@ -28,9 +28,9 @@ from daemon.weights import FormatError, check_format, is_quantized_layer, is_qua
 FORMATS = ("int8", "nf4", "w8a8")
 # Relative error (Frobenius norm of the difference over the exact output's) that a quantized layer
 # may make on the model's own activations. Measured on the tiny model's random weights: int8 at most
-# 0.006, nf4 at most 0.11 (NF4's levels are ~0.1 apart at the block's scale), w8a8 at most 0.016 (its
-# 7-bit activations: a step of absmax/63); a wrong scale, layout or nibble order makes each exceed 0.5
-# (see the checks below).
+# 0.006, nf4 at most 0.11 (NF4's levels are ~0.1 apart at the block's scale), w8a8 at most 0.018 (its
+# weights within +-64 and its activations' per-token steps); a wrong scale, layout or nibble order
+# makes each exceed 0.5 (the checks below and test_w8a8.py).
 LAYER_BOUND = {"int8": 0.02, "nf4": 0.2, "w8a8": 0.04}
 FORMAT_PARAMS = [pytest.param(f, marks=needs_w8a8) if f == "w8a8" else f for f in FORMATS]
 
