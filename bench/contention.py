@@ -1,9 +1,9 @@
 """Latency of the Rust server's hot path (1-text and 2-text calls through the bridge's `/embed`, and
-the socket), idle and beside other busy processes, under libgomp's default wait policy, under
-OMP_WAIT_POLICY=PASSIVE alone, and under the daemon's default (PASSIVE with a short spin,
-GOMP_SPINCOUNT=10000); and what each costs a large batch on an idle machine.
+the socket), idle and beside other busy processes, under libgomp's default wait policy (~3 ms of
+spinning), a short spin (the daemon's PASSIVE with GOMP_SPINCOUNT=10000, ~0.1 ms) and the daemon's
+default (OMP_WAIT_POLICY=PASSIVE: no spin); and what each costs a large batch on an idle machine.
 
-    .venv/bin/python -m bench.contention [--spec bench|tiny] [--calls 60] [--busy 2]
+    .venv/bin/python -m bench.contention [--spec bench|tiny] [--calls 60] [--busy 2] [--quantize w8a8]
 
 Starts, per policy, one daemon (both models) and a bridge in front of it. `busy` processes are
 plain Python loops (bounded: each stops by itself after `--busy-seconds`), standing in for whatever
@@ -33,8 +33,8 @@ from daemon.tiny import BENCH_SPEC, build_tiny_checkpoint
 # Each policy: the OpenMP variables the daemon starts with (None: left to the daemon's own defaults;
 # "" reads as unset to libgomp).
 POLICIES = {"libgomp default": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": None},
-            "PASSIVE, no spin (before issue 35)": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
-            "daemon default (PASSIVE, 10,000 spins)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}
+            "PASSIVE + GOMP_SPINCOUNT=10000 (a short spin)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"},
+            "daemon default (PASSIVE)": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
 
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy processes beside the daemon")
     parser.add_argument("--busy-seconds", type=float, default=120.0)
+    parser.add_argument("--quantize", default="none", help="the daemons' --quantize (w8a8: the int8 forward)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, Servers() as servers:
         work = Path(tmp)
@@ -98,11 +99,12 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
             env.update({k: v for k, v in values.items() if v is not None})
             with _environ(env):
-                endpoint = servers.daemon(work, f"d{len(results)}", ckpt)
+                endpoint = servers.daemon(work, f"d{len(results)}", ckpt, "--quantize", args.quantize)
                 url = servers.bridge(work, f"b{len(results)}", endpoint)
             results[name] = measure(endpoint, url, args)
             servers.close()
-        print(f"{args.spec} checkpoint, {os.cpu_count()} cores, {args.calls} calls per row, times in ms")
+        print(f"{args.spec} checkpoint, --quantize {args.quantize}, {os.cpu_count()} cores, {args.calls} calls per "
+              "row, times in ms")
         for name, found in results.items():
             print(f"-- OMP wait policy: {name}")
             for label, ms in found.items():

@@ -7,7 +7,7 @@ DIR: a Qwen3-VL checkpoint (e.g. the 2B shapes with random weights: `python -c "
 import *; build_tiny_checkpoint('DIR', QWEN3VL_2B_SPEC)"`, or a real one). Rows:
 - raw: the transformers model's own forward (the daemon's loader, then `model.model(...)` on the
   same token ids), in a process of its own: one text of ~35 tokens (p50), and all the clients'
-  texts (~150 tokens each) in one padded forward;
+  texts (~150 tokens each) in one padded forward; in w8a8 too (the one text only);
 - per format, a daemon (embedding model only): 8 clients at once, each one request of
   `--texts-per-client` texts (tokens/s), then the one text alone (p50 of `--queries`, idle);
 - the cost: least and mean cosine of each format's embeddings to the dtype's over a mixed set
@@ -69,21 +69,25 @@ def raw(args) -> dict:
     ids = [model.prepare(InputItem(f"inputs[{i}]", texts=(t,))).input_ids
            for i, t in enumerate([QUERY, *bulk_texts(args.clients * args.texts_per_client)])]
 
-    def forward(rows: list[list[int]]) -> float:
-        width = max(map(len, rows))
-        x = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.model(input_ids=x, attention_mask=mask)
-        return time.perf_counter() - start
-
-    forward(ids[:1])
-    one = [forward(ids[:1]) for _ in range(args.queries)]
-    bulk = forward(ids[1:])
+    forward(model, ids[:1])
+    one = [forward(model, ids[:1]) for _ in range(args.queries)]
+    bulk = forward(model, ids[1:])
     worst = layer_check(model, torch, linear_class, is_quantized_layer, InputItem)
     return {"query_tokens": len(ids[0]), "bulk_tokens": sum(map(len, ids[1:])), "one_p50": statistics.median(one),
             "one": one, "bulk_s": bulk, "layer_worst": worst}
+
+
+def forward(model, rows: list[list[int]]) -> float:
+    """Seconds of the transformers model's own forward of token id `rows` (right-padded)."""
+    import torch
+
+    width = max(map(len, rows))
+    x = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.model(input_ids=x, attention_mask=mask)
+    return time.perf_counter() - start
 
 
 def layer_check(model, torch, linear_class, is_quantized_layer, InputItem) -> list:
@@ -122,7 +126,9 @@ def profile(args) -> dict:
     model = EmbeddingModel(ModelSettings(args.checkpoint, dtype=args.dtype, quantize="w8a8"), MediaReader(MediaPolicy()))
     one = [model.prepare(InputItem("inputs[0]", texts=(QUERY,)))]
     bulk = [model.prepare(InputItem(f"inputs[{i}]", texts=(t,))) for i, t in enumerate(bulk_texts(8))]
-    found = {}
+    forward(model, [one[0].input_ids])
+    raw_one = [forward(model, [one[0].input_ids]) for _ in range(args.queries)]
+    found = {"raw_one_p50": statistics.median(raw_one), "raw_one": raw_one}
     for label, batch in (("one text", one), ("8 bulk texts", bulk)):
         model.embed(batch)
         with profiler(activities=[ProfilerActivity.CPU]) as prof:
@@ -215,7 +221,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Servers() as servers:
         for k, (label, extra) in enumerate(configs.items()):
             rows[label] = through_daemon(servers, Path(tmp), f"d{k}", args, extra, texts)
-    report(args, measured, rows, phase("profile", args))
+    profiled = phase("profile", args)
+    rows[f"raw transformers w8a8 ({args.dtype} between layers)"] = {
+        "one_p50": profiled.pop("raw_one_p50"), "one": profiled.pop("raw_one"), "bulk_s": float("nan")}
+    report(args, measured, rows, profiled)
 
 
 def phase(name: str, args) -> dict:
@@ -237,11 +246,15 @@ def report(args, measured: dict, rows: dict, profiled: dict) -> None:
           f"({tokens} tokens in all); one text of {measured['query_tokens']} tokens, p50 of {args.queries}")
     if args.dtype == "float32":
         print("bfloat16: no row (this CPU has no native bf16: --dtype auto is float32 here)")
-    print(f"{'':44} {'tokens/s':>9} {'vs ' + args.dtype:>10} {'one p50 ms':>11} {'vs raw':>7} {'vs dtype':>8}")
+    print(f"{'':44} {'tokens/s':>9} {'vs ' + args.dtype:>10} {'one p50 ms':>11} {'vs raw ' + args.dtype:>16} {'vs dtype':>8}")
     for label, row in rows.items():
         rate = tokens / row["bulk_s"]
         print(f"{label:44} {rate:9.1f} {rate / (tokens / base['bulk_s']):10.2f} {row['one_p50'] * 1e3:11.0f} "
-              f"{row['one_p50'] / raw_one:7.2f} {row['one_p50'] / base['one_p50']:8.2f}")
+              f"{row['one_p50'] / raw_one:16.2f} {row['one_p50'] / base['one_p50']:8.2f}")
+    raw_w8a8 = rows[f"raw transformers w8a8 ({args.dtype} between layers)"]["one_p50"]
+    daemon_w8a8 = rows[f"daemon w8a8 ({args.dtype} between layers)"]["one_p50"]
+    print(f"lone query, the daemon over the raw forward of the same weights: {args.dtype} "
+          f"{base['one_p50'] / raw_one:.2f}, w8a8 {daemon_w8a8 / raw_w8a8:.2f}")
     print("one-text times, ms:")
     for label, row in rows.items():
         print(f"  {label}: {[round(t * 1e3) for t in row['one']]}")

@@ -56,10 +56,6 @@ def _models(flag: str, specs: tuple[str, ...], make) -> list[ModelSettings]:
 
 
 OMP_WAIT_POLICY = "PASSIVE"  # the daemon's default (see `serve`)
-# libgomp counts ~100,000 spins a millisecond: 10,000 is ~0.1 ms of spinning after each parallel
-# region, long enough to bridge the gap to the next op of a forward, too short to matter beside
-# busy processes once the forward ends (bench.contention, bench.w8a8).
-GOMP_SPINCOUNT = "10000"
 
 
 @click.group()
@@ -240,13 +236,11 @@ def serve(log_level: str, log_stream: str, **opts) -> None:
     """Load the models and serve requests on ENDPOINT until SIGTERM."""
     # Before torch (and its OpenMP runtime) is imported: idle OpenMP threads sleep rather than spin.
     # Spinning ones fight any other busy process for the cores, and then a 1-text request took
-    # ~0.25 s instead of ~5 ms (bench.contention). But a thread that sleeps at once after every op
-    # is woken for the next (the 2B model's forward runs ~1,500 parallel regions), which cost a lone
-    # w8a8 query ~15% here: a short spin (~0.1 ms) keeps them awake within a forward only. An
-    # operator's own values win (GOMP_SPINCOUNT only with the wait policy left to the daemon).
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
-        os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    # ~0.25 s instead of ~5 ms (bench.contention). Sleeping at once costs a lone forward a wake-up
+    # per op (~15% of a w8a8 query idle), but a short spin (GOMP_SPINCOUNT=10000, ~0.1 ms) brought
+    # the busy-machine loss back (1-text p99 87 -> 384 ms beside two busy processes), so it is the
+    # operator's choice for a dedicated machine; an operator's own values win.
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     from .preflight import SettingsError, check_config
     from .server import Server, StartupError
 
