@@ -168,15 +168,14 @@ def weights_bytes(shape: Shape, fmt: str, dtype: str) -> int:
 
 
 def quantized_bytes(fmt: str, numel: int, rows: int, compute: int) -> int:
-    """int8: a byte per weight and a scale per row; fp8 likewise (float32 scales); w8a8: two bytes
-    per weight on a CPU (the estimate errs high on CUDA, which holds one); nf4: half a
+    """int8: a byte per weight and a scale per row; fp8 and w8a8 likewise (their per-row terms); nf4: half a
     byte per weight, an int8 scale per block of 64, and the scales' own float32 scale and mean."""
     if fmt == INT8:
         return numel + rows * compute
     if fmt == FP8:
         return numel + rows * 4
-    if fmt == W8A8:  # fbgemm's packed copy beside the int8 rows it keeps (w8a8.py); less on CUDA
-        return 2 * numel + rows * PACKED_ROW_BYTES
+    if fmt == W8A8:  # fbgemm's packed int8 copy and its per-row terms (w8a8.py); on CUDA, int8 rows and a scale
+        return numel + rows * PACKED_ROW_BYTES
     blocks = numel // NF4_BLOCK
     return numel // 2 + blocks + (blocks // 64 + 1) * 4 + 4
 

@@ -21,9 +21,9 @@ The kernel, chosen by measurement on an AVX2 host (2 cores, 2048x6144 layers; BE
   17-93 GFLOP/s, 0.76 ms for one token. oneDNN's `qlinear_pointwise` (plain int8 tensors, the path
   torch's compiler uses on AMX) reached 189 GOP/s at 256 tokens but spent ~2 ms on every call here,
   whatever its size (196 calls per forward of the 2B model: 0.4 s on each query), and `torch._int_mm`
-  has no AVX2 kernel (0.6 GOP/s). fbgemm's packed weight keeps the int8 weight it was packed from
-  beside the packed copy (for unpacking): ~1.9 bytes per weight in these layers, against 2 in
-  bfloat16 and 4 in float32.
+  has no AVX2 kernel (0.6 GOP/s). fbgemm's packed weight is the layer's only copy: resident memory
+  grew 1.13 bytes per weight for the 2B model's 2048x6144 layers (freed memory returned first),
+  against 2 in bfloat16 and 4 in float32.
 - CUDA: `torch._int_mm` (int8 tensor cores), with the same integers (rows padded to 32: it needs
   more than 16).
 - Elsewhere (MPS, ARM CPUs, x86 without AVX2) there is no int8 kernel worth the name: refused.
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+import threading
 import warnings
 
 ACTIVATION_LEVELS = 127
@@ -41,7 +42,7 @@ ACTIVATION_ZERO = 128  # fbgemm takes activations as uint8 with a zero point: q 
 WEIGHT_LEVELS = 64  # |w| <= 64: exact sums under vpmaddubsw's int16 saturation (see above)
 CPU_ISAS = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() values fbgemm has kernels for
 CUDA_MIN_ROWS = 32  # torch._int_mm on CUDA needs more than 16 rows
-PACKED_ROW_BYTES = 28  # fbgemm per output channel: col offset, scale, zero point, and the original's
+PACKED_ROW_BYTES = 12  # fbgemm per output channel: its column offset, scale and zero point
 X86 = ("x86_64", "amd64", "i686", "x86")
 
 
@@ -83,19 +84,25 @@ def quantize_tokens(x):
     return (x / scale).round_().clamp_(-ACTIVATION_LEVELS, ACTIVATION_LEVELS), scale
 
 
+# torch's quantized engine is one setting for the process: two loads packing at once must not
+# restore each other's fbgemm as the process's engine.
+_ENGINE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _fbgemm_engine():
     """fbgemm as torch's quantized engine while a weight is packed (the packed weight keeps it)."""
     import torch
 
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    try:
-        with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated: not the operator's
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        torch.backends.quantized.engine = before
+    with _ENGINE_LOCK:
+        before = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"
+        try:
+            with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
+                warnings.simplefilter("ignore", UserWarning)
+                yield
+        finally:
+            torch.backends.quantized.engine = before
 
 
 def pack_cpu(qweight, scale):
@@ -147,13 +154,15 @@ def linear_class():
                 self.packed = None
             else:
                 self.packed = pack_cpu(qweight, scale)
-            self.packed_bytes = 0 if self.on_cuda else 2 * qweight.numel() + PACKED_ROW_BYTES * qweight.shape[0]
+            self.packed_bytes = 0 if self.on_cuda else qweight.numel() + PACKED_ROW_BYTES * qweight.shape[0]
 
         def forward(self, x):
             rows = x.reshape(-1, self.in_features)
             q, token_scale = quantize_tokens(rows)
             out = matmul_int_mm(q, self.qweight_t, self.scale) if self.on_cuda else matmul_cpu(q, self.packed)
-            out = out * token_scale
+            # A row with an infinite or NaN activation has no scale: its output is NaN (the daemon
+            # refuses non-finite vectors), never the kernel's reading of NaN codes.
+            out = torch.where(torch.isfinite(token_scale), out * token_scale, torch.nan)
             if self.bias is not None:
                 out = out + self.bias.float()
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
