@@ -237,9 +237,9 @@ def serve(log_level: str, log_stream: str, **opts) -> None:
     # Before torch (and its OpenMP runtime) is imported: idle OpenMP threads sleep rather than spin.
     # Spinning ones fight any other busy process for the cores, and then a 1-text request took
     # ~0.25 s instead of ~5 ms (bench.contention). Sleeping at once costs a lone forward a wake-up
-    # per op (~15% of a w8a8 query idle), but a short spin (GOMP_SPINCOUNT=10000, ~0.1 ms) brought
-    # the busy-machine loss back (1-text p99 87 -> 384 ms beside two busy processes), so it is the
-    # operator's choice for a dedicated machine; an operator's own values win.
+    # per op (5% of the 2B model's w8a8 query idle), but a short spin (GOMP_SPINCOUNT=10000, ~0.1 ms)
+    # brought the busy-machine loss back (that query 1.5x slower beside two busy processes: bench.lone),
+    # so it is the operator's choice for a dedicated machine; an operator's own values win.
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     from .preflight import SettingsError, check_config
     from .server import Server, StartupError
