@@ -147,7 +147,17 @@ def test_flowing_traffic_lingers_for_a_fuller_batch_but_at_most_max_wait():
 
 
 # Each weight format batches as the unquantized model does: an input's vector is the same alone
-# and in any batch.
+# and in any batch, to float rounding. w8a8 quantizes each token's activations by rounding, so the
+# float rounding of the layers before (attention over a batch's padded lengths) can, rarely, carry
+# one activation across a rounding boundary: measured, one rerank score of 30 moved 3.1e-4. Its
+# bound allows such a step and still tells inputs apart (different inputs differ by far more).
+BATCH_TOLERANCE = {"w8a8": 2e-3}
+
+
+def _tolerance(request) -> float:
+    return BATCH_TOLERANCE.get(request.node.callspec.params["batching_daemon"], 2e-5)
+
+
 @pytest.fixture(scope="module", params=["none", "int8", "nf4", pytest.param("w8a8", marks=needs_w8a8)])
 def batching_daemon(request, tmp_path_factory, tiny_dir):
     proc = start_daemon(tmp_path_factory.mktemp("batching"), "--embedding-model", str(tiny_dir),
@@ -157,7 +167,8 @@ def batching_daemon(request, tmp_path_factory, tiny_dir):
     proc.stop()
 
 
-def test_concurrent_requests_are_batched_together_without_changing_or_misrouting_results(batching_daemon):
+def test_concurrent_requests_are_batched_together_without_changing_or_misrouting_results(batching_daemon, request):
+    tolerance = _tolerance(request)
     rng = random.Random(7)
     pool = [f"text {i} " + "word " * rng.randint(0, 40) for i in range(60)] + [{"image": gradient_png(i)} for i in range(4)]
     requests = [[rng.choice(pool) for _ in range(rng.randint(1, 9))] for _ in range(48)]
@@ -172,7 +183,7 @@ def test_concurrent_requests_are_batched_together_without_changing_or_misrouting
             for request in chunk:
                 got = own.embed(request).embeddings
                 want = np.stack([expected[index[id(item)]] for item in request])
-                if got.shape != want.shape or not np.allclose(got, want, atol=2e-5):
+                if got.shape != want.shape or not np.allclose(got, want, atol=tolerance):
                     errors.append(str(request)[:80])
 
     threads = [threading.Thread(target=worker, args=(requests[k::8],)) for k in range(8)]
@@ -190,7 +201,7 @@ def test_concurrent_requests_are_batched_together_without_changing_or_misrouting
     assert after["cache_hits"] - before["cache_hits"] + misses == inputs
 
 
-def test_concurrent_reranks_keep_document_order(batching_daemon):
+def test_concurrent_reranks_keep_document_order(batching_daemon, request):
     documents = [f"doc {i} " + "x " * (i % 7) for i in range(30)]
     with batching_daemon.client() as c:
         alone = [c.rerank("q", [d]).scores[0] for d in documents]
@@ -206,7 +217,7 @@ def test_concurrent_reranks_keep_document_order(batching_daemon):
     for t in threads:
         t.join(300)
     for k in range(3):
-        np.testing.assert_allclose(results[k], alone[k::3], atol=2e-5)
+        np.testing.assert_allclose(results[k], alone[k::3], atol=_tolerance(request))
 
 
 def test_cache_serves_identical_inputs_for_any_dimension(batching_daemon):
