@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.contention import busy
+from bench.contention import _environ, busy
 from bench.harness import ROOT, Servers
 from bench.w8a8 import QUERY
 from daemon.client import Client
@@ -87,15 +87,9 @@ def main() -> None:
             if out.returncode:
                 sys.exit(out.stderr[-3000:])
             rows[f"raw forward, {name}"] = json.loads(out.stdout.strip().splitlines()[-1])
-            saved = dict(os.environ)
-            os.environ.clear()
-            os.environ.update({**base, **extra})  # the daemon sets PASSIVE itself
-            try:
+            with _environ({**base, **extra}):  # the daemon sets PASSIVE itself
                 endpoint = servers.daemon(Path(tmp), f"d{k}", Path(args.checkpoint), "--reranker-model", "none",
                                           "--dtype", args.dtype, "--quantize", args.quantize)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
             rows[f"daemon, {name}"] = daemon_times(endpoint, args)
             servers.close()
     report(args, rows)

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import ROOT, Servers, gradient_png
+from bench.run import WORDS
+from bench.weights import cosines, spearman
 from daemon.client import Client
 
-WORDS = ("memory server embeds reranks text images video local daemon socket batch token model query "
-         "document vector search rust client python latency throughput").split()
 QUERY = "which local daemon embeds the memory server's text and image documents for vector search"
 
 
@@ -182,11 +182,6 @@ def through_daemon(servers: Servers, work: Path, name: str, args, extra: list[st
     return found
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
@@ -262,8 +257,7 @@ def report(args, measured: dict, rows: dict, profiled: dict) -> None:
     for label, row in rows.items():
         if "vectors" not in row or label == base_label:
             continue
-        a, b = row["vectors"], base["vectors"]
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        cos = cosines(row["vectors"], base["vectors"])
         print(f"  {label}: cosine least {cos.min():.4f} mean {cos.mean():.4f}; rerank Spearman "
               f"{spearman(row['scores'], base['scores']):.3f}; scores max |diff| "
               f"{np.abs(row['scores'] - base['scores']).max():.4f}")
