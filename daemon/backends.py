@@ -22,6 +22,7 @@ from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_
 from .inputs import InputItem
 from .quantize import Calibration
 from .residency import MemoryGate, Residency
+from .weights_cache import WeightsCache
 
 log = logging.getLogger(__name__)
 
@@ -157,30 +158,36 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
     configured = config.models()
     step("finding the models' files", "weights")
     directories = [model_directory(s.name, s.local_files_only) for _, s, _ in configured]
-    prints = []
+    if not config.fit_check and config.memory_budget is not None:
+        log.warning("--memory-budget is not enforced: --no-fit-check skips the checks that compare it")
+    estimates = [None] * len(configured)
+    if config.fit_check:  # before any weight is read
+        step("estimating the models' memory", "weights")
+        estimates = _check_fit(config, configured, directories)
+    prints, reads = [], {}
     for (kind, settings, default), files in zip(configured, directories):
         step(f"fingerprinting {settings.name}", "fingerprint")
-        found = fingerprint_directory(files, DigestCache(config.fingerprint_cache))
+        found, reads[kind, settings.served_name] = _fingerprint(config, kind, settings, default, files, step)
         _log_fingerprint(settings.name, found)
         if kind == EMBEDDING and default:
             _check_calibration_print(calibration, settings, found.value, weights_fingerprint(found.value,
                                                                                             settings.quantize))
         prints.append(found)
-    if not config.fit_check and config.memory_budget is not None:
-        log.warning("--memory-budget is not enforced: --no-fit-check skips the checks that compare it")
-    estimates = [None] * len(configured)
-    if config.fit_check:
-        step("estimating the models' memory", "weights")
-        estimates = _check_fit(config, configured, directories)
     for (kind, settings, default), files, found, estimate in zip(configured, directories, prints, estimates):
         card = _card(config, kind, settings, default, files, found, estimate)
-        models.register(card, lambda step, k=kind, s=settings, f=found, c=card: _build(config, k, s, f, c, media,
-                                                                                     calibration, step))
+        models.register(card, lambda step, k=kind, s=settings, f=found, c=card: _build(
+            config, k, s, f, c, media, calibration, step, reads.pop((k, s.served_name), None)))
     _tokenizer_threads(models.cards())
     if config.load == "at-start":
         for card in models.cards():
             if card.default:
                 models.load_now(card.key, step)
+
+
+def weights_cache(config: DaemonConfig) -> WeightsCache | None:
+    """Where quantized models are kept as converted (None: off, or no fingerprint cache to sit beside)."""
+    directory = config.weights_cache_directory()
+    return WeightsCache(directory, config.fingerprint_cache) if directory is not None else None
 
 
 def memory_gate(config: DaemonConfig) -> MemoryGate | None:
@@ -217,17 +224,40 @@ def _card(config: DaemonConfig, kind: str, settings, default: bool, files: Path,
     return card
 
 
+def _fingerprint(config: DaemonConfig, kind: str, settings, default: bool, files: Path, step):
+    """(the model's Fingerprint, its weights' read or None). A default model loaded at start in its
+    compute dtype whose weight files the digest cache does not know is read now, hashed as its bytes
+    pass, and the read is kept for its load: a first start reads each file once. Quantized models
+    (converted, then kept in the weights cache) and models loaded later are hashed here."""
+    from .fingerprint import loaded_weight_files
+    from .models import EmbeddingModel, RerankerModel
+    from .weights import NONE, parse_format
+
+    read_now = config.load == "at-start" and default and parse_format(settings.quantize) == NONE
+    defer = frozenset(str(p.relative_to(files)) for p in loaded_weight_files(files)) if read_now else frozenset()
+    found = fingerprint_directory(files, DigestCache(config.fingerprint_cache), defer)
+    if not found.pending:
+        return found, None
+    step(f"reading and fingerprinting {settings.name}", "weights")
+    model_cls = EmbeddingModel if kind == EMBEDDING else RerankerModel
+    weights = model_cls.read_weights(settings, files, found, hash_unknown=True)
+    return found.completed(weights.hashed(), DigestCache(config.fingerprint_cache)), weights
+
+
 def _build(config: DaemonConfig, kind: str, settings, found: Fingerprint, card: ModelCard, media,
-           calibration: Calibration | None, step: Callable[..., None]) -> "_TorchBackend":
-    """One model loaded from the very files fingerprinted at start, checked unchanged since then, and
-    warmed up. Any thread; ModelLoadError for what an operator can act on."""
+           calibration: Calibration | None, step: Callable[..., None], weights=None) -> "_TorchBackend":
+    """One model loaded from the very files fingerprinted at start (or from `weights`, their read
+    begun at start), checked unchanged since then, and warmed up. Any thread; ModelLoadError for
+    what an operator can act on."""
     from .models import EmbeddingModel, RerankerModel
 
     step(f"loading {kind} model {settings.name}", "weights")
+    cache = weights_cache(config)
     if kind == EMBEDDING:
-        backend: _TorchBackend = EmbeddingBackend(EmbeddingModel(settings, media, found.directory))
+        backend: _TorchBackend = EmbeddingBackend(EmbeddingModel(settings, media, found.directory, found, cache,
+                                                                 weights))
     else:
-        backend = RerankerBackend(RerankerModel(settings, media, found.directory))
+        backend = RerankerBackend(RerankerModel(settings, media, found.directory, found, cache, weights))
     found.check_unchanged("after the daemon fingerprinted it at start",
                           "start the daemon again once the model's files are written, so that its fingerprint "
                           "is theirs")

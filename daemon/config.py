@@ -175,6 +175,9 @@ class DaemonConfig:
     curve_authorized_keys: Path | None = None
     # Where model files' digests are kept between starts (fingerprint.py); None: hash every start.
     fingerprint_cache: Path | None = field(default_factory=default_fingerprint_cache)
+    # Quantized models kept as converted in `weights/` beside the fingerprint cache (weights_cache.py),
+    # so a restart or a reload skips the conversion; off, or without a fingerprint cache: convert each load.
+    weights_cache: bool = True
     int8_calibration: Path | None = None  # per-dimension int8/uint8 ranges (`calibrate`); None: the fixed scale
     # Before loading, the models' memory estimated from their files (fit.py) is compared with what the
     # device has free and with this budget (bytes, None: no budget of its own); over either, the start stops.
@@ -182,6 +185,11 @@ class DaemonConfig:
     fit_check: bool = True
     # HOST:PORT of the daemon's own Prometheus /metrics (prometheus.py); None: no HTTP at all.
     metrics_address: str | None = None
+
+    def weights_cache_directory(self) -> Path | None:
+        if not self.weights_cache or self.fingerprint_cache is None:
+            return None
+        return self.fingerprint_cache.parent / "weights"
 
     def models(self) -> list[tuple[str, ModelSettings, bool]]:
         """Every configured model as (kind, settings, whether it is its kind's default), defaults first."""

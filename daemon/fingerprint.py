@@ -25,7 +25,7 @@ import re
 import stat
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -60,7 +60,27 @@ class Fingerprint:
     seconds: float
     directory: Path | None = None  # where the files are
     identities: tuple[tuple[str, Identity], ...] = ()  # (name, identity) of each file, as it was hashed
-    digests: tuple[tuple[str, str], ...] = ()  # (name, sha256) of each file
+    digests: tuple[tuple[str, str | None], ...] = ()  # (name, sha256) of each file; None while pending
+    pending: tuple[str, ...] = ()  # weight files whose digest the load computes (value "" until then)
+
+    def completed(self, hashed: dict[str, tuple[str, tuple]], cache: DigestCache) -> "Fingerprint":
+        """This fingerprint with the pending files' digests, from `hashed` (a path's sha256 and the
+        identity of the file as read, by path): each must be the very file stat'ed at fingerprinting,
+        and a hub blob's name must be its digest. The cache learns the digests."""
+        identities, digests, extra = dict(self.identities), dict(self.digests), 0
+        for name in self.pending:
+            path = self.directory / name
+            digest, identity = hashed.get(str(path), (None, None))
+            if digest is None or tuple(identity) != tuple(identities[name][1]):
+                raise ModelLoadError(f"{path} changed while the model was loading; start again once it is written")
+            real = identities[name][0]
+            _check_blob_name(path, real, digest)
+            cache.put_identity(real, identity, digest)  # the file as read, not as it may be by now
+            digests[name], extra = digest, extra + identity[0]
+        cache.save()
+        ordered = tuple((name, digests[name]) for name, _ in self.digests)
+        return replace(self, value=_manifest(ordered), digests=ordered, pending=(),
+                       hashed_bytes=self.hashed_bytes + extra)
 
     def check_unchanged(self, since: str = "while the model was loading",
                         advice: str = "start again once the model's files are written") -> None:
@@ -108,7 +128,8 @@ def model_directory(name: str, local_files_only: bool = False) -> Path:
     except Exception as exc:  # offline, not in the cache, no such repository: one line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ModelLoadError(f"cannot load model {name!r}: its files are not in the hub cache and could not be "
-                             f"downloaded ({reason}); pass a local checkpoint directory") from None
+                             f"downloaded ({reason}); pass a local checkpoint directory, or build a test checkpoint "
+                              "with `qwen3vl-daemon tiny-checkpoint DIR` and pass DIR") from None
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -205,7 +226,10 @@ class DigestCache:
         return None
 
     def put(self, real: str, st: os.stat_result, digest: str) -> None:
-        self._learned[real] = {"id": self.identity(st), "sha256": digest}
+        self.put_identity(real, self.identity(st), digest)
+
+    def put_identity(self, real: str, identity, digest: str) -> None:
+        self._learned[real] = {"id": list(identity), "sha256": digest}
 
     def save(self) -> None:
         if self.path is None or not self._learned:
@@ -270,43 +294,60 @@ def _hash_file(path: Path) -> tuple[str, os.stat_result]:
     return digest, before
 
 
-def file_digest(path: Path, cache: DigestCache) -> tuple[str, int, int, Identity]:
-    """(sha256, size, bytes hashed now, identity) of one model file."""
+def file_digest(path: Path, cache: DigestCache, defer: bool = False) -> tuple[str | None, int, int, Identity]:
+    """(sha256, size, bytes hashed now, identity) of one model file; with `defer`, a digest the
+    cache does not know is left to the load, which hashes the bytes as it reads them (None)."""
     real, st = os.path.realpath(path), os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ModelLoadError(f"{path} is not a regular file")
     digest, hashed = cache.get(real, st), 0
+    if digest is None and defer:
+        return None, st.st_size, 0, (real, tuple(DigestCache.identity(st)))
     if digest is None:
         digest, st = _hash_file(path)
-        wrong = sorted(_blob_claims(path) - {digest})
-        if wrong:
-            raise ModelLoadError(f"{path} links to a hub blob named {wrong[0]}, but its content ({real}) has sha256 "
-                                 f"{digest}, not the one its name says: the blob is corrupt or was edited; delete it "
-                                 "and download it again")
+        _check_blob_name(path, real, digest)
         cache.put(real, st, digest)
         hashed = st.st_size
     return digest, st.st_size, hashed, (real, tuple(DigestCache.identity(st)))
 
 
-def fingerprint_directory(directory: Path, cache: DigestCache) -> Fingerprint:
-    """The fingerprint of the model files in `directory`: sha256 over their names and digests."""
+def _check_blob_name(path: Path, real: str, digest: str) -> None:
+    wrong = sorted(_blob_claims(path) - {digest})
+    if wrong:
+        raise ModelLoadError(f"{path} links to a hub blob named {wrong[0]}, but its content ({real}) has sha256 "
+                             f"{digest}, not the one its name says: the blob is corrupt or was edited; delete it "
+                             "and download it again")
+
+
+def fingerprint_directory(directory: Path, cache: DigestCache, defer: frozenset[str] = frozenset()) -> Fingerprint:
+    """The fingerprint of the model files in `directory`: sha256 over their names and digests.
+    `defer`: names of weight files the load will read; those the cache does not know are not read
+    here, and the Fingerprint is `pending` until `completed` with the digests the load computed
+    as it read them (a first start reads each file once)."""
     began = time.monotonic()
     files = model_files(directory)
     if not any(name.endswith(WEIGHTS_SUFFIX) for name in files):
         raise ModelLoadError(f"cannot fingerprint {directory}: it holds no *.safetensors weights")
-    manifest, total, hashed, identities, digests = hashlib.sha256(), 0, 0, [], []
+    total, hashed, identities, digests = 0, 0, [], []
     for name, path in files.items():
         try:
-            digest, size, read, identity = file_digest(path, cache)
+            digest, size, read, identity = file_digest(path, cache, name in defer)
         except OSError as exc:
             raise ModelLoadError(f"cannot fingerprint {path}: {exc.strerror or exc}") from None
-        manifest.update(f"{name}\t{digest}\n".encode())
         total, hashed = total + size, hashed + read
         identities.append((name, identity))
         digests.append((name, digest))
     cache.save()
-    return Fingerprint(manifest.hexdigest()[:FINGERPRINT_HEX], len(files), total, hashed, time.monotonic() - began,
-                       directory, tuple(identities), tuple(digests))
+    pending = tuple(name for name, digest in digests if digest is None)
+    return Fingerprint("" if pending else _manifest(digests), len(files), total, hashed, time.monotonic() - began,
+                       directory, tuple(identities), tuple(digests), pending)
+
+
+def _manifest(digests) -> str:
+    manifest = hashlib.sha256()
+    for name, digest in digests:
+        manifest.update(f"{name}\t{digest}\n".encode())
+    return manifest.hexdigest()[:FINGERPRINT_HEX]
 
 
 def weights_fingerprint(files: str, fmt: str) -> str:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from . import __version__
-from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
+from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork, weights_cache
 from .bounded import BoundedCache
 from .cache import EmbeddingCache, cache_key
 from .catalog import ModelCard
@@ -225,8 +225,14 @@ class HealthHandler(Handler):
             load={**{key: round(value, 3) if isinstance(value, float) else value
                      for key, value in asdict(engine.load_report()).items()}, **memory_totals(loaded)},
             models=engine.models.rows(), load_mode=config.load, queues=status.queues,
-            limits=asdict(config.limits),
+            limits=asdict(config.limits), weights_cache=_weights_cache(config),
         )
+
+
+def _weights_cache(config) -> dict | None:
+    """The weights cache's size on disk (a directory listing: a few files), None when it is off."""
+    cache = weights_cache(config)
+    return cache.stats() if cache is not None else None
 
 
 def _source(card: ModelCard | None, settings) -> str | None:

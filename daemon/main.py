@@ -219,6 +219,10 @@ def _metrics_address(ctx, param, value: str | None) -> str | None:
               show_default="fingerprints.json under $CACHE_DIRECTORY, else ~/.cache/qwen3vl-daemon",
               help="File that keeps model files' digests between starts, so a restart hashes nothing; 'none' "
                    "hashes every start.")
+@click.option("--weights-cache/--no-weights-cache", envvar="QWEN3VL_WEIGHTS_CACHE", default=DaemonConfig.weights_cache,
+              show_default=True,
+              help="Keep quantized models (int8, nf4, w8a8) as converted in weights/ beside the fingerprint cache, "
+                   "so a restart or a reload loads them directly (each entry checked against its own digest).")
 @click.option("--int8-calibration", envvar="QWEN3VL_INT8_CALIBRATION", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="int8/uint8 ranges from `qwen3vl-daemon calibrate`; without it, a fixed scale for unit vectors.")
@@ -317,7 +321,7 @@ def config_from_options(o: dict) -> DaemonConfig:
         socket_mode=_octal(o["socket_mode"]), curve_secret_key=o["curve_secret_key"],
         curve_authorized_keys=o["curve_authorized_keys"], drain_timeout_s=o["drain_timeout"],
         int8_calibration=o["int8_calibration"], metrics_address=o["metrics_address"],
-        **_fingerprint_cache(o["fingerprint_cache"]),
+        weights_cache=o["weights_cache"], **_fingerprint_cache(o["fingerprint_cache"]),
     )
 
 

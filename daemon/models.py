@@ -28,6 +28,7 @@ from .config import MediaPolicy, ModelSettings
 from .errors import ModelLoadError, RequestError, attempt, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, MediaSource, VideoSource
+from .loading import Background, Loaded, WeightsRead, from_files
 from .media.batch import PixelWriter
 from .media.pixels import PatchLayout, Pixels, resized_image, same_pixels
 from .media.tokens import Video, VisionTokens
@@ -172,32 +173,6 @@ def _checked_format(settings: ModelSettings, device) -> str:
     return fmt
 
 
-def _load(cls, settings: ModelSettings, files: str, dtype):
-    """from_pretrained from `files` (the directory, or the hub id), turning every failure into one
-    line and refusing missing base weights."""
-    try:
-        model, info = cls.from_pretrained(
-            files,
-            dtype=dtype,
-            attn_implementation=settings.attn_implementation,
-            local_files_only=settings.local_files_only,
-            output_loading_info=True,
-            use_safetensors=True,  # never unpickle a .bin checkpoint: pickle can run code
-            trust_remote_code=False,  # the Qwen3-VL classes are built into transformers
-        )
-    except OSError as exc:
-        raise _unfetchable(settings, exc) from None
-    except Exception as exc:  # whatever transformers raises on a broken checkpoint: one line
-        raise ModelLoadError(f"cannot load model {settings.name!r}: {_first_line(exc)}") from None
-    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
-    if missing:
-        raise ModelLoadError(
-            f"checkpoint {settings.name!r} lacks {len(missing)} base-model weight(s) (e.g. {missing[0]}); "
-            "refusing to run with randomly initialised layers"
-        )
-    return model, info
-
-
 def _load_processor(settings: ModelSettings, files: str, padding_side: str):
     from transformers import AutoProcessor
 
@@ -210,43 +185,6 @@ def _load_processor(settings: ModelSettings, files: str, padding_side: str):
         raise _unfetchable(settings, exc) from None
     except Exception as exc:
         raise ModelLoadError(f"cannot load the processor of {settings.name!r}: {_first_line(exc)}") from None
-
-
-def own_the_weights(model, files: str) -> int:
-    """Copy into the process's own memory every weight that still lives in a mapping of one of the
-    weight files of the directory `files` (any that loading may read). safetensors maps the file;
-    on the CPU, in the file's own dtype, the loaded tensors are views of that mapping, and a mapped
-    weight changes with the file: a checkpoint copied over the old one in place would change the
-    served model under its fingerprint, and a truncated file would kill the process (SIGBUS).
-    Returns the tensors copied."""
-    from .fingerprint import weight_files
-
-    mapped = _mappings_of({os.path.realpath(p) for p in weight_files(Path(files))})
-    copied = 0
-    for tensor in [*model.parameters(), *model.buffers()] if mapped else ():
-        start = tensor.data_ptr()
-        if tensor.device.type == "cpu" and any(low <= start < high for low, high in mapped):
-            tensor.data = tensor.data.clone()
-            copied += 1
-    return copied
-
-
-def _mappings_of(paths: set[str]) -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of `paths` (real paths), from /proc/self/maps;
-    none where that is missing (not Linux: weights on MPS are copies anyway, but a macOS CPU model
-    stays mapped)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.read().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] in paths:
-            low, high = fields[0].split("-")
-            ranges.append((int(low, 16), int(high, 16)))
-    return ranges
 
 
 def _first_line(exc: Exception) -> str:
@@ -266,6 +204,13 @@ def _reading_media(where: str):
         raise
     except Exception as exc:  # media were read and checked before; this is a decoding failure
         raise input_error(f"{where}: cannot read media ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def _directory_of(settings: ModelSettings) -> Path:
+    """The directory of `settings.name`: itself, or its hub snapshot (fetched unless local_files_only)."""
+    from .fingerprint import model_directory
+
+    return model_directory(settings.name, settings.local_files_only)
 
 
 def _unfetchable(settings: ModelSettings, exc: Exception) -> ModelLoadError:
@@ -368,12 +313,17 @@ class _QwenVL:
     """What the embedding model and the reranker share: loading, media, processor, collation."""
 
     padding_side = "right"
+    unused_weights: tuple[str, ...] = ()  # name prefixes of checkpoint tensors the model has no place for
 
-    def __init__(self, settings: ModelSettings, media: MediaReader, model_cls, files: Path | None = None):
-        """`files`: the directory to load from (the one that was fingerprinted); default settings.name."""
+    def __init__(self, settings: ModelSettings, media: MediaReader, model_cls, files: Path | None = None,
+                 found=None, weights_cache=None, weights: WeightsRead | None = None):
+        """`files`: the directory to load from (the one that was fingerprinted; default: settings.name's),
+        `found`: its Fingerprint, whose weight files must not have changed since; `weights_cache`
+        (weights_cache.py): where a quantized model is kept as converted (needs `found`); `weights`:
+        its files' read, begun by the start (`read_weights`)."""
         import torch
 
-        source = str(files) if files is not None else settings.name
+        directory = Path(files) if files is not None else _directory_of(settings)
         self.settings = settings
         self.name = settings.name
         self.media = media
@@ -381,20 +331,9 @@ class _QwenVL:
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.weights_format = _checked_format(settings, self.device)
         use_torchcodec_only()
-        self.processor = _load_processor(settings, source, self.padding_side)
-        self.tokenizer = self.processor.tokenizer
-        if self.weights_format == NONE:
-            self.full_model, self.load_info = _load(model_cls, settings, source, self.dtype)
-            self.full_model.to(self.device)
-        else:  # in the file's own dtype, on the CPU, then converted layer by layer (weights.py)
-            self.full_model, self.load_info = _load(model_cls, settings, source, "auto")
-            converted = convert(self.full_model, self.weights_format, self.device, self.dtype)
-            log.info("%s: %d linear layers (%.2f billion weights) in %s", settings.name, converted.layers,
-                     converted.weights / 1e9, self.weights_format)
+        loaded = self._load_weights(model_cls, directory, found, weights_cache, weights)
+        self.full_model, self.load_info, self.loaded = loaded.model, loaded.info, loaded
         self.full_model.eval()
-        if Path(source).is_dir():
-            log.debug("%s: %d weights copied out of their files' mappings", settings.name,
-                      own_the_weights(self.full_model, source))
         self.model = self.full_model.model
         self.config = self.full_model.config
         self.max_length = settings.max_length
@@ -424,6 +363,55 @@ class _QwenVL:
         self._between_layers: list = []
         self._launched: collections.deque = collections.deque()
         self._hook_layers()
+
+    @classmethod
+    def read_weights(cls, settings: ModelSettings, directory: Path, found=None,
+                     hash_unknown: bool = False) -> WeightsRead:
+        """Start reading the model's weight files as a load of `settings` takes them: unquantized,
+        in the compute dtype onto the device; quantized, in the file's own dtype on the CPU (to be
+        converted). `hash_unknown`: hash the files `found` has no digest for as they pass."""
+        dtype, device = cls._read_as(settings)
+        return WeightsRead(directory, dtype, device, found, hash_unknown, cls.unused_weights)
+
+    @staticmethod
+    def _read_as(settings: ModelSettings) -> tuple:
+        import torch
+
+        device = resolve_device(settings.device)
+        if parse_format(settings.quantize) != NONE:
+            return "auto", torch.device("cpu")
+        return resolve_dtype(settings.dtype, device), device
+
+    def _load_weights(self, model_cls, directory: Path, found, cache, weights: WeightsRead | None) -> Loaded:
+        """The model, its weights read while the processor loads (self.processor is set here), or
+        taken from `weights` (a read the start began). Quantized: from the weights cache when it
+        holds this model as converted; else converted layer by layer (weights.py) after the read,
+        and written to the cache behind the load."""
+        settings, fmt = self.settings, self.weights_format
+        key = None if fmt == NONE or cache is None or found is None else cache.key(
+            found.value, f"{model_cls.__name__}:{settings.name}", fmt, self.dtype, self.device)
+        cached = weights is None and key is not None and cache.has(key)
+        if cached:
+            pending = Background(lambda: cache.load(key, model_cls, settings, directory, self.dtype, self.device))
+        elif weights is None:
+            weights = self.read_weights(settings, directory, found)
+        self.processor = _load_processor(settings, str(directory), self.padding_side)
+        self.tokenizer = self.processor.tokenizer
+        if cached:
+            loaded = pending.result()
+            if loaded is not None:
+                log.info("%s: %s weights from the weights cache", settings.name, fmt)
+                return loaded
+            weights = self.read_weights(settings, directory, found)
+        dtype, device = self._read_as(settings)
+        loaded = from_files(model_cls, settings, directory, dtype, device, weights)
+        if fmt != NONE:
+            converted = convert(loaded.model, fmt, self.device, self.dtype)
+            log.info("%s: %d linear layers (%.2f billion weights) in %s", settings.name, converted.layers,
+                     converted.weights / 1e9, fmt)
+            if key is not None:
+                cache.save_later(key, loaded.model)
+        return loaded
 
     def _hook_layers(self) -> None:
         """A pre-forward hook on each decoder layer of the vision tower and the language model: where
@@ -824,10 +812,12 @@ class _QwenVL:
 
 class EmbeddingModel(_QwenVL):
     padding_side = "right"
+    unused_weights = ("lm_head.",)  # a checkpoint's LM head: the embedding model has none
     limit_name = "embedding_max_length"
 
-    def __init__(self, settings: ModelSettings, media: MediaReader, files: Path | None = None):
-        super().__init__(settings, media, _embedding_class(), files)
+    def __init__(self, settings: ModelSettings, media: MediaReader, files: Path | None = None, found=None,
+                 weights_cache=None, weights: WeightsRead | None = None):
+        super().__init__(settings, media, _embedding_class(), files, found, weights_cache, weights)
         self.fast = build_fast_path(self.processor, None, lambda system, user: self._process(
             [{"role": "system", "content": [{"type": "text", "text": system}]},
              {"role": "user", "content": [{"type": "text", "text": user}]}], "probe").input_ids)
@@ -893,10 +883,11 @@ class RerankerModel(_QwenVL):
     padding_side = "left"
     limit_name = "reranker_max_length"
 
-    def __init__(self, settings: ModelSettings, media: MediaReader, files: Path | None = None):
+    def __init__(self, settings: ModelSettings, media: MediaReader, files: Path | None = None, found=None,
+                 weights_cache=None, weights: WeightsRead | None = None):
         from transformers import Qwen3VLForConditionalGeneration
 
-        super().__init__(settings, media, Qwen3VLForConditionalGeneration, files)
+        super().__init__(settings, media, Qwen3VLForConditionalGeneration, files, found, weights_cache, weights)
         vocab = self.tokenizer.get_vocab()
         if "yes" not in vocab or "no" not in vocab:
             raise ModelLoadError(f"the tokenizer of {settings.name!r} has no single 'yes'/'no' tokens")

@@ -415,6 +415,8 @@ class HealthReply:
     # The daemon's per-request limits (config.Limits): clients refuse a payload over max_message_bytes
     # themselves, since the socket drops one far past it without an answer.
     limits: dict = field(default_factory=dict)
+    # Quantized models kept as converted (weights_cache.py): bytes, entries, writing; None when off.
+    weights_cache: dict | None = None
 
     def to_wire(self) -> dict:
         return {"status": self.status, "version": self.version, "protocol": self.protocol,
@@ -422,7 +424,7 @@ class HealthReply:
                 "queued_tokens": self.queued_tokens, "device": self.device, "dtype": self.dtype,
                 "embedding": self.embedding.to_wire(True), "reranker": self.reranker.to_wire(False),
                 "stats": self.stats, "load": self.load, "models": self.models, "load_mode": self.load_mode,
-                "queues": self.queues, "limits": self.limits}
+                "queues": self.queues, "limits": self.limits, "weights_cache": self.weights_cache}
 
     @classmethod
     def from_wire(cls, body: dict) -> "HealthReply":
@@ -433,7 +435,8 @@ class HealthReply:
                    reranker=ModelHealth.from_wire(body.get("reranker")), stats=dict(body.get("stats") or {}),
                    protocol=int(body.get("protocol", PROTOCOL_VERSION)), load=dict(body.get("load") or {}),
                    models=list(body.get("models") or []), load_mode=str(body.get("load_mode") or "at-start"),
-                   queues=dict(body.get("queues") or {}), limits=dict(body.get("limits") or {}))
+                   queues=dict(body.get("queues") or {}), limits=dict(body.get("limits") or {}),
+                   weights_cache=body.get("weights_cache"))
 
 
 _NEWER_METRICS = ("models", "status", "priorities", "preemptions")  # fields older daemons do not send

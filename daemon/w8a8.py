@@ -143,10 +143,21 @@ def linear_class():
 
         def __init__(self, linear: torch.nn.Linear, device):
             super().__init__()
-            self.in_features, self.out_features = linear.in_features, linear.out_features
             qweight, scale = quantize_weight(linear.weight.detach().to(device))
-            self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(device),
-                                                                            requires_grad=False)
+            self._hold(qweight, scale, None if linear.bias is None else linear.bias.detach().to(device))
+
+        @classmethod
+        def from_rows(cls, qweight, scale, bias=None):
+            """The layer of int8 rows `qweight` (|w| <= 64) with float32 per-row `scale`, as `rows`
+            gives them (the weights cache), on their device."""
+            layer = cls.__new__(cls)
+            torch.nn.Module.__init__(layer)
+            layer._hold(qweight, scale, bias)
+            return layer
+
+        def _hold(self, qweight, scale, bias) -> None:
+            self.out_features, self.in_features = qweight.shape
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
             self.on_cuda = qweight.is_cuda
             if self.on_cuda:
                 self.register_buffer("qweight_t", qweight.t())  # column-major, as cuBLASLt takes it
@@ -155,6 +166,15 @@ def linear_class():
             else:
                 self.packed = pack_cpu(qweight, scale)
             self.packed_bytes = 0 if self.on_cuda else qweight.numel() + PACKED_ROW_BYTES * qweight.shape[0]
+
+        def rows(self):
+            """(int8 rows, float32 scale per row): what the layer computes with, from fbgemm's packed
+            copy on the CPU."""
+            if self.on_cuda:
+                return self.qweight_t.t().contiguous(), self.scale
+            with _fbgemm_engine():
+                quantized, _ = torch.ops.quantized.linear_unpack(self.packed)
+            return quantized.int_repr().contiguous(), quantized.q_per_channel_scales().float()
 
         def forward(self, x):
             rows = x.reshape(-1, self.in_features)

@@ -165,9 +165,20 @@ def int8_embedding_class():
             super().__init__()
             weight = weight.to(device=device, dtype=torch.float32)
             scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-            self.register_buffer("rows", torch.round(weight / scale).to(torch.int8))
-            self.register_buffer("scales", scale.to(dtype))
-            self.num_embeddings, self.embedding_dim = weight.shape
+            self._hold(torch.round(weight / scale).to(torch.int8), scale.to(dtype))
+
+        @classmethod
+        def from_rows(cls, rows, scales):
+            """The table of int8 `rows` and their `scales` (its buffers, as the weights cache keeps them)."""
+            table = cls.__new__(cls)
+            torch.nn.Module.__init__(table)
+            table._hold(rows, scales)
+            return table
+
+        def _hold(self, rows, scales) -> None:
+            self.register_buffer("rows", rows)
+            self.register_buffer("scales", scales)
+            self.num_embeddings, self.embedding_dim = rows.shape
 
         def forward(self, ids):
             return self.rows[ids].to(self.scales.dtype) * self.scales[ids]

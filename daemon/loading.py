@@ -1,0 +1,116 @@
+"""Building a Qwen3-VL model from its directory: its weights read once into the memory it will own
+(reader.py), handed to transformers' `from_pretrained` as a state dict so that its own key mapping,
+tying and checks apply unchanged; in a quantized format, converted layer by layer (weights.py) or
+loaded ready-made from the weights cache (weights_cache.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ModelSettings
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: Any  # the transformers model
+    info: dict  # from_pretrained's loading info (missing keys)
+    bytes_read: int  # weight bytes read from files
+    digests: dict[str, str]  # sha256 of each weight file hashed as it passed, by its path
+    cached: bool = False  # loaded from the weights cache
+
+
+def weight_identities(found) -> dict[Path, tuple]:
+    """What each weight file of a Fingerprint was when hashed, by path: the reader refuses a file
+    that is not that file any more."""
+    if found is None or found.directory is None:
+        return {}
+    return {found.directory / name: tuple(identity[1]) for name, identity in found.identities}
+
+
+def config_of(cls, settings: ModelSettings, directory: Path):
+    try:
+        return cls.config_class.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read the config of {settings.name!r} in {directory}: {_first_line(exc)}") \
+            from None
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {_first_line(exc)}") from None
+
+
+class Background:
+    """`work()` on a thread of its own; `result()` waits for it (and raises what it raised)."""
+
+    def __init__(self, work):
+        pool = ThreadPoolExecutor(1, thread_name_prefix="qwen3vl-weights")
+        self._future = pool.submit(work)
+        pool.shutdown(wait=False)
+
+    def result(self):
+        return self._future.result()
+
+
+class WeightsRead(Background):
+    """The weight files of `directory` being read on a thread of their own (reader.py), each
+    floating tensor in `dtype` ("auto": the file's) on `device`, while the caller loads the
+    processor: the reading threads wait on the kernel, the tokenizer's parsing on the CPU.
+    `found` (the directory's Fingerprint): each weight file must still be what it hashed.
+    `unused`: name prefixes of tensors the model has no place for (not read)."""
+
+    def __init__(self, directory: Path, dtype, device, found=None, hash_unknown: bool = False,
+                 unused: tuple[str, ...] = ()):
+        from .fingerprint import loaded_weight_files
+        from .reader import Target
+
+        self.paths = loaded_weight_files(directory)
+        self._target = Target(None if dtype == "auto" else dtype, device)
+        self._expect, self._unused = weight_identities(found), unused
+        pending = {found.directory / name for name in found.pending} if found is not None else set(self.paths)
+        self._hashed = frozenset(p for p in self.paths if p in pending) if hash_unknown else frozenset()
+        super().__init__(self._read)
+
+    def hashed(self) -> dict[str, tuple[str, tuple]]:
+        """(sha256, identity as read) of each file hashed as it passed, by path (waits for the read)."""
+        _, reads = self.result()
+        return {str(r.path): (r.digest, r.identity) for r in reads if r.digest is not None}
+
+    def _read(self):
+        """(tensors by name, FileReads); the read's ModelLoadError is raised by `result`."""
+        from .reader import read_files
+
+        return read_files(self.paths, lambda entry: self._target, self._expect, self._hashed,
+                          wanted=(lambda name: not name.startswith(self._unused)) if self._unused else None)
+
+
+def from_files(cls, settings: ModelSettings, directory: Path, dtype, device, weights: WeightsRead) -> Loaded:
+    """The model of `directory` built by transformers over the tensors `weights` read (its key
+    mapping, tying and checks unchanged); refuses missing base weights."""
+    config = config_of(cls, settings, directory)
+    tensors, reads = weights.result()
+    placed = {"device_map": {"": device}} if device.type != "cpu" else {}
+    try:
+        model, info = cls.from_pretrained(
+            None, config=config, state_dict=tensors, dtype=dtype, attn_implementation=settings.attn_implementation,
+            output_loading_info=True, **placed)
+    except Exception as exc:  # whatever transformers raises on a broken checkpoint: one line
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {_first_line(exc)}") from None
+    del tensors
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
+    if missing:
+        raise ModelLoadError(
+            f"checkpoint {settings.name!r} lacks {len(missing)} base-model weight(s) (e.g. {missing[0]}); "
+            "refusing to run with randomly initialised layers"
+        )
+    return Loaded(model, info, sum(r.bytes for r in reads),
+                  {str(r.path): r.digest for r in reads if r.digest is not None})
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

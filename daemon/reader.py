@@ -1,0 +1,397 @@
+"""Reading safetensors files straight into the memory a model will own, at the page cache's speed.
+
+transformers maps a safetensors file and, on the CPU, hands out views of that mapping; the daemon
+then had to copy every weight out of it (a served weight must not change when the file is written
+over, and a truncated file must not kill the process), so each weight was read twice, through 4 KB
+page faults. Here each tensor is allocated once, in the dtype and on the device the model holds it
+in, and its bytes are read into it with large `preadv` calls from several threads (the kernel
+copies from the page cache; reads release the GIL). Where the dtype or the device differs, the
+bytes pass through one staging buffer per thread (pinned on CUDA, so the copy to the device is a
+DMA) and are converted there: no full host copy is ever made.
+
+A file is read through one descriptor whose identity (size, mtime, ctime, inode, device) is checked
+against what was fingerprinted before reading and must be the same after: a file written while it
+is read stops the load in one line. A file whose digest is not known yet is hashed as its bytes pass
+(a reader thread and a hashing thread in a pipeline), so a first start reads each file once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ModelLoadError
+from .files import SettingFileError, open_regular
+
+PIECE_BYTES = 64 << 20  # one read (and one staging buffer): large enough to stream, small enough to pipeline
+HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+READ_THREADS = 4  # more gave nothing on the 2-core host (BENCHMARKS.md, issue 36)
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+          "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+Identity = tuple[int, ...]  # size, mtime, ctime, inode, device (fingerprint.DigestCache.identity)
+
+
+def enable_huge_pages() -> None:
+    """Ask torch's CPU allocator for transparent huge pages on large tensors (2 MB-aligned, with
+    madvise): a weight read into fresh memory takes one fault per 2 MB instead of 512. Read once by
+    torch, so it is set before torch allocates; an operator's own value is kept."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str  # torch's name for the file's dtype
+    shape: tuple[int, ...]
+    start: int  # the bytes' offsets in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    size: int  # bytes before the data: the 8-byte length and the JSON
+    entries: tuple[Entry, ...]  # in the file's order
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class FileRead:
+    path: Path
+    identity: Identity
+    digest: str | None  # sha256 of the whole file, when it was hashed as it passed
+    bytes: int
+    metadata: dict  # the header's __metadata__
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and in what dtype the model holds a tensor; None keeps the file's."""
+
+    dtype: object = None  # a torch.dtype for floating tensors
+    device: object = None  # a torch.device
+
+
+def parse_header(raw_len: bytes, raw: bytes, file_size: int, where: str) -> Header:
+    """The tensors a safetensors file holds, checked: known dtypes, sizes that match their shapes,
+    offsets that tile the data exactly (no hole, no overlap) up to the file's end."""
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{where}: not a safetensors file ({why})")
+
+    (length,) = struct.unpack("<Q", raw_len)
+    if length > HEADER_MAX_BYTES or 8 + length > file_size:
+        raise refuse(f"a header of {length} bytes")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise refuse("its header is not JSON") from None
+    if not isinstance(data, dict):
+        raise refuse("its header is not a JSON object")
+    metadata = data.pop("__metadata__", None) or {}
+    entries = []
+    for name, spec in data.items():
+        try:
+            dtype, shape, (start, end) = DTYPES[spec["dtype"]], tuple(spec["shape"]), spec["data_offsets"]
+            if not all(isinstance(n, int) and n >= 0 for n in (*shape, start, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise refuse(f"tensor {name[:80]!r} has no valid dtype, shape and offsets") from None
+        entries.append(Entry(name, dtype, shape, 8 + length + start, 8 + length + end))
+    entries.sort(key=lambda e: (e.start, e.end))
+    position = 8 + length
+    for entry in entries:
+        if entry.start != position or entry.end - entry.start != _numel(entry.shape) * _itemsize(entry.dtype):
+            raise refuse(f"tensor {entry.name[:80]!r} does not fit its place")
+        position = entry.end
+    if position != file_size:
+        raise refuse(f"{file_size - position:+d} bytes after its tensors")
+    return Header(8 + length, tuple(entries), metadata if isinstance(metadata, dict) else {})
+
+
+def read_header(path: Path) -> Header:
+    """The header of the safetensors file at `path` (fit.py and the weights cache read only this)."""
+    with _open(path) as f:
+        return _header_of(f.fileno(), os.fstat(f.fileno()).st_size, str(path))[0]
+
+
+def read_files(paths: list[Path], target: Callable[[Entry], Target],
+               expect: dict[Path, Identity] | None = None, hashed: frozenset[Path] = frozenset(),
+               threads: int = READ_THREADS, private: bool = False,
+               wanted: Callable[[str], bool] | None = None) -> tuple[dict[str, object], list[FileRead]]:
+    """Every tensor of the safetensors files `paths`, by name, each placed as `target` says. A file
+    with an identity in `expect` must still have it; those in `hashed` are hashed as they pass. `private`: each file must be the daemon's user's and writable by no one else.
+    `wanted(name)` False: the tensor is not kept (its bytes are still hashed when the file is).
+    ModelLoadError, in one line, for a file that is not safetensors, cannot be read, or changes
+    while it is read."""
+    tensors: dict[str, object] = {}
+    reads = []
+    for path in paths:
+        with _open(path, private) as f:
+            fd = f.fileno()
+            before = _identity(os.fstat(fd))
+            expected = (expect or {}).get(path)
+            if expected is not None and tuple(expected) != before:
+                raise ModelLoadError(f"{path} changed after the daemon fingerprinted it; start the daemon again "
+                                     "once the model's files are written, so that its fingerprint is theirs")
+            header, raw = _header_of(fd, before[0], str(path))
+            placed = {e.name: _allocate(e, target(e)) for e in header.entries if wanted is None or wanted(e.name)}
+            hashing = path in hashed
+            pieces = [p for e in header.entries for p in _pieces(e, placed.get(e.name))]
+            if not hashing:
+                pieces = [p for p in pieces if p.tensor is not None]
+            try:
+                digest = _read_hashing(fd, raw, pieces) if hashing else _read_parallel(fd, pieces, threads)
+            except _CutShort:
+                raise ModelLoadError(f"{path} changed while it was being loaded (cut short); start again once it "
+                                     "is written") from None
+            except OSError as exc:
+                raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if _identity(os.fstat(fd)) != before:
+                raise ModelLoadError(f"{path} changed while it was being loaded; start again once it is written")
+        tensors.update(placed)
+        reads.append(FileRead(path, before, digest, before[0], header.metadata))
+    return tensors, reads
+
+
+# -- internals --------------------------------------------------------------------------------------
+def _open(path: Path, private: bool = False):
+    try:
+        return open_regular(path, private)
+    except SettingFileError as exc:
+        raise ModelLoadError(f"cannot load weights: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _header_of(fd: int, size: int, where: str) -> tuple[Header, bytes]:
+    """The parsed header and its raw bytes (length prefix included: a digest covers them)."""
+    first = _pread_exact(fd, 8, 0, where) if size >= 8 else b""
+    if len(first) < 8:
+        raise ModelLoadError(f"{where}: not a safetensors file (shorter than its header)")
+    (length,) = struct.unpack("<Q", first)
+    if length > HEADER_MAX_BYTES or 8 + length > size:
+        raise ModelLoadError(f"{where}: not a safetensors file (a header of {length} bytes)")
+    raw = _pread_exact(fd, length, 8, where)
+    return parse_header(first, raw, size, where), first + raw
+
+
+def _pread_exact(fd: int, n: int, offset: int, where: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise ModelLoadError(f"{where} changed while it was being loaded (cut short); start again once it is written")
+    return data
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return getattr(torch, dtype).itemsize
+
+
+def _allocate(entry: Entry, target: Target):
+    import torch
+
+    file_dtype = getattr(torch, entry.dtype)
+    dtype = target.dtype if target.dtype is not None and file_dtype.is_floating_point else file_dtype
+    return torch.empty(entry.shape, dtype=dtype, device=target.device or "cpu")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Bytes [start, end) of the file, which are elements [first, first + count) of `tensor` (None:
+    a tensor not kept, read only to be hashed)."""
+
+    start: int
+    end: int
+    tensor: object
+    file_dtype: str
+    first: int
+    count: int
+
+    @property
+    def direct(self) -> bool:  # read straight into the tensor's memory
+        return self.tensor is not None and self.tensor.device.type == "cpu" and \
+            str(self.tensor.dtype) == f"torch.{self.file_dtype}"
+
+    @property
+    def pinned(self) -> bool:  # staged for a CUDA tensor: its staging buffer is pinned
+        return self.tensor is not None and self.tensor.device.type == "cuda"
+
+
+def _pieces(entry: Entry, tensor) -> list[_Piece]:
+    size = _itemsize(entry.dtype)
+    per = max(1, PIECE_BYTES // size)
+    count = _numel(entry.shape)
+    return [_Piece(entry.start + first * size, entry.start + min(count, first + per) * size, tensor, entry.dtype,
+                   first, min(per, count - first)) for first in range(0, count, per)]
+
+
+def _bytes_of(piece: _Piece):
+    """The piece's place in its tensor's memory, as a writable buffer (direct pieces only)."""
+    import torch
+
+    flat = piece.tensor.reshape(-1)[piece.first:piece.first + piece.count]
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class _CutShort(Exception):
+    """The file ended before a tensor's bytes did: it was cut while being read."""
+
+
+def _read_into(fd: int, buffer: memoryview, offset: int) -> None:
+    done, n = 0, len(buffer)
+    while done < n:
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise _CutShort
+        done += got
+
+
+class _Staging:
+    """One thread's staging buffer (pinned where the tensor's device is CUDA) and the event that
+    says when the device has taken its last copy."""
+
+    def __init__(self):
+        self.buffer = None
+        self.event = None
+
+    def take(self, piece: _Piece):
+        import torch
+
+        if self.buffer is None:
+            self.buffer = torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=piece.pinned)
+        if self.event is not None:
+            self.event.synchronize()  # the device's copy of the previous piece is done
+        return self.buffer[:piece.end - piece.start]
+
+    def land(self, piece: _Piece, staged) -> None:
+        """Convert the staged bytes into the piece's place in its tensor (on its device)."""
+        import torch
+
+        if piece.tensor is None:
+            return
+        source = staged.view(getattr(torch, piece.file_dtype))
+        place = piece.tensor.reshape(-1)[piece.first:piece.first + piece.count]
+        cuda = place.device.type == "cuda"
+        place.copy_(source, non_blocking=cuda)
+        if cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+
+def _read_piece(fd: int, piece: _Piece, staging: _Staging) -> None:
+    if piece.direct:
+        _read_into(fd, _bytes_of(piece), piece.start)
+        return
+    staged = staging.take(piece)
+    _read_into(fd, memoryview(staged.numpy()), piece.start)
+    staging.land(piece, staged)
+
+
+def _read_parallel(fd: int, pieces: list[_Piece], threads: int) -> None:
+    """Read the pieces in any order, on `threads` threads; returns None (no digest)."""
+    local = threading.local()
+
+    def read(piece: _Piece) -> None:
+        if not hasattr(local, "staging"):
+            local.staging = _Staging()
+        _read_piece(fd, piece, local.staging)
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="qwen3vl-read") as pool:
+        list(pool.map(read, pieces))
+    _settle(pieces)
+
+
+def _read_hashing(fd: int, header: bytes, pieces: list[_Piece]) -> str:
+    """Read the pieces in the file's order on one thread while this one hashes them (sha256 is
+    sequential): the file is read once. Staged pieces rotate through a few buffers, each landed
+    in its tensor once hashed."""
+    import torch
+
+    digest = hashlib.sha256(header)
+    ring: list = [None] * 3
+    free: queue.Queue = queue.Queue()
+    for slot in range(len(ring)):
+        free.put(slot)
+    done: queue.Queue = queue.Queue(maxsize=len(ring) + 1)
+    stopping = threading.Event()
+    failure: list[BaseException] = []
+
+    def wait(action):  # a queue operation that gives up once the hashing side has stopped
+        while not stopping.is_set():
+            try:
+                return action()
+            except (queue.Empty, queue.Full):
+                continue
+        raise _Stopped
+
+    def reader() -> None:
+        try:
+            for piece in pieces:
+                held = None
+                if piece.direct:
+                    buffer = _bytes_of(piece)
+                else:
+                    slot = wait(lambda: free.get(timeout=0.1))
+                    if ring[slot] is None:
+                        ring[slot] = torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=piece.pinned)
+                    held = (slot, ring[slot][:piece.end - piece.start])
+                    buffer = memoryview(held[1].numpy())
+                _read_into(fd, buffer, piece.start)
+                wait(lambda: done.put((piece, buffer, held), timeout=0.1))
+        except _Stopped:
+            return
+        except BaseException as exc:  # handed to the hashing thread, which raises it
+            failure.append(exc)
+        wait(lambda: done.put(None, timeout=0.1))
+
+    thread = threading.Thread(target=reader, name="qwen3vl-read", daemon=True)
+    thread.start()
+    staging = _Staging()
+    try:
+        while (item := done.get()) is not None:
+            piece, buffer, held = item
+            digest.update(buffer)
+            if held is not None:
+                staging.land(piece, held[1])
+                if staging.event is not None:
+                    staging.event.synchronize()
+                free.put(held[0])
+    finally:
+        stopping.set()
+        thread.join()
+    if failure:
+        raise failure[0]
+    _settle(pieces)
+    return digest.hexdigest()
+
+
+class _Stopped(Exception):
+    """The hashing side stopped (it failed): the reader stops too."""
+
+
+def _settle(pieces: list[_Piece]) -> None:
+    """Wait for the devices' copies of staged pieces (CUDA copies are asynchronous)."""
+    import torch
+
+    if any(p.pinned for p in pieces):
+        torch.cuda.synchronize()
