@@ -7,6 +7,7 @@ loaded ready-made from the weights cache (weights_cache.py).
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ class Loaded:
     bytes_read: int  # weight bytes read from files
     digests: dict[str, str]  # sha256 of each weight file hashed as it passed, by its path
     cached: bool = False  # loaded from the weights cache
+    read_s: float = 0.0  # seconds the files' read took
 
 
 def weight_identities(found) -> dict[Path, tuple]:
@@ -39,10 +41,10 @@ def config_of(cls, settings: ModelSettings, directory: Path):
     try:
         return cls.config_class.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except OSError as exc:
-        raise ModelLoadError(f"cannot read the config of {settings.name!r} in {directory}: {_first_line(exc)}") \
+        raise ModelLoadError(f"cannot read the config of {settings.name!r} in {directory}: {first_line(exc)}") \
             from None
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {settings.name!r}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {first_line(exc)}") from None
 
 
 class Background:
@@ -55,6 +57,11 @@ class Background:
 
     def result(self):
         return self._future.result()
+
+    def take(self):
+        """`result()`, no longer held here: what it holds is freed with its last other owner."""
+        future, self._future = self._future, None
+        return future.result()
 
 
 class WeightsRead(Background):
@@ -85,32 +92,57 @@ class WeightsRead(Background):
         """(tensors by name, FileReads); the read's ModelLoadError is raised by `result`."""
         from .reader import read_files
 
-        return read_files(self.paths, lambda entry: self._target, self._expect, self._hashed,
-                          wanted=(lambda name: not name.startswith(self._unused)) if self._unused else None)
+        began = time.monotonic()
+        try:
+            return read_files(self.paths, lambda entry: self._target, self._expect, self._hashed,
+                              wanted=(lambda name: not name.startswith(self._unused)) if self._unused else None)
+        finally:
+            self.seconds = time.monotonic() - began
+
+
+class Placed:
+    """A tensor already on the accelerator that keeps it, as transformers' loader takes a state
+    dict's values (`value[...]`, then `.to(device=, dtype=)`): it stays where it is. The loader
+    places tensors by its device map, the CPU without one; with one naming the accelerator it would
+    first reserve another model's worth of device memory (its allocator warm-up), which a GPU
+    shared with an LLM may not have."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __getitem__(self, index):
+        return self if index is Ellipsis else self.tensor[index]
+
+    def to(self, device=None, dtype=None, **_):
+        return self.tensor if dtype is None or dtype == self.tensor.dtype else self.tensor.to(dtype)
 
 
 def from_files(cls, settings: ModelSettings, directory: Path, dtype, device, weights: WeightsRead) -> Loaded:
     """The model of `directory` built by transformers over the tensors `weights` read (its key
     mapping, tying and checks unchanged); refuses missing base weights."""
     config = config_of(cls, settings, directory)
-    tensors, reads = weights.result()
-    placed = {"device_map": {"": device}} if device.type != "cpu" else {}
+    tensors, reads = weights.take()  # the model owns them now: a format's conversion frees the originals
+    state = tensors if device.type == "cpu" else {name: Placed(t) for name, t in tensors.items()}
     try:
         model, info = cls.from_pretrained(
-            None, config=config, state_dict=tensors, dtype=dtype, attn_implementation=settings.attn_implementation,
-            output_loading_info=True, **placed)
+            None, config=config, state_dict=state, dtype=dtype, attn_implementation=settings.attn_implementation,
+            output_loading_info=True)
     except Exception as exc:  # whatever transformers raises on a broken checkpoint: one line
-        raise ModelLoadError(f"cannot load model {settings.name!r}: {_first_line(exc)}") from None
-    del tensors
+        raise ModelLoadError(f"cannot load model {settings.name!r}: {first_line(exc)}") from None
+    del tensors, state
+    model.to(device)  # the buffers transformers computes (rotary frequencies); the weights are there already
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
     if missing:
         raise ModelLoadError(
             f"checkpoint {settings.name!r} lacks {len(missing)} base-model weight(s) (e.g. {missing[0]}); "
             "refusing to run with randomly initialised layers"
         )
-    return Loaded(model, info, sum(r.bytes for r in reads),
-                  {str(r.path): r.digest for r in reads if r.digest is not None})
+    read = sum(r.bytes for r in reads)
+    log.info("%s: %.2f GB of weights read in %.2f s (%.2f GB/s)%s", settings.name, read / 1e9, weights.seconds,
+             read / max(weights.seconds, 1e-9) / 1e9, ", hashed as they passed" if any(r.digest for r in reads) else "")
+    return Loaded(model, info, read, {str(r.path): r.digest for r in reads if r.digest is not None},
+                  read_s=weights.seconds)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -16,7 +16,6 @@ import hashlib
 import io
 import itertools
 import logging
-import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .config import MediaPolicy, ModelSettings
 from .errors import ModelLoadError, RequestError, attempt, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, MediaSource, VideoSource
-from .loading import Background, Loaded, WeightsRead, from_files
+from .loading import Background, Loaded, WeightsRead, first_line, from_files
 from .media.batch import PixelWriter
 from .media.pixels import PatchLayout, Pixels, resized_image, same_pixels
 from .media.tokens import Video, VisionTokens
@@ -184,11 +183,7 @@ def _load_processor(settings: ModelSettings, files: str, padding_side: str):
     except OSError as exc:
         raise _unfetchable(settings, exc) from None
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the processor of {settings.name!r}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"cannot load the processor of {settings.name!r}: {first_line(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -216,7 +211,7 @@ def _directory_of(settings: ModelSettings) -> Path:
 def _unfetchable(settings: ModelSettings, exc: Exception) -> ModelLoadError:
     from .preflight import looks_local
 
-    reason = _first_line(exc)[:160]
+    reason = first_line(exc)[:160]
     if looks_local(settings.name):
         return ModelLoadError(f"cannot read model files in {settings.name!r} ({reason}); check the directory "
                               "and its permissions")
@@ -398,7 +393,7 @@ class _QwenVL:
         self.processor = _load_processor(settings, str(directory), self.padding_side)
         self.tokenizer = self.processor.tokenizer
         if cached:
-            loaded = pending.result()
+            loaded = pending.take()
             if loaded is not None:
                 log.info("%s: %s weights from the weights cache", settings.name, fmt)
                 return loaded

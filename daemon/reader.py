@@ -12,7 +12,8 @@ DMA) and are converted there: no full host copy is ever made.
 A file is read through one descriptor whose identity (size, mtime, ctime, inode, device) is checked
 against what was fingerprinted before reading and must be the same after: a file written while it
 is read stops the load in one line. A file whose digest is not known yet is hashed as its bytes pass
-(a reader thread and a hashing thread in a pipeline), so a first start reads each file once.
+(the reading threads ahead, one thread hashing in the file's order), so a first start reads each
+file once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -148,7 +148,7 @@ def read_files(paths: list[Path], target: Callable[[Entry], Target],
             if not hashing:
                 pieces = [p for p in pieces if p.tensor is not None]
             try:
-                digest = _read_hashing(fd, raw, pieces) if hashing else _read_parallel(fd, pieces, threads)
+                digest = _read_hashing(fd, raw, pieces, threads) if hashing else _read_parallel(fd, pieces, threads)
             except _CutShort:
                 raise ModelLoadError(f"{path} changed while it was being loaded (cut short); start again once it "
                                      "is written") from None
@@ -321,72 +321,60 @@ def _read_parallel(fd: int, pieces: list[_Piece], threads: int) -> None:
     _settle(pieces)
 
 
-def _read_hashing(fd: int, header: bytes, pieces: list[_Piece]) -> str:
-    """Read the pieces in the file's order on one thread while this one hashes them (sha256 is
-    sequential): the file is read once. Staged pieces rotate through a few buffers, each landed
-    in its tensor once hashed."""
+def _read_hashing(fd: int, header: bytes, pieces: list[_Piece], threads: int) -> str:
+    """Read the pieces on `threads` threads while this one hashes them in the file's order (sha256
+    is sequential): the file is read once. Staged pieces take the staging buffers of a ring in
+    their order, each waiting for its buffer's previous piece to be hashed and landed; a piece
+    never waits for a later one, so the ring cannot deadlock."""
     import torch
 
     digest = hashlib.sha256(header)
-    ring: list = [None] * 3
-    free: queue.Queue = queue.Queue()
-    for slot in range(len(ring)):
-        free.put(slot)
-    done: queue.Queue = queue.Queue(maxsize=len(ring) + 1)
+    ring_size = max(2, threads + 1)
+    ring: list = [None] * ring_size
+    order = {index: n for n, index in enumerate(i for i, p in enumerate(pieces) if not p.direct)}
+    landed = [threading.Event() for _ in order]  # by staged order: hashed, landed, its buffer free
     stopping = threading.Event()
-    failure: list[BaseException] = []
 
-    def wait(action):  # a queue operation that gives up once the hashing side has stopped
-        while not stopping.is_set():
-            try:
-                return action()
-            except (queue.Empty, queue.Full):
-                continue
-        raise _Stopped
+    def read(index: int):
+        piece = pieces[index]
+        if piece.direct:
+            buffer = _bytes_of(piece)
+            _read_into(fd, buffer, piece.start)
+            return buffer, None
+        n = order[index]
+        while n >= ring_size and not landed[n - ring_size].wait(0.1):
+            if stopping.is_set():
+                raise _Stopped
+        slot = n % ring_size
+        if ring[slot] is None:
+            ring[slot] = torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=piece.pinned)
+        staged = ring[slot][:piece.end - piece.start]
+        buffer = memoryview(staged.numpy())
+        _read_into(fd, buffer, piece.start)
+        return buffer, (n, staged)
 
-    def reader() -> None:
-        try:
-            for piece in pieces:
-                held = None
-                if piece.direct:
-                    buffer = _bytes_of(piece)
-                else:
-                    slot = wait(lambda: free.get(timeout=0.1))
-                    if ring[slot] is None:
-                        ring[slot] = torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=piece.pinned)
-                    held = (slot, ring[slot][:piece.end - piece.start])
-                    buffer = memoryview(held[1].numpy())
-                _read_into(fd, buffer, piece.start)
-                wait(lambda: done.put((piece, buffer, held), timeout=0.1))
-        except _Stopped:
-            return
-        except BaseException as exc:  # handed to the hashing thread, which raises it
-            failure.append(exc)
-        wait(lambda: done.put(None, timeout=0.1))
-
-    thread = threading.Thread(target=reader, name="qwen3vl-read", daemon=True)
-    thread.start()
     staging = _Staging()
-    try:
-        while (item := done.get()) is not None:
-            piece, buffer, held = item
-            digest.update(buffer)
-            if held is not None:
-                staging.land(piece, held[1])
-                if staging.event is not None:
-                    staging.event.synchronize()
-                free.put(held[0])
-    finally:
-        stopping.set()
-        thread.join()
-    if failure:
-        raise failure[0]
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="qwen3vl-read") as pool:
+        futures = [pool.submit(read, index) for index in range(len(pieces))]
+        try:
+            for piece, future in zip(pieces, futures):
+                buffer, held = future.result()
+                digest.update(buffer)
+                if held is not None:
+                    staging.land(piece, held[1])
+                    if staging.event is not None:
+                        staging.event.synchronize()
+                    landed[held[0]].set()
+        finally:
+            stopping.set()
+            for future in futures:
+                future.cancel()
     _settle(pieces)
     return digest.hexdigest()
 
 
 class _Stopped(Exception):
-    """The hashing side stopped (it failed): the reader stops too."""
+    """The hashing side stopped (it failed): the readers stop too."""
 
 
 def _settle(pieces: list[_Piece]) -> None:

@@ -8,9 +8,9 @@ the norms and the reranker's yes-minus-no score vector (taken from the unquantiz
 the compute dtype: the research on these models advises keeping the vision tower exact, and
 BENCHMARKS.md measures what quantizing it would cost and save.
 
-Layers are converted one at a time from the loaded checkpoint (on the CPU, a view of the mapped
-file) and only then moved to the device, so neither host nor device ever holds the whole model at
-full precision: a format saves memory while loading, not only once loaded.
+Layers are converted one at a time from the loaded checkpoint (on the CPU, in the file's dtype) and
+only then moved to the device, so the device never holds the whole model at full precision; the
+converted model is then kept in the weights cache (weights_cache.py), so a restart skips all this.
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ class WeightsCache:
         digests = DigestCache(self.digests)
         real, st = os.path.realpath(entry), os.stat(entry)
         known = digests.get(real, st) == want
+        began = time.monotonic()
         tensors, reads = read_files([entry], lambda e: Target(None, device), hashed=frozenset() if known else {entry},
                                     private=True)
         if not known:
@@ -136,6 +137,10 @@ class WeightsCache:
                 raise BadEntry("its bytes do not have the digest its sidecar says")
             digests.put(real, st, want)
             digests.save()
+        seconds = time.monotonic() - began
+        log.info("%s: %.2f GB of weights read in %.2f s (%.2f GB/s) from the weights cache%s", key.model,
+                 reads[0].bytes / 1e9, seconds, reads[0].bytes / max(seconds, 1e-9) / 1e9,
+                 "" if known else ", checked against its digest")
         layout = json.loads(reads[0].metadata.get("layout", "null"))
         if not isinstance(layout, dict) or layout.get("key") != key.value:
             raise BadEntry("its layout names another entry")
@@ -144,15 +149,18 @@ class WeightsCache:
 
     # -- saving ----------------------------------------------------------------------------------
     def save_later(self, key: CacheKey, model) -> None:
-        """Write the entry of `model` on a thread of its own: the model serves meanwhile."""
-        threading.Thread(target=self.save, args=(key, model), name="qwen3vl-weights-cache", daemon=True).start()
+        """Write the entry of `model` as it is now on a thread of its own: the model serves meanwhile
+        (and its owner may go on changing it: the reranker drops its LM head once loaded)."""
+        held = Snapshot.of(model)
+        threading.Thread(target=self.save, args=(key, held), name="qwen3vl-weights-cache", daemon=True).start()
 
     def save(self, key: CacheKey, model) -> None:
-        """Write the entry of `model` (atomically: a temporary file renamed), its sidecar, and drop
-        the model's entries of other keys (older files or versions). Failures are logged: a cache."""
+        """Write the entry of `model` (or of its Snapshot) atomically (a temporary file renamed), its
+        sidecar, and drop the model's entries of other keys (older files or versions). Failures are
+        logged: a cache."""
         began = time.monotonic()
         try:
-            tensors, layout = flatten(model)
+            tensors, layout = flatten(model if isinstance(model, Snapshot) else Snapshot.of(model))
             layout["key"] = key.value
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -246,8 +254,22 @@ def _bytes(tensor):
 
 
 # -- a model as tensors and a layout, and back ------------------------------------------------------
-def flatten(model) -> tuple[dict, dict]:
-    """Every parameter and buffer of the converted `model` as plain tensors by name, and the layout
+@dataclass(frozen=True)
+class Snapshot:
+    """A model's modules, parameters and buffers by name, as they are when taken (references)."""
+
+    modules: tuple
+    params: tuple
+    buffers: tuple
+
+    @classmethod
+    def of(cls, model) -> "Snapshot":
+        return cls(tuple(model.named_modules()), tuple(model.named_parameters(remove_duplicate=False)),
+                   tuple(model.named_buffers(remove_duplicate=False)))
+
+
+def flatten(model: Snapshot) -> tuple[dict, dict]:
+    """Every parameter and buffer of the converted model as plain tensors by name, and the layout
     that puts them back: the replaced modules, each name's kind (plain, quantized with its class and
     attributes, or another name's alias). BadEntry for what cannot be written (an unknown kind)."""
     from .w8a8 import linear_class
@@ -255,15 +277,14 @@ def flatten(model) -> tuple[dict, dict]:
 
     tensors, layout = {}, {"version": CACHE_VERSION, "modules": {}, "params": {}, "buffers": {}}
     inside_w8a8 = set()
-    for name, module in model.named_modules():
+    for name, module in model.modules:
         if isinstance(module, linear_class()):
             layout["modules"][name] = _W8A8
             tensors[f"w8a8/{name}/qweight"], tensors[f"w8a8/{name}/scale"] = module.rows()
             inside_w8a8.add(name)
         elif isinstance(module, int8_embedding_class()):
             layout["modules"][name] = _TABLE
-    for group, items in (("params", model.named_parameters(remove_duplicate=False)),
-                         ("buffers", model.named_buffers(remove_duplicate=False))):
+    for group, items in (("params", model.params), ("buffers", model.buffers)):
         seen: dict[int, str] = {}
         for name, value in items:
             owner = name.rpartition(".")[0]
