@@ -226,9 +226,11 @@ def _card(config: DaemonConfig, kind: str, settings, default: bool, files: Path,
 
 def _fingerprint(config: DaemonConfig, kind: str, settings, default: bool, files: Path, step):
     """(the model's Fingerprint, its weights' read or None). A default model loaded at start in its
-    compute dtype whose weight files the digest cache does not know is read now, hashed as its bytes
-    pass, and the read is kept for its load: a first start reads each file once. Quantized models
-    (converted, then kept in the weights cache) and models loaded later are hashed here."""
+    compute dtype is read from here on, in the background, so that the models' reads overlap each
+    other and the loading of the models before them; weight files the digest cache does not know
+    are hashed as their bytes pass (the fingerprint waits for that): a first start reads each file
+    once. Quantized models (converted, then kept in the weights cache) and models loaded later are
+    hashed here, their files read when they load."""
     from .fingerprint import loaded_weight_files
     from .models import EmbeddingModel, RerankerModel
     from .weights import NONE, parse_format
@@ -236,11 +238,13 @@ def _fingerprint(config: DaemonConfig, kind: str, settings, default: bool, files
     read_now = config.load == "at-start" and default and parse_format(settings.quantize) == NONE
     defer = frozenset(str(p.relative_to(files)) for p in loaded_weight_files(files)) if read_now else frozenset()
     found = fingerprint_directory(files, DigestCache(config.fingerprint_cache), defer)
-    if not found.pending:
+    if not read_now:
         return found, None
-    step(f"reading and fingerprinting {settings.name}", "weights")
     model_cls = EmbeddingModel if kind == EMBEDDING else RerankerModel
-    weights = model_cls.read_weights(settings, files, found, hash_unknown=True)
+    weights = model_cls.read_weights(settings, files, found, hash_unknown=bool(found.pending))
+    if not found.pending:
+        return found, weights
+    step(f"reading and fingerprinting {settings.name}", "weights")
     return found.completed(weights.hashed(), DigestCache(config.fingerprint_cache)), weights
 
 

@@ -40,13 +40,6 @@ DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
 Identity = tuple[int, ...]  # size, mtime, ctime, inode, device (fingerprint.DigestCache.identity)
 
 
-def enable_huge_pages() -> None:
-    """Ask torch's CPU allocator for transparent huge pages on large tensors (2 MB-aligned, with
-    madvise): a weight read into fresh memory takes one fault per 2 MB instead of 512. Read once by
-    torch, so it is set before torch allocates; an operator's own value is kept."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 @dataclass(frozen=True)
 class Entry:
     name: str

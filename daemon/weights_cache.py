@@ -126,16 +126,20 @@ class WeightsCache:
         if not isinstance(about, dict) or about.get("key") != key.value or about.get("version") != CACHE_VERSION:
             raise BadEntry("its sidecar names another entry")
         want = about.get("sha256")
+        if not (isinstance(want, str) and len(want) == 64):
+            raise BadEntry("its sidecar states no sha256")
         digests = DigestCache(self.digests)
         real, st = os.path.realpath(entry), os.stat(entry)
         known = digests.get(real, st) == want
         began = time.monotonic()
-        tensors, reads = read_files([entry], lambda e: Target(None, device), hashed=frozenset() if known else {entry},
-                                    private=True)
+        # Known: the very file whose bytes were checked (its identity, before and after the read).
+        tensors, reads = read_files([entry], lambda e: Target(None, device),
+                                    expect={entry: tuple(DigestCache.identity(st))} if known else None,
+                                    hashed=frozenset() if known else frozenset({entry}), private=True)
         if not known:
             if reads[0].digest != want:
                 raise BadEntry("its bytes do not have the digest its sidecar says")
-            digests.put(real, st, want)
+            digests.put_identity(real, reads[0].identity, want)
             digests.save()
         seconds = time.monotonic() - began
         log.info("%s: %.2f GB of weights read in %.2f s (%.2f GB/s) from the weights cache%s", key.model,
@@ -145,7 +149,7 @@ class WeightsCache:
         if not isinstance(layout, dict) or layout.get("key") != key.value:
             raise BadEntry("its layout names another entry")
         model = rebuild(cls, settings, directory, dtype, device, layout, tensors)
-        return Loaded(model, {"missing_keys": []}, reads[0].bytes, {}, cached=True)
+        return Loaded(model, {"missing_keys": []}, reads[0].bytes, cached=True, read_s=seconds)
 
     # -- saving ----------------------------------------------------------------------------------
     def save_later(self, key: CacheKey, model) -> None:
@@ -344,6 +348,9 @@ def rebuild(cls, settings, directory: Path, dtype, device, layout: dict, tensors
             placed[name] = value
             parent, _, leaf = name.rpartition(".")
             owner = model.get_submodule(parent)
+            before = getattr(owner, leaf, None)
+            if before is not None and tuple(before.shape) != tuple(value.shape):
+                raise BadEntry(f"{name} has shape {tuple(value.shape)}, the model {tuple(before.shape)}")
             (owner._parameters if group == "params" else owner._buffers)[leaf] = value
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:

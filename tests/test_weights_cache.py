@@ -119,8 +119,32 @@ def _sidecar_gone(entry: Path) -> None:
     entry.with_suffix(".json").unlink()
 
 
+def _no_digest(entry: Path) -> None:
+    sidecar = entry.with_suffix(".json")
+    about = json.loads(sidecar.read_text())
+    del about["sha256"]
+    sidecar.write_text(json.dumps(about))
+    os.utime(entry, ns=(1, 1))  # and an identity the digest cache has not seen: nothing vouches for it
+
+
+def _a_tensor_of_another_shape(entry: Path) -> None:
+    """A well-formed entry with its own true digest, one of whose tensors does not fit the model."""
+    import torch
+
+    from daemon.reader import Target, read_files
+    from daemon.weights_cache import _write_atomically, write_safetensors
+
+    tensors, reads = read_files([entry], lambda e: Target())
+    name = next(k for k in tensors if k.endswith("input_layernorm.weight"))
+    tensors[name] = torch.ones(tensors[name].numel() + 1, dtype=tensors[name].dtype)
+    digest = _write_atomically(entry, lambda f: write_safetensors(f, tensors, reads[0].metadata))
+    sidecar = entry.with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "sha256": digest}))
+
+
 DAMAGE = {"a flipped byte": _flip_a_byte, "truncated": _truncate, "another model's": _other_models_entry,
-          "an older version": _stale_version, "writable by others": _writable_by_others, "no sidecar": _sidecar_gone}
+          "an older version": _stale_version, "writable by others": _writable_by_others, "no sidecar": _sidecar_gone,
+          "no digest": _no_digest, "a tensor that does not fit": _a_tensor_of_another_shape}
 
 
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
