@@ -265,6 +265,7 @@ def _build(config: DaemonConfig, kind: str, settings, found: Fingerprint, card: 
     found.check_unchanged("after the daemon fingerprinted it at start",
                           "start the daemon again once the model's files are written, so that its fingerprint "
                           "is theirs")
+    backend.model.keep_converted()  # its files are those fingerprinted: the weights cache may keep it
     backend.info = replace(backend.info, fingerprint=card.fingerprint, memory_estimate_bytes=card.estimate_bytes,
                            task=kind)
     if kind == EMBEDDING:

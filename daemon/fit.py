@@ -18,11 +18,10 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 from .files import SettingFileError, open_regular
-from .reader import HEADER_MAX_BYTES
+from .reader import HEADER_MAX_BYTES, MAX_ELEMENTS
 from .w8a8 import PACKED_ROW_BYTES
 from .weights import FP8, INT8, NF4, NF4_BLOCK, NONE, QUANTIZED, W8A8
 
-MAX_ELEMENTS = 1 << 40  # a tensor's elements: 4 TB in bfloat16, far past any model's
 MAX_WIDTH = 1 << 20  # hidden and intermediate sizes (8B: 4096 and 12288)
 GB = 1e9
 # Stored dtypes (safetensors names) and their bytes per element.

@@ -78,6 +78,8 @@ class WeightsRead(Background):
         self.paths = loaded_weight_files(directory)
         self._target = Target(None if dtype == "auto" else dtype, device)
         self._expect, self._unused = weight_identities(found), unused
+        self._digests = {found.directory / name: digest for name, digest in found.digests if digest} \
+            if found is not None else {}
         pending = {found.directory / name for name in found.pending} if found is not None else set(self.paths)
         self._hashed = frozenset(p for p in self.paths if p in pending) if hash_unknown else frozenset()
         super().__init__(self._read)
@@ -94,7 +96,13 @@ class WeightsRead(Background):
         began = time.monotonic()
         try:
             return read_files(self.paths, lambda entry: self._target, self._expect, self._hashed,
-                              wanted=(lambda name: not name.startswith(self._unused)) if self._unused else None)
+                              wanted=(lambda name: not name.startswith(self._unused)) if self._unused else None,
+                              digests=self._digests)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # a fault no check foresaw: still one line, naming the files
+            raise ModelLoadError(f"cannot load weights from {', '.join(map(str, self.paths))[:200]}: "
+                                 f"{first_line(exc)}") from None
         finally:
             self.seconds = time.monotonic() - began
 

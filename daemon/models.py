@@ -32,7 +32,7 @@ from .media.batch import PixelWriter
 from .media.pixels import PatchLayout, Pixels, resized_image, same_pixels
 from .media.tokens import Video, VisionTokens
 from .media.video import VideoError, read_video
-from .weights import NONE, FormatError, check_format, convert, parse_format
+from .weights import FP8, NONE, FormatError, check_format, convert, parse_format
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,8 @@ class _QwenVL:
         holds this model as converted; else converted layer by layer (weights.py) after the read,
         and written to the cache behind the load."""
         settings, fmt = self.settings, self.weights_format
-        key = None if fmt == NONE or cache is None or found is None else cache.key(
+        self._to_keep = None
+        key = None if fmt in (NONE, FP8) or cache is None or found is None else cache.key(
             found.value, f"{model_cls.__name__}:{settings.name}", fmt, self.dtype, self.device)
         cached = weights is None and key is not None and cache.has(key)
         if cached:
@@ -404,9 +405,19 @@ class _QwenVL:
             converted = convert(loaded.model, fmt, self.device, self.dtype)
             log.info("%s: %d linear layers (%.2f billion weights) in %s", settings.name, converted.layers,
                      converted.weights / 1e9, fmt)
-            if key is not None:
-                cache.save_later(key, loaded.model)
+            if key is not None:  # written once the caller has checked the files unchanged (keep_converted)
+                self._to_keep = (cache, key, cache.snapshot(loaded.model))
         return loaded
+
+    def keep_converted(self):
+        """Write this model as converted to the weights cache, in the background: called once its
+        files are known to be those fingerprinted (an entry is served under that fingerprint).
+        Returns the writing thread, or None when there is nothing to write."""
+        pending, self._to_keep = self._to_keep, None
+        if pending is None:
+            return None
+        cache, key, snapshot = pending
+        return cache.save_later(key, snapshot)
 
     def _hook_layers(self) -> None:
         """A pre-forward hook on each decoder layer of the vision tower and the language model: where

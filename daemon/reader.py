@@ -33,6 +33,8 @@ from .files import SettingFileError, open_regular
 
 PIECE_BYTES = 64 << 20  # one read (and one staging buffer): large enough to stream, small enough to pipeline
 HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+MAX_ELEMENTS = 1 << 40  # a tensor's elements (and any offset): 2 TB in bfloat16, far past any model's
+MAX_DIMS = 16
 READ_THREADS = 4  # more gave nothing on the 2-core host (BENCHMARKS.md, issue 36)
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -93,7 +95,8 @@ def parse_header(raw_len: bytes, raw: bytes, file_size: int, where: str) -> Head
     for name, spec in data.items():
         try:
             dtype, shape, (start, end) = DTYPES[spec["dtype"]], tuple(spec["shape"]), spec["data_offsets"]
-            if not all(isinstance(n, int) and n >= 0 for n in (*shape, start, end)):
+            if not all(type(n) is int and 0 <= n <= MAX_ELEMENTS for n in (*shape, start, end)) or \
+                    _numel(shape) > MAX_ELEMENTS or len(shape) > MAX_DIMS:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise refuse(f"tensor {name[:80]!r} has no valid dtype, shape and offsets") from None
@@ -118,10 +121,14 @@ def read_header(path: Path) -> Header:
 def read_files(paths: list[Path], target: Callable[[Entry], Target],
                expect: dict[Path, Identity] | None = None, hashed: frozenset[Path] = frozenset(),
                threads: int = READ_THREADS, private: bool = False,
-               wanted: Callable[[str], bool] | None = None) -> tuple[dict[str, object], list[FileRead]]:
+               wanted: Callable[[str], bool] | None = None,
+               digests: dict[Path, str] | None = None) -> tuple[dict[str, object], list[FileRead]]:
     """Every tensor of the safetensors files `paths`, by name, each placed as `target` says. A file
     with an identity in `expect` must still have it; those in `hashed` are hashed as they pass. `private`: each file must be the daemon's user's and writable by no one else.
     `wanted(name)` False: the tensor is not kept (its bytes are still hashed when the file is).
+    `digests`: a file with another identity than expected but a known digest (its metadata alone
+    changed: a chmod, a touch, the same bytes copied back) is hashed as it passes, and refused
+    unless its bytes still have that digest.
     ModelLoadError, in one line, for a file that is not safetensors, cannot be read, or changes
     while it is read."""
     tensors: dict[str, object] = {}
@@ -130,13 +137,14 @@ def read_files(paths: list[Path], target: Callable[[Entry], Target],
         with _open(path, private) as f:
             fd = f.fileno()
             before = _identity(os.fstat(fd))
-            expected = (expect or {}).get(path)
-            if expected is not None and tuple(expected) != before:
-                raise ModelLoadError(f"{path} changed after the daemon fingerprinted it; start the daemon again "
-                                     "once the model's files are written, so that its fingerprint is theirs")
+            expected, vouched = (expect or {}).get(path), (digests or {}).get(path)
+            recheck = expected is not None and tuple(expected) != before
+            if recheck and vouched is None:
+                raise _changed_since_fingerprinted(path)
             header, raw = _header_of(fd, before[0], str(path))
-            placed = {e.name: _allocate(e, target(e)) for e in header.entries if wanted is None or wanted(e.name)}
-            hashing = path in hashed
+            placed = {e.name: _allocate(e, target(e), path) for e in header.entries
+                      if wanted is None or wanted(e.name)}
+            hashing = path in hashed or recheck
             pieces = [p for e in header.entries for p in _pieces(e, placed.get(e.name))]
             if not hashing:
                 pieces = [p for p in pieces if p.tensor is not None]
@@ -149,12 +157,19 @@ def read_files(paths: list[Path], target: Callable[[Entry], Target],
                 raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
             if _identity(os.fstat(fd)) != before:
                 raise ModelLoadError(f"{path} changed while it was being loaded; start again once it is written")
+            if recheck and digest != vouched:
+                raise _changed_since_fingerprinted(path)
         tensors.update(placed)
         reads.append(FileRead(path, before, digest, before[0], header.metadata))
     return tensors, reads
 
 
 # -- internals --------------------------------------------------------------------------------------
+def _changed_since_fingerprinted(path: Path) -> ModelLoadError:
+    return ModelLoadError(f"{path} changed after the daemon fingerprinted it; start the daemon again once the "
+                          "model's files are written, so that its fingerprint is theirs")
+
+
 def _open(path: Path, private: bool = False):
     try:
         return open_regular(path, private)
@@ -200,12 +215,17 @@ def _itemsize(dtype: str) -> int:
     return getattr(torch, dtype).itemsize
 
 
-def _allocate(entry: Entry, target: Target):
+def _allocate(entry: Entry, target: Target, path: Path):
+    """The tensor the entry is read into; ModelLoadError, naming the file, where it cannot be had."""
     import torch
 
     file_dtype = getattr(torch, entry.dtype)
     dtype = target.dtype if target.dtype is not None and file_dtype.is_floating_point else file_dtype
-    return torch.empty(entry.shape, dtype=dtype, device=target.device or "cpu")
+    try:
+        return torch.empty(entry.shape, dtype=dtype, device=target.device or "cpu")
+    except (RuntimeError, MemoryError) as exc:  # out of memory on the device or the host
+        raise ModelLoadError(f"cannot load {path}: no memory for tensor {entry.name[:80]!r} "
+                             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,18 @@ WRITE_SLACK = 1.1  # free disk an entry needs, over its size, before it is writt
 _W8A8, _TABLE = "w8a8", "int8_table"
 
 
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process that names a temporary entry file (`.NAME.PID.XXXX`) still runs."""
+    parts = temporary.name.rsplit(".", 2)
+    try:
+        os.kill(int(parts[-2]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class BadEntry(Exception):
     """An entry that must not be served; the message says why."""
 
@@ -75,8 +87,14 @@ class WeightsCache:
         except Exception:  # not installed: w8a8 needs none
             torchao = ""
         dtype_name, device_type = str(dtype).replace("torch.", ""), getattr(device, "type", str(device))
+        import transformers
+
+        from . import __version__
+
+        # The software too: an entry holds buffers transformers computes (the rotary frequencies) and
+        # the daemon's own layers, so an upgrade of either converts once more.
         named = json.dumps([CACHE_VERSION, fingerprint, model, fmt, RECIPES[fmt], dtype_name, device_type,
-                            torch.__version__, torchao])
+                            torch.__version__, torchao, transformers.__version__, __version__])
         return CacheKey(hashlib.sha256(named.encode()).hexdigest()[:24], fingerprint, model, fmt, dtype_name,
                         device_type)
 
@@ -90,17 +108,30 @@ class WeightsCache:
         try:
             for path in self.directory.iterdir():
                 if path.name.startswith(".") and ENTRY in path.name:
-                    writing += 1
+                    writing += _writer_alive(path)
                 elif path.suffix == ENTRY:
                     sizes.append(path.stat().st_size)
         except OSError:
             pass
         return {"bytes": sum(sizes), "entries": len(sizes), "writing": writing}
 
+    def sweep(self) -> None:
+        """Delete the temporary files of writers that died (a daemon stopped while writing)."""
+        try:
+            for path in self.directory.glob(".*"):
+                if (ENTRY in path.name or SIDECAR in path.name) and not _writer_alive(path):
+                    path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
     # -- loading ---------------------------------------------------------------------------------
     def has(self, key: CacheKey) -> bool:
-        """Whether an entry (good or not) is there to try."""
-        return any(path.exists() for path in self.paths(key))
+        """Whether an entry (good or not) is there to try; not when the directory cannot be searched."""
+        try:
+            return any(path.exists() for path in self.paths(key))
+        except OSError as exc:
+            log.warning("weights cache %s not used (%s)", self.directory, exc.strerror or exc)
+            return False
 
     def load(self, key: CacheKey, cls, settings, directory: Path, dtype, device):
         """The model of entry `key` (a loading.Loaded), or None when there is none or it must not
@@ -110,12 +141,15 @@ class WeightsCache:
             return None
         try:
             return self._load(key, entry, sidecar, cls, settings, directory, dtype, device)
-        except (BadEntry, ModelLoadError, SettingFileError, OSError, ValueError, KeyError, TypeError,
-                AttributeError, RuntimeError) as exc:
+        except (BadEntry, ModelLoadError, SettingFileError, FileNotFoundError, ValueError, KeyError, TypeError,
+                AttributeError) as exc:  # what the entry holds is wrong: it goes
             log.warning("%s: weights cache entry %s not used (%s); converting from the model's files again",
                         key.model, entry.name, str(exc)[:200] or type(exc).__name__)
             self._discard(key)
-            return None
+        except (OSError, RuntimeError, MemoryError) as exc:  # this attempt failed (out of memory, I/O): it stays
+            log.warning("%s: weights cache entry %s not loaded (%s); converting from the model's files this time",
+                        key.model, entry.name, str(exc)[:200] or type(exc).__name__)
+        return None
 
     def _load(self, key, entry, sidecar, cls, settings, directory, dtype, device):
         from .fingerprint import DigestCache
@@ -152,11 +186,18 @@ class WeightsCache:
         return Loaded(model, {"missing_keys": []}, reads[0].bytes, cached=True, read_s=seconds)
 
     # -- saving ----------------------------------------------------------------------------------
-    def save_later(self, key: CacheKey, model) -> None:
-        """Write the entry of `model` as it is now on a thread of its own: the model serves meanwhile
-        (and its owner may go on changing it: the reranker drops its LM head once loaded)."""
-        held = Snapshot.of(model)
-        threading.Thread(target=self.save, args=(key, held), name="qwen3vl-weights-cache", daemon=True).start()
+    @staticmethod
+    def snapshot(model) -> "Snapshot":
+        """The model as it is now (its owner may go on changing it: the reranker drops its LM head)."""
+        return Snapshot.of(model)
+
+    def save_later(self, key: CacheKey, model) -> threading.Thread:
+        """Write the entry of `model` (or its Snapshot) on a thread of its own: the model serves
+        meanwhile. Returns the thread."""
+        held = model if isinstance(model, Snapshot) else Snapshot.of(model)
+        thread = threading.Thread(target=self.save, args=(key, held), name="qwen3vl-weights-cache", daemon=True)
+        thread.start()
+        return thread
 
     def save(self, key: CacheKey, model) -> None:
         """Write the entry of `model` (or of its Snapshot) atomically (a temporary file renamed), its
@@ -167,6 +208,7 @@ class WeightsCache:
             tensors, layout = flatten(model if isinstance(model, Snapshot) else Snapshot.of(model))
             layout["key"] = key.value
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.sweep()
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             free = os.statvfs(self.directory)
             if free.f_bavail * free.f_frsize < size * WRITE_SLACK:
@@ -210,8 +252,9 @@ class WeightsCache:
 
 
 def _write_atomically(path: Path, write) -> str | None:
-    """`write(f)` into a temporary file beside `path`, then renamed over it; returns what `write` did."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """`write(f)` into a temporary file beside `path` (named for this process, so that one left by a
+    daemon that died writing is known and swept), then renamed over it; returns what `write` did."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             done = write(f)
@@ -247,10 +290,36 @@ def write_safetensors(f, tensors: dict, metadata: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
+class _Rows:
+    """A w8a8 layer's int8 rows (part 0) or scales (part 1), unpacked from fbgemm's packed copy only
+    when written: one layer's copy at a time, not the whole model's."""
+
+    def __init__(self, module, part: int):
+        import torch
+
+        self.module, self.part = module, part
+        out, inner = module.out_features, module.in_features
+        self.shape, self.dtype = ((out, inner), torch.int8) if part == 0 else ((out,), torch.float32)
+
+    def numel(self) -> int:
+        return self.shape[0] * (self.shape[1] if len(self.shape) > 1 else 1)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def contiguous(self) -> "_Rows":
+        return self
+
+    def materialize(self):
+        return self.module.rows()[self.part]
+
+
 def _bytes(tensor):
     """A tensor's elements, in order, as bytes (a copy only where its layout is not dense)."""
     import torch
 
+    if isinstance(tensor, _Rows):
+        tensor = tensor.materialize()
     flat = tensor.detach().to("cpu").reshape(-1)
     if flat.stride(0) != 1:  # a view of one element can keep its base's stride (and clone keeps it too)
         flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
@@ -284,7 +353,7 @@ def flatten(model: Snapshot) -> tuple[dict, dict]:
     for name, module in model.modules:
         if isinstance(module, linear_class()):
             layout["modules"][name] = _W8A8
-            tensors[f"w8a8/{name}/qweight"], tensors[f"w8a8/{name}/scale"] = module.rows()
+            tensors[f"w8a8/{name}/qweight"], tensors[f"w8a8/{name}/scale"] = _Rows(module, 0), _Rows(module, 1)
             inside_w8a8.add(name)
         elif isinstance(module, int8_embedding_class()):
             layout["modules"][name] = _TABLE

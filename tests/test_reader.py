@@ -128,6 +128,12 @@ MALFORMED = {
     "an overlap": lambda p: _rewrite_header(p, _shift("h.scalar", -2)),
     "trailing bytes": lambda p: _rewrite_header(p, lambda h, b: (h, b + b"junk")),
     "cut short": lambda p: p.write_bytes(p.read_bytes()[:-3]),
+    "a dimension past int64": lambda p: _rewrite_header(p, lambda h, b: ({**h, "i.empty": {**h["i.empty"],
+                                                                                         "shape": [0, 2 ** 64]}}, b)),
+    "dimensions whose product overflows": lambda p: _rewrite_header(
+        p, lambda h, b: ({**h, "i.empty": {**h["i.empty"], "shape": [2 ** 62, 2 ** 62, 0]}}, b)),
+    "a boolean dimension": lambda p: _rewrite_header(p, lambda h, b: ({**h, "i.empty": {**h["i.empty"],
+                                                                                      "shape": [True, 0]}}, b)),
 }
 
 
@@ -146,10 +152,28 @@ def _identity(path: Path) -> tuple:
 
 def test_a_file_that_is_not_the_one_fingerprinted_is_refused_before_it_is_read(weights):
     fingerprinted = _identity(weights)
-    os.utime(weights, ns=(1, 1))  # the same bytes, another identity: the digest no longer vouches for it
+    os.utime(weights, ns=(1, 1))  # another identity, and no digest to check the bytes against
     with pytest.raises(ModelLoadError, match="changed after the daemon fingerprinted it"):
         read_files([weights], KEEP, expect={weights: fingerprinted})
     assert read_files([weights], KEEP, expect={weights: _identity(weights)})[0]
+
+
+def test_a_file_whose_metadata_alone_changed_is_read_when_its_bytes_keep_their_digest(weights):
+    fingerprinted, digest = _identity(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
+    weights.chmod(0o640)  # a chmod: a new ctime, the same bytes
+    tensors, reads = read_files([weights], KEEP, expect={weights: fingerprinted}, digests={weights: digest})
+    assert reads[0].digest == digest and tensors.keys() == reference(weights).keys()
+
+
+def test_a_file_whose_bytes_changed_under_its_old_times_is_refused(weights):
+    fingerprinted, digest = _identity(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelLoadError, match="changed after the daemon fingerprinted it"):
+        read_files([weights], KEEP, expect={weights: fingerprinted}, digests={weights: digest})
 
 
 @pytest.mark.parametrize("hashed", [False, True], ids=["parallel", "hashing"])

@@ -41,15 +41,10 @@ def load(tiny_dir: Path, cache: WeightsCache | None, fmt: str, kind: str = "embe
     else:
         model = RerankerModel(settings, MediaReader(MediaPolicy()), tiny_dir, found, cache)
         out = np.asarray(model.score([model.prepare(ITEM, ITEM, None)]))
-    if cache is not None:
-        written(cache)
+    writer = model.keep_converted()  # as the daemon does once the files are known unchanged
+    if writer is not None:
+        writer.join(60)
     return model, out
-
-
-def written(cache: WeightsCache, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while cache.stats()["writing"] and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def entry_of(cache: WeightsCache) -> tuple[Path, Path]:
@@ -215,3 +210,44 @@ def test_a_restarted_quantized_daemon_loads_from_the_cache_and_health_shows_its_
             assert c.health()["weights_cache"] is None
     finally:
         proc.stop()
+
+
+def test_an_entry_is_written_only_once_the_caller_vouches_for_the_files(tiny_dir, cache):
+    from daemon.models import EmbeddingModel
+
+    found = fingerprint_directory(tiny_dir, DigestCache(None))
+    model = EmbeddingModel(ModelSettings(str(tiny_dir), dtype="float32", quantize="int8"), MediaReader(MediaPolicy()),
+                           tiny_dir, found, cache)
+    time.sleep(0.2)
+    assert cache.stats()["entries"] == 0  # files changed meanwhile would make it another model's entry
+    model.keep_converted().join(60)
+    assert cache.stats()["entries"] == 1
+
+
+def test_a_temporary_file_of_a_writer_that_died_is_swept_not_counted(tiny_dir, cache):
+    cache.directory.mkdir(parents=True)
+    dead = cache.directory / ".0123.safetensors.999999999.abcd"  # no such process
+    live = cache.directory / f".4567.safetensors.{os.getpid()}.abcd"
+    dead.write_bytes(b"half an entry")
+    live.write_bytes(b"being written")
+    assert cache.stats()["writing"] == 1
+    load(tiny_dir, cache, "int8")
+    assert not dead.exists() and live.exists()
+
+
+def test_a_failed_attempt_to_load_an_entry_keeps_it(tiny_dir, cache, monkeypatch):
+    import torch
+
+    from daemon import weights_cache
+
+    _, converted = load(tiny_dir, cache, "int8")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room on the device this time")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(weights_cache, "rebuild", out_of_memory)
+        model, out = load(tiny_dir, cache, "int8")
+    assert not model.loaded.cached and np.array_equal(out, converted) and cache.stats()["entries"] == 1
+    again, _ = load(tiny_dir, cache, "int8")
+    assert again.loaded.cached

@@ -466,6 +466,24 @@ pub struct Health {
     /// `at-start` or `on-demand`.
     #[serde(default)]
     pub load_mode: Option<String>,
+    /// Quantized models kept on disk as converted; `None` when the cache is off (or from a daemon
+    /// before it).
+    #[serde(default)]
+    pub weights_cache: Option<WeightsCache>,
+}
+
+/// `Health::weights_cache`: the daemon's quantized models kept as converted.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WeightsCache {
+    /// Bytes its entries take on disk.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Entries (one per model, format, dtype and device type).
+    #[serde(default)]
+    pub entries: u64,
+    /// Entries being written now.
+    #[serde(default)]
+    pub writing: u64,
 }
 
 /// One model of `Health::models`.

@@ -186,6 +186,7 @@ fn health_reports_the_models() {
     assert!(health.embedding.loaded && health.reranker.loaded);
     assert_eq!(health.embedding.dimension, Some(64));
     assert_eq!(health.device.as_deref(), Some("cpu"));
+    assert!(health.weights_cache.is_some(), "the weights cache sits beside the fingerprint cache");
 }
 
 #[test]
