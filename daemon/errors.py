@@ -59,6 +59,11 @@ class ModelLoadError(Exception):
     """A model could not be loaded; the message is one line an operator can act on."""
 
 
+def first_line(exc: BaseException) -> str:
+    """What an exception says, in one line (its type's name when it says nothing), for ModelLoadError."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def attempt(fn, *args):
     """fn(*args), or the exception it raised: where one input's failure is that input's result."""
     try:

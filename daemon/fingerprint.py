@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .files import SettingFileError, open_regular, read_setting_file
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def model_directory(name: str, local_files_only: bool = False) -> Path:
         return Path(snapshot_download(name, local_files_only=local_files_only,
                                       allow_patterns=[*MODEL_FILES, f"*{WEIGHTS_SUFFIX}"]))
     except Exception as exc:  # offline, not in the cache, no such repository: one line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc)[:160]
         raise ModelLoadError(f"cannot load model {name!r}: its files are not in the hub cache and could not be "
                              f"downloaded ({reason}); pass a local checkpoint directory, or build a test checkpoint "
                               "with `qwen3vl-daemon tiny-checkpoint DIR` and pass DIR") from None

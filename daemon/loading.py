@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelSettings
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,3 @@ def from_files(cls, settings: ModelSettings, directory: Path, dtype, device, wei
              read / max(weights.seconds, 1e-9) / 1e9, ", hashed as they passed" if any(r.digest for r in reads) else "")
     return Loaded(model, info, read, read_s=weights.seconds)
 
-
-def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

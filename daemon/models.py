@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from .config import MediaPolicy, ModelSettings
-from .errors import ModelLoadError, RequestError, attempt, input_error, too_large
+from .errors import ModelLoadError, RequestError, attempt, first_line, input_error, too_large
 from .fastpath import build_fast_path
 from .inputs import InputItem, MediaReader, MediaSource, VideoSource
-from .loading import Background, Loaded, WeightsRead, first_line, from_files
+from .loading import Background, Loaded, WeightsRead, from_files
 from .media.batch import PixelWriter
 from .media.pixels import PatchLayout, Pixels, resized_image, same_pixels
 from .media.tokens import Video, VisionTokens

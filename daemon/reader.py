@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .files import SettingFileError, open_regular
 
 PIECE_BYTES = 64 << 20  # one read (and one staging buffer): large enough to stream, small enough to pipeline
@@ -225,7 +225,7 @@ def _allocate(entry: Entry, target: Target, path: Path):
         return torch.empty(entry.shape, dtype=dtype, device=target.device or "cpu")
     except (RuntimeError, MemoryError) as exc:  # out of memory on the device or the host
         raise ModelLoadError(f"cannot load {path}: no memory for tensor {entry.name[:80]!r} "
-                             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+                             f"({first_line(exc)[:120]})") from None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .files import SettingFileError, read_setting_file
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,11 @@ class WeightsCache:
         except (BadEntry, ModelLoadError, SettingFileError, FileNotFoundError, ValueError, KeyError, TypeError,
                 AttributeError) as exc:  # what the entry holds is wrong: it goes
             log.warning("%s: weights cache entry %s not used (%s); converting from the model's files again",
-                        key.model, entry.name, str(exc)[:200] or type(exc).__name__)
+                        key.model, entry.name, first_line(exc))
             self._discard(key)
         except (OSError, RuntimeError, MemoryError) as exc:  # this attempt failed (out of memory, I/O): it stays
             log.warning("%s: weights cache entry %s not loaded (%s); converting from the model's files this time",
-                        key.model, entry.name, str(exc)[:200] or type(exc).__name__)
+                        key.model, entry.name, first_line(exc))
         return None
 
     def _load(self, key, entry, sidecar, cls, settings, directory, dtype, device):
@@ -225,7 +225,7 @@ class WeightsCache:
             log.info("%s: weights cache entry %s written (%.2f GB in %.1f s)", key.model, entry.name, size / 1e9,
                      time.monotonic() - began)
         except Exception as exc:  # a cache: the daemon serves without it
-            log.warning("%s: weights cache entry not written (%s)", key.model, str(exc)[:200] or type(exc).__name__)
+            log.warning("%s: weights cache entry not written (%s)", key.model, first_line(exc))
 
     def _drop_superseded(self, key: CacheKey) -> None:
         """Entries of the same model, format, dtype and device under another key: its files or the
