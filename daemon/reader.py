@@ -30,6 +30,7 @@ from typing import Callable
 
 from .errors import ModelLoadError, first_line
 from .files import SettingFileError, open_regular
+from .fingerprint import DigestCache
 
 PIECE_BYTES = 64 << 20  # one read (and one staging buffer): large enough to stream, small enough to pipeline
 HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit on the JSON header
@@ -39,7 +40,7 @@ READ_THREADS = 4  # more gave nothing on the 2-core host (BENCHMARKS.md, issue 3
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-Identity = tuple[int, ...]  # size, mtime, ctime, inode, device (fingerprint.DigestCache.identity)
+Identity = tuple[int, ...]  # size, mtime, ctime, inode, device (DigestCache.identity)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ class Entry:
 
 @dataclass(frozen=True)
 class Header:
-    size: int  # bytes before the data: the 8-byte length and the JSON
     entries: tuple[Entry, ...]  # in the file's order
     metadata: dict[str, str]
 
@@ -75,15 +75,13 @@ class Target:
     device: object = None  # a torch.device
 
 
-def parse_header(raw_len: bytes, raw: bytes, file_size: int, where: str) -> Header:
-    """The tensors a safetensors file holds, checked: known dtypes, sizes that match their shapes,
-    offsets that tile the data exactly (no hole, no overlap) up to the file's end."""
+def parse_header(length: int, raw: bytes, file_size: int, where: str) -> Header:
+    """The tensors a safetensors file holds (`raw`: its JSON header of `length` bytes), checked:
+    known dtypes, sizes that match their shapes, offsets that tile the data exactly (no hole, no
+    overlap) up to the file's end."""
     def refuse(why: str) -> ModelLoadError:
         return ModelLoadError(f"{where}: not a safetensors file ({why})")
 
-    (length,) = struct.unpack("<Q", raw_len)
-    if length > HEADER_MAX_BYTES or 8 + length > file_size:
-        raise refuse(f"a header of {length} bytes")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -109,13 +107,7 @@ def parse_header(raw_len: bytes, raw: bytes, file_size: int, where: str) -> Head
         position = entry.end
     if position != file_size:
         raise refuse(f"{file_size - position:+d} bytes after its tensors")
-    return Header(8 + length, tuple(entries), metadata if isinstance(metadata, dict) else {})
-
-
-def read_header(path: Path) -> Header:
-    """The header of the safetensors file at `path` (fit.py and the weights cache read only this)."""
-    with _open(path) as f:
-        return _header_of(f.fileno(), os.fstat(f.fileno()).st_size, str(path))[0]
+    return Header(tuple(entries), metadata if isinstance(metadata, dict) else {})
 
 
 def read_files(paths: list[Path], target: Callable[[Entry], Target],
@@ -136,7 +128,7 @@ def read_files(paths: list[Path], target: Callable[[Entry], Target],
     for path in paths:
         with _open(path, private) as f:
             fd = f.fileno()
-            before = _identity(os.fstat(fd))
+            before = _identity(fd)
             expected, vouched = (expect or {}).get(path), (digests or {}).get(path)
             recheck = expected is not None and tuple(expected) != before
             if recheck and vouched is None:
@@ -155,7 +147,7 @@ def read_files(paths: list[Path], target: Callable[[Entry], Target],
                                      "is written") from None
             except OSError as exc:
                 raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
-            if _identity(os.fstat(fd)) != before:
+            if _identity(fd) != before:
                 raise ModelLoadError(f"{path} changed while it was being loaded; start again once it is written")
             if recheck and digest != vouched:
                 raise _changed_since_fingerprinted(path)
@@ -179,8 +171,8 @@ def _open(path: Path, private: bool = False):
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _identity(st: os.stat_result) -> Identity:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+def _identity(fd: int) -> Identity:
+    return tuple(DigestCache.identity(os.fstat(fd)))
 
 
 def _header_of(fd: int, size: int, where: str) -> tuple[Header, bytes]:
@@ -192,7 +184,7 @@ def _header_of(fd: int, size: int, where: str) -> tuple[Header, bytes]:
     if length > HEADER_MAX_BYTES or 8 + length > size:
         raise ModelLoadError(f"{where}: not a safetensors file (a header of {length} bytes)")
     raw = _pread_exact(fd, length, 8, where)
-    return parse_header(first, raw, size, where), first + raw
+    return parse_header(length, raw, size, where), first + raw
 
 
 def _pread_exact(fd: int, n: int, offset: int, where: str) -> bytes:
