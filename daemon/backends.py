@@ -237,7 +237,8 @@ def _fingerprint(config: DaemonConfig, kind: str, settings, default: bool, files
 
     read_now = config.load == "at-start" and default and parse_format(settings.quantize) == NONE
     defer = frozenset(str(p.relative_to(files)) for p in loaded_weight_files(files)) if read_now else frozenset()
-    found = fingerprint_directory(files, DigestCache(config.fingerprint_cache), defer)
+    digests = DigestCache(config.fingerprint_cache)
+    found = fingerprint_directory(files, digests, defer)
     if not read_now:
         return found, None
     model_cls = EmbeddingModel if kind == EMBEDDING else RerankerModel
@@ -245,7 +246,7 @@ def _fingerprint(config: DaemonConfig, kind: str, settings, default: bool, files
     if not found.pending:
         return found, weights
     step(f"reading and fingerprinting {settings.name}", "weights")
-    return found.completed(weights.hashed(), DigestCache(config.fingerprint_cache)), weights
+    return found.completed(weights.hashed(), digests), weights
 
 
 def _build(config: DaemonConfig, kind: str, settings, found: Fingerprint, card: ModelCard, media,

@@ -191,21 +191,20 @@ class WeightsCache:
         """The model as it is now (its owner may go on changing it: the reranker drops its LM head)."""
         return Snapshot.of(model)
 
-    def save_later(self, key: CacheKey, model) -> threading.Thread:
-        """Write the entry of `model` (or its Snapshot) on a thread of its own: the model serves
+    def save_later(self, key: CacheKey, snapshot: "Snapshot") -> threading.Thread:
+        """Write the entry of a model's `snapshot` on a thread of its own: the model serves
         meanwhile. Returns the thread."""
-        held = model if isinstance(model, Snapshot) else Snapshot.of(model)
-        thread = threading.Thread(target=self.save, args=(key, held), name="qwen3vl-weights-cache", daemon=True)
+        thread = threading.Thread(target=self.save, args=(key, snapshot), name="qwen3vl-weights-cache", daemon=True)
         thread.start()
         return thread
 
-    def save(self, key: CacheKey, model) -> None:
-        """Write the entry of `model` (or of its Snapshot) atomically (a temporary file renamed), its
+    def save(self, key: CacheKey, snapshot: "Snapshot") -> None:
+        """Write the entry of a model's `snapshot` atomically (a temporary file renamed), its
         sidecar, and drop the model's entries of other keys (older files or versions). Failures are
         logged: a cache."""
         began = time.monotonic()
         try:
-            tensors, layout = flatten(model if isinstance(model, Snapshot) else Snapshot.of(model))
+            tensors, layout = flatten(snapshot)
             layout["key"] = key.value
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.sweep()
