@@ -117,14 +117,15 @@ class Servers:
         return proc
 
     def daemon(self, work: Path, name: str, ckpt: Path, *extra: str, log_level: str = "error",
-               runner: tuple[str, ...] = ("-m", "daemon")) -> str:
-        """Start (or restart, on the same socket) daemon `name` with both models; its endpoint once ready.
-        `runner`: what the interpreter runs, ending where the daemon's own arguments begin."""
+               runner: tuple[str, ...] = ("-m", "daemon"), timeout_s: float = 120.0) -> str:
+        """Start (or restart, on the same socket) daemon `name` with both models; its endpoint once ready
+        (within `timeout_s`). `runner`: what the interpreter runs, ending where the daemon's own
+        arguments begin. Its log: work/NAME.log."""
         endpoint = f"ipc://{work}/{name}/daemon.sock"
         proc = self.spawn([sys.executable, *runner, "serve", "--endpoint", endpoint, "--embedding-model",
                            str(ckpt), "--reranker-model", str(ckpt), "--log-level", log_level, *extra],
                           name=name, log=work / f"{name}.log", env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
-        wait_daemon_ready(endpoint, proc)
+        wait_daemon_ready(endpoint, proc, timeout_s)
         return endpoint
 
     def bridge(self, work: Path, name: str, endpoint: str, *extra: str) -> str:

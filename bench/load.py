@@ -20,7 +20,6 @@ models on it, page cache warm, each daemon in a fresh interpreter:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import ROOT, Servers, gradient_png, rss_kib, wait_daemon_ready
+from bench.harness import Servers, gradient_png, rss_kib
 from bench.startup import baseline
 from daemon.client import Client
 from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
@@ -64,15 +63,10 @@ DEVICE = ["--device", "cpu"]  # main() sets it from --device
 
 def serve(servers: Servers, work: Path, name: str, ckpt: Path, cache: Path, *extra: str):
     """(endpoint, process, seconds to READY, log path) of a daemon with both models on `ckpt`."""
-    endpoint = f"ipc://{work}/{name}/daemon.sock"
-    log = work / f"{name}.log"
     began = time.monotonic()
-    proc = servers.spawn([sys.executable, "-m", "daemon", "serve", "--endpoint", endpoint, "--embedding-model",
-                          str(ckpt), "--reranker-model", str(ckpt), "--log-level", "info",
-                          "--fingerprint-cache", str(cache), *DEVICE, *extra],
-                         name=name, log=log, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
-    wait_daemon_ready(endpoint, proc, timeout_s=900)
-    return endpoint, proc, time.monotonic() - began, log
+    endpoint = servers.daemon(work, name, ckpt, "--fingerprint-cache", str(cache), *DEVICE, *extra,
+                              log_level="info", timeout_s=900)
+    return endpoint, servers.by_name[name], time.monotonic() - began, work / f"{name}.log"
 
 
 def stop(proc) -> None:
