@@ -25,7 +25,6 @@ class Loaded:
     info: dict  # from_pretrained's loading info (missing keys)
     bytes_read: int  # weight bytes read from files
     cached: bool = False  # loaded from the weights cache
-    read_s: float = 0.0  # seconds the files' read took
 
 
 def weight_identities(found) -> dict[Path, tuple]:
@@ -147,5 +146,5 @@ def from_files(cls, settings: ModelSettings, directory: Path, dtype, device, wei
     read = sum(r.bytes for r in reads)
     log.info("%s: %.2f GB of weights read in %.2f s (%.2f GB/s)%s", settings.name, read / 1e9, weights.seconds,
              read / max(weights.seconds, 1e-9) / 1e9, ", hashed as they passed" if any(r.digest for r in reads) else "")
-    return Loaded(model, info, read, read_s=weights.seconds)
+    return Loaded(model, info, read)
 

@@ -183,7 +183,7 @@ class WeightsCache:
         if not isinstance(layout, dict) or layout.get("key") != key.value:
             raise BadEntry("its layout names another entry")
         model = rebuild(cls, settings, directory, dtype, device, layout, tensors)
-        return Loaded(model, {"missing_keys": []}, reads[0].bytes, cached=True, read_s=seconds)
+        return Loaded(model, {"missing_keys": []}, reads[0].bytes, cached=True)
 
     # -- saving ----------------------------------------------------------------------------------
     @staticmethod
