@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.harness import Servers
 from daemon.client import Client
-from daemon.tiny import BENCH_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint
 
 # Each policy: the OpenMP variables the daemon starts with (None: left to the daemon's own defaults;
 # "" reads as unset to libgomp).

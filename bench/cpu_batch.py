@@ -72,7 +72,7 @@ def texts_of(tokenizer, count: int) -> list[str]:
 
 def forwards(ckpt: Path, dtype: str) -> None:
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(str(ckpt), dtype=dtype), MediaReader(MediaPolicy()))
@@ -108,7 +108,7 @@ def main() -> None:
     if args.checkpoint is not None:
         forwards(args.checkpoint, dtype)
         return
-    from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
+    from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         forwards(build_tiny_checkpoint(Path(tmp) / "ckpt", replace(QWEN3VL_2B_SPEC, tokenizer="qwen3",

@@ -23,7 +23,7 @@ from bench.harness import Servers
 from daemon.client import Client
 from daemon.dataset.batches import EmbedSettings
 from daemon.dataset.job import JobSpec, run_local
-from daemon.tiny import BENCH_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint
 
 CLIENTS, PER_REQUEST = 8, 32
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.harness import ROOT, Servers, free_port, wait_daemon_ready
 from daemon.client import Client
-from daemon.tiny import BENCH_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint
 
 
 class Names:

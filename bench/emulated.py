@@ -34,7 +34,7 @@ import zmq
 
 from bench.emulator import DEVICE_STAGE, FIXED_S, IDLE_STAGE, LAUNCH_S, PER_PATCH_S, PER_TOKEN_S
 from bench.harness import Servers
-from daemon.tiny import TinySpec, build_tiny_checkpoint
+from daemon.loading.tiny import TinySpec, build_tiny_checkpoint
 
 # The 2B model's hidden size and tied embeddings, one small layer (the stand-in never runs it), and
 # Qwen3's real tokenizer.

@@ -11,7 +11,7 @@ daemon's pre-layer hooks before each (its preemption), and returns zeros of the 
 functions with timers that record each call's exclusive time (its own, less that of the timed calls it
 makes), unless --no-stages. On exit the records are written to FILE (numpy .npz) for `bench.emulated`.
 
-Pixels take the daemon's accelerator path (daemon/media/batch.py): the host stages each batch's
+Pixels take the daemon's accelerator path (daemon/inputs/media/batch.py): the host stages each batch's
 uint8 frames (real work, timed as "copy"), and the device's part, `PixelWriter._device_rows` (the
 copy to the device, normalising and laying out patches, the cast), is emulated like the forward: the
 GIL held for `PIXEL_LAUNCH_S` per kernel it would launch, its device time (`PIXEL_BYTES_S` per byte
@@ -48,17 +48,17 @@ DEVICE_STAGE = "device (emulated)"  # timed too, so that no host stage counts it
 IDLE_STAGE = "model thread waiting for a batch"
 # Host-path stages: (module, class, function) -> stage. Exclusive time, so nesting is counted once.
 STAGES = {
-    ("daemon.server", "Server", "_read_message"): "receive",
-    ("daemon.server", "Server", "_handle"): "parse+admit",
+    ("daemon.serving.server", "Server", "_read_message"): "receive",
+    ("daemon.serving.server", "Server", "_handle"): "parse+admit",
     ("daemon.models", "_QwenVL", "_image"): "decode",  # the processor's path: decode and resize
-    ("daemon.inputs", "MediaReader", "decode_image"): "decode",
+    ("daemon.inputs.media_reader", "MediaReader", "decode_image"): "decode",
     ("daemon.models", "_QwenVL", "_video_item"): "decode",
     ("daemon.models", "_QwenVL", "_video"): "decode",  # qwen_vl_utils reads and resizes a video's frames
     ("daemon.models", None, "resized_image"): "resize",
     ("qwen_vl_utils", None, "fetch_image"): "resize",  # an image (the processor's path), a video's frame (both)
     ("qwen_vl_utils.vision_process", None, "fetch_image"): "resize",
     ("daemon.models", "_QwenVL", "_rgb_pixels"): "resize",
-    ("daemon.media.pixels", "PatchLayout", "write"): "normalise+patch",
+    ("daemon.inputs.media.pixels", "PatchLayout", "write"): "normalise+patch",
     ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "Qwen2VLImageProcessor", "preprocess"): "normalise+patch",
     ("transformers.models.qwen3_vl.video_processing_qwen3_vl", "Qwen3VLVideoProcessor", "_preprocess"): "normalise+patch",
     ("daemon.models", "_QwenVL", "_process"): "tokenise",
@@ -67,17 +67,17 @@ STAGES = {
     ("daemon.models", "_QwenVL", "prepare_many"): "tokenise",  # (the fast path's ids, the vision path's glue)
     ("daemon.models", "EmbeddingModel", "prepare_many"): "tokenise",
     ("daemon.models", "RerankerModel", "prepare_many"): "tokenise",
-    ("daemon.batching", "Scheduler", "put_many"): "schedule",
-    ("daemon.batching", "Scheduler", "_take"): "schedule",
-    ("daemon.engine", "Engine", "_forward"): "schedule",
+    ("daemon.engine.batching", "Scheduler", "put_many"): "schedule",
+    ("daemon.engine.batching", "Scheduler", "_take"): "schedule",
+    ("daemon.engine.engine", "Engine", "_forward"): "schedule",
     ("daemon.models", "_QwenVL", "_collate"): "collate",
-    ("daemon.media.batch", "PixelWriter", "_stage"): "copy",
+    ("daemon.inputs.media.batch", "PixelWriter", "_stage"): "copy",
     ("daemon.models", "EmbeddingModel", "embed"): "pool+copy",
     ("daemon.models", "RerankerModel", "score"): "pool+copy",
-    ("daemon.server", "Server", "_encode"): "reply",
-    ("daemon.server", "Server", "_send_finished"): "reply",
+    ("daemon.serving.server", "Server", "_encode"): "reply",
+    ("daemon.serving.server", "Server", "_send_finished"): "reply",
 }
-IDLE_TIMER = {("daemon.batching", "Scheduler", "next_batch"): IDLE_STAGE}
+IDLE_TIMER = {("daemon.engine.batching", "Scheduler", "next_batch"): IDLE_STAGE}
 STAGES.update(IDLE_TIMER)
 
 
@@ -180,8 +180,8 @@ def install(recorder: Recorder, stages: bool = True) -> None:
         return torch.empty((rows, self.layout.width), dtype=self.dtype)
 
     modeling_qwen3_vl.Qwen3VLModel.forward = recorder.timed(forward, DEVICE_STAGE)
-    writer = getattr(importlib.import_module("daemon.media.batch"), "PixelWriter", None) \
-        if importlib.util.find_spec("daemon.media") else None
+    writer = getattr(importlib.import_module("daemon.inputs.media.batch"), "PixelWriter", None) \
+        if importlib.util.find_spec("daemon.inputs.media") else None
     if writer is not None:
         writer._accelerated = lambda self: True
         writer._device_rows = recorder.timed(device_rows, DEVICE_STAGE)

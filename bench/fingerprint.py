@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.harness import Servers
 from daemon.client import Client
-from daemon.fingerprint import DigestCache, fingerprint_directory
-from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.loading.fingerprint import DigestCache, fingerprint_directory
+from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 
 def hub_snapshot(ckpt: Path, hub: Path, repo: str = "org/model") -> Path:

@@ -4,7 +4,7 @@
 
 No weights are needed: each model is built on torch's meta device from the published Qwen3-VL
 shapes (below), and its parameters are counted by the same estimate the daemon's start uses
-(daemon/fit.py, from a checkpoint's safetensors headers). Printed per pair: the weights held once
+(daemon/loading/fit.py, from a checkpoint's safetensors headers). Printed per pair: the weights held once
 loaded, the working memory of one batch of `--batch-tokens` (the engine runs one batch at a time,
 so a rerank queued behind an embed adds no activations, only its token ids on the host), and the
 peak while loading, where the 8B reranker's untied LM head (151936 x 4096) is held until the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from daemon.fit import Plan, Shape, estimate, size
+from daemon.loading.fit import Plan, Shape, estimate, size
 
 # The published configs' shapes (Qwen3-VL-2B / -8B; the Embedding and Reranker releases share them).
 SHAPES = {

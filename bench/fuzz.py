@@ -29,7 +29,7 @@ from bench.fuzzing import envelopes, judge, payloads
 from bench.harness import Servers, rss_kib
 
 from daemon.client import Client
-from daemon.tiny import build_tiny_checkpoint
+from daemon.loading.tiny import build_tiny_checkpoint
 
 MAX_MESSAGE_BYTES = 65536
 REPLY_TIMEOUT_MS = 30_000

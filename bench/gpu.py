@@ -29,7 +29,7 @@ import numpy as np
 from bench.emulated import Scenario, drive, jpeg, sentences
 from bench.harness import Servers, rss_kib
 from daemon.client import Client
-from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 BATCH = 32
 
@@ -85,7 +85,7 @@ def on_demand_figures(args, work: Path, ckpt: Path, text: str) -> dict:
     memory, since a container's /proc/meminfo may not follow one process)."""
     import torch
 
-    from daemon.fit import device_free
+    from daemon.loading.fit import device_free
 
     with Servers() as servers:
         endpoint = servers.daemon(work, "on-demand", ckpt, "--device", args.device, "--load", "on-demand",
@@ -116,7 +116,7 @@ def inprocess_figures(args, ckpt: Path, texts: list[str]) -> dict:
     import torch
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.logs import quiet_libraries
     from daemon.models import EmbeddingModel, RerankerModel
 

@@ -26,7 +26,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$PYTHON" -c "
 import importlib.metadata as m, sys
-import torch, transformers, zmq, msgpack, qwen_vl_utils, daemon.server
+import torch, transformers, zmq, msgpack, qwen_vl_utils, daemon.serving.server
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__,
       '| pyzmq', zmq.__version__, '| qwen-vl-utils', m.version('qwen-vl-utils'), '| cuda', torch.cuda.is_available())"
 if [ "$DRY_RUN" = 1 ]; then

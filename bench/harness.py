@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A daemon whose loading and whose forwards wait for a file to appear: the test decides when each ends.
 GATED = """
 import os, sys, time
-import daemon.backends, daemon.engine
+import daemon.engine.backends, daemon.engine.engine
 gate = os.environ["GATE"]
 def held(original, name):
     def wait(*args, **kwargs):
@@ -32,8 +32,8 @@ def held(original, name):
             time.sleep(0.02)
         return original(*args, **kwargs)
     return wait
-daemon.backends.fingerprint_directory = held(daemon.backends.fingerprint_directory, "load")
-daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
+daemon.engine.backends.fingerprint_directory = held(daemon.engine.backends.fingerprint_directory, "load")
+daemon.engine.engine.Engine._forward = held(daemon.engine.engine.Engine._forward, "forward")
 from daemon.main import main
 main()
 """

@@ -26,7 +26,7 @@ from bench.harness import Servers
 from bench.probes import NotifySocket, health_latencies
 
 from daemon.client import Client
-from daemon.tiny import build_tiny_checkpoint
+from daemon.loading.tiny import build_tiny_checkpoint
 
 HUGE = "lorem ipsum dolor sit amet " * 37_000  # ~1M characters
 

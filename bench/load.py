@@ -33,7 +33,7 @@ import numpy as np
 from bench.harness import Servers, gradient_png, rss_kib
 from bench.startup import baseline
 from daemon.client import Client
-from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 READ = re.compile(r"([\d.]+) GB of weights read in ([\d.]+) s")
 TOUCH = """

@@ -36,7 +36,7 @@ def raw_phase(args) -> None:
     """In its own process: the raw forward's one-text times, idle then busy, as JSON."""
     from bench.w8a8 import forward
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(args.checkpoint, dtype=args.dtype, quantize=args.quantize),

@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.harness import ROOT, Servers, wait_daemon_ready
 from daemon.client import Client
-from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 
 def start(servers: Servers, work: Path, name: str, *args: str) -> tuple[str, float]:

@@ -28,8 +28,8 @@ import numpy as np
 
 from bench.emulated import MIXED_SIZES, jpeg, sentences
 from daemon.config import Limits, MediaPolicy, ModelSettings
-from daemon.inputs import MediaReader, parse_input
-from daemon.tiny import TinySpec, build_tiny_checkpoint
+from daemon.inputs.media_reader import MediaReader, parse_input
+from daemon.loading.tiny import TinySpec, build_tiny_checkpoint
 
 
 def inputs(count: int, mixed: bool, seed: int = 0) -> list:

@@ -278,7 +278,7 @@ def main() -> None:
         work = Path(tmp)
         ckpt = args.checkpoint
         if ckpt is None:
-            from daemon.tiny import QWEN3VL_2B_SPEC, TinySpec, build_tiny_checkpoint
+            from daemon.loading.tiny import QWEN3VL_2B_SPEC, TinySpec, build_tiny_checkpoint
 
             spec = TinySpec() if args.emulated else replace(QWEN3VL_2B_SPEC, tokenizer="qwen3", dtype="bfloat16")
             ckpt = build_tiny_checkpoint(work / "ckpt", spec)

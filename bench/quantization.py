@@ -23,10 +23,10 @@ import numpy as np
 
 from bench.harness import Servers
 from bench.run import sample_texts
-from daemon.calibrate import calibrate
+from daemon.outputs.calibrate import calibrate
 from daemon.client import Client
-from daemon.quantize import Quantizer, dequantize
-from daemon.tiny import BENCH_SPEC, build_tiny_checkpoint
+from daemon.outputs.encodings import Quantizer, dequantize
+from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint
 
 K = 10
 

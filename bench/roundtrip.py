@@ -20,7 +20,7 @@ import numpy as np
 from bench.harness import Servers
 
 from daemon.client import Client
-from daemon.tiny import build_tiny_checkpoint
+from daemon.loading.tiny import build_tiny_checkpoint
 
 
 def measure(call, n: int) -> np.ndarray:

@@ -32,8 +32,8 @@ from bench.harness import ROOT, Servers, free_port, wait_http
 
 from daemon.client import AsyncClient, Client
 from daemon.config import MediaPolicy, ModelSettings
-from daemon.inputs import InputItem, MediaReader
-from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.inputs.media_reader import InputItem, MediaReader
+from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 WORDS = ("memory server embeds reranks text images video local daemon socket batch token model query "
          "document vector search rust client python latency throughput").split()

@@ -38,7 +38,7 @@ from bench.harness import Servers, rss_kib
 
 from daemon.client import Client
 from daemon.protocol import EmbedReply, RerankReply, checked
-from daemon.tiny import build_tiny_checkpoint
+from daemon.loading.tiny import build_tiny_checkpoint
 
 ATOL = 1e-4  # batching changes results by < 2e-5 (tests/test_batching.py)
 REPLY_TIMEOUT_S = 60.0

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.harness import ROOT, Servers
 from daemon.client import Client
-from daemon.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 BASELINE = """
 import sys, time

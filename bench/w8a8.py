@@ -3,7 +3,7 @@ the daemon in its dtype, int8 (weight-only), w8a8 and float32, with w8a8's numer
 
     .venv/bin/python -m bench.w8a8 --checkpoint DIR [--texts-per-client 2] [--queries 7]
 
-DIR: a Qwen3-VL checkpoint (e.g. the 2B shapes with random weights: `python -c "from daemon.tiny
+DIR: a Qwen3-VL checkpoint (e.g. the 2B shapes with random weights: `python -c "from daemon.loading.tiny
 import *; build_tiny_checkpoint('DIR', QWEN3VL_2B_SPEC)"`, or a real one). Rows:
 - raw: the transformers model's own forward (the daemon's loader, then `model.model(...)` on the
   same token ids), in a process of its own: one text of ~35 tokens (p50), and all the clients'
@@ -60,10 +60,10 @@ def raw(args) -> dict:
     import torch
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.models import EmbeddingModel
-    from daemon.w8a8 import linear_class
-    from daemon.weights import is_quantized_layer
+    from daemon.loading.w8a8 import linear_class
+    from daemon.loading.weights import is_quantized_layer
 
     model = EmbeddingModel(ModelSettings(args.checkpoint, dtype=args.dtype), MediaReader(MediaPolicy()))
     ids = [model.prepare(InputItem(f"inputs[{i}]", texts=(t,))).input_ids
@@ -120,7 +120,7 @@ def profile(args) -> dict:
     from torch.profiler import ProfilerActivity, profile as profiler
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(args.checkpoint, dtype=args.dtype, quantize="w8a8"), MediaReader(MediaPolicy()))

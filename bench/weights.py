@@ -35,8 +35,8 @@ import numpy as np
 from bench.harness import ROOT, Servers, gradient_png, rss_kib, wait_daemon_ready
 from bench.run import sample_texts
 from daemon.client import Client
-from daemon.fingerprint import DigestCache, fingerprint_directory
-from daemon.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
+from daemon.loading.fingerprint import DigestCache, fingerprint_directory
+from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 CONFIGS = [("none", "float32"), ("none", "bfloat16"), ("int8", "bfloat16"), ("nf4", "bfloat16")]
 SHAPES = [(6144, 2048), (2048, 6144), (2048, 2048)]  # (out, in): gate/up, down, q/o
@@ -60,7 +60,7 @@ def kernels() -> None:
     import torch
     import torch.nn.functional as F
 
-    from daemon.weights import _quantize, to_nf4
+    from daemon.loading.weights import _quantize, to_nf4
 
     def timed(fn, runs=5) -> float:
         fn()
@@ -176,9 +176,9 @@ def vision(ckpt: Path) -> None:
     import torch
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs import InputItem, MediaReader, MediaSource, VideoSource
+    from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource, VideoSource
     from daemon.models import EmbeddingModel
-    from daemon.weights import _quantize, is_quantized_layer, tensor_bytes
+    from daemon.loading.weights import _quantize, is_quantized_layer, tensor_bytes
 
     model = EmbeddingModel(ModelSettings(str(ckpt), dtype="bfloat16"), MediaReader(MediaPolicy()))
     frames = tuple(MediaSource("bytes", gradient_png(20 + i, size=(224, 160)), f"f{i}") for i in range(4))

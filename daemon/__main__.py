@@ -1,3 +1,3 @@
-from .main import main
+from daemon.main import main
 
 main()

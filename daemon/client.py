@@ -21,12 +21,12 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-from .config import client_endpoint
-from .discovery import Discovery, Resolver, is_ipv6
-from .liveness import (CHECK_S, MAX_RESENDS, DaemonLost, DaemonUnavailable, Heartbeat, checked_heartbeat,
+from daemon.config import client_endpoint
+from daemon.discovery import Discovery, Resolver, is_ipv6
+from daemon.liveness import (CHECK_S, MAX_RESENDS, DaemonLost, DaemonUnavailable, Heartbeat, checked_heartbeat,
                        checked_timeout, writable)
-from .sizing import SizeGuard
-from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel, checked,
+from daemon.sizing import SizeGuard
+from daemon.protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel, checked,
                        decode_reply, embed_request, health_request, pack, refuses_priority, rerank_request,
                        with_deadline, without_priority)
 

@@ -13,20 +13,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from . import __version__
-from .backends import EMBEDDING, RERANKER, EmbedWork, RerankWork, weights_cache
-from .bounded import BoundedCache
-from .cache import EmbeddingCache, cache_key
-from .catalog import ModelCard
-from .config import DaemonConfig
-from .engine import Engine, Job, JobResult, Task
-from .errors import invalid
-from .inputs import InputItem
-from .metrics import Metrics
-from .models import cut_and_normalize
-from .protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
+from daemon import __version__
+from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork, RerankWork, weights_cache
+from daemon.bounded import BoundedCache
+from daemon.outputs.cache import EmbeddingCache, cache_key
+from daemon.loading.catalog import ModelCard
+from daemon.config import DaemonConfig
+from daemon.engine.engine import Engine, Job, JobResult, Task
+from daemon.errors import invalid
+from daemon.inputs.media_reader import InputItem
+from daemon.engine.metrics import Metrics
+from daemon.models import cut_and_normalize
+from daemon.protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
                        ModelHealth, RerankReply, RerankRequest, Reply, Request, top_indices)
-from .quantize import PACKED, SCALED, Quantizer, quantize
+from daemon.outputs.encodings import PACKED, SCALED, Quantizer, quantize
 
 FIXED = Quantizer()  # the fixed int8/uint8 scale for unit vectors
 

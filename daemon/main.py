@@ -17,13 +17,13 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import __version__
-from .client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
-from .catalog import CatalogError, apply_settings, check_names, parse_duration, split_spec
-from .config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, INTERACTIVE, LOAD_MODES,
+from daemon import __version__
+from daemon.client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
+from daemon.loading.catalog import CatalogError, apply_settings, check_names, parse_duration, split_spec
+from daemon.config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, INTERACTIVE, LOAD_MODES,
                      PRIORITIES, RERANKER_MAX_LENGTH, Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint,
                      default_endpoint, is_disabled, show_envvars)
-from .logs import quiet_libraries
+from daemon.logs import quiet_libraries
 
 
 class ModelList(click.ParamType):
@@ -110,7 +110,7 @@ def _limit_options(fn):
 def _metrics_address(ctx, param, value: str | None) -> str | None:
     if value is None or not value.strip() or is_disabled(value):
         return None
-    from .prometheus import split_address
+    from daemon.serving.prometheus import split_address
 
     try:
         split_address(value)
@@ -245,8 +245,8 @@ def serve(log_level: str, log_stream: str, **opts) -> None:
     # brought the busy-machine loss back (that query 1.5x slower beside two busy processes: bench.lone),
     # so it is the operator's choice for a dedicated machine; an operator's own values win.
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-    from .preflight import SettingsError, check_config
-    from .server import Server, StartupError
+    from daemon.loading.preflight import SettingsError, check_config
+    from daemon.serving.server import Server, StartupError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout if log_stream == "stdout" else sys.stderr)
@@ -361,7 +361,7 @@ def _octal(text: str) -> int:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def tiny_checkpoint(directory: Path) -> None:
     """Write a tiny random-weight Qwen3-VL checkpoint to DIRECTORY (offline; for tests, not for use)."""
-    from .tiny import build_tiny_checkpoint
+    from daemon.loading.tiny import build_tiny_checkpoint
 
     quiet_libraries()
     click.echo(str(build_tiny_checkpoint(directory)))
@@ -562,7 +562,7 @@ def calibrate(sample, out, dimensions, instruction, batch, endpoint, timeout, cu
               curve_client_key) -> None:
     """int8/uint8 ranges from SAMPLE, one input per line (a text, or a JSON input object), embedded by
     the running daemon; prints a summary as JSON."""
-    from .calibrate import RECOMMENDED_SAMPLES, calibrate as run, read_sample
+    from daemon.outputs.calibrate import RECOMMENDED_SAMPLES, calibrate as run, read_sample
 
     try:
         found = read_sample(sample)
@@ -666,8 +666,8 @@ def embed_dataset(input_path, out, id_column, text_column, image_column, video_c
     Local mode (the default) sends the rows to the daemons at --endpoint; --ray runs the models in
     Ray actors, with serve's model options (--embedding-model, --device, --dtype, ...). Rows that
     fail go to OUT/errors.jsonl. Prints a JSON summary."""
-    from .dataset.batches import EmbedSettings
-    from .dataset.job import JobSpec
+    from daemon.dataset.batches import EmbedSettings
+    from daemon.dataset.job import JobSpec
 
     ctx = click.get_current_context()
     given = [f"--{name.replace('_', '-')}" for name in model_opts
@@ -677,7 +677,7 @@ def embed_dataset(input_path, out, id_column, text_column, image_column, video_c
                                "models)")
     if encoding in ("binary", "ubinary") and dimension is not None and dimension % 8:
         raise click.BadParameter("binary encodings need a multiple of 8", param_hint="--dimension")
-    from .dataset.rows import Columns
+    from daemon.dataset.rows import Columns
 
     spec = JobSpec(input=input_path, out=out,
                    columns=Columns(id_column, text_column, image_column, video_column, input_column),
@@ -692,7 +692,7 @@ def embed_dataset(input_path, out, id_column, text_column, image_column, video_c
 
 
 def _local_runner(spec, endpoint, timeout, curve_server_key, curve_client_key):
-    from .dataset.job import run_local
+    from daemon.dataset.job import run_local
 
     curve = CurveKeys.from_files(curve_server_key, curve_client_key) if curve_server_key else None
     logging.getLogger("qwen3vl.discovery").addHandler(logging.NullHandler())
@@ -704,7 +704,7 @@ def _local_runner(spec, endpoint, timeout, curve_server_key, curve_client_key):
 
 
 def _ray_runner(spec, address, config, actors, actor_cpus):
-    from .dataset.ray_job import RayPlan, run_ray
+    from daemon.dataset.ray_job import RayPlan, run_ray
 
     return lambda stop: run_ray(spec, RayPlan(address, config, actors, actor_cpus), stop)
 
@@ -719,9 +719,9 @@ def _finish_dataset_job(run, input_path) -> None:
     import signal
     import threading
 
-    from .dataset.batches import JobFailed
-    from .dataset.rows import InputError
-    from .dataset.store import StoreError
+    from daemon.dataset.batches import JobFailed
+    from daemon.dataset.rows import InputError
+    from daemon.dataset.store import StoreError
 
     stop, interrupted = threading.Event(), threading.Event()  # `stop` is also set by a failure
 

@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from .config import MediaPolicy, ModelSettings
-from .errors import ModelLoadError, RequestError, attempt, first_line, input_error, too_large
-from .fastpath import build_fast_path
-from .inputs import InputItem, MediaReader, MediaSource, VideoSource
-from .loading import Background, Loaded, WeightsRead, from_files
-from .media.batch import PixelWriter
-from .media.pixels import PatchLayout, Pixels, resized_image, same_pixels
-from .media.tokens import Video, VisionTokens
-from .media.video import VideoError, read_video
-from .weights import FP8, NONE, FormatError, check_format, convert, parse_format
+from daemon.config import MediaPolicy, ModelSettings
+from daemon.errors import ModelLoadError, RequestError, attempt, first_line, input_error, too_large
+from daemon.inputs.fastpath import build_fast_path
+from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource, VideoSource
+from daemon.loading.build import Background, Loaded, WeightsRead, from_files
+from daemon.inputs.media.batch import PixelWriter
+from daemon.inputs.media.pixels import PatchLayout, Pixels, resized_image, same_pixels
+from daemon.inputs.media.tokens import Video, VisionTokens
+from daemon.inputs.media.video import VideoError, read_video
+from daemon.loading.weights import FP8, NONE, FormatError, check_format, convert, parse_format
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,13 @@ def _reading_media(where: str):
 
 def _directory_of(settings: ModelSettings) -> Path:
     """The directory of `settings.name`: itself, or its hub snapshot (fetched unless local_files_only)."""
-    from .fingerprint import model_directory
+    from daemon.loading.fingerprint import model_directory
 
     return model_directory(settings.name, settings.local_files_only)
 
 
 def _unfetchable(settings: ModelSettings, exc: Exception) -> ModelLoadError:
-    from .preflight import looks_local
+    from daemon.loading.preflight import looks_local
 
     reason = first_line(exc)[:160]
     if looks_local(settings.name):

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from .config import INTERACTIVE, PRIORITIES, Limits, MediaPolicy
-from .errors import ErrorCode, RequestError, invalid, too_large
-from .inputs import InputItem, parse_input, parse_instruction
-from .quantize import COMPACT, SCALED, row_bytes
+from daemon.config import INTERACTIVE, PRIORITIES, Limits, MediaPolicy
+from daemon.errors import ErrorCode, RequestError, invalid, too_large
+from daemon.inputs.media_reader import InputItem, parse_input, parse_instruction
+from daemon.outputs.encodings import COMPACT, SCALED, row_bytes
 
 __all__ = [
     "PROTOCOL_VERSION", "OPS", "ENCODINGS", "PRIORITIES", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",

@@ -10,8 +10,8 @@ takes PROTOCOL.md's default from a daemon too old to say.
 
 from __future__ import annotations
 
-from .config import Limits
-from .errors import too_large
+from daemon.config import Limits
+from daemon.errors import too_large
 
 DEFAULT_MAX_MESSAGE_BYTES = Limits.max_message_bytes
 # Every daemon answers a payload up to its limit plus this (the smallest limit is 1024 bytes), so

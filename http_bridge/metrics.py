@@ -1,5 +1,5 @@
 """Prometheus: the bridge's own request counters and latencies, and the daemon's counters as
-families built from one `metrics` reply (daemon/prometheus.py, which the daemon's own exporter uses)."""
+families built from one `metrics` reply (daemon/serving/prometheus.py, which the daemon's own exporter uses)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from daemon.prometheus import DaemonSnapshot
+from daemon.serving.prometheus import DaemonSnapshot
 from daemon.protocol import MetricsReply
 
 class BridgeMetrics:

@@ -25,11 +25,11 @@ from PIL import Image  # noqa: E402
 
 from bench.harness import free_port, gradient_png, png_bytes  # noqa: E402,F401 (gradient_png: for the tests)
 from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
-from daemon.tiny import TinySpec, build_tiny_checkpoint  # noqa: E402
+from daemon.loading.tiny import TinySpec, build_tiny_checkpoint  # noqa: E402
 
 
 def _w8a8_refusal() -> str | None:
-    from daemon.w8a8 import W8A8Unavailable, check_device
+    from daemon.loading.w8a8 import W8A8Unavailable, check_device
 
     try:
         check_device("cpu")

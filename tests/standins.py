@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from daemon.backends import EMBEDDING, RERANKER, BackendInfo, Backend, EmbedWork, RerankWork
+from daemon.engine.backends import EMBEDDING, RERANKER, BackendInfo, Backend, EmbedWork, RerankWork
 from daemon.errors import attempt, input_error
 
 

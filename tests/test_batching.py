@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import exchange, gradient_png, needs_w8a8, start_daemon
-from daemon.batching import BatchPolicy, Scheduler, Unit
+from daemon.engine.batching import BatchPolicy, Scheduler, Unit
 
 
 def _unit(tokens: int, kind: str = "embed", owner=None) -> Unit:

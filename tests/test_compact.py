@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import start_daemon
 from daemon.client import DaemonError
 from daemon.errors import ModelLoadError
-from daemon.quantize import Calibration, Quantizer, Scale, dequantize, quantize
+from daemon.outputs.encodings import Calibration, Quantizer, Scale, dequantize, quantize
 
 TEXTS = ["a red apple", "the stock market fell sharply today", "x", "green pears and " * 12, "ok"]
 
@@ -234,7 +234,7 @@ def test_a_broken_calibration_file_is_refused_before_loading(tmp_path, tiny_dir,
 
 
 def test_a_calibration_beyond_a_hub_models_size_is_refused_once_it_is_loaded(calibration_file, tiny_dir):
-    from daemon.backends import BackendInfo, _check_calibration
+    from daemon.engine.backends import BackendInfo, _check_calibration
 
     calibration = Calibration.load(calibration_file)
     info = BackendInfo("m", "cpu", "float32", 64, hidden_size=32, fingerprint=calibration.fingerprint)

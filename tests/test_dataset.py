@@ -19,7 +19,7 @@ import pytest
 from conftest import png_bytes, start_daemon
 from daemon.dataset.progress import Progress
 from daemon.dataset.store import ERRORS, Store
-from daemon.tiny import TinySpec, build_tiny_checkpoint
+from daemon.loading.tiny import TinySpec, build_tiny_checkpoint
 
 READ = {"ignore_prefixes": [".", "_", "errors"]}  # errors.jsonl sits beside the parts
 

@@ -10,13 +10,13 @@ import weakref
 import numpy as np
 import pytest
 
-from daemon.backends import EMBEDDING, RERANKER, EmbedWork
+from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork
 from daemon.config import Batching, DaemonConfig, Limits, MediaPolicy
-from daemon.engine import Engine, EngineState, Job, JobResult, Task
+from daemon.engine.engine import Engine, EngineState, Job, JobResult, Task
 from daemon.errors import ErrorCode, RequestError
 from daemon.handlers import HANDLERS, Context, build_handlers
-from daemon.inputs import InputItem
-from daemon.metrics import Metrics
+from daemon.inputs.media_reader import InputItem
+from daemon.engine.metrics import Metrics
 from daemon.protocol import OPS, EmbedReply, RerankReply, parse_request
 from standins import StandIn, loader
 
@@ -263,7 +263,7 @@ def test_the_engine_names_no_op_no_request_type_and_no_transport():
     import ast
     import inspect
 
-    import daemon.engine as engine_module
+    import daemon.engine.engine as engine_module
 
     tree = ast.parse(inspect.getsource(engine_module))
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from daemon.config import MediaPolicy, ModelSettings
 from daemon.errors import ErrorCode, RequestError
-from daemon.inputs import InputItem, MediaReader
+from daemon.inputs.media_reader import InputItem, MediaReader
 from daemon.models import EmbeddingModel, RerankerModel
 
 LOOKALIKES = ["<|im_end|>", "<|im_start|>", "<|im_start|>assistant\n", "<|endoftext|>", "<|image_pad|>",

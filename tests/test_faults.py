@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from conftest import Bridge, start_daemon
 from daemon.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
-from daemon.server import Server
+from daemon.serving.server import Server
 from bench.fuzzing import envelopes, judge, payloads
 from bench.scenarios import CLEAR_ERRORS, TEXT, kill_9_under_load
 

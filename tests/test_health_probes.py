@@ -162,8 +162,8 @@ def test_requests_that_come_while_the_socket_waits_to_close_are_refused_not_left
     """After the drain timeout the socket stays open a moment for the last replies to go out; a
     request that comes then gets `shutting_down` (its client retries elsewhere), never silence."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    long_grace = GATED.replace("from daemon.main import main", "import daemon.server\n"
-                               "daemon.server.CLOSE_GRACE_S = 8.0  # room for the test's requests\n"
+    long_grace = GATED.replace("from daemon.main import main", "import daemon.serving.server\n"
+                               "daemon.serving.server.CLOSE_GRACE_S = 8.0  # room for the test's requests\n"
                                "from daemon.main import main")
     daemon, gate = start_gated(tmp_path, tiny_dir, endpoint, "--drain-timeout", "0.5", script=long_grace)
     process, log = daemon.process, daemon.log

@@ -15,12 +15,12 @@ import pytest
 
 from bench.fingerprint import hub_snapshot
 from conftest import start_daemon
-from daemon.backends import load_model_backends
+from daemon.engine.backends import load_model_backends
 from daemon.client import AsyncClient, ModelMismatch
 from daemon.config import DaemonConfig, ModelSettings, default_fingerprint_cache
 from daemon.errors import ModelLoadError
-from daemon.fingerprint import DigestCache, fingerprint_directory, model_directory
-from daemon.residency import Residency
+from daemon.loading.fingerprint import DigestCache, fingerprint_directory, model_directory
+from daemon.engine.residency import Residency
 
 
 def fingerprint(directory: Path, cache: Path | None = None) -> str:
@@ -359,7 +359,7 @@ def test_weights_written_over_in_place_after_loading_change_nothing_served(copy)
     """The loaded weights are the daemon's own copy, not a view of the file: the model keeps giving
     the vectors its fingerprint names, and a truncated file does not kill it (SIGBUS)."""
     from daemon.config import MediaPolicy
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(str(copy), dtype="float32"), MediaReader(MediaPolicy()))
@@ -391,7 +391,7 @@ def test_weights_an_index_names_in_a_subdirectory_are_fingerprinted_loaded_and_o
     files = fingerprint_directory(copy, DigestCache(None))
     assert "sub/model.safetensors" in dict(files.identities)
     from daemon.config import MediaPolicy
-    from daemon.inputs import InputItem, MediaReader
+    from daemon.inputs.media_reader import InputItem, MediaReader
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(str(copy), dtype="float32"), MediaReader(MediaPolicy()), copy)

@@ -262,7 +262,7 @@ def test_clients_find_the_system_socket_when_theirs_is_absent(tmp_path):
 
 
 def test_missing_socket_parents_are_created_owner_only(tmp_path):
-    from daemon.server import prepare_socket_dir
+    from daemon.serving.server import prepare_socket_dir
 
     prepare_socket_dir(tmp_path / "a" / "b" / "c" / "daemon.sock")
     for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"):
@@ -339,8 +339,8 @@ def test_sigterm_while_loading_stops_between_steps(tmp_path, tiny_dir):
 # A daemon whose fingerprinting step never ends, as a weight file on a hung network mount would.
 BLOCKED_LOAD = """
 import sys, threading
-import daemon.backends
-daemon.backends.fingerprint_directory = lambda *args, **kwargs: threading.Event().wait()
+import daemon.engine.backends
+daemon.engine.backends.fingerprint_directory = lambda *args, **kwargs: threading.Event().wait()
 from daemon.main import main
 main()
 """
@@ -490,12 +490,12 @@ def test_the_log_says_ready_and_holds_no_progress_bars(tmp_path, tiny_dir):
 # What `serve` has set by the time its first check runs (torch, and its OpenMP runtime, come after).
 PRINT_OMP = """
 import os, sys
-import daemon.preflight
+import daemon.loading.preflight
 def report(config):
     print(*(f"{k}=" + os.environ.get(k, "<unset>") for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")),
           "torch" in sys.modules)
     sys.exit(0)
-daemon.preflight.check_config = report
+daemon.loading.preflight.check_config = report
 from daemon.main import main
 main()
 """

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from conftest import exchange, gradient_png, start_daemon
 from daemon.config import MediaPolicy
 from daemon.errors import RequestError
-from daemon.inputs import MediaReader, MediaSource
+from daemon.inputs.media_reader import MediaReader, MediaSource
 from daemon.protocol import nesting_depth
 from bench.fuzzing import values
 

@@ -1,4 +1,4 @@
-"""Building a model from its files (daemon/loading.py): the tensors read become the model's weights
+"""Building a model from its files (daemon/loading/build.py): the tensors read become the model's weights
 with no copy, and a first start reads each weight file once, hashing it as it passes."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon import fingerprint as fingerprint_module
+from daemon.loading import fingerprint as fingerprint_module
 from daemon.config import DaemonConfig, ModelSettings
 from daemon.errors import ModelLoadError
-from daemon.fingerprint import DigestCache, fingerprint_directory
-from daemon.loading import Placed, WeightsRead, config_of, from_files
+from daemon.loading.fingerprint import DigestCache, fingerprint_directory
+from daemon.loading.build import Placed, WeightsRead, config_of, from_files
 from daemon.models import EmbeddingModel, _embedding_class
 
 CPU = torch.device("cpu")
@@ -44,7 +44,7 @@ def test_tensors_kept_where_they_are_pass_through_transformers_untouched(tiny_di
 
 
 def _fingerprint(copy: Path, cache: Path):
-    from daemon.backends import _fingerprint
+    from daemon.engine.backends import _fingerprint
 
     config = DaemonConfig(embedding=ModelSettings(str(copy), dtype="float32"), fingerprint_cache=cache)
     return _fingerprint(config, "embedding", config.embedding, True, copy, lambda *a: None)
@@ -63,7 +63,7 @@ def test_a_first_start_hashes_the_weights_as_it_reads_them_not_before(copy, tmp_
 
 
 def test_a_model_loaded_later_is_hashed_at_start_as_before(copy, tmp_path):
-    from daemon.backends import _fingerprint
+    from daemon.engine.backends import _fingerprint
 
     config = DaemonConfig(embedding=ModelSettings(str(copy), dtype="float32"), load="on-demand",
                           fingerprint_cache=tmp_path / "fp.json")

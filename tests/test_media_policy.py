@@ -19,8 +19,8 @@ import pytest
 from conftest import gradient_png, start_daemon
 from daemon.config import MediaPolicy
 from daemon.errors import RequestError
-from daemon.files import AllowedFiles
-from daemon.urls import UrlFetcher, address_allowed, parse_target
+from daemon.inputs.files import AllowedFiles
+from daemon.inputs.urls import UrlFetcher, address_allowed, parse_target
 
 PUBLIC = "93.184.216.34"  # only ever handed to the stand-in connection below, never dialled
 

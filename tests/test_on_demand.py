@@ -15,8 +15,8 @@ import pytest
 
 from conftest import Bridge, start_daemon
 from daemon.client import DaemonError, ModelMismatch, UnknownModel
-from daemon.fit import checkpoint_shape, estimate
-from daemon.tiny import TinySpec, build_tiny_checkpoint
+from daemon.loading.fit import checkpoint_shape, estimate
+from daemon.loading.tiny import TinySpec, build_tiny_checkpoint
 
 # Wide enough that its weights (~57 MB in float32) stand well above the resident memory's noise.
 WIDE = TinySpec(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1536, seed=3)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from daemon.pieces import PieceCutter
+from daemon.inputs.pieces import PieceCutter
 
 # Around a space: letters of several scripts, digits of several kinds, marks, punctuation, other
 # whitespace, contractions, added tokens and their look-alikes.

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import gradient_png
-from daemon.backends import EmbeddingBackend, EmbedWork, RerankerBackend
+from daemon.engine.backends import EmbeddingBackend, EmbedWork, RerankerBackend
 from daemon.config import BATCH, INTERACTIVE, Batching, MediaPolicy, ModelSettings
-from daemon.engine import Engine, EngineState, Job, JobResult, Task
-from daemon.inputs import InputItem, MediaReader, MediaSource
+from daemon.engine.engine import Engine, EngineState, Job, JobResult, Task
+from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource
 from daemon.models import EmbeddingModel, RerankerModel
 
 

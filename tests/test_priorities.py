@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from daemon.backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
-from daemon.batching import BatchPolicy, Scheduler, Unit
+from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
+from daemon.engine.batching import BatchPolicy, Scheduler, Unit
 from daemon.config import BATCH, INTERACTIVE, Batching, Limits, MediaPolicy
-from daemon.engine import Engine, EngineState, Job, JobResult, Task
+from daemon.engine.engine import Engine, EngineState, Job, JobResult, Task
 from daemon.errors import ErrorCode, RequestError
-from daemon.inputs import InputItem
+from daemon.inputs.media_reader import InputItem
 from daemon.protocol import parse_request
 from standins import StandIn, loader
 

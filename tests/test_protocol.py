@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from conftest import exchange, gradient_png
-from daemon.fingerprint import DigestCache, fingerprint_directory
+from daemon.loading.fingerprint import DigestCache, fingerprint_directory
 
 
 def _pack(obj) -> bytes:

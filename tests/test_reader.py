@@ -1,4 +1,4 @@
-"""Reading safetensors files into owned memory (daemon/reader.py): the same tensors as safetensors
+"""Reading safetensors files into owned memory (daemon/loading/reader.py): the same tensors as safetensors
 reads, converted on the way where asked, hashed as they pass, and every malformed or changing file
 refused in one line."""
 
@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from daemon import reader
+from daemon.loading import reader
 from daemon.errors import ModelLoadError
-from daemon.reader import Target, read_files
+from daemon.loading.reader import Target, read_files
 
 KEEP = lambda entry: Target()  # noqa: E731 (every tensor as the file holds it, on the CPU)
 

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import exchange
-from daemon.backends import EMBEDDING, RERANKER, EmbedWork
-from daemon.catalog import (CatalogError, ModelCard, apply_settings, check_names, parse_duration, resolve,
+from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork
+from daemon.loading.catalog import (CatalogError, ModelCard, apply_settings, check_names, parse_duration, resolve,
                             split_spec)
 from daemon.config import Batching, DaemonConfig, ModelSettings
-from daemon.engine import Engine, EngineState, Job, Task
+from daemon.engine.engine import Engine, EngineState, Job, Task
 from daemon.errors import ErrorCode, ModelLoadError, RequestError
-from daemon.inputs import InputItem
-from daemon.residency import MemoryGate, ModelState, Residency
-from daemon.server import Server
+from daemon.inputs.media_reader import InputItem
+from daemon.engine.residency import MemoryGate, ModelState, Residency
+from daemon.serving.server import Server
 from standins import StandIn
 
 MB = 1 << 20
@@ -377,7 +377,7 @@ def test_a_model_field_that_is_not_a_name_is_an_invalid_request_naming_it(op, bo
 
 # -- the hostile review's findings -----------------------------------------------------------------
 def test_a_keep_alive_of_years_does_not_stop_the_loader(engines):
-    from daemon.catalog import MAX_DURATION_S
+    from daemon.loading.catalog import MAX_DURATION_S
 
     builds, residency = Builds(), Residency()
     engine = engines(residency, [(card("a", default=True, keep_alive_s=MAX_DURATION_S), builds("a")),

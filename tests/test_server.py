@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import exchange
-from daemon.backends import EMBEDDING
+from daemon.engine.backends import EMBEDDING
 from daemon.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.handlers import INLINE_REPLY_FLOATS
-from daemon.server import Outbox, Server
+from daemon.serving.server import Outbox, Server
 from standins import StandIn, loader
 
 

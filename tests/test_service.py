@@ -152,7 +152,7 @@ def test_there_are_the_three_units():
 
 
 def test_load_progress_extends_the_start_timeout_only_while_the_download_moves(tmp_path):
-    from daemon.notify import LoadProgress, Notifier
+    from daemon.serving.notify import LoadProgress, Notifier
 
     notify = NotifySocket(tmp_path)
     cache = tmp_path / "cache"

@@ -18,9 +18,9 @@ from PIL import Image
 from daemon.bounded import BoundedCache
 from daemon.config import ModelSettings, MediaPolicy
 from daemon.errors import ErrorCode, RequestError
-from daemon.inputs import InputItem, MediaReader, MediaSource, VideoSource
-from daemon.media.batch import PixelWriter
-from daemon.media.pixels import PatchLayout, resized_image
+from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource, VideoSource
+from daemon.inputs.media.batch import PixelWriter
+from daemon.inputs.media.pixels import PatchLayout, resized_image
 from daemon.models import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, EmbeddingModel, RerankerModel
 
 CPU = torch.device("cpu")

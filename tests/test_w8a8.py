@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import needs_w8a8
-from daemon.w8a8 import (ACTIVATION_LEVELS, PACKED_ROW_BYTES, WEIGHT_LEVELS, W8A8Unavailable, check_device,
+from daemon.loading.w8a8 import (ACTIVATION_LEVELS, PACKED_ROW_BYTES, WEIGHT_LEVELS, W8A8Unavailable, check_device,
                          linear_class, matmul_cpu, matmul_int_mm, pack_cpu, quantize_tokens, quantize_weight)
-from daemon.weights import FormatError, check_format, release_freed_memory
+from daemon.loading.weights import FormatError, check_format, release_freed_memory
 
 def _layer(rows: int = 96, cols: int = 128, seed: int = 0) -> torch.nn.Linear:
     torch.manual_seed(seed)

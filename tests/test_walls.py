@@ -20,11 +20,11 @@ def loaded(module: str, names: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("module, forbidden", [
     ("daemon.models", ("zmq", "msgpack")),
-    ("daemon.media.batch", ("zmq", "msgpack")),
-    ("daemon.media.video", ("zmq", "msgpack")),
+    ("daemon.inputs.media.batch", ("zmq", "msgpack")),
+    ("daemon.inputs.media.video", ("zmq", "msgpack")),
     ("daemon.bounded", ("zmq", "msgpack", "numpy")),
-    ("daemon.engine", ("zmq", "msgpack")),
-    ("daemon.backends", ("zmq", "msgpack")),
+    ("daemon.engine.engine", ("zmq", "msgpack")),
+    ("daemon.engine.backends", ("zmq", "msgpack")),
     ("daemon.handlers", ("zmq",)),
     ("daemon.client", HEAVY),
     ("daemon.protocol", HEAVY + ("zmq",)),
@@ -38,5 +38,5 @@ def test_a_layer_imports_nothing_from_beyond_its_wall(module, forbidden):
 def test_the_probe_sees_what_a_module_does_import():
     # The same probe on modules that do load these: a wall test that cannot see an import would pass
     # by accident.
-    assert loaded("daemon.server", ("zmq", "msgpack")) == ["zmq", "msgpack"]
+    assert loaded("daemon.serving.server", ("zmq", "msgpack")) == ["zmq", "msgpack"]
     assert loaded("PIL.Image", HEAVY) == ["PIL"]

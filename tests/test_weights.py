@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from conftest import W8A8_REFUSAL, Bridge, gradient_png, needs_w8a8, start_daemon
-from daemon.backends import _check_calibration_print
+from daemon.engine.backends import _check_calibration_print
 from daemon.config import MediaPolicy, ModelSettings
 from daemon.errors import ModelLoadError
-from daemon.fingerprint import weights_fingerprint
-from daemon.fit import checkpoint_shape, weights_bytes
-from daemon.inputs import InputItem, MediaReader, MediaSource
+from daemon.loading.fingerprint import weights_fingerprint
+from daemon.loading.fit import checkpoint_shape, weights_bytes
+from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource
 from daemon.models import EmbeddingModel, RerankerModel
-from daemon.w8a8 import linear_class
-from daemon.weights import FormatError, check_format, is_quantized_layer, is_quantized_tensor, model_bytes, to_nf4
+from daemon.loading.w8a8 import linear_class
+from daemon.loading.weights import FormatError, check_format, is_quantized_layer, is_quantized_tensor, model_bytes, to_nf4
 
 FORMATS = ("int8", "nf4", "w8a8")
 # Relative error (Frobenius norm of the difference over the exact output's) that a quantized layer

@@ -1,4 +1,4 @@
-"""The weights cache (daemon/weights_cache.py): a quantized model kept as converted serves the very
+"""The weights cache (daemon/loading/weights_cache.py): a quantized model kept as converted serves the very
 vectors the conversion gives, and an entry that is corrupt, truncated, foreign, stale or writable by
 others is rebuilt, never served."""
 
@@ -15,9 +15,9 @@ import pytest
 
 from conftest import needs_w8a8, start_daemon
 from daemon.config import MediaPolicy, ModelSettings
-from daemon.fingerprint import DigestCache, fingerprint_directory
-from daemon.inputs import InputItem, MediaReader
-from daemon.weights_cache import CACHE_VERSION, WeightsCache
+from daemon.loading.fingerprint import DigestCache, fingerprint_directory
+from daemon.inputs.media_reader import InputItem, MediaReader
+from daemon.loading.weights_cache import CACHE_VERSION, WeightsCache
 
 pytest.importorskip("torchao")
 FORMATS = ["int8", "nf4", pytest.param("w8a8", marks=needs_w8a8)]
@@ -59,7 +59,7 @@ def test_a_model_from_the_cache_computes_exactly_what_its_conversion_did(tiny_di
     again, cached = load(tiny_dir, cache, fmt, kind)
     assert not first.loaded.cached and again.loaded.cached
     assert np.array_equal(converted, cached)
-    from daemon.weights import model_bytes
+    from daemon.loading.weights import model_bytes
 
     assert model_bytes(again.full_model) == model_bytes(first.full_model)
 
@@ -126,8 +126,8 @@ def _a_tensor_of_another_shape(entry: Path) -> None:
     """A well-formed entry with its own true digest, one of whose tensors does not fit the model."""
     import torch
 
-    from daemon.reader import Target, read_files
-    from daemon.weights_cache import _write_atomically, write_safetensors
+    from daemon.loading.reader import Target, read_files
+    from daemon.loading.weights_cache import _write_atomically, write_safetensors
 
     tensors, reads = read_files([entry], lambda e: Target())
     name = next(k for k in tensors if k.endswith("input_layernorm.weight"))
@@ -238,7 +238,7 @@ def test_a_temporary_file_of_a_writer_that_died_is_swept_not_counted(tiny_dir, c
 def test_a_failed_attempt_to_load_an_entry_keeps_it(tiny_dir, cache, monkeypatch):
     import torch
 
-    from daemon import weights_cache
+    from daemon.loading import weights_cache
 
     _, converted = load(tiny_dir, cache, "int8")
 

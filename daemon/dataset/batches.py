@@ -17,12 +17,12 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from ..client import DaemonTimeout, DaemonUnavailable
-from ..config import BATCH
-from ..errors import ErrorCode
-from ..protocol import EmbedReply, embed_request
-from .rows import Row
-from .store import ErrorRecord
+from daemon.client import DaemonTimeout, DaemonUnavailable
+from daemon.config import BATCH
+from daemon.errors import ErrorCode
+from daemon.protocol import EmbedReply, embed_request
+from daemon.dataset.rows import Row
+from daemon.dataset.store import ErrorRecord
 
 # Worth retrying: the daemon will take the request later (or another daemon will).
 TRANSIENT = frozenset(c.value for c in (ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_LOADED,

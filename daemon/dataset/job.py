@@ -11,13 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
-from ..errors import ErrorCode
-from .batches import (DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, row_error,
+from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
+from daemon.errors import ErrorCode
+from daemon.dataset.batches import (DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, row_error,
                       with_retries)
-from .progress import Progress, Summary
-from .rows import Columns, InputFile, Row
-from .store import ErrorRecord, Existing, Settings, Store, StoreError
+from daemon.dataset.progress import Progress, Summary
+from daemon.dataset.rows import Columns, InputFile, Row
+from daemon.dataset.store import ErrorRecord, Existing, Settings, Store, StoreError
 
 INVALID = ErrorCode.INVALID_REQUEST.value
 

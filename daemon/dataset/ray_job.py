@@ -19,12 +19,12 @@ from typing import Any
 
 import msgpack
 
-from ..config import DaemonConfig
-from .batches import BatchOutcome, EmbedSettings, JobFailed, MadeBy, embed_batch, row_error, with_retries
-from .job import INVALID, Committer, JobSpec, model_fingerprint, open_job, pinned
-from .progress import Summary
-from .rows import Chunk, Columns, InputFile, Row
-from .store import ErrorRecord
+from daemon.config import DaemonConfig
+from daemon.dataset.batches import BatchOutcome, EmbedSettings, JobFailed, MadeBy, embed_batch, row_error, with_retries
+from daemon.dataset.job import INVALID, Committer, JobSpec, model_fingerprint, open_job, pinned
+from daemon.dataset.progress import Summary
+from daemon.dataset.rows import Chunk, Columns, InputFile, Row
+from daemon.dataset.store import ErrorRecord
 
 READ_CHUNK_ROWS = 4096  # rows per read task
 
@@ -148,7 +148,7 @@ class EmbedActor:
     the daemon's own request path; every request pins the dataset's fingerprint, else its own."""
 
     def __init__(self, config: DaemonConfig, embed: EmbedSettings, retry_s: float):
-        from ..inprocess import InProcessDaemon
+        from daemon.serving.inprocess import InProcessDaemon
 
         self.daemon = InProcessDaemon(config)
         self.daemon.start()

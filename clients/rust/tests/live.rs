@@ -104,7 +104,7 @@ impl Drop for Daemon {
 /// Whether this CPU runs w8a8 (the daemon's own check, which refuses it where no int8 kernel exists).
 fn w8a8_here() -> bool {
     Command::new(env("QWEN3VL_TEST_PYTHON"))
-        .args(["-c", "from daemon.w8a8 import check_device; check_device('cpu')"])
+        .args(["-c", "from daemon.loading.w8a8 import check_device; check_device('cpu')"])
         .status().unwrap().success()
 }
 
@@ -751,7 +751,7 @@ fn the_client_sends_a_batch_priority_on_embed_and_rerank() {
 /// tests/gates.py's daemon: its forwards wait while `GATE.forward` is missing.
 const GATED: &str = r#"
 import os, time
-import daemon.backends, daemon.engine
+import daemon.engine.backends, daemon.engine.engine
 gate = os.environ["GATE"]
 def held(original, name):
     def wait(*args, **kwargs):
@@ -759,7 +759,7 @@ def held(original, name):
             time.sleep(0.02)
         return original(*args, **kwargs)
     return wait
-daemon.engine.Engine._forward = held(daemon.engine.Engine._forward, "forward")
+daemon.engine.engine.Engine._forward = held(daemon.engine.engine.Engine._forward, "forward")
 from daemon.main import main
 main()
 "#;

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import SettingFileError, read_setting_file
+from daemon.inputs.files import SettingFileError, read_setting_file
 
 COMPACT = ("int8", "uint8", "binary", "ubinary")
 SCALED = ("int8", "uint8")  # the ones that need a per-dimension map
@@ -95,7 +95,7 @@ class Calibration:
     def compute(cls, raw: np.ndarray, dimensions: list[int], fingerprint: str, model: str) -> "Calibration":
         """From the raw pooled vectors (n, full) of a sample: each dimension's ranges of the vectors as
         the daemon returns them (cut to the dimension, then L2-normalised)."""
-        from .models import cut_and_normalize
+        from daemon.models import cut_and_normalize
 
         ranges = {}
         for d in sorted(set(dimensions)):

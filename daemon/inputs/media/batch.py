@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .pixels import PatchLayout, Pixels
+from daemon.inputs.media.pixels import PatchLayout, Pixels
 
 
 @dataclass

@@ -16,11 +16,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
-from .files import SettingFileError, open_regular
-from .reader import HEADER_MAX_BYTES, MAX_ELEMENTS
-from .w8a8 import PACKED_ROW_BYTES
-from .weights import FP8, INT8, NF4, NF4_BLOCK, NONE, QUANTIZED, W8A8
+from daemon.errors import ModelLoadError
+from daemon.inputs.files import SettingFileError, open_regular
+from daemon.loading.reader import HEADER_MAX_BYTES, MAX_ELEMENTS
+from daemon.loading.w8a8 import PACKED_ROW_BYTES
+from daemon.loading.weights import FP8, INT8, NF4, NF4_BLOCK, NONE, QUANTIZED, W8A8
 
 MAX_WIDTH = 1 << 20  # hidden and intermediate sizes (8B: 4096 and 12288)
 GB = 1e9
@@ -91,9 +91,9 @@ def read_header(path: Path) -> dict:
 
 
 def checkpoint_shape(directory: Path) -> Shape:
-    from .files import read_setting_file
-    from .fingerprint import loaded_weight_files
-    from .preflight import CONFIG_MAX_BYTES
+    from daemon.inputs.files import read_setting_file
+    from daemon.loading.fingerprint import loaded_weight_files
+    from daemon.loading.preflight import CONFIG_MAX_BYTES
 
     tensors = []
     for file in loaded_weight_files(directory):

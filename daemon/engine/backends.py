@@ -14,15 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from .bounded import BoundedCache
-from .catalog import ModelCard
-from .config import DaemonConfig
-from .errors import ModelLoadError
-from .fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
-from .inputs import InputItem
-from .quantize import Calibration
-from .residency import MemoryGate, Residency
-from .weights_cache import WeightsCache
+from daemon.bounded import BoundedCache
+from daemon.loading.catalog import ModelCard
+from daemon.config import DaemonConfig
+from daemon.errors import ModelLoadError
+from daemon.loading.fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
+from daemon.inputs.media_reader import InputItem
+from daemon.outputs.encodings import Calibration
+from daemon.engine.residency import MemoryGate, Residency
+from daemon.loading.weights_cache import WeightsCache
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class _TorchBackend:
     """What both model backends share: identity, and torch's out-of-memory handling."""
 
     def __init__(self, model, hidden_size: int | None = None):
-        from .weights import model_bytes, weights_label
+        from daemon.loading.weights import model_bytes, weights_label
 
         self.model = model
         self.info = BackendInfo(name=model.name, device=str(model.device),
@@ -147,11 +147,11 @@ def load_model_backends(config: DaemonConfig, backends: dict[str, Backend], step
     that cannot load (or fit) raises ModelLoadError, and so does an int8 `calibration` made with
     another model than the default embedding one. All models share `image_cache` (images' prepared
     pixels: their resize is the same). `backends` is left empty: every model lives in `models`."""
-    from .inputs import MediaReader
+    from daemon.inputs.media_reader import MediaReader
 
     models = models if models is not None else Residency()
     step("importing torch and transformers", "import")
-    from .models import import_libraries
+    from daemon.models import import_libraries
 
     import_libraries()
     media = MediaReader(config.media, image_cache)
@@ -198,8 +198,8 @@ def memory_gate(config: DaemonConfig) -> MemoryGate | None:
     spec = configured[0][1].device if configured else "cpu"
 
     def free() -> tuple[int, str]:
-        from .fit import device_free
-        from .models import resolve_device
+        from daemon.loading.fit import device_free
+        from daemon.models import resolve_device
 
         found = device_free(resolve_device(spec))
         return found.bytes, found.source
@@ -209,8 +209,8 @@ def memory_gate(config: DaemonConfig) -> MemoryGate | None:
 
 def _card(config: DaemonConfig, kind: str, settings, default: bool, files: Path, found: Fingerprint,
           estimate) -> ModelCard:
-    from .models import resolve_device
-    from .preflight import hidden_size
+    from daemon.models import resolve_device
+    from daemon.loading.preflight import hidden_size
 
     hidden = hidden_size(files) if kind == EMBEDDING else None
     card = ModelCard(name=settings.served_name, task=kind, source=settings.name, default=default,
@@ -231,9 +231,9 @@ def _fingerprint(config: DaemonConfig, kind: str, settings, default: bool, files
     are hashed as their bytes pass (the fingerprint waits for that): a first start reads each file
     once. Quantized models (converted, then kept in the weights cache) and models loaded later are
     hashed here, their files read when they load."""
-    from .fingerprint import loaded_weight_files
-    from .models import EmbeddingModel, RerankerModel
-    from .weights import NONE, parse_format
+    from daemon.loading.fingerprint import loaded_weight_files
+    from daemon.models import EmbeddingModel, RerankerModel
+    from daemon.loading.weights import NONE, parse_format
 
     read_now = config.load == "at-start" and default and parse_format(settings.quantize) == NONE
     defer = frozenset(str(p.relative_to(files)) for p in loaded_weight_files(files)) if read_now else frozenset()
@@ -254,7 +254,7 @@ def _build(config: DaemonConfig, kind: str, settings, found: Fingerprint, card: 
     """One model loaded from the very files fingerprinted at start (or from `weights`, their read
     begun at start), checked unchanged since then, and warmed up. Any thread; ModelLoadError for
     what an operator can act on."""
-    from .models import EmbeddingModel, RerankerModel
+    from daemon.models import EmbeddingModel, RerankerModel
 
     step(f"loading {kind} model {settings.name}", "weights")
     cache = weights_cache(config)
@@ -286,10 +286,10 @@ def _check_fit(config: DaemonConfig, configured: list, directories: list[Path]) 
     or the operator's --memory-budget, or when any other model would not fit even alone."""
     import torch
 
-    from .engine import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
-    from .fit import Plan, check_fit, checkpoint_shape, device_free, plan_estimates, size
-    from .models import resolve_device, resolve_dtype
-    from .weights import FP8, FormatError, check_format, parse_format
+    from daemon.engine.engine import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
+    from daemon.loading.fit import Plan, check_fit, checkpoint_shape, device_free, plan_estimates, size
+    from daemon.models import resolve_device, resolve_dtype
+    from daemon.loading.weights import FP8, FormatError, check_format, parse_format
 
     plans = []
     for (kind, settings, default), files in zip(configured, directories):
@@ -332,7 +332,7 @@ def _log_fingerprint(name: str, found: Fingerprint) -> None:
 def _check_calibration_print(calibration: Calibration | None, settings, files_print: str, served: str) -> None:
     """Refuse, before the weights load, an int8 calibration made with another model, saying so when
     the files are the same and only the weight format differs."""
-    from .weights import FORMATS, parse_format
+    from daemon.loading.weights import FORMATS, parse_format
 
     if calibration is None or calibration.fingerprint == served:
         return

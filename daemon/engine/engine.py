@@ -30,13 +30,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backends import Backend
-from .batching import BatchPolicy, Scheduler, Unit
-from .config import BATCH, INTERACTIVE, PRIORITIES, Batching
-from .errors import ErrorCode, ModelLoadError, RequestError
-from .logs import TracebackLimiter
-from .metrics import Metrics
-from .residency import Residency
+from daemon.engine.backends import Backend
+from daemon.engine.batching import BatchPolicy, Scheduler, Unit
+from daemon.config import BATCH, INTERACTIVE, PRIORITIES, Batching
+from daemon.errors import ErrorCode, ModelLoadError, RequestError
+from daemon.logs import TracebackLimiter
+from daemon.engine.metrics import Metrics
+from daemon.engine.residency import Residency
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BATCH, INTERACTIVE
+from daemon.config import BATCH, INTERACTIVE
 
 
 @dataclass(frozen=True)

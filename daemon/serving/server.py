@@ -28,15 +28,15 @@ import zmq.auth
 from huggingface_hub import constants as hub_constants
 from zmq.auth.thread import ThreadAuthenticator
 
-from .config import DaemonConfig
-from .core import Core, StartupError
-from .discovery import is_ipv6
-from .engine import EngineState, Job, JobResult, Loader
-from .fit import describe_memory
-from .errors import ErrorCode, RequestError, internal_error, too_large
-from .handlers import Handler
-from .notify import LoadProgress, Notifier
-from .protocol import OPS, MetricsRequest, Request, decode_payload, encode_error, encode_reply, parse_request
+from daemon.config import DaemonConfig
+from daemon.core import Core, StartupError
+from daemon.discovery import is_ipv6
+from daemon.engine.engine import EngineState, Job, JobResult, Loader
+from daemon.loading.fit import describe_memory
+from daemon.errors import ErrorCode, RequestError, internal_error, too_large
+from daemon.handlers import Handler
+from daemon.serving.notify import LoadProgress, Notifier
+from daemon.protocol import OPS, MetricsRequest, Request, decode_payload, encode_error, encode_reply, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class Server:
         """The Prometheus endpoint, when configured: up before the models load, so a scrape sees `loading`."""
         if self.config.metrics_address is None:
             return None
-        from .prometheus import MetricsServer
+        from daemon.serving.prometheus import MetricsServer
 
         exporter = MetricsServer(self.config.metrics_address, lambda: self.handlers["metrics"].start(MetricsRequest()))
         try:

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .protocol import MetricsReply
+from daemon.protocol import MetricsReply
 
 log = logging.getLogger("qwen3vl.metrics")
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import msgpack
 import numpy as np
 
-from .bounded import BoundedCache
+from daemon.bounded import BoundedCache
 
 if TYPE_CHECKING:
-    from .inputs import InputItem
+    from daemon.inputs.media_reader import InputItem
 
 
 def cache_key(model: str, item: InputItem, instruction: str | None) -> bytes | None:

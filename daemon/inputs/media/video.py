@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .pixels import PatchLayout, Pixels
+from daemon.inputs.media.pixels import PatchLayout, Pixels
 
 
 class VideoError(ValueError):

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import ModelLoadError, first_line
-from .files import SettingFileError, open_regular, read_setting_file
+from daemon.errors import ModelLoadError, first_line
+from daemon.inputs.files import SettingFileError, open_regular, read_setting_file
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def weights_fingerprint(files: str, fmt: str) -> str:
     """The model's fingerprint: its files' (`files`) as it is unquantized, whatever the dtype (bf16
     and float32 are the same weights at two precisions); in a quantized format, one of its own, so
     that vectors of int8 and of unquantized weights can never pass for each other."""
-    from .weights import NONE, RECIPES, parse_format
+    from daemon.loading.weights import NONE, RECIPES, parse_format
 
     fmt = parse_format(fmt)
     if fmt == NONE:

@@ -11,11 +11,11 @@ import logging
 import threading
 from typing import Any
 
-from .config import DaemonConfig
-from .core import Core
-from .engine import EngineState, Job, JobResult
-from .errors import ErrorCode, ModelLoadError, RequestError, internal_error
-from .protocol import decode_payload, decode_reply, encode_error, encode_reply, pack, parse_request
+from daemon.config import DaemonConfig
+from daemon.core import Core
+from daemon.engine.engine import EngineState, Job, JobResult
+from daemon.errors import ErrorCode, ModelLoadError, RequestError, internal_error
+from daemon.protocol import decode_payload, decode_reply, encode_error, encode_reply, pack, parse_request
 
 log = logging.getLogger(__name__)
 

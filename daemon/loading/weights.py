@@ -50,7 +50,7 @@ def check_format(fmt: str, device, what: str = "--quantize") -> None:
     if fmt == NONE:
         return
     if fmt == W8A8:  # its own kernels (w8a8.py): no torchao
-        from .w8a8 import W8A8Unavailable, check_device
+        from daemon.loading.w8a8 import W8A8Unavailable, check_device
 
         try:
             check_device(device)
@@ -121,7 +121,7 @@ def convert(model, fmt: str, device, dtype) -> Converted:
                 weights += module.weight.numel()
                 layers += 1
                 if fmt == W8A8:
-                    from .w8a8 import linear_class
+                    from daemon.loading.w8a8 import linear_class
 
                     parent, _, attr = name.rpartition(".")
                     setattr(model.get_submodule(parent), attr, linear_class()(module, device))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ModelSettings
-from .errors import ModelLoadError, first_line
+from daemon.config import ModelSettings
+from daemon.errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class WeightsRead(Background):
 
     def __init__(self, directory: Path, dtype, device, found=None, hash_unknown: bool = False,
                  unused: tuple[str, ...] = ()):
-        from .fingerprint import loaded_weight_files
-        from .reader import Target
+        from daemon.loading.fingerprint import loaded_weight_files
+        from daemon.loading.reader import Target
 
         self.paths = loaded_weight_files(directory)
         self._target = Target(None if dtype == "auto" else dtype, device)
@@ -90,7 +90,7 @@ class WeightsRead(Background):
 
     def _read(self):
         """(tensors by name, FileReads); the read's ModelLoadError is raised by `result`."""
-        from .reader import read_files
+        from daemon.loading.reader import read_files
 
         began = time.monotonic()
         try:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
-from .catalog import TASKS, ModelCard, resolve
-from .errors import ErrorCode, ModelLoadError, RequestError
-from .fit import size
+from daemon.loading.catalog import TASKS, ModelCard, resolve
+from daemon.errors import ErrorCode, ModelLoadError, RequestError
+from daemon.loading.fit import size
 
 log = logging.getLogger(__name__)
 

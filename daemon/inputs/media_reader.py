@@ -12,11 +12,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .bounded import BoundedCache
-from .config import Limits, MediaPolicy
-from .errors import input_error, invalid, too_large
-from .files import AllowedFiles
-from .urls import UrlFetcher
+from daemon.bounded import BoundedCache
+from daemon.config import Limits, MediaPolicy
+from daemon.errors import input_error, invalid, too_large
+from daemon.inputs.files import AllowedFiles
+from daemon.inputs.urls import UrlFetcher
 
 INPUT_KEYS = frozenset({"text", "image", "video", "instruction", "fps", "max_frames"})
 MAX_SAMPLED_FRAMES = 768  # the most frames a client may ask to sample from a video file (max_frames)

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from .config import LOAD_MODES, DaemonConfig, ModelSettings
-from .files import SettingFileError, read_setting_file
+from daemon.config import LOAD_MODES, DaemonConfig, ModelSettings
+from daemon.inputs.files import SettingFileError, read_setting_file
 
 DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -53,7 +53,7 @@ def _check_dtype(spec: str) -> None:
 
 
 def _check_device(spec: str) -> None:
-    from .models import ModelLoadError, resolve_device
+    from daemon.models import ModelLoadError, resolve_device
 
     try:
         resolve_device(spec)
@@ -64,8 +64,8 @@ def _check_device(spec: str) -> None:
 def _check_format(flag: str, settings: ModelSettings) -> None:
     """--quantize (or its per-model override): a known format, its library installed, and one the
     device runs (fp8: CUDA 8.9+), told before anything is bound or read."""
-    from .models import resolve_device
-    from .weights import FormatError, check_format, parse_format
+    from daemon.models import resolve_device
+    from daemon.loading.weights import FormatError, check_format, parse_format
 
     option = flag.replace("-model", "-quantize")  # --embedding-quantize, --reranker-quantize
     what = f"the {flag[2:-6]} model's weights ({option}, else --quantize)"

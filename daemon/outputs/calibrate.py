@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import Client, DaemonError
-from .quantize import Calibration
+from daemon.client import Client, DaemonError
+from daemon.outputs.encodings import Calibration
 
 MIN_SAMPLES = 2
 RECOMMENDED_SAMPLES = 1000

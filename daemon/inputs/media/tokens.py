@@ -17,7 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from .pixels import Pixels
+from daemon.inputs.media.pixels import Pixels
 
 
 @dataclass(frozen=True)

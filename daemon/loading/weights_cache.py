@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError, first_line
-from .files import SettingFileError, read_setting_file
+from daemon.errors import ModelLoadError, first_line
+from daemon.inputs.files import SettingFileError, read_setting_file
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class WeightsCache:
         from one checkpoint are two entries."""
         import torch
 
-        from .weights import RECIPES
+        from daemon.loading.weights import RECIPES
 
         try:
             from importlib.metadata import version
@@ -89,7 +89,7 @@ class WeightsCache:
         dtype_name, device_type = str(dtype).replace("torch.", ""), getattr(device, "type", str(device))
         import transformers
 
-        from . import __version__
+        from daemon import __version__
 
         # The software too: an entry holds buffers transformers computes (the rotary frequencies) and
         # the daemon's own layers, so an upgrade of either converts once more.
@@ -152,9 +152,9 @@ class WeightsCache:
         return None
 
     def _load(self, key, entry, sidecar, cls, settings, directory, dtype, device):
-        from .fingerprint import DigestCache
-        from .loading import Loaded
-        from .reader import Target, read_files
+        from daemon.loading.fingerprint import DigestCache
+        from daemon.loading.build import Loaded
+        from daemon.loading.reader import Target, read_files
 
         about = json.loads(read_setting_file(sidecar, SIDECAR_MAX_BYTES, private=True))
         if not isinstance(about, dict) or about.get("key") != key.value or about.get("version") != CACHE_VERSION:
@@ -267,7 +267,7 @@ def _write_atomically(path: Path, write) -> str | None:
 def write_safetensors(f, tensors: dict, metadata: dict[str, str]) -> str:
     """`tensors` (contiguous, any device) in the safetensors format into the open file `f`; returns
     the sha256 of every byte written."""
-    from .reader import DTYPES
+    from daemon.loading.reader import DTYPES
 
     names = {torch_name: code for code, torch_name in DTYPES.items()}
     header, offset = {"__metadata__": metadata}, 0
@@ -344,8 +344,8 @@ def flatten(model: Snapshot) -> tuple[dict, dict]:
     """Every parameter and buffer of the converted model as plain tensors by name, and the layout
     that puts them back: the replaced modules, each name's kind (plain, quantized with its class and
     attributes, or another name's alias). BadEntry for what cannot be written (an unknown kind)."""
-    from .w8a8 import linear_class
-    from .weights import int8_embedding_class, is_quantized_tensor
+    from daemon.loading.w8a8 import linear_class
+    from daemon.loading.weights import int8_embedding_class, is_quantized_tensor
 
     tensors, layout = {}, {"version": CACHE_VERSION, "modules": {}, "params": {}, "buffers": {}}
     inside_w8a8 = set()
@@ -385,9 +385,9 @@ def rebuild(cls, settings, directory: Path, dtype, device, layout: dict, tensors
     replaced modules put back, every parameter and buffer set; BadEntry if any is left unset."""
     import torch
 
-    from .loading import config_of
-    from .w8a8 import linear_class
-    from .weights import int8_embedding_class
+    from daemon.loading.build import config_of
+    from daemon.loading.w8a8 import linear_class
+    from daemon.loading.weights import int8_embedding_class
 
     config = config_of(cls, settings, directory)
     with torch.device("meta"):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
-from .config import MediaPolicy
-from .errors import input_error, invalid, too_large
+from daemon.config import MediaPolicy
+from daemon.errors import input_error, invalid, too_large
 
 MAX_REDIRECTS = 5
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")

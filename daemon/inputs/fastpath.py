@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import OrderedDict
 
-from .pieces import PieceCutter
+from daemon.inputs.pieces import PieceCutter
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelLoadError, first_line
-from .files import SettingFileError, open_regular
-from .fingerprint import DigestCache
+from daemon.errors import ModelLoadError, first_line
+from daemon.inputs.files import SettingFileError, open_regular
+from daemon.loading.fingerprint import DigestCache
 
 PIECE_BYTES = 64 << 20  # one read (and one staging buffer): large enough to stream, small enough to pipeline
 HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit on the JSON header
