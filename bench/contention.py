@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from bench.harness import Servers
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint
 
 # Each policy: the OpenMP variables the daemon starts with (None: left to the daemon's own defaults;

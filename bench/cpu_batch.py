@@ -72,7 +72,8 @@ def texts_of(tokenizer, count: int) -> list[str]:
 
 def forwards(ckpt: Path, dtype: str) -> None:
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(str(ckpt), dtype=dtype), MediaReader(MediaPolicy()))

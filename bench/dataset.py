@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.harness import Servers
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.dataset.batches import EmbedSettings
 from daemon.dataset.job import JobSpec, run_local
 from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint

@@ -12,8 +12,8 @@ import timeit
 
 import msgpack
 
-from daemon.config import Limits
-from daemon.protocol import decode_payload
+from qwen3vl_client.limits import Limits
+from qwen3vl_client.protocol import decode_payload
 
 PAYLOADS = {
     "health": {"op": "health", "id": 1},

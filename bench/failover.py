@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench.harness import GATED, free_port, wait_daemon_ready
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import build_tiny_checkpoint
 
 HEARTBEAT_S = (1.0, 3.0)  # the clients' default interval and timeout, named for the old tree too

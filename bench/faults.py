@@ -29,7 +29,7 @@ import zmq
 
 from bench.harness import Servers
 from bench.scenarios import CLEAR_ERRORS, TEXT, kill_9_under_load
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import build_tiny_checkpoint
 
 def kill_cycle(servers: Servers, work: Path, ckpt: Path, endpoint: str, url: str, want: np.ndarray,

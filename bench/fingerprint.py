@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.harness import Servers
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.fingerprint import DigestCache, fingerprint_directory
 from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 

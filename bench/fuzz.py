@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from bench.fuzzing import envelopes, judge, payloads
 from bench.harness import Servers, rss_kib
 
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import build_tiny_checkpoint
 
 MAX_MESSAGE_BYTES = 65536

@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.emulated import Scenario, drive, jpeg, sentences
 from bench.harness import Servers, rss_kib
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 BATCH = 32
@@ -116,7 +116,8 @@ def inprocess_figures(args, ckpt: Path, texts: list[str]) -> dict:
     import torch
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.logs import quiet_libraries
     from daemon.models import EmbeddingModel, RerankerModel
 

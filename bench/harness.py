@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 

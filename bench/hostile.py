@@ -25,7 +25,7 @@ import zmq
 from bench.harness import Servers
 from bench.probes import NotifySocket, health_latencies
 
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import build_tiny_checkpoint
 
 HUGE = "lorem ipsum dolor sit amet " * 37_000  # ~1M characters

@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.harness import Servers, gradient_png, rss_kib
 from bench.startup import baseline
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 READ = re.compile(r"([\d.]+) GB of weights read in ([\d.]+) s")

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.contention import _environ, busy
 from bench.harness import ROOT, Servers
 from bench.w8a8 import QUERY
-from daemon.client import Client
+from qwen3vl_client.client import Client
 
 # The OpenMP settings compared: the daemon's default, and a ~0.1 ms spin (libgomp: ~100,000 spins a ms).
 POLICIES = {"PASSIVE (daemon default)": {}, "PASSIVE + GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"}}
@@ -36,7 +36,8 @@ def raw_phase(args) -> None:
     """In its own process: the raw forward's one-text times, idle then busy, as JSON."""
     from bench.w8a8 import forward
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(args.checkpoint, dtype=args.dtype, quantize=args.quantize),

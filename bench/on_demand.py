@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import ROOT, Servers, wait_daemon_ready
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.emulated import MIXED_SIZES, jpeg, sentences
-from daemon.config import Limits, MediaPolicy, ModelSettings
-from daemon.inputs.media_reader import MediaReader, parse_input
+from daemon.config import MediaPolicy, ModelSettings
+from qwen3vl_client.limits import Limits
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import parse_input
 from daemon.loading.tiny import TinySpec, build_tiny_checkpoint
 
 

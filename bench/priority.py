@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.harness import ROOT, Servers, gradient_png
 from bench.run import WORDS
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
 
 QUERY_EVERY_S = 2.0
 CLIENTS, BULK_SIZE = 4, 32

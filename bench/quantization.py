@@ -24,7 +24,7 @@ import numpy as np
 from bench.harness import Servers
 from bench.run import sample_texts
 from daemon.outputs.calibrate import calibrate
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.outputs.encodings import Quantizer, dequantize
 from daemon.loading.tiny import BENCH_SPEC, build_tiny_checkpoint
 

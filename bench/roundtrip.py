@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.harness import Servers
 
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import build_tiny_checkpoint
 
 

@@ -30,9 +30,10 @@ import numpy as np
 
 from bench.harness import ROOT, Servers, free_port, wait_http
 
-from daemon.client import AsyncClient, Client
+from qwen3vl_client.client import AsyncClient, Client
 from daemon.config import MediaPolicy, ModelSettings
-from daemon.inputs.media_reader import InputItem, MediaReader
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem
 from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 WORDS = ("memory server embeds reranks text images video local daemon socket batch token model query "

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
-from daemon.client import Client
+from qwen3vl_client.client import Client
 
 TEXT = "steady load"
 # How a call may end while its daemon is killed and restarted: no daemon (or its reply lost with

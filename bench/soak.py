@@ -36,8 +36,8 @@ from PIL import Image
 
 from bench.harness import Servers, rss_kib
 
-from daemon.client import Client
-from daemon.protocol import EmbedReply, RerankReply, checked
+from qwen3vl_client.client import Client
+from qwen3vl_client.protocol import EmbedReply, RerankReply, checked
 from daemon.loading.tiny import build_tiny_checkpoint
 
 ATOL = 1e-4  # batching changes results by < 2e-5 (tests/test_batching.py)

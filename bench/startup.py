@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import ROOT, Servers
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.tiny import BENCH_SPEC, QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
 BASELINE = """

@@ -39,7 +39,7 @@ import numpy as np
 from bench.harness import ROOT, Servers, gradient_png
 from bench.run import WORDS
 from bench.weights import cosines, spearman
-from daemon.client import Client
+from qwen3vl_client.client import Client
 
 QUERY = "which local daemon embeds the memory server's text and image documents for vector search"
 
@@ -60,7 +60,8 @@ def raw(args) -> dict:
     import torch
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.models import EmbeddingModel
     from daemon.loading.w8a8 import linear_class
     from daemon.loading.weights import is_quantized_layer
@@ -120,7 +121,8 @@ def profile(args) -> dict:
     from torch.profiler import ProfilerActivity, profile as profiler
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(args.checkpoint, dtype=args.dtype, quantize="w8a8"), MediaReader(MediaPolicy()))

@@ -34,7 +34,7 @@ import numpy as np
 
 from bench.harness import ROOT, Servers, gradient_png, rss_kib, wait_daemon_ready
 from bench.run import sample_texts
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.loading.fingerprint import DigestCache, fingerprint_directory
 from daemon.loading.tiny import QWEN3VL_2B_SPEC, build_tiny_checkpoint
 
@@ -176,7 +176,8 @@ def vision(ckpt: Path) -> None:
     import torch
 
     from daemon.config import MediaPolicy, ModelSettings
-    from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource, VideoSource
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem, MediaSource, VideoSource
     from daemon.models import EmbeddingModel
     from daemon.loading.weights import _quantize, is_quantized_layer, tensor_bytes
 

@@ -1,58 +1,24 @@
-"""Every setting of the daemon, in typed dataclasses, and the default socket location."""
+"""Every setting of the daemon, in typed dataclasses. The per-request limits, the priorities and the
+default socket location are the wire's, so they live in the client package, which this imports."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qwen3vl_client.endpoints import default_endpoint, systemd_directory
+from qwen3vl_client.limits import Limits
 
 DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-VL-Embedding-2B"
 DEFAULT_RERANKER_MODEL = "Qwen/Qwen3-VL-Reranker-2B"
 EMBEDDING_MAX_LENGTH, RERANKER_MAX_LENGTH = 8192, 10240  # the official defaults, in tokens
-ENDPOINT_ENV = "QWEN3VL_ENDPOINT"
-SOCKET_DIR_NAME = "qwen3vl"
-SOCKET_FILE_NAME = "daemon.sock"
-
-
-def _systemd_directory(env: dict[str, str], name: str) -> str:
-    """The directory systemd gave the service in $`name` (RUNTIME_DIRECTORY, CACHE_DIRECTORY), or "".
-    systemd may list several, separated by ':'; the first is ours."""
-    return env.get(name, "").split(":")[0]
-
-
-def default_socket_path(env: dict[str, str] | None = None) -> Path:
-    """`qwen3vl/daemon.sock` under $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else the temp dir."""
-    env = os.environ if env is None else env
-    base = _systemd_directory(env, "RUNTIME_DIRECTORY") or env.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / SOCKET_DIR_NAME / SOCKET_FILE_NAME
-
-
-def default_endpoint(env: dict[str, str] | None = None) -> str:
-    """The endpoint every command uses unless told otherwise: $QWEN3VL_ENDPOINT or the default socket."""
-    env = os.environ if env is None else env
-    return env.get(ENDPOINT_ENV) or f"ipc://{default_socket_path(env)}"
-
-
-SYSTEM_SOCKET = Path("/run") / SOCKET_DIR_NAME / SOCKET_FILE_NAME  # the systemd service's (RuntimeDirectory)
-
-
-def client_endpoint(env: dict[str, str] | None = None, system_socket: Path = SYSTEM_SOCKET) -> str:
-    """Where clients look for the daemon: $QWEN3VL_ENDPOINT; else this user's default socket if it
-    exists; else the system service's socket if it exists; else this user's default."""
-    env = os.environ if env is None else env
-    if env.get(ENDPOINT_ENV):
-        return env[ENDPOINT_ENV]
-    own = default_socket_path(env)
-    if not own.exists() and system_socket.exists():
-        return f"ipc://{system_socket}"
-    return f"ipc://{own}"
 
 
 def default_fingerprint_cache(env: dict[str, str] | None = None) -> Path:
     """`fingerprints.json` under systemd's $CACHE_DIRECTORY, else $XDG_CACHE_HOME or ~/.cache/qwen3vl-daemon."""
     env = os.environ if env is None else env
-    base = _systemd_directory(env, "CACHE_DIRECTORY")
+    base = systemd_directory(env, "CACHE_DIRECTORY")
     if base:
         return Path(base) / "fingerprints.json"
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3vl-daemon" / "fingerprints.json"
@@ -71,10 +37,6 @@ def default_model_name(source: str) -> str:
 
 
 LOAD_MODES = ("at-start", "on-demand")
-# Request priorities (PROTOCOL.md): someone waits on interactive work (a search's query); batch work
-# is bulk (re-embedding a store) and yields to it, down to the decoder layer (engine.py).
-INTERACTIVE, BATCH = "interactive", "batch"
-PRIORITIES = (INTERACTIVE, BATCH)
 
 
 def is_disabled(name: str | None) -> bool:
@@ -117,18 +79,6 @@ class MediaPolicy:
     # A video's sampled frames once decoded (frames x width x height, from headers): 64 frames of 1080p
     # fit; a few bytes of PNG per frame declaring 8000x8000 pixels do not.
     max_video_pixels: int = 160_000_000
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits; exceeding one is answered with `too_large` naming the limit."""
-
-    max_message_bytes: int = 64 * 1024 * 1024  # also set on the socket (ZMQ_MAXMSGSIZE)
-    max_inputs: int = 1024
-    max_documents: int = 1024
-    max_text_chars: int = 1_000_000  # each text and instruction
-    max_msgpack_depth: int = 32  # nesting of arrays and maps (a valid request needs 6)
-    max_msgpack_items: int = 65536  # items in one array or map
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from daemon.outputs.cache import EmbeddingCache, cache_key
 from daemon.loading.catalog import ModelCard
 from daemon.config import DaemonConfig
 from daemon.engine.engine import Engine, Job, JobResult, Task
-from daemon.errors import invalid
-from daemon.inputs.media_reader import InputItem
+from qwen3vl_client.errors import invalid
+from qwen3vl_client.inputs import InputItem
 from daemon.engine.metrics import Metrics
 from daemon.models import cut_and_normalize
-from daemon.protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply, MetricsRequest,
-                       ModelHealth, RerankReply, RerankRequest, Reply, Request, top_indices)
-from daemon.outputs.encodings import PACKED, SCALED, Quantizer, quantize
+from qwen3vl_client.protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply,
+                                     MetricsRequest, ModelHealth, Reply, Request, RerankReply, RerankRequest,
+                                     top_indices)
+from daemon.outputs.encodings import Quantizer, quantize
+from qwen3vl_client.fields import PACKED, SCALED
 
 FIXED = Quantizer()  # the fixed int8/uint8 scale for unit vectors
 

@@ -18,11 +18,14 @@ import click
 from click.core import ParameterSource
 
 from daemon import __version__
-from daemon.client import DEFAULT_TIMEOUT_S, Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.client import Client, CurveKeys, DaemonError, DaemonTimeout, DaemonUnavailable, DEFAULT_TIMEOUT_S
 from daemon.loading.catalog import CatalogError, apply_settings, check_names, parse_duration, split_spec
-from daemon.config import (DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL, EMBEDDING_MAX_LENGTH, INTERACTIVE, LOAD_MODES,
-                     PRIORITIES, RERANKER_MAX_LENGTH, Batching, DaemonConfig, Limits, MediaPolicy, ModelSettings, client_endpoint,
-                     default_endpoint, is_disabled, show_envvars)
+from daemon.config import (Batching, DaemonConfig, DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER_MODEL,
+                           EMBEDDING_MAX_LENGTH, LOAD_MODES, MediaPolicy, ModelSettings, RERANKER_MAX_LENGTH,
+                           is_disabled, show_envvars)
+from qwen3vl_client.endpoints import client_endpoint, default_endpoint
+from qwen3vl_client.limits import Limits
+from qwen3vl_client.fields import INTERACTIVE, PRIORITIES
 from daemon.logs import quiet_libraries
 
 

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from daemon.config import MediaPolicy, ModelSettings
-from daemon.errors import ModelLoadError, RequestError, attempt, first_line, input_error, too_large
+from daemon.errors import ModelLoadError, attempt, first_line
+from qwen3vl_client.errors import RequestError, input_error, too_large
 from daemon.inputs.fastpath import build_fast_path
-from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource, VideoSource
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem, MediaSource, VideoSource
 from daemon.loading.build import Background, Loaded, WeightsRead, from_files
 from daemon.inputs.media.batch import PixelWriter
 from daemon.inputs.media.pixels import PatchLayout, Pixels, resized_image, same_pixels

@@ -16,8 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from daemon import __version__
-from daemon.client import AsyncClient, CurveKeys
+from qwen3vl_client import __version__
+from qwen3vl_client.client import AsyncClient, CurveKeys
 
 from .errors import HTTP_ERROR_CODES, INVALID_STATUS, BridgeError, error_response
 from .guard import BodyGuard

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 import uvicorn
 
-from daemon.client import CurveKeys
-from daemon.config import client_endpoint, show_envvars
+from qwen3vl_client.client import CurveKeys
+from qwen3vl_client.endpoints import client_endpoint
 
 from .bridge import BridgeConfig, create_app
 from .guard import header_timeout_protocol
@@ -105,4 +105,5 @@ def main(endpoint, curve_server_key, curve_client_key, host, port, token_file, m
                 http=header_timeout_protocol(config.header_timeout_s), limit_concurrency=config.limit_concurrency)
 
 
-show_envvars(main)
+for _param in main.params:  # --help names each option's environment variable
+    _param.show_envvar = bool(getattr(_param, "envvar", None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from daemon.protocol import ErrorCode
+from qwen3vl_client.protocol import ErrorCode
 
 # FastAPI's own refusals (unknown route, wrong method) as error codes; its 400 (a body it could not
 # parse) is answered as invalid_request.

@@ -7,8 +7,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from daemon.serving.prometheus import DaemonSnapshot
-from daemon.protocol import MetricsReply
+from qwen3vl_client.prometheus import DaemonSnapshot
+from qwen3vl_client.protocol import MetricsReply
 
 class BridgeMetrics:
     def __init__(self) -> None:

@@ -6,14 +6,13 @@ import base64
 import re
 import uuid
 
-import numpy as np
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response
 
-from daemon.client import AsyncClient, DaemonTimeout, DaemonUnavailable
-from daemon.config import PRIORITIES
-from daemon.protocol import (EmbedReply, ErrorCode, HealthReply, MetricsReply, RerankReply, embed_request,
-                             health_request, metrics_request, rerank_request)
+from qwen3vl_client.client import AsyncClient, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.protocol import (PRIORITIES, EmbedReply, ErrorCode, HealthReply, MetricsReply, RerankReply,
+                                     as_lists, embed_request, encode_rows, health_request, metrics_request,
+                                     rerank_request)
 
 from .errors import MODEL_NOT_FOUND, UNSUPPORTED_STATUS, BridgeError, invalid_request
 from .metrics import BridgeMetrics, exposition
@@ -62,13 +61,12 @@ def answer(body: dict, fingerprint: str | None) -> JSONResponse:
     return JSONResponse(body, headers={FINGERPRINT_HEADER: fingerprint} if fingerprint else None)
 
 
-def embedding_json(row: np.ndarray, encoding_format: str):
+def embedding_json(row: list, encoding: str, encoding_format: str):
     """One row as OpenAI writes it: numbers (floats, or the compact type's integers), or base64 of
-    its bytes (little-endian float32, or the compact bytes as they are)."""
+    its bytes as the wire has them (little-endian float32, or the compact bytes as they are)."""
     if encoding_format == "base64":
-        data = row.astype("<f4").tobytes() if row.dtype.kind == "f" else row.tobytes()
-        return base64.b64encode(data).decode()
-    return row.tolist()
+        return base64.b64encode(encode_rows([row], encoding)).decode()
+    return row
 
 
 FINGERPRINT = re.compile(r"[0-9a-f]{20}")  # as health reports it (fingerprint.py: FINGERPRINT_HEX)
@@ -131,7 +129,7 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         payload = embed_request(inputs, body.instruction, body.dimension, body.normalize,
                                 expect_fingerprint=body.expect_fingerprint, priority=priority(body.priority, x_priority))
         result = EmbedReply.from_wire(await gateway.call(payload))
-        return answer({"embeddings": result.embeddings.tolist(), "dimension": result.dimension,
+        return answer({"embeddings": as_lists(result.embeddings), "dimension": result.dimension,
                        "model": result.model}, result.fingerprint)
 
     @router.post("/rerank", response_model=RerankResponse, responses=ERRORS, dependencies=guarded)
@@ -197,8 +195,8 @@ def build_router(gateway: DaemonGateway, metrics: BridgeMetrics, authorized, hea
         payload = embed_request(texts, body.instruction, dimension=body.dimensions, encoding=encoding,
                                 priority=priority(body.priority, x_priority), **route(body.model, body.expect_fingerprint))
         result = EmbedReply.from_wire(await call_for_model(gateway, payload, body.model, fields=OPENAI_FIELDS))
-        data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, body.encoding_format)}
-                for i, row in enumerate(result.embeddings)]
+        data = [{"object": "embedding", "index": i, "embedding": embedding_json(row, result.encoding, body.encoding_format)}
+                for i, row in enumerate(as_lists(result.embeddings))]
         return answer({"object": "list", "data": data, "model": result.model,
                        "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}, result.fingerprint)
 

@@ -34,8 +34,9 @@ step 3 "torch 2.14.1 and torchvision 0.29.1 (the largest download: a few minutes
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 # QWEN3VL_EXTRAS: the optional parts (the container image leaves out the test tools).
 EXTRAS=${QWEN3VL_EXTRAS:-bridge,quant,dataset,ray,test}
-step 4 "the daemon and its extras [$EXTRAS] (pinned in constraints.txt)"
-pip_install -e ".[$EXTRAS]"
-"$VENV/bin/python" -c "import daemon, torch, transformers, zmq, qwen_vl_utils, torchcodec, torchao" \
+step 4 "the client (clients/python), the daemon and its extras [$EXTRAS] (pinned in constraints.txt)"
+# In one pip command: the daemon depends on qwen3vl-client, which this checkout carries.
+pip_install -e ./clients/python -e ".[$EXTRAS]"
+"$VENV/bin/python" -c "import daemon, qwen3vl_client, torch, transformers, zmq, qwen_vl_utils, torchcodec, torchao" \
   || { echo "setup: the environment is incomplete" >&2; exit 1; }
 echo "setup: ready ($VENV; run '. $VENV/bin/activate' to put qwen3vl-daemon on the PATH)" >&2

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up the environment and run every test suite (what CI runs): the Rust client's tests against
-# live daemons, then the Python suite.
+# Set up the environment and run every test suite (what CI runs): the Python client and the slim
+# bridge each in a clean venv without torch, the Rust client's tests against live daemons, then the
+# Python suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup-rust.sh
+bash scripts/test-slim.sh
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 .venv/bin/qwen3vl-daemon tiny-checkpoint "$WORK/tiny" >/dev/null 2>&1

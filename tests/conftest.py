@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.harness import free_port, gradient_png, png_bytes  # noqa: E402,F401 (gradient_png: for the tests)
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
+from qwen3vl_client.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable  # noqa: E402
 from daemon.loading.tiny import TinySpec, build_tiny_checkpoint  # noqa: E402
 
 

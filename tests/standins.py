@@ -11,7 +11,8 @@ from typing import Any, Callable
 import numpy as np
 
 from daemon.engine.backends import EMBEDDING, RERANKER, BackendInfo, Backend, EmbedWork, RerankWork
-from daemon.errors import attempt, input_error
+from daemon.errors import attempt
+from qwen3vl_client.errors import input_error
 
 
 @dataclass

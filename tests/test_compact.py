@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import start_daemon
-from daemon.client import DaemonError
+from qwen3vl_client.client import DaemonError
 from daemon.errors import ModelLoadError
 from daemon.outputs.encodings import Calibration, Quantizer, Scale, dequantize, quantize
 

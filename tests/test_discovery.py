@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import Bridge, free_port, start_daemon, wait_ready
-from daemon.client import AsyncClient, Client, DaemonUnavailable
-from daemon.discovery import DnsName, Discovery, parse_dns, refresh_interval
+from qwen3vl_client.client import AsyncClient, Client, DaemonUnavailable
+from qwen3vl_client.discovery import Discovery, DnsName, parse_dns, refresh_interval
 
 
 class Names:
@@ -374,7 +374,7 @@ def test_a_daemon_on_an_ipv6_address_is_found_through_a_name_that_gives_it(tmp_p
 def test_the_live_daemons_share_a_dead_ones_turns_evenly_bursts_included():
     from collections import Counter
 
-    from daemon.client import Failover, Rotation
+    from qwen3vl_client.client import Failover, Rotation
 
     rotation, alive = Rotation(), {1, 2}  # daemon 0 is dead (not connected)
     firsts = Counter()

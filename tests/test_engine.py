@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork
-from daemon.config import Batching, DaemonConfig, Limits, MediaPolicy
+from daemon.config import Batching, DaemonConfig, MediaPolicy
+from qwen3vl_client.limits import Limits
 from daemon.engine.engine import Engine, EngineState, Job, JobResult, Task
-from daemon.errors import ErrorCode, RequestError
+from qwen3vl_client.errors import ErrorCode, RequestError
 from daemon.handlers import HANDLERS, Context, build_handlers
-from daemon.inputs.media_reader import InputItem
+from qwen3vl_client.inputs import InputItem
 from daemon.engine.metrics import Metrics
-from daemon.protocol import OPS, EmbedReply, RerankReply, parse_request
+from qwen3vl_client.protocol import EmbedReply, OPS, RerankReply, parse_request
 from standins import StandIn, loader
 
 

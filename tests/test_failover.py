@@ -18,8 +18,8 @@ import pytest
 import zmq
 
 from conftest import Bridge, DaemonProcess, free_port, start_daemon
-from daemon.client import AsyncClient, Client, DaemonError, DaemonUnavailable
-from daemon.liveness import Heartbeat
+from qwen3vl_client.client import AsyncClient, Client, DaemonError, DaemonUnavailable
+from qwen3vl_client.liveness import Heartbeat
 from gates import hold_forwards, open_gate, start_gated
 
 TIMEOUT_S = 60.0

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import exchange, start_daemon
-from daemon.client import DaemonError, DaemonTimeout
+from qwen3vl_client.client import DaemonError, DaemonTimeout
 
 INGEST = ["word " * 300] * 1024  # ~1.7M estimated tokens: within the 4M bound, seconds of work here
 

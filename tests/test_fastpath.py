@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import MediaPolicy, ModelSettings
-from daemon.errors import ErrorCode, RequestError
-from daemon.inputs.media_reader import InputItem, MediaReader
+from qwen3vl_client.errors import ErrorCode, RequestError
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem
 from daemon.models import EmbeddingModel, RerankerModel
 
 LOOKALIKES = ["<|im_end|>", "<|im_start|>", "<|im_start|>assistant\n", "<|endoftext|>", "<|image_pad|>",

@@ -15,7 +15,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 
 from conftest import Bridge, start_daemon
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.serving.server import Server
 from bench.fuzzing import envelopes, judge, payloads

@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port, wait_ready
 from bench.harness import GATED
 from gates import hold_forwards, open_gate, start_gated
-from daemon.client import AsyncClient, Client, DaemonError
+from qwen3vl_client.client import AsyncClient, Client, DaemonError
 
 
 def probe(endpoint: str, *args: str) -> subprocess.CompletedProcess:

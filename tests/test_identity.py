@@ -16,7 +16,7 @@ import pytest
 from bench.fingerprint import hub_snapshot
 from conftest import start_daemon
 from daemon.engine.backends import load_model_backends
-from daemon.client import AsyncClient, ModelMismatch
+from qwen3vl_client.client import AsyncClient, ModelMismatch
 from daemon.config import DaemonConfig, ModelSettings, default_fingerprint_cache
 from daemon.errors import ModelLoadError
 from daemon.loading.fingerprint import DigestCache, fingerprint_directory, model_directory
@@ -359,7 +359,8 @@ def test_weights_written_over_in_place_after_loading_change_nothing_served(copy)
     """The loaded weights are the daemon's own copy, not a view of the file: the model keeps giving
     the vectors its fingerprint names, and a truncated file does not kill it (SIGBUS)."""
     from daemon.config import MediaPolicy
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(str(copy), dtype="float32"), MediaReader(MediaPolicy()))
@@ -391,7 +392,8 @@ def test_weights_an_index_names_in_a_subdirectory_are_fingerprinted_loaded_and_o
     files = fingerprint_directory(copy, DigestCache(None))
     assert "sub/model.safetensors" in dict(files.identities)
     from daemon.config import MediaPolicy
-    from daemon.inputs.media_reader import InputItem, MediaReader
+    from daemon.inputs.media_reader import MediaReader
+    from qwen3vl_client.inputs import InputItem
     from daemon.models import EmbeddingModel
 
     model = EmbeddingModel(ModelSettings(str(copy), dtype="float32"), MediaReader(MediaPolicy()), copy)

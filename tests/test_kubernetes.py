@@ -178,8 +178,8 @@ def test_disruption_budgets_and_network_policies_select_the_pods_they_guard(rend
 
 
 def test_the_hpa_scales_the_daemons_on_the_queue_depth_they_export(rendered):
-    from daemon.serving.prometheus import DaemonSnapshot
-    from daemon.protocol import MetricsReply
+    from qwen3vl_client.prometheus import DaemonSnapshot
+    from qwen3vl_client.protocol import MetricsReply
 
     for overlay in ("gpu", "cpu"):
         hpa = one(rendered[overlay], "HorizontalPodAutoscaler", "qwen3vl-daemon")

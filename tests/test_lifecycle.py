@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import numpy as np
 
 from conftest import exchange, gradient_png, start_daemon
-from daemon.config import default_endpoint
+from qwen3vl_client.endpoints import default_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_cli_builds_a_tiny_checkpoint_usable_as_either_model(tmp_path):
 
 
 def test_clients_find_the_system_socket_when_theirs_is_absent(tmp_path):
-    from daemon.config import client_endpoint
+    from qwen3vl_client.endpoints import client_endpoint
 
     system = tmp_path / "run" / "daemon.sock"
     env = {"XDG_RUNTIME_DIR": str(tmp_path / "user")}

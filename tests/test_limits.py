@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from conftest import exchange, gradient_png, start_daemon
 from daemon.config import MediaPolicy
-from daemon.errors import RequestError
-from daemon.inputs.media_reader import MediaReader, MediaSource
-from daemon.protocol import nesting_depth
+from qwen3vl_client.errors import RequestError
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import MediaSource
+from qwen3vl_client.protocol import nesting_depth
 from bench.fuzzing import values
 
 

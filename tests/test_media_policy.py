@@ -18,7 +18,7 @@ import pytest
 
 from conftest import gradient_png, start_daemon
 from daemon.config import MediaPolicy
-from daemon.errors import RequestError
+from qwen3vl_client.errors import RequestError
 from daemon.inputs.files import AllowedFiles
 from daemon.inputs.urls import UrlFetcher, address_allowed, parse_target
 

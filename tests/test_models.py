@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import gradient_png
 from daemon.config import MediaPolicy, ModelSettings
-from daemon.errors import ErrorCode, RequestError
-from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource
+from qwen3vl_client.errors import ErrorCode, RequestError
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem, MediaSource
 from daemon.models import (EmbeddingModel, ModelLoadError, RerankerModel, cpu_has_native_bf16, resolve_device,
                            resolve_dtype)
 from reference import ReferenceReranker

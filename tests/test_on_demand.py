@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import Bridge, start_daemon
-from daemon.client import DaemonError, ModelMismatch, UnknownModel
+from qwen3vl_client.client import DaemonError, ModelMismatch, UnknownModel
 from daemon.loading.fit import checkpoint_shape, estimate
 from daemon.loading.tiny import TinySpec, build_tiny_checkpoint
 

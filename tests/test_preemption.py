@@ -12,9 +12,11 @@ import torch
 
 from conftest import gradient_png
 from daemon.engine.backends import EmbeddingBackend, EmbedWork, RerankerBackend
-from daemon.config import BATCH, INTERACTIVE, Batching, MediaPolicy, ModelSettings
+from daemon.config import Batching, MediaPolicy, ModelSettings
+from qwen3vl_client.protocol import BATCH, INTERACTIVE
 from daemon.engine.engine import Engine, EngineState, Job, JobResult, Task
-from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem, MediaSource
 from daemon.models import EmbeddingModel, RerankerModel
 
 

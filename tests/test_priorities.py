@@ -14,11 +14,13 @@ import pytest
 
 from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork, RerankWork
 from daemon.engine.batching import BatchPolicy, Scheduler, Unit
-from daemon.config import BATCH, INTERACTIVE, Batching, Limits, MediaPolicy
+from daemon.config import Batching, MediaPolicy
+from qwen3vl_client.limits import Limits
+from qwen3vl_client.protocol import BATCH, INTERACTIVE
 from daemon.engine.engine import Engine, EngineState, Job, JobResult, Task
-from daemon.errors import ErrorCode, RequestError
-from daemon.inputs.media_reader import InputItem
-from daemon.protocol import parse_request
+from qwen3vl_client.errors import ErrorCode, RequestError
+from qwen3vl_client.inputs import InputItem
+from qwen3vl_client.protocol import parse_request
 from standins import StandIn, loader
 
 
@@ -398,7 +400,7 @@ def test_the_clients_refuse_an_unknown_priority_before_sending(client):
 def test_the_async_client_sends_the_priority(daemon):
     import asyncio
 
-    from daemon.client import AsyncClient
+    from qwen3vl_client.client import AsyncClient
 
     async def run():
         async with AsyncClient(daemon.endpoint, timeout=30) as c:
@@ -471,7 +473,7 @@ class OlderDaemon:
         self._thread.start()
 
     def _serve(self) -> None:
-        from daemon.protocol import pack, unpack
+        from qwen3vl_client.protocol import pack, unpack
 
         while not self._stop.is_set():
             if not self._sock.poll(50):
@@ -498,7 +500,7 @@ class OlderDaemon:
 def test_interactive_requests_leave_the_field_out_and_batch_ones_fall_back_on_an_older_daemon(tmp_path):
     import asyncio
 
-    from daemon.client import AsyncClient, Client
+    from qwen3vl_client.client import AsyncClient, Client
 
     older = OlderDaemon(tmp_path)
     try:

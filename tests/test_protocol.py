@@ -219,7 +219,7 @@ def test_video_file_given_as_bytes_equals_the_same_file_by_path(client, media_di
 def test_async_client_keeps_many_requests_in_flight(daemon):
     import asyncio
 
-    from daemon.client import AsyncClient
+    from qwen3vl_client.client import AsyncClient
 
     async def main():
         client = AsyncClient(daemon.endpoint, timeout=60)
@@ -238,7 +238,7 @@ def test_async_client_keeps_many_requests_in_flight(daemon):
 def test_async_client_works_as_an_async_context_manager_and_closes(daemon):
     import asyncio
 
-    from daemon.client import AsyncClient
+    from qwen3vl_client.client import AsyncClient
 
     async def main():
         async with AsyncClient(daemon.endpoint, timeout=60) as client:

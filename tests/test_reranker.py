@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import gradient_png, pil
-from daemon.protocol import top_indices
+from qwen3vl_client.protocol import top_indices
 from reference import ReferenceReranker
 
 ATOL = 2e-5

@@ -17,8 +17,9 @@ from daemon.loading.catalog import (CatalogError, ModelCard, apply_settings, che
                             split_spec)
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.engine.engine import Engine, EngineState, Job, Task
-from daemon.errors import ErrorCode, ModelLoadError, RequestError
-from daemon.inputs.media_reader import InputItem
+from daemon.errors import ModelLoadError
+from qwen3vl_client.errors import ErrorCode, RequestError
+from qwen3vl_client.inputs import InputItem
 from daemon.engine.residency import MemoryGate, ModelState, Residency
 from daemon.serving.server import Server
 from standins import StandIn
@@ -344,7 +345,7 @@ def test_through_the_socket_a_model_loading_does_not_hold_up_another_models_requ
     thread.start()
     try:
         assert server.engine.wait_loaded(10)
-        from daemon.client import Client
+        from qwen3vl_client.client import Client
         with Client(config.endpoint, timeout=30) as slow_client:
             waiting = threading.Thread(target=lambda: holder.update(slow=slow_client.embed(["s"], model="slow")))
             waiting.start()
@@ -366,8 +367,9 @@ def test_through_the_socket_a_model_loading_does_not_hold_up_another_models_requ
 @pytest.mark.parametrize("op, body", [("embed", {"inputs": ["x"]}), ("rerank", {"query": "q", "documents": ["d"]})])
 @pytest.mark.parametrize("value", [7, "", "x" * 257, ["small"], {"name": "small"}, True])
 def test_a_model_field_that_is_not_a_name_is_an_invalid_request_naming_it(op, body, value):
-    from daemon.config import Limits, MediaPolicy
-    from daemon.protocol import parse_request
+    from daemon.config import MediaPolicy
+    from qwen3vl_client.limits import Limits
+    from qwen3vl_client.protocol import parse_request
 
     with pytest.raises(RequestError) as err:
         parse_request({"op": op, **body, "model": value}, Limits(), MediaPolicy())

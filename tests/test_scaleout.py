@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import free_port, start_daemon
-from daemon.client import Client, CurveKeys, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.client import Client, CurveKeys, DaemonTimeout, DaemonUnavailable
 
 
 def test_two_daemons_share_the_load_and_survive_a_kill_and_restart(tmp_path, tiny_dir):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import exchange
 from daemon.engine.backends import EMBEDDING
-from daemon.client import Client
+from qwen3vl_client.client import Client
 from daemon.config import Batching, DaemonConfig, ModelSettings
 from daemon.handlers import INLINE_REPLY_FLOATS
 from daemon.serving.server import Outbox, Server

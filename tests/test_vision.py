@@ -17,8 +17,9 @@ from PIL import Image
 
 from daemon.bounded import BoundedCache
 from daemon.config import ModelSettings, MediaPolicy
-from daemon.errors import ErrorCode, RequestError
-from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource, VideoSource
+from qwen3vl_client.errors import ErrorCode, RequestError
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem, MediaSource, VideoSource
 from daemon.inputs.media.batch import PixelWriter
 from daemon.inputs.media.pixels import PatchLayout, resized_image
 from daemon.models import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, EmbeddingModel, RerankerModel

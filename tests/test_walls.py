@@ -26,8 +26,8 @@ def loaded(module: str, names: tuple[str, ...]) -> list[str]:
     ("daemon.engine.engine", ("zmq", "msgpack")),
     ("daemon.engine.backends", ("zmq", "msgpack")),
     ("daemon.handlers", ("zmq",)),
-    ("daemon.client", HEAVY),
-    ("daemon.protocol", HEAVY + ("zmq",)),
+    ("qwen3vl_client.client", HEAVY),
+    ("qwen3vl_client.protocol", HEAVY + ("zmq",)),
     ("http_bridge.bridge", HEAVY),
     ("http_bridge.cli", HEAVY),
 ])

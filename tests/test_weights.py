@@ -20,7 +20,8 @@ from daemon.config import MediaPolicy, ModelSettings
 from daemon.errors import ModelLoadError
 from daemon.loading.fingerprint import weights_fingerprint
 from daemon.loading.fit import checkpoint_shape, weights_bytes
-from daemon.inputs.media_reader import InputItem, MediaReader, MediaSource
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem, MediaSource
 from daemon.models import EmbeddingModel, RerankerModel
 from daemon.loading.w8a8 import linear_class
 from daemon.loading.weights import FormatError, check_format, is_quantized_layer, is_quantized_tensor, model_bytes, to_nf4

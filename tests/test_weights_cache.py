@@ -16,7 +16,8 @@ import pytest
 from conftest import needs_w8a8, start_daemon
 from daemon.config import MediaPolicy, ModelSettings
 from daemon.loading.fingerprint import DigestCache, fingerprint_directory
-from daemon.inputs.media_reader import InputItem, MediaReader
+from daemon.inputs.media_reader import MediaReader
+from qwen3vl_client.inputs import InputItem
 from daemon.loading.weights_cache import CACHE_VERSION, WeightsCache
 
 pytest.importorskip("torchao")

@@ -17,10 +17,10 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from daemon.client import DaemonTimeout, DaemonUnavailable
-from daemon.config import BATCH
-from daemon.errors import ErrorCode
-from daemon.protocol import EmbedReply, embed_request
+from qwen3vl_client.client import DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.fields import BATCH
+from qwen3vl_client.errors import ErrorCode
+from qwen3vl_client.protocol import EmbedReply, embed_request
 from daemon.dataset.rows import Row
 from daemon.dataset.store import ErrorRecord
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from daemon.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
-from daemon.errors import ErrorCode
+from qwen3vl_client.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.errors import ErrorCode
 from daemon.dataset.batches import (DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, row_error,
                       with_retries)
 from daemon.dataset.progress import Progress, Summary

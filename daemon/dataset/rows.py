@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.protocol import pack
+from qwen3vl_client.protocol import pack
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 PARQUET_MAGIC = b"PAR1"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from daemon.outputs.encodings import row_bytes
+from qwen3vl_client.fields import row_bytes
 
 MANIFEST, ERRORS, LOCK = "_dataset.json", "errors.jsonl", ".lock"
 PART_PREFIX, PART_SUFFIX, TEMP_PREFIX = "part-", ".parquet", ".tmp-"

@@ -19,7 +19,7 @@ from daemon.loading.catalog import ModelCard
 from daemon.config import DaemonConfig
 from daemon.errors import ModelLoadError
 from daemon.loading.fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
-from daemon.inputs.media_reader import InputItem
+from qwen3vl_client.inputs import InputItem
 from daemon.outputs.encodings import Calibration
 from daemon.engine.residency import MemoryGate, Residency
 from daemon.loading.weights_cache import WeightsCache

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.config import BATCH, INTERACTIVE
+from qwen3vl_client.fields import BATCH, INTERACTIVE
 
 
 @dataclass(frozen=True)

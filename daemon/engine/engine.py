@@ -32,8 +32,10 @@ import numpy as np
 
 from daemon.engine.backends import Backend
 from daemon.engine.batching import BatchPolicy, Scheduler, Unit
-from daemon.config import BATCH, INTERACTIVE, PRIORITIES, Batching
-from daemon.errors import ErrorCode, ModelLoadError, RequestError
+from daemon.config import Batching
+from qwen3vl_client.fields import BATCH, INTERACTIVE, PRIORITIES
+from daemon.errors import ModelLoadError
+from qwen3vl_client.errors import ErrorCode, RequestError
 from daemon.logs import TracebackLimiter
 from daemon.engine.metrics import Metrics
 from daemon.engine.residency import Residency

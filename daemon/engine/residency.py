@@ -23,7 +23,8 @@ from enum import Enum
 from typing import Any, Callable
 
 from daemon.loading.catalog import TASKS, ModelCard, resolve
-from daemon.errors import ErrorCode, ModelLoadError, RequestError
+from daemon.errors import ModelLoadError
+from qwen3vl_client.errors import ErrorCode, RequestError
 from daemon.loading.fit import size
 
 log = logging.getLogger(__name__)

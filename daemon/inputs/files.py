@@ -17,7 +17,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from daemon.errors import input_error, invalid, too_large
+from qwen3vl_client.errors import input_error, invalid, too_large
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused right after, by fstat).

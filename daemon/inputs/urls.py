@@ -22,7 +22,7 @@ from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 from daemon.config import MediaPolicy
-from daemon.errors import input_error, invalid, too_large
+from qwen3vl_client.errors import input_error, invalid, too_large
 
 MAX_REDIRECTS = 5
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from daemon.config import ModelSettings, default_model_name
-from daemon.errors import ErrorCode, RequestError, model_mismatch
+from qwen3vl_client.errors import ErrorCode, RequestError, model_mismatch
 
 TASKS = ("embedding", "reranker")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

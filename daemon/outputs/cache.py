@@ -16,7 +16,7 @@ import numpy as np
 from daemon.bounded import BoundedCache
 
 if TYPE_CHECKING:
-    from daemon.inputs.media_reader import InputItem
+    from qwen3vl_client.inputs import InputItem
 
 
 def cache_key(model: str, item: InputItem, instruction: str | None) -> bytes | None:

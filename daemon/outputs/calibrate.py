@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.client import Client, DaemonError
+from qwen3vl_client.client import Client, DaemonError
 from daemon.outputs.encodings import Calibration
 
 MIN_SAMPLES = 2

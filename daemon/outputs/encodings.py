@@ -25,10 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from daemon.inputs.files import SettingFileError, read_setting_file
+from qwen3vl_client.fields import PACKED, SCALED
 
-COMPACT = ("int8", "uint8", "binary", "ubinary")
-SCALED = ("int8", "uint8")  # the ones that need a per-dimension map
-PACKED = ("binary", "ubinary")  # the ones that pack 8 components into a byte
 FIXED_SPREAD = 16.0  # the fixed map's range, in units of 1/sqrt(d) (a random unit vector's spread)
 MIN_STEP = 1e-9  # a calibrated dimension that never varied in the sample still gets a usable step
 CALIBRATION_FORMAT = "qwen3vl-int8-calibration"
@@ -70,11 +68,6 @@ def dequantize(codes: np.ndarray, encoding: str, scale: Scale) -> np.ndarray:
     """The float32 vectors int8/uint8 `codes` stand for."""
     units = codes.astype(np.float64) + (128.0 if encoding == "int8" else 0.0)
     return (scale.start + units * scale.step).astype(np.float32)
-
-
-def row_bytes(encoding: str, dimension: int) -> int:
-    """Elements per row of `encoding` (packed types: bytes; the others: components)."""
-    return dimension // 8 if encoding in PACKED else dimension
 
 
 class CalibrationError(ValueError):

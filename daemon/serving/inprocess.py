@@ -14,8 +14,9 @@ from typing import Any
 from daemon.config import DaemonConfig
 from daemon.core import Core
 from daemon.engine.engine import EngineState, Job, JobResult
-from daemon.errors import ErrorCode, ModelLoadError, RequestError, internal_error
-from daemon.protocol import decode_payload, decode_reply, encode_error, encode_reply, pack, parse_request
+from daemon.errors import ModelLoadError
+from qwen3vl_client.errors import ErrorCode, RequestError, internal_error
+from qwen3vl_client.protocol import decode_payload, decode_reply, encode_error, encode_reply, pack, parse_request
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A client's own check of a request's size against its daemon's `max_message_bytes`.
+"""The daemon's per-request limits (`Limits`, which `health` reports), and a client's own check of a request's size against its daemon's `max_message_bytes`.
 
 A daemon answers a payload a little over its limit with `too_large`; one far past it (more than
 the limit plus TRANSPORT_SLACK) is dropped by its socket, which closes the connection without a
@@ -10,8 +10,22 @@ takes PROTOCOL.md's default from a daemon too old to say.
 
 from __future__ import annotations
 
-from daemon.config import Limits
-from daemon.errors import too_large
+from dataclasses import dataclass
+
+from .errors import too_large
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; exceeding one is answered with `too_large` naming the limit."""
+
+    max_message_bytes: int = 64 * 1024 * 1024  # also set on the socket (ZMQ_MAXMSGSIZE)
+    max_inputs: int = 1024
+    max_documents: int = 1024
+    max_text_chars: int = 1_000_000  # each text and instruction
+    max_msgpack_depth: int = 32  # nesting of arrays and maps (a valid request needs 6)
+    max_msgpack_items: int = 65536  # items in one array or map
+
 
 DEFAULT_MAX_MESSAGE_BYTES = Limits.max_message_bytes
 # Every daemon answers a payload up to its limit plus this (the smallest limit is 1024 bytes), so

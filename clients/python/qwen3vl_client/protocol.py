@@ -2,32 +2,37 @@
 
 Requests and replies are typed here, with the encoders and decoders that every end uses: the server
 (decode a request, encode its reply), the Python clients (build requests, read replies) and the HTTP
-bridge (through the client). Adding an op or a field means a type here and a handler in handlers.py.
+bridge (through the client). Adding an op or a field means a type here and a handler in the daemon's
+handlers.py.
 
 Parsing is pure validation: it reads no media and touches no model, so the socket loop runs it on
 every request at once and answers bad requests without queueing them.
+
+numpy is optional: with it, embeddings are decoded as arrays (and the daemon encodes its own);
+without it, as lists of rows. Nothing imports it until a reply is decoded or encoded.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
-import numpy as np
 
-from daemon.config import INTERACTIVE, PRIORITIES, Limits, MediaPolicy
-from daemon.errors import ErrorCode, RequestError, invalid, too_large
-from daemon.inputs.media_reader import InputItem, parse_input, parse_instruction
-from daemon.outputs.encodings import COMPACT, SCALED, row_bytes
+from .errors import DaemonError, ErrorCode, ModelMismatch, RequestError, UnknownModel, invalid, too_large
+from .fields import BATCH, COMPACT, INTERACTIVE, PRIORITIES, SCALED, row_bytes
+from .inputs import FrameLimit, InputItem, parse_input, parse_instruction
+from .limits import Limits
 
 __all__ = [
-    "PROTOCOL_VERSION", "OPS", "ENCODINGS", "PRIORITIES", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
+    "PROTOCOL_VERSION", "OPS", "ENCODINGS", "PRIORITIES", "INTERACTIVE", "BATCH", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
     "DaemonError", "ModelMismatch", "UnknownModel", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
     "EmbedReply", "RerankReply", "HealthReply", "ModelHealth", "MetricsReply", "Reply",
     "pack", "unpack", "decode_payload", "parse_request", "encode_reply", "encode_error", "decode_reply",
-    "checked", "top_indices", "refuses_priority", "without_priority", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
+    "checked", "top_indices", "encode_rows", "as_lists", "refuses_priority", "without_priority", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
 ]
 
 PROTOCOL_VERSION = 1
@@ -97,7 +102,7 @@ def _known_fields(payload: dict, allowed: frozenset[str], op: str) -> None:
         raise invalid(f"{op}: unknown field(s) {', '.join(unknown)}")
 
 
-def _input_list(value: Any, field_name: str, limit: int, limit_name: str, limits: Limits, media: MediaPolicy):
+def _input_list(value: Any, field_name: str, limit: int, limit_name: str, limits: Limits, media: FrameLimit):
     if not isinstance(value, list):
         raise invalid(f"{field_name}: expected a list of inputs")
     if not value:
@@ -180,7 +185,7 @@ class EmbedRequest:
     priority: str = INTERACTIVE
 
     @classmethod
-    def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "EmbedRequest":
+    def from_wire(cls, payload: dict, limits: Limits, media: FrameLimit) -> "EmbedRequest":
         _known_fields(payload, cls.FIELDS, cls.op)
         _required(payload, "inputs")
         inputs = _input_list(payload["inputs"], "inputs", limits.max_inputs, "max_inputs", limits, media)
@@ -224,7 +229,7 @@ class RerankRequest:
     priority: str = INTERACTIVE
 
     @classmethod
-    def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "RerankRequest":
+    def from_wire(cls, payload: dict, limits: Limits, media: FrameLimit) -> "RerankRequest":
         _known_fields(payload, cls.FIELDS, cls.op)
         _required(payload, "query", "documents")
         return cls(
@@ -255,7 +260,7 @@ class _IdOnly:
     id: Any = None
 
     @classmethod
-    def from_wire(cls, payload: dict, limits: Limits, media: MediaPolicy) -> "_IdOnly":
+    def from_wire(cls, payload: dict, limits: Limits, media: FrameLimit) -> "_IdOnly":
         return cls(id=payload.get("id"))
 
 
@@ -274,7 +279,7 @@ REQUEST_TYPES: dict[str, type] = {t.op: t for t in (EmbedRequest, RerankRequest,
 OPS = tuple(REQUEST_TYPES)
 
 
-def parse_request(payload: dict, limits: Limits, media: MediaPolicy) -> Request:
+def parse_request(payload: dict, limits: Limits, media: FrameLimit) -> Request:
     """The typed request of a decoded payload, or a RequestError naming the field."""
     op = payload.get("op")
     if not isinstance(op, str):
@@ -286,17 +291,71 @@ def parse_request(payload: dict, limits: Limits, media: MediaPolicy) -> Request:
 
 
 # -- replies ----------------------------------------------------------------------------------------
-# The element type of each binary encoding's rows (float32: little-endian).
-ENCODING_DTYPES = {"float32": np.dtype("<f4"), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
-                   "binary": np.dtype(np.int8), "ubinary": np.dtype(np.uint8)}
+# The element type of each binary encoding's rows, as numpy's dtype and the array module's typecode
+# (float32: little-endian on the wire).
+ENCODING_DTYPES = {"float32": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1", "ubinary": "u1"}
+_TYPECODES = {"<f4": "f", "i1": "b", "u1": "B"}
+
+
+def _numpy():
+    """numpy if it is installed (vectors as arrays), else None (vectors as lists of rows)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def encode_rows(rows: Any, encoding: str) -> bytes | list:
+    """An embeddings matrix (an array, or a list of rows) as `encoding` puts it on the wire."""
+    np = _numpy()
+    if encoding == "list":
+        if np is not None:
+            return np.asarray(rows, dtype=np.float32).tolist()
+        return [array("f", row).tolist() for row in rows]
+    dtype = ENCODING_DTYPES[encoding]
+    if np is not None:
+        return np.ascontiguousarray(rows, dtype=np.dtype(dtype)).tobytes()
+    flat = array(_TYPECODES[dtype], (value for row in rows for value in row))
+    if dtype == "<f4" and sys.byteorder == "big":
+        flat.byteswap()
+    return flat.tobytes()
+
+
+def as_lists(rows: Any) -> list:
+    """Embeddings as lists of rows, whether they were decoded as an array (numpy) or as lists."""
+    return rows if isinstance(rows, list) else rows.tolist()
+
+
+def _decode_rows(data: Any, encoding: str, count: int, width: int) -> Any:
+    """`count` rows of `width` elements from the wire: an array with numpy, else a list of lists."""
+    np = _numpy()
+    if encoding == "list":
+        if np is not None:
+            return np.asarray(data, dtype=np.float32).reshape(count, width)
+        rows = [array("f", row).tolist() for row in data]
+        if len(rows) != count or any(len(row) != width for row in rows):
+            raise ValueError(f"embeddings: not {count} rows of {width}")
+        return rows
+    dtype = ENCODING_DTYPES[encoding]
+    if np is not None:
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(count, width)
+    flat = array(_TYPECODES[dtype])
+    flat.frombytes(data)
+    if len(flat) != count * width:
+        raise ValueError(f"embeddings: {len(flat)} elements are not {count} rows of {width}")
+    if dtype == "<f4" and sys.byteorder == "big":
+        flat.byteswap()
+    return [flat[i * width:(i + 1) * width].tolist() for i in range(count)]
 
 
 @dataclass(frozen=True)
 class EmbedReply:
     """`embeddings`, in input order: float32 (count, dimension) for float32 and list; int8/uint8
-    (count, dimension); binary/ubinary (count, dimension / 8), the packed sign bits."""
+    (count, dimension); binary/ubinary (count, dimension / 8), the packed sign bits. A numpy array
+    where numpy is installed, else a list of rows (lists of floats or ints)."""
 
-    embeddings: np.ndarray
+    embeddings: Any
     dimension: int
     model: str
     tokens: int
@@ -306,15 +365,11 @@ class EmbedReply:
 
     @property
     def count(self) -> int:
-        return int(self.embeddings.shape[0])
+        return len(self.embeddings)
 
     def to_wire(self) -> dict:
-        if self.encoding == "list":
-            encoded = np.asarray(self.embeddings, dtype=np.float32).tolist()
-        else:
-            encoded = np.ascontiguousarray(self.embeddings, dtype=ENCODING_DTYPES[self.encoding]).tobytes()
-        body = {"embeddings": encoded, "dimension": self.dimension, "count": self.count,
-                "encoding": self.encoding, "model": self.model, "tokens": self.tokens,
+        body = {"embeddings": encode_rows(self.embeddings, self.encoding), "dimension": self.dimension,
+                "count": self.count, "encoding": self.encoding, "model": self.model, "tokens": self.tokens,
                 "fingerprint": self.fingerprint}
         if self.quantization is not None:
             body["quantization"] = self.quantization
@@ -324,11 +379,7 @@ class EmbedReply:
     def from_wire(cls, body: dict) -> "EmbedReply":
         count, dim = body["count"], body["dimension"]
         encoding = body.get("encoding", "float32")
-        if encoding == "list":
-            vectors = np.asarray(body["embeddings"], dtype=np.float32).reshape(count, dim)
-        else:
-            vectors = np.frombuffer(body["embeddings"], dtype=ENCODING_DTYPES[encoding]).reshape(
-                count, row_bytes(encoding, dim))
+        vectors = _decode_rows(body["embeddings"], encoding, count, row_bytes(encoding, dim))
         return cls(vectors, dim, body["model"], body["tokens"], encoding, body.get("fingerprint"),
                    body.get("quantization"))
 
@@ -488,31 +539,6 @@ def encode_error(request_id: Any, error: RequestError) -> bytes:
 
 def decode_reply(data: bytes) -> dict:
     return unpack(data)
-
-
-class DaemonError(Exception):
-    """The daemon answered with an error; `code` is the protocol's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class UnknownModel(DaemonError):
-    """`unknown_model`: the request's `model` names no model the daemon serves (`served` lists them)."""
-
-    def __init__(self, message: str, model: str | None, served: list[str]):
-        super().__init__(ErrorCode.UNKNOWN_MODEL.value, message)
-        self.model, self.served = model, served
-
-
-class ModelMismatch(DaemonError):
-    """`model_mismatch`: the daemon serves another model than the request's expect_fingerprint."""
-
-    def __init__(self, message: str, expected: str | None, actual: str | None):
-        super().__init__(ErrorCode.MODEL_MISMATCH.value, message)
-        self.expected, self.actual = expected, actual
 
 
 def checked(reply: dict) -> dict:
