@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from daemon.models import cpu_has_native_bf16, resolve_dtype
+    from daemon.loading.devices import cpu_has_native_bf16, resolve_dtype
 
     dtype = str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", "")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU ISA "

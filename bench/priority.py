@@ -195,7 +195,7 @@ def auto_dtype() -> str:
     """What --dtype auto is on this CPU: bfloat16 where it has native bf16, else float32."""
     import torch
 
-    from daemon.models import resolve_dtype
+    from daemon.loading.devices import resolve_dtype
 
     return str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", "")
 

@@ -198,7 +198,7 @@ def main() -> None:
         return
     import torch
 
-    from daemon.models import resolve_dtype
+    from daemon.loading.devices import resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the daemons' `auto` puts them
     args.dtype = args.dtype or str(resolve_dtype("auto", device)).replace("torch.", "")

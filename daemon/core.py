@@ -8,18 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from daemon.engine.backends import load_model_backends, memory_gate
 from daemon.bounded import BoundedCache
-from daemon.outputs.cache import EmbeddingCache
 from daemon.config import DaemonConfig
+from daemon.engine.backends import load_model_backends, memory_gate
 from daemon.engine.engine import Engine, Loader
-from daemon.handlers import Context, Handler, build_handlers
-from daemon.logs import TracebackLimiter
 from daemon.engine.metrics import Metrics
-from daemon.loading.preflight import hidden_size, looks_local
-from daemon.outputs.encodings import Calibration, CalibrationError, Quantizer
 from daemon.engine.residency import Residency
+from daemon.handlers import Context, Handler, build_handlers
+from daemon.loading.preflight import hidden_size, looks_local
 from daemon.loading.weights import release_freed_memory
+from daemon.logs import TracebackLimiter
+from daemon.outputs.cache import EmbeddingCache
+from daemon.outputs.encodings import Calibration, CalibrationError, Quantizer
 
 
 class StartupError(Exception):

@@ -14,21 +14,21 @@ from typing import ClassVar
 import numpy as np
 
 from daemon import __version__
-from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork, RerankWork, weights_cache
 from daemon.bounded import BoundedCache
-from daemon.outputs.cache import EmbeddingCache, cache_key
-from daemon.loading.catalog import ModelCard
 from daemon.config import DaemonConfig
+from daemon.engine.backends import EMBEDDING, RERANKER, EmbedWork, RerankWork, weights_cache
 from daemon.engine.engine import Engine, Job, JobResult, Task
-from qwen3vl_client.errors import invalid
-from qwen3vl_client.inputs import InputItem
 from daemon.engine.metrics import Metrics
+from daemon.loading.catalog import ModelCard
 from daemon.models import cut_and_normalize
+from daemon.outputs.cache import EmbeddingCache, cache_key
+from daemon.outputs.encodings import Quantizer, quantize
+from qwen3vl_client.errors import invalid
+from qwen3vl_client.fields import PACKED, SCALED
+from qwen3vl_client.inputs import InputItem
 from qwen3vl_client.protocol import (EmbedReply, EmbedRequest, HealthReply, HealthRequest, MetricsReply,
                                      MetricsRequest, ModelHealth, Reply, Request, RerankReply, RerankRequest,
                                      top_indices)
-from daemon.outputs.encodings import Quantizer, quantize
-from qwen3vl_client.fields import PACKED, SCALED
 
 FIXED = Quantizer()  # the fixed int8/uint8 scale for unit vectors
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import start_daemon
 from daemon.errors import ModelLoadError
-from daemon.engine.engine import CPU_BATCH_TOKENS
+from daemon.engine.batching import CPU_BATCH_TOKENS
 from daemon.loading.fit import Free, Plan, check_fit, checkpoint_shape, cpu_free, estimate, need_bytes, read_header
 
 GIB = 1 << 30

@@ -14,8 +14,8 @@ from daemon.config import MediaPolicy, ModelSettings
 from qwen3vl_client.errors import ErrorCode, RequestError
 from daemon.inputs.media_reader import MediaReader
 from qwen3vl_client.inputs import InputItem, MediaSource
-from daemon.models import (EmbeddingModel, ModelLoadError, RerankerModel, cpu_has_native_bf16, resolve_device,
-                           resolve_dtype)
+from daemon.loading.devices import cpu_has_native_bf16, resolve_device, resolve_dtype
+from daemon.models import EmbeddingModel, ModelLoadError, RerankerModel
 from reference import ReferenceReranker
 
 LONG_TEXT = "many words in a very long input that must be cut " * 60

@@ -264,7 +264,7 @@ def test_the_bridge_routes_model_to_the_daemons_model_of_that_name(daemons, chec
 
 
 def test_the_command_line_takes_several_models_by_name_and_from_the_environment(monkeypatch):
-    from daemon.main import config_from_options, serve
+    from daemon.commands.serve import config_from_options, serve
 
     monkeypatch.setenv("QWEN3VL_EMBEDDING_MODEL", "small=/m/e2b, big=/m/e8b")
     monkeypatch.setenv("QWEN3VL_MODEL_SETTINGS", "big.quantize=int8,big.keep-alive=10m")
@@ -279,7 +279,7 @@ def test_the_command_line_takes_several_models_by_name_and_from_the_environment(
 
 
 def test_none_disables_a_kind_dropping_the_models_given_before_it(monkeypatch):
-    from daemon.main import config_from_options, serve
+    from daemon.commands.serve import config_from_options, serve
 
     def configured(*args: str):
         params = serve.make_context("serve", list(args)).params

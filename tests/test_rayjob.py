@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from daemon.main import embed_dataset
+from daemon.commands.dataset import embed_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = ROOT / "deploy" / "ray"

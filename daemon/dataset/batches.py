@@ -17,12 +17,12 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from qwen3vl_client.client import DaemonTimeout, DaemonUnavailable
-from qwen3vl_client.fields import BATCH
-from qwen3vl_client.errors import ErrorCode
-from qwen3vl_client.protocol import EmbedReply, embed_request
 from daemon.dataset.rows import Row
 from daemon.dataset.store import ErrorRecord
+from qwen3vl_client.client import DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.errors import ErrorCode
+from qwen3vl_client.fields import BATCH
+from qwen3vl_client.protocol import EmbedReply, embed_request
 
 # Worth retrying: the daemon will take the request later (or another daemon will).
 TRANSIENT = frozenset(c.value for c in (ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_LOADED,

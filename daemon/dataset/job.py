@@ -11,13 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from qwen3vl_client.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
-from qwen3vl_client.errors import ErrorCode
 from daemon.dataset.batches import (DUPLICATE_ID, BatchOutcome, EmbedSettings, JobFailed, Transient, embed_batch, row_error,
                       with_retries)
 from daemon.dataset.progress import Progress, Summary
 from daemon.dataset.rows import Columns, InputFile, Row
 from daemon.dataset.store import ErrorRecord, Existing, Settings, Store, StoreError
+from qwen3vl_client.client import Client, DaemonError, DaemonTimeout, DaemonUnavailable
+from qwen3vl_client.errors import ErrorCode
 
 INVALID = ErrorCode.INVALID_REQUEST.value
 

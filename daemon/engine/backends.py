@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from daemon.bounded import BoundedCache
-from daemon.loading.catalog import ModelCard
 from daemon.config import DaemonConfig
-from daemon.errors import ModelLoadError
-from daemon.loading.fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
-from qwen3vl_client.inputs import InputItem
-from daemon.outputs.encodings import Calibration
 from daemon.engine.residency import MemoryGate, Residency
+from daemon.errors import ModelLoadError
+from daemon.loading.catalog import ModelCard
+from daemon.loading.fingerprint import DigestCache, Fingerprint, fingerprint_directory, model_directory, weights_fingerprint
 from daemon.loading.weights_cache import WeightsCache
+from daemon.outputs.encodings import Calibration
+from qwen3vl_client.inputs import InputItem
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def memory_gate(config: DaemonConfig) -> MemoryGate | None:
 
     def free() -> tuple[int, str]:
         from daemon.loading.fit import device_free
-        from daemon.models import resolve_device
+        from daemon.loading.devices import resolve_device
 
         found = device_free(resolve_device(spec))
         return found.bytes, found.source
@@ -209,7 +209,7 @@ def memory_gate(config: DaemonConfig) -> MemoryGate | None:
 
 def _card(config: DaemonConfig, kind: str, settings, default: bool, files: Path, found: Fingerprint,
           estimate) -> ModelCard:
-    from daemon.models import resolve_device
+    from daemon.loading.devices import resolve_device
     from daemon.loading.preflight import hidden_size
 
     hidden = hidden_size(files) if kind == EMBEDDING else None
@@ -286,9 +286,9 @@ def _check_fit(config: DaemonConfig, configured: list, directories: list[Path]) 
     or the operator's --memory-budget, or when any other model would not fit even alone."""
     import torch
 
-    from daemon.engine.engine import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
+    from daemon.engine.batching import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS
     from daemon.loading.fit import Plan, check_fit, checkpoint_shape, device_free, plan_estimates, size
-    from daemon.models import resolve_device, resolve_dtype
+    from daemon.loading.devices import resolve_device, resolve_dtype
     from daemon.loading.weights import FP8, FormatError, check_format, parse_format
 
     plans = []

@@ -48,6 +48,11 @@ class BatchPolicy:
     slack_s: float = 0.5  # the batch time that may be owed before batch work goes first
 
 
+# Default padded-token budget per forward. On a CPU a forward of the 2B shapes stops gaining at about
+# 1000 padded tokens (bench.cpu_batch: BENCHMARKS.md), so a larger one buys nothing and only makes
+# whatever waits behind it wait longer; accelerators want large batches.
+CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 1024, 32768
+
 _seq = itertools.count()
 
 

@@ -30,23 +30,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from daemon.engine.backends import Backend
-from daemon.engine.batching import BatchPolicy, Scheduler, Unit
 from daemon.config import Batching
-from qwen3vl_client.fields import BATCH, INTERACTIVE, PRIORITIES
-from daemon.errors import ModelLoadError
-from qwen3vl_client.errors import ErrorCode, RequestError
-from daemon.logs import TracebackLimiter
+from daemon.engine.backends import Backend
+from daemon.engine.batching import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS, BatchPolicy, Scheduler, Unit
 from daemon.engine.metrics import Metrics
 from daemon.engine.residency import Residency
+from daemon.errors import ModelLoadError
+from daemon.logs import TracebackLimiter
+from qwen3vl_client.errors import ErrorCode, RequestError
+from qwen3vl_client.fields import BATCH, INTERACTIVE, PRIORITIES
 
 log = logging.getLogger(__name__)
 
 PREP_CHUNK = 16  # tasks per preprocessing chunk: small enough that the first forward starts early
-# Default padded-token budget per forward. On a CPU a forward of the 2B shapes stops gaining at about
-# 1000 padded tokens (bench.cpu_batch: BENCHMARKS.md), so a larger one buys nothing and only makes
-# whatever waits behind it wait longer; accelerators want large batches.
-CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 1024, 32768
 
 
 class EngineState(str, Enum):

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
-from daemon.loading.catalog import TASKS, ModelCard, resolve
 from daemon.errors import ModelLoadError
-from qwen3vl_client.errors import ErrorCode, RequestError
+from daemon.loading.catalog import TASKS, ModelCard, resolve
 from daemon.loading.fit import size
+from qwen3vl_client.errors import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 

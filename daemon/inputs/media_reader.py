@@ -13,10 +13,10 @@ from typing import Any, Iterator
 
 from daemon.bounded import BoundedCache
 from daemon.config import MediaPolicy
-from qwen3vl_client.errors import input_error, too_large
-from qwen3vl_client.inputs import MAX_SAMPLED_FRAMES, MediaSource
 from daemon.inputs.files import AllowedFiles
 from daemon.inputs.urls import UrlFetcher
+from qwen3vl_client.errors import input_error, too_large
+from qwen3vl_client.inputs import MAX_SAMPLED_FRAMES, MediaSource
 
 
 @dataclass

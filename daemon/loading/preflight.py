@@ -53,7 +53,8 @@ def _check_dtype(spec: str) -> None:
 
 
 def _check_device(spec: str) -> None:
-    from daemon.models import ModelLoadError, resolve_device
+    from daemon.loading.devices import resolve_device
+    from daemon.errors import ModelLoadError
 
     try:
         resolve_device(spec)
@@ -64,7 +65,7 @@ def _check_device(spec: str) -> None:
 def _check_format(flag: str, settings: ModelSettings) -> None:
     """--quantize (or its per-model override): a known format, its library installed, and one the
     device runs (fp8: CUDA 8.9+), told before anything is bound or read."""
-    from daemon.models import resolve_device
+    from daemon.loading.devices import resolve_device
     from daemon.loading.weights import FormatError, check_format, parse_format
 
     option = flag.replace("-model", "-quantize")  # --embedding-quantize, --reranker-quantize

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3vl_client.client import Client, DaemonError
 from daemon.outputs.encodings import Calibration
+from qwen3vl_client.client import Client, DaemonError
 
 MIN_SAMPLES = 2
 RECOMMENDED_SAMPLES = 1000

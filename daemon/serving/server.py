@@ -30,12 +30,12 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from daemon.config import DaemonConfig
 from daemon.core import Core, StartupError
-from qwen3vl_client.discovery import is_ipv6
 from daemon.engine.engine import EngineState, Job, JobResult, Loader
-from daemon.loading.fit import describe_memory
-from qwen3vl_client.errors import ErrorCode, RequestError, internal_error, too_large
 from daemon.handlers import Handler
+from daemon.loading.fit import describe_memory
 from daemon.serving.notify import LoadProgress, Notifier
+from qwen3vl_client.discovery import is_ipv6
+from qwen3vl_client.errors import ErrorCode, RequestError, internal_error, too_large
 from qwen3vl_client.protocol import (MetricsRequest, OPS, Request, decode_payload, encode_error, encode_reply,
                                      parse_request)
 

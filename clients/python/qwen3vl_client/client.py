@@ -21,11 +21,11 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-from .endpoints import client_endpoint
 from .discovery import Discovery, Resolver, is_ipv6
+from .endpoints import client_endpoint
+from .limits import SizeGuard
 from .liveness import (CHECK_S, DaemonLost, DaemonUnavailable, Heartbeat, MAX_RESENDS,
                                      checked_heartbeat, checked_timeout, writable)
-from .limits import SizeGuard
 from .protocol import (DaemonError, EmbedReply, ErrorCode, ModelMismatch, RerankReply, UnknownModel,
                                      checked, decode_reply, embed_request, health_request, pack, refuses_priority,
                                      rerank_request, with_deadline, without_priority)
