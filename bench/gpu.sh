@@ -23,10 +23,11 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     --target "$SITE" "$WHEELS"/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The daemon and its client package (clients/python) run from this checkout.
+export PYTHONPATH="$PWD:$PWD/clients/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$PYTHON" -c "
 import importlib.metadata as m, sys
-import torch, transformers, zmq, msgpack, qwen_vl_utils, daemon.serving.server
+import torch, transformers, zmq, msgpack, qwen_vl_utils, qwen3vl_client, daemon.serving.server
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__,
       '| pyzmq', zmq.__version__, '| qwen-vl-utils', m.version('qwen-vl-utils'), '| cuda', torch.cuda.is_available())"
 if [ "$DRY_RUN" = 1 ]; then

