@@ -12,7 +12,8 @@ bf16, AVX512-BF16 or AMX; else float32: emulated bf16 runs at a fraction of a GF
    such a forward without preemption.
 
 A batch larger than where the tokens/s stop rising buys nothing and makes everything behind it
-wait longer; the daemon's CPU default (engine.CPU_BATCH_TOKENS) is set from this table.
+wait longer; the daemon's CPU default (CPU_BATCH_TOKENS, daemon/engine/batching.py) is set from
+this table.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""A cache of values by key, bounded by the values' bytes: the embedding cache's (cache.py) and the
-images' prepared pixels' (inputs.py). Imports nothing beyond the standard library, so that any layer
-may hold one."""
+"""A cache of values by key, bounded by the values' bytes: the embedding cache's (outputs/cache.py)
+and the images' prepared pixels' (inputs/media_reader.py). Imports nothing beyond the standard
+library, so that any layer may hold one."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ pip_install() {
   if [ -t 2 ]; then
     "${pip[@]}" "$@"  # on a terminal: pip's own progress bars
   else
-    "${pip[@]}" -q "$@" 2>&1 | grep -v "is ignored" || true  # logs: quiet, without pip's index warnings
+    # logs: quiet, without pip's index warnings; a failed install still fails the step (pipefail)
+    "${pip[@]}" -q "$@" 2>&1 | { grep -v "is ignored" || true; }
   fi
 }
 # torch first, pinned: this build runs on CUDA and on the CPU.

@@ -1,5 +1,5 @@
 """A daemon that dies or freezes with requests on it costs a resend, not the request's timeout
-(daemon/liveness.py; PROTOCOL.md, "When a daemon is lost"): real daemons over tcp and ipc, killed
+(qwen3vl_client/liveness.py; PROTOCOL.md, "When a daemon is lost"): real daemons over tcp and ipc, killed
 in a held forward, killed before reading, stopped (SIGSTOP), restarted on the same endpoint.
 
 Assertions say where the answer came from and how many daemons served it; each bound on time is

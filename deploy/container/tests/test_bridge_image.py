@@ -1,6 +1,7 @@
-"""The slim bridge image's dependency set, run as the image runs it: bridge.requirements.txt and the client
-installed with --no-deps in a clean venv, the bridge from a folder holding only http_bridge/, in front of a
-daemon from another environment. scripts/test-slim.sh builds that venv and runs this file in it."""
+"""The slim bridge image's dependency set, run as the image runs it: bridge.requirements.txt installed with
+--no-deps in a clean venv; the bridge and the client package from a folder holding only them; started by a
+`qwen3vl-bridge` script like the image's; in front of a daemon from another environment.
+scripts/test-slim.sh builds that venv and runs this file in it."""
 
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ def call(port: int, path: str, body: dict | None = None) -> tuple[int, bytes]:
         return 0, b""
 
 
+def image_folder(tmp: Path) -> Path:
+    """What the image holds beside its installed packages: http_bridge/, qwen3vl_client/ and the
+    `qwen3vl-bridge` script (bridge.Containerfile writes the same one, for its own python)."""
+    app = tmp / "app"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "http_bridge", app / "http_bridge", ignore=ignore)
+    shutil.copytree(ROOT / "clients" / "python" / "qwen3vl_client", app / "qwen3vl_client", ignore=ignore)
+    script = app / "qwen3vl-bridge"
+    script.write_text(f"#!{sys.executable}\nfrom http_bridge.cli import main\nmain()\n")
+    script.chmod(0o755)
+    return app
+
+
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
     python, checkpoint = os.environ.get("QWEN3VL_TEST_DAEMON_PYTHON"), os.environ.get("QWEN3VL_TEST_CHECKPOINT")
@@ -63,10 +77,9 @@ def bridge(tmp_path_factory):
                                "--embedding-model", checkpoint, "--reranker-model", checkpoint],
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "QWEN3VL_DTYPE": "float32"},
                               stdout=(tmp / "daemon.log").open("wb"), stderr=subprocess.STDOUT)
-    app = tmp / "app"  # what the image copies beside the installed client: http_bridge/ alone
-    shutil.copytree(ROOT / "http_bridge", app / "http_bridge", ignore=shutil.ignore_patterns("__pycache__"))
+    app = image_folder(tmp)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "http_bridge", "--endpoint", endpoint, "--port", str(port)],
+    process = subprocess.Popen([str(app / "qwen3vl-bridge"), "--endpoint", endpoint, "--port", str(port)],
                                cwd=app, env={**os.environ, "PYTHONPATH": str(app)},
                                stdout=(tmp / "bridge.log").open("wb"), stderr=subprocess.STDOUT)
     try:
@@ -88,6 +101,13 @@ def test_the_slim_set_carries_no_torch_numpy_or_daemon(tmp_path):
              "if u.find_spec(m)])")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_image_s_command_is_named_qwen3vl_bridge(tmp_path):
+    app = image_folder(tmp_path)
+    out = subprocess.run([str(app / "qwen3vl-bridge"), "--help"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(app)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("Usage: qwen3vl-bridge [OPTIONS]")
 
 
 def test_the_bridge_embeds_through_the_client_alone(bridge):
